@@ -1,0 +1,75 @@
+//! Criterion bench: exact blocked search vs faer's own GEMM rate on 4096×512×4096, in FLOP/s
+//! (criterion's "elem/s" here are FLOPs: 2·m·n·d per product).
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stderr)]
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use pacha_index::{RowsF32, self_join, threshold_join, top_k};
+
+const N: usize = 4096;
+const D: usize = 512;
+
+fn unit_rows(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    let mut v = vec![0.0f32; n * D];
+    for r in v.chunks_exact_mut(D) {
+        for x in r.iter_mut() {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            *x = ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+        }
+        let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+        r.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+fn bench(c: &mut Criterion) {
+    let a = unit_rows(N, 1);
+    let b = unit_rows(N, 2);
+    let flops = (2 * N * N * D) as u64;
+    let mut g = c.benchmark_group("exact_4096x512x4096");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(flops));
+    let mut out = vec![0.0f32; N * N];
+    g.bench_function("faer_gemm_raw", |x| {
+        x.iter(|| {
+            let am = MatRef::from_row_major_slice(&a, N, D);
+            let bm = MatRef::from_row_major_slice(&b, N, D);
+            let cm = MatMut::from_row_major_slice_mut(&mut out, N, N);
+            matmul(
+                cm,
+                Accum::Replace,
+                am,
+                bm.transpose(),
+                1.0f32,
+                Par::rayon(0),
+            );
+            black_box(out[7])
+        })
+    });
+    let (pa, pb) = (
+        RowsF32::dense(&a, D).unwrap(),
+        RowsF32::dense(&b, D).unwrap(),
+    );
+    let t = 0.3; // random unit 512-d vectors: |cos| > 0.3 is a ~6σ event, so (almost) no pairs
+    g.bench_function("threshold_join", |x| {
+        x.iter(|| threshold_join(pa, pb, t, None, None).unwrap().len())
+    });
+    // The self-join computes only the upper triangle: its throughput counts the n(n−1)/2 useful dots.
+    g.throughput(Throughput::Elements((N * (N - 1) / 2 * 2 * D) as u64));
+    g.bench_function("self_join", |x| {
+        x.iter(|| self_join(pa, t, None).unwrap().len())
+    });
+    g.throughput(Throughput::Elements(flops));
+    g.bench_function("top_k_10", |x| {
+        x.iter(|| top_k(pa, pb, 10, None).unwrap().len())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

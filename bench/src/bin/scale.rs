@@ -1,0 +1,2 @@
+//! Scale bench (see issue 7).
+fn main() {}

@@ -1,0 +1,418 @@
+//! One function per subcommand: parse arguments into library calls, drive progress bars, print results.
+
+use crate::ui::Ui;
+use crate::{Command, Failure, ModeArg, PresetArg};
+use anyhow::{Context, anyhow, bail};
+use pacha_datasets::Modality;
+use pacha_engine::candidates::CandidateMode;
+use pacha_engine::dedup::{DedupOptions, DedupScope};
+use pacha_engine::engine::{CalibrateOptions, IdentifyOptions};
+use pacha_engine::{Engine, runio};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Runs one subcommand.
+pub fn run(cmd: Command, ui: Ui) -> Result<(), Failure> {
+    match cmd {
+        Command::Generate(a) => generate(&a, ui),
+        Command::Ingest(a) => ingest(&a, ui),
+        Command::Index(a) => index(&a.store, ui),
+        Command::Calibrate(a) => calibrate(&a, ui),
+        Command::Dedup(a) => dedup(&a, ui),
+        Command::Identify(a) => identify(&a, ui),
+        Command::Verify(a) => verify(&a, ui),
+        Command::Delete(a) => delete(&a, ui),
+        Command::Eval(a) => eval(&a, ui),
+        Command::Report(a) => report(&a, ui),
+        Command::Info(a) => info(&a.store, ui),
+        Command::Check(a) => check(&a.store, ui),
+        Command::Demo(a) => crate::demo::run(&a, ui),
+    }
+}
+
+/// Parses `POS:DIM` finger specs.
+pub fn parse_finger_dims(specs: &[String]) -> anyhow::Result<Vec<(u8, usize)>> {
+    if specs.is_empty() {
+        return Ok(vec![(2, 256), (7, 256)]);
+    }
+    specs
+        .iter()
+        .map(|s| {
+            let (p, d) = s.split_once(':').ok_or_else(|| anyhow!("--finger {s:?}: expected POS:DIM, e.g. 2:256"))?;
+            let pos: u8 = p.parse().with_context(|| format!("--finger {s:?}: position {p:?} is not a number"))?;
+            Modality::finger(pos).map_err(|e| anyhow!("--finger {s:?}: {e}"))?;
+            let dim: usize = d.parse().with_context(|| format!("--finger {s:?}: dimension {d:?} is not a number"))?;
+            Ok((pos, dim))
+        })
+        .collect()
+}
+
+/// Parses `POS=FILE` finger file specs plus an optional face file into a modality list.
+pub fn parse_template_files(face: Option<&Path>, fingers: &[String]) -> anyhow::Result<Vec<(Modality, PathBuf)>> {
+    let mut out = Vec::new();
+    if let Some(f) = face {
+        out.push((Modality::Face, f.to_path_buf()));
+    }
+    for s in fingers {
+        let (p, f) = s.split_once('=').ok_or_else(|| anyhow!("--finger {s:?}: expected POS=FILE, e.g. 2=ri.npy"))?;
+        let m: Modality = p.parse().map_err(|e| anyhow!("--finger {s:?}: {e}"))?;
+        if out.iter().any(|(x, _)| *x == m) {
+            bail!("--finger {s:?}: {m} given twice");
+        }
+        out.push((m, PathBuf::from(f)));
+    }
+    if out.is_empty() {
+        bail!("no template files: give --face FILE and/or --finger POS=FILE");
+    }
+    Ok(out)
+}
+
+/// The generator configuration for the command-line options.
+pub fn population_config(
+    records: u64,
+    seed: u64,
+    preset: PresetArg,
+    face_dim: usize,
+    fingers: Vec<(u8, usize)>,
+    duplicate_rate: f64,
+) -> pacha_datasets::generate::PopulationConfig {
+    let preset = match preset {
+        PresetArg::Structured => pacha_datasets::generate::Preset::Structured,
+        PresetArg::Isotropic => pacha_datasets::generate::Preset::Isotropic,
+    };
+    pacha_datasets::generate::PopulationConfig {
+        records,
+        seed,
+        preset,
+        face_dim,
+        fingers,
+        duplicate_rate,
+        ..Default::default()
+    }
+}
+
+fn generate(a: &crate::GenerateArgs, ui: Ui) -> Result<(), Failure> {
+    let cfg = population_config(
+        a.records,
+        a.seed,
+        a.preset,
+        a.face_dim,
+        parse_finger_dims(&a.fingers)?,
+        a.duplicate_rate,
+    );
+    let t = Instant::now();
+    let summary = generate_into(&cfg, &a.out, ui)?;
+    let secs = t.elapsed().as_secs_f64();
+    ui.out(format!(
+        "generated {} enrolments ({} duplicate pairs) in {} in {secs:.1} s ({:.0} records/s)",
+        a.records,
+        summary.manifest.truth_pairs,
+        a.out.display(),
+        a.records as f64 / secs.max(1e-9)
+    ));
+    ui.json_out(&json!({"command": "generate", "out": a.out, "records": a.records, "seconds": secs, "truth_pairs": summary.manifest.truth_pairs, "persons": summary.manifest.persons, "stats": summary.manifest.stats}));
+    Ok(())
+}
+
+/// Generates a population with a progress bar.
+pub fn generate_into(
+    cfg: &pacha_datasets::generate::PopulationConfig,
+    out: &Path,
+    ui: Ui,
+) -> anyhow::Result<pacha_datasets::generate::PopulationSummary> {
+    let pb = ui.bar(cfg.records, "generate");
+    let s = pacha_datasets::generate::write_population(cfg, out, &mut |done, _total| pb.set_position(done))
+        .with_context(|| format!("generating a population into {}", out.display()))?;
+    pb.finish_and_clear();
+    Ok(s)
+}
+
+fn ingest(a: &crate::IngestArgs, ui: Ui) -> Result<(), Failure> {
+    let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
+    let t = Instant::now();
+    let report = ingest_files(&a.store, &files, &a.subjects, a.batch, ui)?;
+    let secs = t.elapsed().as_secs_f64();
+    ui.out(format!(
+        "ingested {} enrolments ({} already present) into {} in {secs:.1} s ({:.0} records/s)",
+        report.inserted,
+        report.unchanged,
+        a.store.display(),
+        (report.inserted + report.unchanged) as f64 / secs.max(1e-9)
+    ));
+    ui.json_out(&json!({"command": "ingest", "store": a.store, "report": report, "seconds": secs}));
+    Ok(())
+}
+
+/// Validates and ingests files with a progress bar.
+pub fn ingest_files(
+    store: &Path,
+    files: &[(Modality, PathBuf)],
+    subjects: &Path,
+    batch: usize,
+    ui: Ui,
+) -> anyhow::Result<pacha_engine::ingest::IngestReport> {
+    let pb = ui.bar(0, "ingest");
+    let report = pacha_engine::ingest::ingest(
+        store,
+        files,
+        subjects,
+        batch,
+        &|stage, done, total| {
+            pb.set_prefix(stage.to_string());
+            pb.set_length(total);
+            pb.set_position(done);
+        },
+    )
+    .with_context(|| format!("ingesting into {}", store.display()))?;
+    pb.finish_and_clear();
+    Ok(report)
+}
+
+fn index(store: &Path, ui: Ui) -> Result<(), Failure> {
+    let engine = open(store)?;
+    let t = Instant::now();
+    build_index(&engine, ui)?;
+    let secs = t.elapsed().as_secs_f64();
+    let info = engine.info();
+    ui.out(format!("indexed {} rows in {secs:.1} s", info.indexed_rows.unwrap_or(0)));
+    ui.json_out(&json!({"command": "index", "seconds": secs, "indexed_rows": info.indexed_rows}));
+    Ok(())
+}
+
+/// Builds the engine's index with a progress bar.
+pub fn build_index(engine: &Engine, ui: Ui) -> anyhow::Result<()> {
+    let pb = ui.bar(engine.snapshot().rows() as u64, "index");
+    engine
+        .build_index(&Default::default(), Some(&|done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        }))
+        .context("building the index")?;
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn open(store: &Path) -> anyhow::Result<Engine> {
+    Engine::open(store).with_context(|| format!("opening store {}", store.display()))
+}
+
+fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let truth = match &a.truth {
+        Some(p) => Some(pacha_datasets::generate::read_truth(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let opts = CalibrateOptions { impostor_pairs: a.pairs, genuine: truth.as_deref(), seed: a.seed };
+    let t = Instant::now();
+    engine.calibrate(&opts)?;
+    let cal = engine.calibration();
+    ui.out(format!("calibrated in {:.1} s: {}", t.elapsed().as_secs_f64(), cal.source));
+    ui.json_out(&json!({"command": "calibrate", "models": cal.models, "source": cal.source}));
+    Ok(())
+}
+
+fn mode_of(m: ModeArg) -> CandidateMode {
+    match m {
+        ModeArg::Auto => CandidateMode::Auto,
+        ModeArg::Exact => CandidateMode::Exact,
+        ModeArg::Index => CandidateMode::Index,
+    }
+}
+
+fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let opts = DedupOptions {
+        target_fpir: a.target_fpir,
+        scope: a.from_row.map_or(DedupScope::WholeStore, DedupScope::RowsFrom),
+        mode: mode_of(a.mode),
+        block_rows: a.block_rows,
+        report_floor: a.floor,
+        checkpoint_dir: a.checkpoint.clone(),
+    };
+    let result = run_dedup(&engine, &opts, ui)?;
+    runio::write_run(&a.out, &result).with_context(|| format!("writing results to {}", a.out.display()))?;
+    let s = &result.summary;
+    ui.out(format!(
+        "{} records, {} hits in {} duplicate groups (threshold {:.1}), {} candidate pairs, {:.1} s ({:.0} records/s); results in {}",
+        s.records,
+        s.hits,
+        s.clusters,
+        s.threshold,
+        s.candidate_pairs,
+        s.total_seconds,
+        s.records_per_second,
+        a.out.display()
+    ));
+    ui.json_out(&json!({"command": "dedup", "out": a.out, "summary": s}));
+    Ok(())
+}
+
+/// Runs a dedup with a progress bar.
+pub fn run_dedup(
+    engine: &Engine,
+    opts: &DedupOptions,
+    ui: Ui,
+) -> anyhow::Result<pacha_engine::dedup::DedupResult> {
+    let pb = ui.bar(0, "dedup");
+    let r = engine
+        .dedup(
+            opts,
+            Some(&|p: pacha_engine::dedup::DedupProgress| {
+                pb.set_length(p.total as u64);
+                pb.set_position(p.done as u64);
+            }),
+            None,
+        )
+        .context("deduplicating")?;
+    pb.finish_and_clear();
+    Ok(r)
+}
+
+fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
+    let probes = pacha_engine::ingest::read_probes(&files, &a.rows).context("reading probes")?;
+    let gallery = (!a.gallery.is_empty()).then_some(a.gallery.as_slice());
+    let opts = IdentifyOptions { max_results: a.max_results, target_fpir: a.target_fpir, gallery, min_score: a.min_score };
+    let mut all = Vec::new();
+    for (row, templates) in probes {
+        let r = engine.identify(&templates, &opts).with_context(|| format!("identifying probe row {row}"))?;
+        ui.out(format!("probe {row}: {} candidate(s) at threshold {:.1}", r.candidates.len(), r.threshold));
+        for c in &r.candidates {
+            let mods: Vec<String> =
+                c.comparison.modalities.iter().map(|m| format!("{}={:.3}", m.modality, m.cosine)).collect();
+            ui.out(format!("  {:<20} score {:6.1}  {}", c.subject_id, c.comparison.fused.score, mods.join(" ")));
+        }
+        all.push(json!({"probe_row": row, "result": r}));
+    }
+    ui.json_out(&json!({"command": "identify", "probes": all}));
+    Ok(())
+}
+
+fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let r = engine.verify(&a.a, &a.b, Some(a.threshold))?;
+    let mods: Vec<String> = r.comparison.modalities.iter().map(|m| format!("{}={:.3}", m.modality, m.cosine)).collect();
+    ui.out(format!(
+        "{} vs {}: score {:.1} ({}) -> {}",
+        a.a,
+        a.b,
+        r.comparison.fused.score,
+        mods.join(" "),
+        if r.is_match { "MATCH" } else { "no match" }
+    ));
+    ui.json_out(&json!({"command": "verify", "a": a.a, "b": a.b, "result": r}));
+    Ok(())
+}
+
+fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let mut deleted = Vec::new();
+    let mut absent = Vec::new();
+    for id in &a.ids {
+        if engine.delete(id)? { deleted.push(id.clone()) } else { absent.push(id.clone()) }
+    }
+    ui.out(format!("deleted {}; not enrolled: {}", deleted.len(), if absent.is_empty() { "none".into() } else { absent.join(", ") }));
+    ui.json_out(&json!({"command": "delete", "deleted": deleted, "not_enrolled": absent}));
+    Ok(())
+}
+
+fn eval(a: &crate::EvalArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let report = evaluate(&engine, &a.run, &a.truth, a.impostor_pairs)?;
+    let out = a.out.clone().unwrap_or_else(|| a.run.join("eval.json"));
+    let bytes = serde_json::to_vec_pretty(&report)?;
+    std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    print_eval(&report, ui);
+    ui.json_out(&json!({"command": "eval", "out": out, "eval": report}));
+    Ok(())
+}
+
+/// Evaluates a dedup run directory against a truth file.
+pub fn evaluate(
+    engine: &Engine,
+    run: &Path,
+    truth: &Path,
+    impostor_pairs: usize,
+) -> anyhow::Result<pacha_engine::eval::EvalReport> {
+    let truth = pacha_datasets::generate::read_truth(truth).with_context(|| format!("reading {}", truth.display()))?;
+    let run = runio::read_run(run).with_context(|| format!("reading dedup run {}", run.display()))?;
+    Ok(pacha_engine::evaluation::evaluate_run(engine, &run, &truth, impostor_pairs)?)
+}
+
+/// Prints the headline figures of an evaluation.
+pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
+    ui.out(format!(
+        "pairs: recall {:.4} ({} of {} duplicate pairs found), precision {:.4} ({} false hits) at threshold {:.1}",
+        r.pair_recall,
+        r.true_hits,
+        r.truth_pairs,
+        r.pair_precision,
+        r.false_hits,
+        r.threshold
+    ));
+    for f in &r.fnir_at_fpir {
+        ui.out(format!("  {f}"));
+    }
+}
+
+fn report(a: &crate::ReportArgs, ui: Ui) -> Result<(), Failure> {
+    let bytes = std::fs::read(&a.eval).with_context(|| format!("reading {}", a.eval.display()))?;
+    let report: pacha_engine::eval::EvalReport =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not an evaluation written by `pacha eval`", a.eval.display()))?;
+    let html = crate::report::render_html("pacha evaluation", &[], &report);
+    std::fs::write(&a.out, html).with_context(|| format!("writing {}", a.out.display()))?;
+    ui.out(format!("wrote {}", a.out.display()));
+    ui.json_out(&json!({"command": "report", "out": a.out}));
+    Ok(())
+}
+
+fn info(store: &Path, ui: Ui) -> Result<(), Failure> {
+    let engine = open(store)?;
+    let info = engine.info();
+    let size: u64 = walk_size(store);
+    ui.out(format!("store       {}", info.dir.display()));
+    for s in &info.schema.modalities {
+        ui.out(format!("modality    {:<10} dim {}", s.modality.to_string(), s.dim));
+    }
+    ui.out(format!("enrolments  {} live, {} rows (generation {})", info.live, info.rows, info.generation));
+    ui.out(format!("size        {:.1} MB", size as f64 / 1e6));
+    ui.out(format!("index       {}", info.indexed_rows.map_or("none".to_string(), |r| format!("{r} rows"))));
+    ui.out(format!("calibration {}", info.calibration));
+    ui.out(format!("simd        {}", info.simd));
+    ui.json_out(&json!({"command": "info", "info": info, "bytes": size}));
+    Ok(())
+}
+
+fn walk_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn check(store: &Path, ui: Ui) -> Result<(), Failure> {
+    let report = pacha_engine::store::check(store).with_context(|| format!("checking {}", store.display()))?;
+    let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+    ui.json_out(&json!({
+        "command": "check", "ok": problems.is_empty(), "rows": report.rows, "live": report.live,
+        "generation": report.generation, "files_checked": report.files_checked, "problems": problems,
+    }));
+    if report.problems.is_empty() {
+        ui.out(format!("{}: ok", store.display()));
+        Ok(())
+    } else {
+        for p in &report.problems {
+            ui.out(format!("problem: {p}"));
+        }
+        Err(Failure { code: 1, error: anyhow!("{} problem(s) found in {}", report.problems.len(), store.display()) })
+    }
+}

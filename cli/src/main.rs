@@ -1,0 +1,324 @@
+//! `pacha`: the analyst's command-line tool for biometric deduplication.
+//!
+//! Exit codes: 0 success; 1 the command ran and found what it was asked to look for (`check` found
+//! corruption); 2 usage or input error.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod commands;
+mod demo;
+mod report;
+mod ui;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use ui::Ui;
+
+/// pacha: find people enrolled twice in a biometric registry (face + fingerprint templates).
+#[derive(Parser, Debug)]
+#[command(name = "pacha", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Machine-readable JSON on stdout (one object per command).
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars and no informational messages.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// More log output (-v info, -vv debug); also honours RUST_LOG.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a synthetic population with planted duplicates and ground truth.
+    Generate(GenerateArgs),
+    /// Ingest templates (.npy / .fvecs) and a subjects CSV into a store (created if absent).
+    Ingest(IngestArgs),
+    /// Build (or rebuild) the candidate index of a store.
+    Index(StoreArg),
+    /// Fit the score models (impostor tails from the store; genuine models from a truth file).
+    Calibrate(CalibrateArgs),
+    /// Deduplicate the whole store, or the rows from a given row on, and write hits and clusters.
+    Dedup(DedupArgs),
+    /// Identify probes (rows of template files) against the store.
+    Identify(IdentifyArgs),
+    /// Verify two enrolled subjects against each other (1:1).
+    Verify(VerifyArgs),
+    /// Delete enrolments by subject ID.
+    Delete(DeleteArgs),
+    /// Evaluate a dedup run against ground truth (recall, precision, FNIR at FPIR, DET, calibration).
+    Eval(EvalArgs),
+    /// Write the HTML report of an evaluation.
+    Report(ReportArgs),
+    /// Show schema, counts, sizes, index and calibration state, SIMD level.
+    Info(StoreArg),
+    /// Verify every checksum and invariant of a store (exit 1 if problems are found).
+    Check(StoreArg),
+    /// Generate, ingest, index, calibrate, deduplicate, evaluate and report on a generated population.
+    Demo(DemoArgs),
+}
+
+/// A store directory.
+#[derive(Args, Debug)]
+pub struct StoreArg {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+}
+
+/// Preset of the generator.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PresetArg {
+    /// Clustered, anisotropic templates with families (like real embeddings).
+    Structured,
+    /// Pure random unit vectors (the hardest case for ANN indexes).
+    Isotropic,
+}
+
+/// Arguments of `generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Output directory.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Number of enrolments.
+    #[arg(long, short = 'n', default_value_t = 100_000)]
+    pub records: u64,
+    /// Random seed (same seed, same files).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Population model.
+    #[arg(long, value_enum, default_value_t = PresetArg::Structured)]
+    pub preset: PresetArg,
+    /// Face dimension (0 = no face).
+    #[arg(long, default_value_t = 512)]
+    pub face_dim: usize,
+    /// Finger positions and dimensions, e.g. `2:256` (repeatable; default right and left index at 256).
+    #[arg(long = "finger", value_name = "POS:DIM")]
+    pub fingers: Vec<String>,
+    /// Share of enrolments that are a person enrolled again.
+    #[arg(long, default_value_t = 0.01)]
+    pub duplicate_rate: f64,
+}
+
+/// Arguments of `ingest`.
+#[derive(Args, Debug)]
+pub struct IngestArgs {
+    /// The store directory (created with a schema from the files if it does not exist).
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// Face templates (.npy f32/f16, or .fvecs).
+    #[arg(long)]
+    pub face: Option<PathBuf>,
+    /// Finger templates as `POS=FILE`, e.g. `2=ri.npy` (repeatable).
+    #[arg(long = "finger", value_name = "POS=FILE")]
+    pub fingers: Vec<String>,
+    /// Subjects CSV/TSV (`subject_id` column, optional `<modality>_present`/`_quality` columns).
+    #[arg(long)]
+    pub subjects: PathBuf,
+    /// Records per committed batch.
+    #[arg(long, default_value_t = 10_000)]
+    pub batch: usize,
+}
+
+/// Arguments of `calibrate`.
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// Ground-truth pairs (`subject_a,subject_b`) for the genuine models.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// Random impostor pairs sampled per modality.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub pairs: usize,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+}
+
+/// Candidate generation mode.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    /// Exact for small stores, the index for large ones.
+    Auto,
+    /// Exact blocked GEMM joins (complete; slow at scale).
+    Exact,
+    /// The candidate index.
+    Index,
+}
+
+/// Arguments of `dedup`.
+#[derive(Args, Debug)]
+pub struct DedupArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// Output directory for hits.csv, hits.jsonl, clusters.csv and summary.json.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Target false-positive identification rate per probe.
+    #[arg(long, default_value_t = 1e-3)]
+    pub target_fpir: f64,
+    /// Only rows from this row on are probes (a newly ingested batch against the store and itself).
+    #[arg(long)]
+    pub from_row: Option<usize>,
+    /// Candidate generation.
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub mode: ModeArg,
+    /// Also write pairs down to this calibrated score (for evaluation and threshold tuning).
+    #[arg(long)]
+    pub floor: Option<f64>,
+    /// Checkpoint directory: an interrupted run restarts from its last finished tile.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Probe rows per tile.
+    #[arg(long, default_value_t = 8192)]
+    pub block_rows: usize,
+}
+
+/// Arguments of `identify`.
+#[derive(Args, Debug)]
+pub struct IdentifyArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// Probe face templates (.npy/.fvecs), one probe per row.
+    #[arg(long)]
+    pub face: Option<PathBuf>,
+    /// Probe finger templates as `POS=FILE` (repeatable; same rows as --face).
+    #[arg(long = "finger", value_name = "POS=FILE")]
+    pub fingers: Vec<String>,
+    /// Only these rows of the probe files.
+    #[arg(long, value_delimiter = ',')]
+    pub rows: Vec<u64>,
+    /// Candidates per probe.
+    #[arg(long, default_value_t = 10)]
+    pub max_results: usize,
+    /// Target false-positive identification rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub target_fpir: f64,
+    /// Restrict the search to these subject IDs.
+    #[arg(long, value_delimiter = ',')]
+    pub gallery: Vec<String>,
+    /// Report candidates down to this calibrated score instead of the FPIR threshold.
+    #[arg(long)]
+    pub min_score: Option<f64>,
+}
+
+/// Arguments of `verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// First subject ID.
+    pub a: String,
+    /// Second subject ID.
+    pub b: String,
+    /// Calibrated score threshold (50 = one false match in 100 000).
+    #[arg(long, default_value_t = 50.0)]
+    pub threshold: f64,
+}
+
+/// Arguments of `delete`.
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// Subject IDs to delete.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+/// Arguments of `eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// The dedup output directory (hits.jsonl, summary.json).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Ground-truth pairs CSV.
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// Write the evaluation as JSON here (default: <run>/eval.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Impostor pairs sampled for the histograms and the calibration check.
+    #[arg(long, default_value_t = 200_000)]
+    pub impostor_pairs: usize,
+}
+
+/// Arguments of `report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The evaluation JSON written by `eval`.
+    #[arg(long)]
+    pub eval: PathBuf,
+    /// The HTML file to write.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Working directory (default: a new temporary directory, kept and printed).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Number of enrolments.
+    #[arg(long, short = 'n', default_value_t = 100_000)]
+    pub records: u64,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Population model.
+    #[arg(long, value_enum, default_value_t = PresetArg::Structured)]
+    pub preset: PresetArg,
+}
+
+/// A failure with its exit code.
+pub struct Failure {
+    /// 1: a problem the command was asked to find; 2: usage or input error.
+    pub code: u8,
+    /// What went wrong, where, and how to fix it.
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 2, error: e.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr).init();
+    let ui = Ui::new(cli.json, cli.quiet);
+    match commands::run(cli.command, ui) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if cli.json {
+                let v = serde_json::json!({"error": format!("{:#}", f.error), "exit_code": f.code});
+                println!("{v}");
+            }
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

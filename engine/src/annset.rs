@@ -1,0 +1,160 @@
+//! The engine's candidate index: one IVF partitioning per modality over the store's f32 rows.
+//!
+//! The index covers rows `0..rows()` of one store generation; rows committed after it was built (the second
+//! tier) are always compared exactly, so a search or dedup sees every enrolment that was committed before it
+//! started. Compaction renumbers rows, so an index of another generation is ignored and removed.
+
+use crate::store::Snapshot;
+use crate::EngineError;
+use pacha_index::ivf::{Ivf, IvfParams};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use std::path::Path;
+
+/// Build parameters of the engine's index.
+#[derive(Clone, Debug, Default)]
+pub struct AnnParams {
+    /// IVF parameters (defaults meet the recall bar on structured and isotropic populations).
+    pub ivf: IvfParams,
+}
+
+/// Probe lists searched per query in identify.
+pub const IDENTIFY_NPROBE: usize = 16;
+
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct SetMeta {
+    generation: u64,
+    rows: usize,
+    modalities: Vec<String>,
+}
+
+/// Per-modality IVF indexes over rows `0..rows` of one store generation.
+pub struct AnnSet {
+    generation: u64,
+    rows: usize,
+    /// Index of each schema modality (by schema position); `None` if the modality has no template at all.
+    ivf: Vec<Option<Ivf>>,
+}
+
+impl AnnSet {
+    /// Builds indexes over every committed row of `snap`.
+    pub fn build(
+        snap: &Snapshot,
+        params: &AnnParams,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+    ) -> Result<AnnSet, EngineError> {
+        let mods = &snap.schema().modalities;
+        let mut ivf = Vec::with_capacity(mods.len());
+        for (i, spec) in mods.iter().enumerate() {
+            if let Some(p) = progress {
+                p(i, mods.len());
+            }
+            let Some(view) = snap.f32_rows(spec.modality) else {
+                ivf.push(None);
+                continue;
+            };
+            let m = spec.modality;
+            let present = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
+            if (0..snap.rows()).any(present) {
+                ivf.push(Some(Ivf::build(view, &present, &params.ivf)?));
+            } else {
+                ivf.push(None);
+            }
+        }
+        if let Some(p) = progress {
+            p(mods.len(), mods.len());
+        }
+        Ok(AnnSet { generation: snap.generation(), rows: snap.rows(), ivf })
+    }
+
+    /// Rows covered.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// True if this index belongs to the snapshot's generation and covers no row it lacks.
+    pub fn covers(&self, snap: &Snapshot) -> bool {
+        self.generation == snap.generation() && self.rows <= snap.rows() && self.ivf.len() == snap.schema().modalities.len()
+    }
+
+    /// Candidate pairs `(q, p)` with `q < p`, `p` in `probes ∩ 0..rows()`, both indexed, exact cosine ≥ `t`.
+    pub fn join_rows(
+        &self,
+        snap: &Snapshot,
+        mi: usize,
+        probes: Range<usize>,
+        t: f32,
+    ) -> Result<Vec<(u32, u32, f32)>, EngineError> {
+        let (Some(Some(ivf)), Some(view)) = (self.ivf.get(mi), snap.f32_rows(snap.schema().modalities[mi].modality))
+        else {
+            return Ok(Vec::new());
+        };
+        let end = probes.end.min(self.rows);
+        let start = probes.start.min(end);
+        Ok(ivf.self_join_rows(view.slice_rows(0, self.rows), start..end, t)?)
+    }
+
+    /// Indexed rows whose exact cosine with `query` is at least `t`, from the query's `nprobe` best lists.
+    pub fn search(
+        &self,
+        snap: &Snapshot,
+        mi: usize,
+        query: &[f32],
+        t: f32,
+        nprobe: usize,
+    ) -> Vec<(u32, f32)> {
+        match (self.ivf.get(mi), snap.f32_rows(snap.schema().modalities[mi].modality)) {
+            (Some(Some(ivf)), Some(view)) => ivf.search(view.slice_rows(0, self.rows), query, t, nprobe),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Saves the indexes into `dir` (replacing what was there).
+    pub fn save(&self, dir: &Path, snap: &Snapshot) -> Result<(), EngineError> {
+        Self::remove(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
+        let mods: Vec<String> = snap.schema().modalities.iter().map(|s| s.modality.key()).collect();
+        for (ivf, key) in self.ivf.iter().zip(&mods) {
+            if let Some(ivf) = ivf {
+                ivf.save(&dir.join(format!("{key}.ivf")))?;
+            }
+        }
+        let meta = SetMeta { generation: self.generation, rows: self.rows, modalities: mods };
+        let p = dir.join("index.json");
+        let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::io("writing", &p, e.into()))?;
+        // The meta file is written last: an index without it is incomplete and ignored.
+        crate::fsutil::write_atomic(&p, &bytes)
+    }
+
+    /// Loads a saved index if it exists and belongs to `snap`'s generation; `None` otherwise.
+    pub fn load(dir: &Path, snap: &Snapshot) -> Result<Option<AnnSet>, EngineError> {
+        let p = dir.join("index.json");
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EngineError::io("reading", &p, e)),
+        };
+        let meta: SetMeta =
+            serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+        let mods: Vec<String> = snap.schema().modalities.iter().map(|s| s.modality.key()).collect();
+        if meta.generation != snap.generation() || meta.rows > snap.rows() || meta.modalities != mods {
+            tracing::info!("ignoring index in {} built for another store generation", dir.display());
+            return Ok(None);
+        }
+        let mut ivf = Vec::with_capacity(mods.len());
+        for key in &mods {
+            let f = dir.join(format!("{key}.ivf"));
+            ivf.push(if f.exists() { Some(Ivf::load(&f)?) } else { None });
+        }
+        Ok(Some(AnnSet { generation: meta.generation, rows: meta.rows, ivf }))
+    }
+
+    /// Removes a saved index directory.
+    pub fn remove(dir: &Path) -> Result<(), EngineError> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EngineError::io("removing", dir, e)),
+        }
+    }
+}

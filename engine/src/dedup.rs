@@ -1,0 +1,390 @@
+//! Batch deduplication: every pair of enrolments whose fused score passes the threshold, clustered.
+//!
+//! ## How a run works
+//! The work is a grid of **tiles**: a probe block of rows `[p0, p1)` against the gallery rows `[0, p1)` that
+//! come before each probe (each unordered pair is compared once, from its later row). For every tile:
+//! 1. *candidates*, per modality: all pairs whose cosine reaches that modality's candidate cosine (derived
+//!    from the fused threshold by pigeonhole, so no pair that can pass is dropped — see [`crate::fusion`]),
+//!    from exact blocked GEMM or from the ANN index plus an exact scan of rows the index does not cover;
+//! 2. *scoring*: the union of candidates is rescored exactly in f32 on every modality both records have,
+//!    fused, and kept when its calibrated score reaches the report floor (default: the threshold).
+//!
+//! Tiles are independent and their outputs merge by concatenation and sorting, so a run is deterministic
+//! regardless of thread count, can be checkpointed after every tile (resumable: an interrupted run restarts
+//! from its last finished tile and produces the same output), and can be scheduled tile by tile elsewhere.
+
+use crate::candidates::{self, CandidateMode};
+use crate::fusion::{Calibration, threshold_for_fpir};
+use crate::matcher::{Comparison, compare_rows};
+use crate::store::Snapshot;
+use crate::{AnnSet, EngineError};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Which pairs a run considers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DedupScope {
+    /// Every live enrolment against every other.
+    WholeStore,
+    /// Rows `from..` (a newly inserted batch) against the whole store and against each other.
+    RowsFrom(usize),
+}
+
+/// Options of a dedup run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DedupOptions {
+    /// Target false-positive identification rate per probe; the threshold is `FMR = FPIR / N`.
+    pub target_fpir: f64,
+    /// Which pairs to consider.
+    pub scope: DedupScope,
+    /// How candidates are generated.
+    pub mode: CandidateMode,
+    /// Probe rows per tile.
+    pub block_rows: usize,
+    /// Also report pairs down to this calibrated score (for evaluation); `None` = the threshold.
+    pub report_floor: Option<f64>,
+    /// A directory for checkpoints: finished tiles are saved there and reused by a restarted run.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl Default for DedupOptions {
+    fn default() -> Self {
+        DedupOptions {
+            target_fpir: 1e-3,
+            scope: DedupScope::WholeStore,
+            mode: CandidateMode::Auto,
+            block_rows: 8192,
+            report_floor: None,
+            checkpoint_dir: None,
+        }
+    }
+}
+
+/// A reported pair.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DedupPair {
+    /// Subject ID of the earlier row.
+    pub a: String,
+    /// Subject ID of the later row.
+    pub b: String,
+    /// Row of `a` in the snapshot.
+    pub row_a: u32,
+    /// Row of `b` in the snapshot.
+    pub row_b: u32,
+    /// Per-modality evidence and the fused score.
+    pub comparison: Comparison,
+}
+
+impl DedupPair {
+    /// The calibrated fused score.
+    pub fn score(&self) -> f64 {
+        self.comparison.fused.score
+    }
+}
+
+/// Progress of a run, for progress bars.
+#[derive(Clone, Copy, Debug)]
+pub struct DedupProgress {
+    /// Probe rows finished.
+    pub done: usize,
+    /// Probe rows in the run.
+    pub total: usize,
+    /// Pairs reported so far.
+    pub pairs: usize,
+}
+
+/// Counts and timings of a run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DedupSummary {
+    /// Live records in the snapshot.
+    pub records: usize,
+    /// Probe rows in the run.
+    pub probes: usize,
+    /// Candidate generation used.
+    pub mode: String,
+    /// Decision threshold on the calibrated scale.
+    pub threshold: f64,
+    /// Per-modality candidate cosines used.
+    pub candidate_cosines: Vec<(String, Option<f32>)>,
+    /// Candidate pairs (after the union over modalities).
+    pub candidate_pairs: u64,
+    /// Pairs at or above the report floor.
+    pub reported_pairs: usize,
+    /// Pairs at or above the threshold.
+    pub hits: usize,
+    /// Duplicate groups (clusters of ≥ 2 enrolments).
+    pub clusters: usize,
+    /// Tiles reused from checkpoints.
+    pub tiles_resumed: usize,
+    /// Seconds spent generating candidates.
+    pub candidate_seconds: f64,
+    /// Seconds spent rescoring and fusing.
+    pub scoring_seconds: f64,
+    /// Wall-clock seconds of the whole run.
+    pub total_seconds: f64,
+    /// Probe records per second.
+    pub records_per_second: f64,
+    /// Histogram of reported calibrated scores: (bin lower edge, count), bins of 5 points.
+    pub score_histogram: Vec<(f64, usize)>,
+}
+
+/// The result of a run: pairs sorted by (row_a, row_b), clusters, and a summary.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DedupResult {
+    /// Decision threshold on the calibrated scale.
+    pub threshold: f64,
+    /// Every pair at or above the report floor, sorted by (row_a, row_b).
+    pub pairs: Vec<DedupPair>,
+    /// Duplicate groups over the hits (pairs ≥ threshold), each sorted by row; sorted by first row.
+    pub clusters: Vec<Vec<String>>,
+    /// Counts and timings.
+    pub summary: DedupSummary,
+}
+
+impl DedupResult {
+    /// The pairs at or above the threshold.
+    pub fn hits(&self) -> impl Iterator<Item = &DedupPair> {
+        self.pairs.iter().filter(move |p| p.score() >= self.threshold)
+    }
+}
+
+/// Everything a run needs besides its options.
+pub struct DedupContext<'a> {
+    /// The committed snapshot to deduplicate.
+    pub snapshot: &'a Snapshot,
+    /// Score models.
+    pub calibration: &'a Calibration,
+    /// ANN indexes, if built.
+    pub ann: Option<&'a AnnSet>,
+    /// Called after every tile.
+    pub progress: Option<&'a (dyn Fn(DedupProgress) + Sync)>,
+    /// Set to stop the run after the current tile (finished tiles stay checkpointed).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct CheckpointKey {
+    generation: u64,
+    commit_seq: u64,
+    threshold_bits: u64,
+    floor_bits: u64,
+    scope: DedupScope,
+    mode: String,
+    block_rows: usize,
+}
+
+/// Runs a dedup over the snapshot in `ctx`.
+pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, EngineError> {
+    let start = Instant::now();
+    let snap = ctx.snapshot;
+    if opts.block_rows == 0 {
+        return Err(EngineError::InvalidArgument("block_rows must be at least 1".into()));
+    }
+    let threshold = threshold_for_fpir(opts.target_fpir, snap.live())?;
+    let floor = opts.report_floor.unwrap_or(threshold).min(threshold);
+    let cand_cos = ctx.calibration.candidate_cosines(floor);
+    let rows = snap.rows();
+    let first_probe = match opts.scope {
+        DedupScope::WholeStore => 0,
+        DedupScope::RowsFrom(r) => {
+            if r > rows {
+                return Err(EngineError::InvalidArgument(format!("scope starts at row {r} beyond {rows} rows")));
+            }
+            r
+        }
+    };
+    let mode = candidates::resolve_mode(opts.mode, snap, ctx.ann);
+    let tiles: Vec<Range<usize>> = (first_probe..rows)
+        .step_by(opts.block_rows)
+        .map(|s| s..(s + opts.block_rows).min(rows))
+        .collect();
+
+    let key = CheckpointKey {
+        generation: snap.generation(),
+        commit_seq: snap.commit_seq(),
+        threshold_bits: threshold.to_bits(),
+        floor_bits: floor.to_bits(),
+        scope: opts.scope.clone(),
+        mode: format!("{mode:?}"),
+        block_rows: opts.block_rows,
+    };
+    let ckpt = match &opts.checkpoint_dir {
+        Some(d) => Some(Checkpoint::open(d, &key)?),
+        None => None,
+    };
+
+    let mut summary = DedupSummary {
+        records: snap.live(),
+        probes: rows - first_probe,
+        mode: format!("{mode:?}"),
+        threshold,
+        candidate_cosines: snap
+            .schema()
+            .modalities
+            .iter()
+            .zip(&cand_cos)
+            .map(|(s, c)| (s.modality.key(), *c))
+            .collect(),
+        ..DedupSummary::default()
+    };
+    let mut pairs: Vec<DedupPair> = Vec::new();
+    let mut done = 0usize;
+    for (ti, tile) in tiles.iter().enumerate() {
+        if ctx.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled { finished_tiles: ti, total_tiles: tiles.len() });
+        }
+        let out = match ckpt.as_ref().map(|c| c.load(ti)).transpose()?.flatten() {
+            Some(t) => {
+                summary.tiles_resumed += 1;
+                t
+            }
+            None => {
+                let t = run_tile(ctx, &cand_cos, mode, tile.clone(), floor, &mut summary)?;
+                if let Some(c) = &ckpt {
+                    c.save(ti, &t)?;
+                }
+                t
+            }
+        };
+        summary.candidate_pairs += out.candidates;
+        pairs.extend(out.pairs);
+        done += tile.len();
+        if let Some(p) = ctx.progress {
+            p(DedupProgress { done, total: summary.probes, pairs: pairs.len() });
+        }
+    }
+    pairs.sort_by_key(|p| (p.row_a, p.row_b));
+    let hit_rows: Vec<(usize, usize)> = pairs
+        .iter()
+        .filter(|p| p.score() >= threshold)
+        .map(|p| (p.row_a as usize, p.row_b as usize))
+        .collect();
+    let clusters: Vec<Vec<String>> = crate::cluster::union_find(rows, &hit_rows)
+        .into_iter()
+        .map(|c| c.into_iter().map(|r| snap.subject_id(r).to_string()).collect())
+        .collect();
+    summary.reported_pairs = pairs.len();
+    summary.hits = hit_rows.len();
+    summary.clusters = clusters.len();
+    summary.total_seconds = start.elapsed().as_secs_f64();
+    summary.records_per_second = summary.probes as f64 / summary.total_seconds.max(1e-9);
+    summary.score_histogram = histogram(pairs.iter().map(DedupPair::score), 5.0);
+    if let Some(c) = ckpt {
+        c.finish()?;
+    }
+    Ok(DedupResult { threshold, pairs, clusters, summary })
+}
+
+#[derive(Serialize, Deserialize)]
+struct TileOutput {
+    candidates: u64,
+    pairs: Vec<DedupPair>,
+}
+
+fn run_tile(
+    ctx: &DedupContext<'_>,
+    cand_cos: &[Option<f32>],
+    mode: CandidateMode,
+    probes: Range<usize>,
+    floor: f64,
+    summary: &mut DedupSummary,
+) -> Result<TileOutput, EngineError> {
+    let snap = ctx.snapshot;
+    let t0 = Instant::now();
+    let mut cand: Vec<(u32, u32)> = Vec::new();
+    for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+        let Some(c) = cand_cos.get(mi).copied().flatten() else { continue };
+        candidates::pairs_for_tile(snap, ctx.ann, mode, spec.modality, mi, probes.clone(), c, &mut cand)?;
+    }
+    cand.par_sort_unstable();
+    cand.dedup();
+    summary.candidate_seconds += t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let cal = ctx.calibration;
+    let pairs: Vec<DedupPair> = cand
+        .par_iter()
+        .filter(|&&(a, b)| !snap.is_deleted(a as usize) && !snap.is_deleted(b as usize))
+        .filter_map(|&(a, b)| {
+            let comparison = compare_rows(snap, cal, a as usize, b as usize);
+            (comparison.fused.score >= floor).then(|| DedupPair {
+                a: snap.subject_id(a as usize).to_string(),
+                b: snap.subject_id(b as usize).to_string(),
+                row_a: a,
+                row_b: b,
+                comparison,
+            })
+        })
+        .collect();
+    summary.scoring_seconds += t1.elapsed().as_secs_f64();
+    Ok(TileOutput { candidates: cand.len() as u64, pairs })
+}
+
+/// A histogram of `values` with bins of width `w`: (lower edge, count), sorted.
+pub fn histogram(values: impl Iterator<Item = f64>, w: f64) -> Vec<(f64, usize)> {
+    let mut bins: std::collections::BTreeMap<i64, usize> = std::collections::BTreeMap::new();
+    for v in values {
+        *bins.entry((v / w).floor() as i64).or_default() += 1;
+    }
+    bins.into_iter().map(|(k, n)| (k as f64 * w, n)).collect()
+}
+
+/// Finished tiles of an interrupted run, keyed by everything that determines their content.
+struct Checkpoint {
+    dir: PathBuf,
+}
+
+impl Checkpoint {
+    fn open(dir: &Path, key: &CheckpointKey) -> Result<Checkpoint, EngineError> {
+        let io = |e| EngineError::io("accessing", dir, e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let key_path = dir.join("run.json");
+        let key_json = serde_json::to_string(key).map_err(|e| EngineError::Corrupt {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        match std::fs::read_to_string(&key_path) {
+            Ok(existing) if existing == key_json => {}
+            _ => {
+                // A different (or no) run: start afresh.
+                for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with("tile-") {
+                        std::fs::remove_file(entry.path()).map_err(io)?;
+                    }
+                }
+                crate::fsutil::write_atomic(&key_path, key_json.as_bytes())?;
+            }
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf() })
+    }
+
+    fn path(&self, tile: usize) -> PathBuf {
+        self.dir.join(format!("tile-{tile:08}.json"))
+    }
+
+    fn load(&self, tile: usize) -> Result<Option<TileOutput>, EngineError> {
+        let p = self.path(tile);
+        match std::fs::read(&p) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(t) => Ok(Some(t)),
+                // A torn checkpoint is recomputed, never trusted.
+                Err(_) => Ok(None),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(EngineError::io("reading", &p, e)),
+        }
+    }
+
+    fn save(&self, tile: usize, out: &TileOutput) -> Result<(), EngineError> {
+        let p = self.path(tile);
+        let bytes = serde_json::to_vec(out).map_err(|e| EngineError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+        crate::fsutil::write_atomic(&p, &bytes)
+    }
+
+    fn finish(self) -> Result<(), EngineError> {
+        std::fs::write(self.dir.join("complete"), b"ok").map_err(|e| EngineError::io("writing", &self.dir, e))
+    }
+}

@@ -1,0 +1,486 @@
+//! The `Engine` facade the registry calls: insert, identify (1:N), verify (1:1), delete, batch dedup,
+//! calibrate, index, compact.
+
+use crate::candidates;
+use crate::dedup::{self, DedupContext, DedupOptions, DedupProgress, DedupResult};
+use crate::fusion::{Calibration, Gaussian, ModalityModel, threshold_for_fpir};
+use crate::matcher::{Comparison, Probe, compare_probe, compare_rows};
+use crate::store::{Enrolment, InsertReport, Schema, Snapshot, Store, Template};
+use crate::{AnnSet, EngineError, fsutil};
+use pacha_datasets::{Modality, RecordBatch};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+
+/// Options of a 1:N identification.
+#[derive(Clone, Debug)]
+pub struct IdentifyOptions<'a> {
+    /// At most this many candidates are returned.
+    pub max_results: usize,
+    /// Target false-positive identification rate; the threshold is `FMR = FPIR / N` for a gallery of N.
+    pub target_fpir: f64,
+    /// Restrict the search to these subjects (scanned exactly).
+    pub gallery: Option<&'a [String]>,
+    /// Return candidates down to this calibrated score instead of the FPIR threshold (for investigation).
+    pub min_score: Option<f64>,
+}
+
+impl Default for IdentifyOptions<'_> {
+    fn default() -> Self {
+        IdentifyOptions { max_results: 10, target_fpir: 1e-3, gallery: None, min_score: None }
+    }
+}
+
+/// One candidate of an identification.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The enrolled subject.
+    pub subject_id: String,
+    /// Per-modality evidence and the fused score.
+    pub comparison: Comparison,
+}
+
+/// The answer to an identification.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IdentifyResult {
+    /// Calibrated score threshold used.
+    pub threshold: f64,
+    /// Candidates at or above the threshold, by score descending then subject ID.
+    pub candidates: Vec<Candidate>,
+    /// Enrolments compared exactly.
+    pub compared: usize,
+}
+
+/// The answer to a 1:1 verification.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerifyResult {
+    /// Per-modality evidence and the fused score.
+    pub comparison: Comparison,
+    /// Whether the fused score reaches the threshold.
+    pub is_match: bool,
+    /// Calibrated score threshold used.
+    pub threshold: f64,
+}
+
+/// Options of a calibration.
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions<'a> {
+    /// Random impostor pairs sampled from the store per modality.
+    pub impostor_pairs: usize,
+    /// Labelled genuine pairs (subject IDs), e.g. from a ground-truth file; `None` keeps default genuine models.
+    pub genuine: Option<&'a [(String, String)]>,
+    /// Seed of the pair sampler.
+    pub seed: u64,
+}
+
+impl Default for CalibrateOptions<'_> {
+    fn default() -> Self {
+        CalibrateOptions { impostor_pairs: 1_000_000, genuine: None, seed: 0x5eed }
+    }
+}
+
+/// Raw score samples a calibration used (for evaluation plots).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CalibrationSamples {
+    /// Per modality key: impostor cosines sampled.
+    pub impostor: Vec<(String, Vec<f64>)>,
+    /// Per modality key: genuine cosines of the labelled pairs.
+    pub genuine: Vec<(String, Vec<f64>)>,
+}
+
+/// Counts and state for `info`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// Store directory.
+    pub dir: PathBuf,
+    /// Schema.
+    pub schema: Schema,
+    /// Committed rows, including deleted ones.
+    pub rows: usize,
+    /// Live enrolments.
+    pub live: usize,
+    /// Store generation (bumps on compaction).
+    pub generation: u64,
+    /// Rows covered by the ANN index, if one is built for this generation.
+    pub indexed_rows: Option<usize>,
+    /// Where the score models came from.
+    pub calibration: String,
+    /// SIMD level the kernels use.
+    pub simd: String,
+}
+
+/// The registry: a store, its score calibration and its ANN index. `Send + Sync`: identifies may run on many
+/// threads alongside one writer; every identify sees every insert that returned before it.
+pub struct Engine {
+    store: Store,
+    calibration: RwLock<Arc<Calibration>>,
+    ann: RwLock<Option<Arc<AnnSet>>>,
+}
+
+const ENGINE_DIR: &str = "engine";
+const CALIBRATION_FILE: &str = "calibration.json";
+
+impl Engine {
+    /// Creates a new registry in `dir` with `schema`.
+    pub fn create(dir: &Path, schema: Schema) -> Result<Engine, EngineError> {
+        let store = Store::create(dir, schema)?;
+        let cal = Calibration::defaults(&modalities(store.schema()));
+        Ok(Engine { store, calibration: RwLock::new(Arc::new(cal)), ann: RwLock::new(None) })
+    }
+
+    /// Opens an existing registry: validates the store, loads the calibration and the ANN index if present.
+    pub fn open(dir: &Path) -> Result<Engine, EngineError> {
+        let store = Store::open(dir)?;
+        let mods = modalities(store.schema());
+        let cal_path = dir.join(ENGINE_DIR).join(CALIBRATION_FILE);
+        let cal = match std::fs::read(&cal_path) {
+            Ok(bytes) => {
+                let cal: Calibration = serde_json::from_slice(&bytes)
+                    .map_err(|e| EngineError::Corrupt { path: cal_path.clone(), reason: e.to_string() })?;
+                if modalities_of(&cal) != mods {
+                    return Err(EngineError::Corrupt {
+                        path: cal_path,
+                        reason: "calibration modalities do not match the store schema".into(),
+                    });
+                }
+                cal
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Calibration::defaults(&mods),
+            Err(e) => return Err(EngineError::io("reading", &cal_path, e)),
+        };
+        let snap = store.snapshot();
+        let ann = AnnSet::load(&dir.join(ENGINE_DIR).join("index"), &snap)?;
+        Ok(Engine { store, calibration: RwLock::new(Arc::new(cal)), ann: RwLock::new(ann.map(Arc::new)) })
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The current committed snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.store.snapshot()
+    }
+
+    /// The current calibration.
+    pub fn calibration(&self) -> Arc<Calibration> {
+        self.calibration.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn ann(&self) -> Option<Arc<AnnSet>> {
+        self.ann.read().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Live enrolments.
+    pub fn count(&self) -> usize {
+        self.snapshot().live()
+    }
+
+    /// Enrols one person; durable on return. Re-inserting an identical enrolment is Ok.
+    pub fn insert(&self, enrolment: &Enrolment) -> Result<InsertReport, EngineError> {
+        self.store.insert(std::slice::from_ref(enrolment))
+    }
+
+    /// Enrols a batch atomically (all or nothing); durable on return.
+    pub fn insert_batch(&self, enrolments: &[Enrolment]) -> Result<InsertReport, EngineError> {
+        self.store.insert(enrolments)
+    }
+
+    /// Enrols a columnar batch atomically; durable on return.
+    pub fn insert_records(&self, batch: &RecordBatch) -> Result<InsertReport, EngineError> {
+        self.store.insert_batch(batch)
+    }
+
+    /// Deletes an enrolment (durable tombstone). Returns false if the subject was not enrolled.
+    pub fn delete(&self, subject_id: &str) -> Result<bool, EngineError> {
+        self.store.delete(subject_id)
+    }
+
+    /// Rewrites the store without deleted rows. Row numbers change, so the ANN index is dropped (rebuild it
+    /// with [`Engine::build_index`]).
+    pub fn compact(&self) -> Result<crate::store::CompactReport, EngineError> {
+        let report = self.store.compact()?;
+        if let Ok(mut a) = self.ann.write() {
+            *a = None;
+        }
+        AnnSet::remove(&self.store.dir().join(ENGINE_DIR).join("index"))?;
+        Ok(report)
+    }
+
+    /// Builds (or rebuilds) the ANN index over every committed row and saves it.
+    pub fn build_index(
+        &self,
+        params: &crate::annset::AnnParams,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+    ) -> Result<(), EngineError> {
+        let snap = self.snapshot();
+        let set = AnnSet::build(&snap, params, progress)?;
+        set.save(&self.store.dir().join(ENGINE_DIR).join("index"), &snap)?;
+        if let Ok(mut a) = self.ann.write() {
+            *a = Some(Arc::new(set));
+        }
+        Ok(())
+    }
+
+    /// 1:N identification of a probe against the registry (or against `options.gallery` only).
+    pub fn identify(&self, probe: &[Template], options: &IdentifyOptions<'_>) -> Result<IdentifyResult, EngineError> {
+        let snap = self.snapshot();
+        let cal = self.calibration();
+        let probe = Probe::new("probe", probe, snap.schema())?;
+        if options.max_results == 0 {
+            return Err(EngineError::InvalidArgument("max_results must be at least 1".into()));
+        }
+        let gallery_rows: Option<Vec<usize>> = match options.gallery {
+            Some(ids) => Some(
+                ids.iter()
+                    .map(|id| snap.row_of(id).ok_or_else(|| EngineError::UnknownSubject(id.clone())))
+                    .collect::<Result<_, _>>()?,
+            ),
+            None => None,
+        };
+        let n = gallery_rows.as_ref().map_or(snap.live(), Vec::len);
+        let threshold = threshold_for_fpir(options.target_fpir, n)?;
+        let floor = options.min_score.unwrap_or(threshold);
+        let rows: Vec<usize> = match gallery_rows {
+            Some(r) => r,
+            None => self.identify_candidates(&snap, &cal, &probe, floor)?,
+        };
+        let compared = rows.len();
+        let mut cands: Vec<(usize, Comparison)> = rows
+            .par_iter()
+            .filter(|&&r| !snap.is_deleted(r))
+            .map(|&r| (r, compare_probe(&snap, &cal, &probe, r)))
+            .filter(|(_, c)| c.fused.score >= floor)
+            .collect();
+        cands.sort_by(|a, b| {
+            b.1.fused.score.total_cmp(&a.1.fused.score).then_with(|| snap.subject_id(a.0).cmp(snap.subject_id(b.0)))
+        });
+        cands.dedup_by_key(|c| c.0);
+        cands.truncate(options.max_results);
+        let candidates = cands
+            .into_iter()
+            .map(|(r, comparison)| Candidate { subject_id: snap.subject_id(r).to_string(), comparison })
+            .collect();
+        Ok(IdentifyResult { threshold, candidates, compared })
+    }
+
+    /// Rows worth comparing exactly with `probe`: per modality, rows whose cosine can matter for `floor`.
+    fn identify_candidates(
+        &self,
+        snap: &Snapshot,
+        cal: &Calibration,
+        probe: &Probe,
+        floor: f64,
+    ) -> Result<Vec<usize>, EngineError> {
+        let cand_cos = cal.candidate_cosines(floor);
+        let ann = self.ann().filter(|a| a.covers(snap));
+        let mut rows = Vec::new();
+        for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+            let (Some(q), Some(view), Some(c)) =
+                (&probe.templates[mi], snap.f32_rows(spec.modality), cand_cos.get(mi).copied().flatten())
+            else {
+                continue;
+            };
+            let from = match &ann {
+                Some(a) if snap.live() > candidates::AUTO_EXACT_MAX_ROWS => {
+                    rows.extend(a.search(snap, mi, q, c, crate::annset::IDENTIFY_NPROBE).into_iter().map(|(r, _)| r as usize));
+                    a.rows()
+                }
+                _ => 0,
+            };
+            // Exact scan of every row the index does not cover (all rows without an index): the second tier.
+            let fresh: Vec<usize> = (from..snap.rows())
+                .into_par_iter()
+                .filter(|&r| snap.is_present(spec.modality, r) && pacha_index::kernels::dot_f32(q, view.row(r)) >= c)
+                .collect();
+            rows.extend(fresh);
+        }
+        rows.sort_unstable();
+        rows.dedup();
+        Ok(rows)
+    }
+
+    /// 1:1 verification of two enrolled subjects. `threshold` is a calibrated score (default 50: FMR 1e-5).
+    pub fn verify(&self, a: &str, b: &str, threshold: Option<f64>) -> Result<VerifyResult, EngineError> {
+        let snap = self.snapshot();
+        let cal = self.calibration();
+        let ra = snap.row_of(a).ok_or_else(|| EngineError::UnknownSubject(a.to_string()))?;
+        let rb = snap.row_of(b).ok_or_else(|| EngineError::UnknownSubject(b.to_string()))?;
+        let comparison = compare_rows(&snap, &cal, ra, rb);
+        let threshold = threshold.unwrap_or(50.0);
+        Ok(VerifyResult { is_match: comparison.fused.score >= threshold, comparison, threshold })
+    }
+
+    /// 1:1 verification of a probe against an enrolled subject.
+    pub fn verify_probe(&self, probe: &[Template], subject: &str, threshold: Option<f64>) -> Result<VerifyResult, EngineError> {
+        let snap = self.snapshot();
+        let cal = self.calibration();
+        let probe = Probe::new("probe", probe, snap.schema())?;
+        let r = snap.row_of(subject).ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+        let comparison = compare_probe(&snap, &cal, &probe, r);
+        let threshold = threshold.unwrap_or(50.0);
+        Ok(VerifyResult { is_match: comparison.fused.score >= threshold, comparison, threshold })
+    }
+
+    /// Batch deduplication over the current snapshot (see [`crate::dedup`]).
+    pub fn dedup(
+        &self,
+        options: &DedupOptions,
+        progress: Option<&(dyn Fn(DedupProgress) + Sync)>,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<DedupResult, EngineError> {
+        let snap = self.snapshot();
+        let cal = self.calibration();
+        let ann = self.ann();
+        let ctx = DedupContext { snapshot: &snap, calibration: &cal, ann: ann.as_deref(), progress, cancel };
+        dedup::run(&ctx, options)
+    }
+
+    /// Enrols a batch and deduplicates it against the registry and against itself (MOSIP-style batch
+    /// insert + identify). The batch is durable before matching starts.
+    pub fn dedup_batch(
+        &self,
+        batch: &RecordBatch,
+        options: &DedupOptions,
+        progress: Option<&(dyn Fn(DedupProgress) + Sync)>,
+    ) -> Result<(InsertReport, DedupResult), EngineError> {
+        let before = self.snapshot().rows();
+        let report = self.store.insert_batch(batch)?;
+        let opts = DedupOptions { scope: dedup::DedupScope::RowsFrom(before), ..options.clone() };
+        let result = self.dedup(&opts, progress, None)?;
+        Ok((report, result))
+    }
+
+    /// Fits the score models from the store (impostor tails from random pairs; genuine models from labelled
+    /// pairs when given), saves them, and returns the samples used.
+    pub fn calibrate(&self, options: &CalibrateOptions<'_>) -> Result<CalibrationSamples, EngineError> {
+        let snap = self.snapshot();
+        let (cal, samples) = fit_calibration(&snap, &self.calibration(), options)?;
+        let dir = self.store.dir().join(ENGINE_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
+        let json = serde_json::to_vec_pretty(&cal)
+            .map_err(|e| EngineError::InvalidArgument(format!("cannot serialise calibration: {e}")))?;
+        fsutil::write_atomic(&dir.join(CALIBRATION_FILE), &json)?;
+        if let Ok(mut c) = self.calibration.write() {
+            *c = Arc::new(cal);
+        }
+        Ok(samples)
+    }
+
+    /// Schema, counts, index state and SIMD level.
+    pub fn info(&self) -> EngineInfo {
+        let snap = self.snapshot();
+        EngineInfo {
+            dir: self.store.dir().to_path_buf(),
+            schema: snap.schema().clone(),
+            rows: snap.rows(),
+            live: snap.live(),
+            generation: snap.generation(),
+            indexed_rows: self.ann().filter(|a| a.covers(&snap)).map(|a| a.rows()),
+            calibration: self.calibration().source.clone(),
+            simd: pacha_index::kernels::simd_level().to_string(),
+        }
+    }
+}
+
+fn modalities(schema: &Schema) -> Vec<Modality> {
+    schema.modalities.iter().map(|s| s.modality).collect()
+}
+
+fn modalities_of(cal: &Calibration) -> Vec<Modality> {
+    cal.models.iter().map(|(m, _)| *m).collect()
+}
+
+/// splitmix64: a tiny deterministic hash for sampling.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Fits a calibration from a snapshot; see [`Engine::calibrate`].
+pub fn fit_calibration(
+    snap: &Snapshot,
+    current: &Calibration,
+    options: &CalibrateOptions<'_>,
+) -> Result<(Calibration, CalibrationSamples), EngineError> {
+    let live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
+    if live.len() < 2 {
+        return Err(EngineError::Calibration(format!("need at least 2 live enrolments, have {}", live.len())));
+    }
+    let genuine_rows: Vec<(usize, usize)> = match options.genuine {
+        Some(pairs) => pairs
+            .iter()
+            .filter_map(|(a, b)| Some((snap.row_of(a)?, snap.row_of(b)?)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let genuine_set: std::collections::HashSet<(usize, usize)> =
+        genuine_rows.iter().map(|&(a, b)| (a.min(b), a.max(b))).collect();
+    let mut models = Vec::new();
+    let mut samples = CalibrationSamples::default();
+    let mut notes = Vec::new();
+    for spec in &snap.schema().modalities {
+        let m = spec.modality;
+        let n = options.impostor_pairs;
+        let mut imp: Vec<f64> = (0..n as u64)
+            .into_par_iter()
+            .filter_map(|i| {
+                let h = mix(options.seed ^ mix(i ^ (u64::from(m_key(m)) << 40)));
+                let a = live[(h % live.len() as u64) as usize];
+                let b = live[((h >> 32) % live.len() as u64) as usize];
+                if a == b || genuine_set.contains(&(a.min(b), a.max(b))) {
+                    return None;
+                }
+                let (x, y) = (snap.template(m, a)?, snap.template(m, b)?);
+                Some(f64::from(pacha_index::kernels::dot_f32(x, y)))
+            })
+            .collect();
+        let default = current.model(m).copied().unwrap_or_else(|| ModalityModel::default_for(m));
+        let impostor = if imp.len() >= 10_000 {
+            Gaussian::fit_upper_tail(&mut imp, 0.99, 0.9999)?
+        } else {
+            notes.push(format!("{m}: only {} impostor pairs, kept the default impostor model", imp.len()));
+            default.impostor
+        };
+        let gen_scores: Vec<f64> = genuine_rows
+            .iter()
+            .filter_map(|&(a, b)| {
+                let (x, y) = (snap.template(m, a)?, snap.template(m, b)?);
+                Some(f64::from(pacha_index::kernels::dot_f32(x, y)))
+            })
+            .collect();
+        let genuine = if gen_scores.len() >= 30 {
+            Gaussian::fit_moments(&gen_scores)?
+        } else {
+            if options.genuine.is_some() {
+                notes.push(format!("{m}: only {} genuine pairs, kept the default genuine model", gen_scores.len()));
+            }
+            default.genuine
+        };
+        notes.push(format!(
+            "{m}: impostor N({:.4}, {:.4}) from {} pairs, genuine N({:.4}, {:.4}) from {} pairs",
+            impostor.mean,
+            impostor.sd,
+            imp.len(),
+            genuine.mean,
+            genuine.sd,
+            gen_scores.len()
+        ));
+        models.push((m, ModalityModel { genuine, impostor }));
+        samples.impostor.push((m.key(), imp));
+        samples.genuine.push((m.key(), gen_scores));
+    }
+    Ok((Calibration::from_models(models, format!("fitted: {}", notes.join("; "))), samples))
+}
+
+fn m_key(m: Modality) -> u8 {
+    match m {
+        Modality::Face => 0,
+        Modality::Finger(p) => p,
+    }
+}

@@ -1,0 +1,131 @@
+//! Exact comparison of two enrolments: per-modality f32 cosines over the modalities both have, fused into one
+//! calibrated score (see [`crate::fusion`]).
+
+use crate::fusion::{Calibration, FusedScore};
+use crate::store::{Schema, Snapshot, Template};
+use crate::EngineError;
+use pacha_datasets::Modality;
+use pacha_index::kernels::dot_f32;
+use serde::{Deserialize, Serialize};
+
+/// One modality's exact cosine in a comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModalityScore {
+    /// The modality compared.
+    pub modality: Modality,
+    /// Exact f32 cosine of the two (L2-normalised) templates.
+    pub cosine: f32,
+    /// Its log-likelihood ratio under the calibration, in nats.
+    pub llr: f64,
+}
+
+/// The full evidence of one comparison: per-modality scores (adjudicators see which fingers matched) and the
+/// fused score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Scores of every modality both sides have, in schema order.
+    pub modalities: Vec<ModalityScore>,
+    /// The fused score.
+    pub fused: FusedScore,
+}
+
+/// A probe's templates validated against a schema and L2-normalised: `templates[i]` belongs to the schema's
+/// i-th modality.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// A name for error messages (the probe's subject ID, or "probe").
+    pub name: String,
+    /// Normalised templates by schema position.
+    pub templates: Vec<Option<Vec<f32>>>,
+}
+
+impl Probe {
+    /// Validates `templates` against `schema` (known modality, dimension, finite, non-zero, no modality twice)
+    /// and normalises them. An empty probe is an error.
+    pub fn new(name: &str, templates: &[Template], schema: &Schema) -> Result<Probe, EngineError> {
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; schema.modalities.len()];
+        for t in templates {
+            let pos = schema.modalities.iter().position(|s| s.modality == t.modality).ok_or_else(|| {
+                EngineError::InvalidProbe {
+                    probe: name.to_string(),
+                    problem: format!("modality {} is not in the store's schema", t.modality),
+                }
+            })?;
+            let dim = schema.modalities[pos].dim;
+            let bad = |problem: String| EngineError::InvalidProbe {
+                probe: name.to_string(),
+                problem: format!("{}: {problem}", t.modality),
+            };
+            if t.vector.len() != dim {
+                return Err(bad(format!("dimension {} but the schema says {dim}", t.vector.len())));
+            }
+            if out[pos].is_some() {
+                return Err(bad("given twice".into()));
+            }
+            if let Some(i) = t.vector.iter().position(|x| !x.is_finite()) {
+                return Err(bad(format!("value {} at position {i} is not finite", t.vector[i])));
+            }
+            let norm = t.vector.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+            if norm == 0.0 || !norm.is_finite() {
+                return Err(bad("zero vector".into()));
+            }
+            out[pos] = Some(t.vector.iter().map(|x| (f64::from(*x) / norm) as f32).collect());
+        }
+        if out.iter().all(Option::is_none) {
+            return Err(EngineError::InvalidProbe { probe: name.to_string(), problem: "no templates".into() });
+        }
+        Ok(Probe { name: name.to_string(), templates: out })
+    }
+
+    /// A probe made of a stored enrolment's templates.
+    pub fn from_row(snap: &Snapshot, row: usize) -> Probe {
+        let templates = snap
+            .schema()
+            .modalities
+            .iter()
+            .map(|s| snap.template(s.modality, row).map(<[f32]>::to_vec))
+            .collect();
+        Probe { name: snap.subject_id(row).to_string(), templates }
+    }
+}
+
+/// Compares a probe with stored row `row`: exact cosines over shared modalities, fused.
+pub fn compare_probe(snap: &Snapshot, cal: &Calibration, probe: &Probe, row: usize) -> Comparison {
+    let schema = snap.schema();
+    let mut modalities = Vec::with_capacity(schema.modalities.len());
+    let mut idx = Vec::with_capacity(schema.modalities.len());
+    for (i, spec) in schema.modalities.iter().enumerate() {
+        if let (Some(p), Some(g)) = (&probe.templates[i], snap.template(spec.modality, row)) {
+            push_score(cal, spec.modality, dot_f32(p, g), &mut modalities, &mut idx);
+        }
+    }
+    Comparison { fused: cal.fuse(&idx), modalities }
+}
+
+/// Compares two stored rows: exact cosines over shared modalities, fused.
+pub fn compare_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> Comparison {
+    let schema = snap.schema();
+    let mut modalities = Vec::with_capacity(schema.modalities.len());
+    let mut idx = Vec::with_capacity(schema.modalities.len());
+    for spec in &schema.modalities {
+        if let (Some(x), Some(y)) = (snap.template(spec.modality, a), snap.template(spec.modality, b)) {
+            push_score(cal, spec.modality, dot_f32(x, y), &mut modalities, &mut idx);
+        }
+    }
+    Comparison { fused: cal.fuse(&idx), modalities }
+}
+
+fn push_score(
+    cal: &Calibration,
+    m: Modality,
+    cosine: f32,
+    modalities: &mut Vec<ModalityScore>,
+    idx: &mut Vec<(usize, f32)>,
+) {
+    let (pos, llr) = match cal.position(m) {
+        Some(pos) => (pos, cal.models[pos].1.llr(f64::from(cosine))),
+        None => return,
+    };
+    idx.push((pos, cosine));
+    modalities.push(ModalityScore { modality: m, cosine, llr });
+}

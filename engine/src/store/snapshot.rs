@@ -1,0 +1,203 @@
+//! Immutable committed views of the store.
+
+use super::format::{ABSENT_QUALITY, HEADER_LEN};
+use super::subjects::{IdIndex, id_hash};
+use super::{ModalitySpec, Schema};
+use crate::Modality;
+use memmap2::Mmap;
+use pacha_index::{RowsF32, RowsI8};
+use std::sync::Arc;
+
+/// The memory maps of one modality's files, each covering exactly the committed length.
+#[derive(Debug, Clone)]
+pub(crate) struct ModView {
+    pub spec: ModalitySpec,
+    pub stride_f32: usize,
+    pub stride_i8: usize,
+    pub f32: Arc<Mmap>,
+    pub i8: Arc<Mmap>,
+    pub scale: Arc<Mmap>,
+    pub qual: Arc<Mmap>,
+}
+
+/// Slot of a modality in [`Snapshot::slots`]: face is 0, finger p is p.
+fn slot_of(m: Modality) -> Option<usize> {
+    match m {
+        Modality::Face => Some(0),
+        Modality::Finger(p) if (1..=10).contains(&p) => Some(usize::from(p)),
+        Modality::Finger(_) => None,
+    }
+}
+
+/// The data region (after the header) of a map.
+fn data(m: &Mmap) -> &[u8] {
+    m.get(HEADER_LEN..).unwrap_or(&[])
+}
+
+fn f32s(m: &Mmap) -> &[f32] {
+    bytemuck::try_cast_slice(data(m)).unwrap_or(&[])
+}
+
+/// An immutable, consistent committed view of the store. Cheap to take ([`super::Store::snapshot`]) and
+/// safe to hold across commits and compactions: its memory maps keep the files it sees alive.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub(crate) generation: u64,
+    pub(crate) commit_seq: u64,
+    pub(crate) rows: usize,
+    pub(crate) live: usize,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) mods: Vec<ModView>,
+    /// Index into `mods` by modality slot (face 0, finger p at p).
+    pub(crate) slots: [Option<usize>; 11],
+    pub(crate) ids: Arc<Mmap>,
+    pub(crate) offs: Arc<Mmap>,
+    /// Tombstone bitset; may be longer than `rows` needs (capacity shared with later snapshots).
+    pub(crate) deleted: Arc<Vec<u64>>,
+    pub(crate) index: Arc<IdIndex>,
+}
+
+impl Snapshot {
+    /// Builds the slot table for `mods`.
+    pub(crate) fn slots_for(mods: &[ModView]) -> [Option<usize>; 11] {
+        let mut s = [None; 11];
+        for (i, mv) in mods.iter().enumerate() {
+            if let Some(k) = slot_of(mv.spec.modality) {
+                s[k] = Some(i);
+            }
+        }
+        s
+    }
+
+    fn view(&self, m: Modality) -> Option<&ModView> {
+        let i = self.slots[slot_of(m)?]?;
+        self.mods.get(i)
+    }
+
+    /// Bumps on every compaction (row numbers change only then).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Bumps on every commit (insert, delete, compaction).
+    pub fn commit_seq(&self) -> u64 {
+        self.commit_seq
+    }
+
+    /// Committed rows, tombstoned ones included.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Committed rows that are not tombstoned.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// The store's schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Zero-copy view of the L2-normalised f32 rows of `m` (zero rows where absent); `None` if `m` is not in
+    /// the schema.
+    pub fn f32_rows(&self, m: Modality) -> Option<RowsF32<'_>> {
+        let v = self.view(m)?;
+        RowsF32::new(f32s(&v.f32), self.rows, v.spec.dim, v.stride_f32).ok()
+    }
+
+    /// Zero-copy view of the i8-quantised twin of [`Snapshot::f32_rows`], same row numbers.
+    pub fn i8_rows(&self, m: Modality) -> Option<RowsI8<'_>> {
+        let v = self.view(m)?;
+        let q: &[i8] = bytemuck::cast_slice(data(&v.i8));
+        RowsI8::new(q, f32s(&v.scale), self.rows, v.spec.dim, v.stride_i8).ok()
+    }
+
+    fn raw_quality(&self, m: Modality, row: usize) -> Option<f32> {
+        if row >= self.rows {
+            return None;
+        }
+        f32s(&self.view(m)?.qual).get(row).copied()
+    }
+
+    /// Whether `row` has a template for `m` (false for rows out of range or modalities not in the schema).
+    pub fn is_present(&self, m: Modality, row: usize) -> bool {
+        self.raw_quality(m, row)
+            .is_some_and(|q| q != ABSENT_QUALITY)
+    }
+
+    /// Capture quality of `row`'s `m` template in [0, 1]; 0 where absent.
+    pub fn quality(&self, m: Modality, row: usize) -> f32 {
+        match self.raw_quality(m, row) {
+            Some(q) if q != ABSENT_QUALITY => q,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether `row` is tombstoned (false for rows out of range).
+    pub fn is_deleted(&self, row: usize) -> bool {
+        row < self.rows
+            && self
+                .deleted
+                .get(row / 64)
+                .is_some_and(|w| (w >> (row % 64)) & 1 == 1)
+    }
+
+    /// Tombstone bitset covering `rows()` rows: bit `r` of word `r / 64` set means row `r` is deleted.
+    pub fn deleted_words(&self) -> &[u64] {
+        let n = self.rows.div_ceil(64).min(self.deleted.len());
+        &self.deleted[..n]
+    }
+
+    /// Subject ID of `row` (deleted rows keep their ID); empty for rows out of range.
+    pub fn subject_id(&self, row: usize) -> &str {
+        if row >= self.rows {
+            return "";
+        }
+        let offs: &[u64] = bytemuck::try_cast_slice(data(&self.offs)).unwrap_or(&[]);
+        let end = offs.get(row).copied().unwrap_or(0) as usize;
+        let start = if row == 0 {
+            0
+        } else {
+            offs.get(row - 1).copied().unwrap_or(0) as usize
+        };
+        data(&self.ids)
+            .get(start..end)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    /// The live row of `subject_id`, if it is enrolled and not deleted in this snapshot.
+    pub fn row_of(&self, subject_id: &str) -> Option<usize> {
+        self.index
+            .find(id_hash(subject_id), |r| {
+                let r = r as usize;
+                r < self.rows && !self.is_deleted(r) && self.subject_id(r) == subject_id
+            })
+            .map(|r| r as usize)
+    }
+
+    /// The L2-normalised `m` template of `row`; `None` if absent, out of range or not in the schema.
+    pub fn template(&self, m: Modality, row: usize) -> Option<&[f32]> {
+        if row >= self.rows {
+            return None;
+        }
+        let v = self.view(m)?;
+        if f32s(&v.qual).get(row).is_none_or(|&q| q == ABSENT_QUALITY) {
+            return None;
+        }
+        let start = row * v.stride_f32;
+        f32s(&v.f32).get(start..start + v.spec.dim)
+    }
+
+    /// The i8 codes and scale of `row`'s `m` template; `None` if absent.
+    pub fn template_i8(&self, m: Modality, row: usize) -> Option<(&[i8], f32)> {
+        if !self.is_present(m, row) {
+            return None;
+        }
+        let v = self.view(m)?;
+        let q: &[i8] = bytemuck::cast_slice(data(&v.i8));
+        let start = row * v.stride_i8;
+        Some((q.get(start..start + v.spec.dim)?, *f32s(&v.scale).get(row)?))
+    }
+}

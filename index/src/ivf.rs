@@ -1,0 +1,804 @@
+//! IVF threshold join: a sub-quadratic candidate generator for deduplication, with exact f32 scores.
+//!
+//! (Design notes and measurements: see the end of this comment.)
+//!
+//! # Structure
+//! - **Centroids**: spherical k-means (Lloyd iterations on a seeded sample, centroids re-normalised).
+//! - **Per row**: its `probes` best lists by centroid similarity (ranked), of which the first `home`
+//!   (1 ≤ home ≤ `assign`, the margin rule: rank r < `assign` is a home list if its similarity is within
+//!   `margin` of the best) are lists the row is a *member* of. Absent rows have no lists at all.
+//! - **Per list**: its members (rows with the list among their homes) and its visitors (rows with the
+//!   list among their probes), both sorted by row id. Derived from the per-row table; not saved.
+//!
+//! # Join
+//! For every list `j`, a blocked GEMM (faer, `Par::Seq`, rayon across lists) of its visitors × its members.
+//! A pair `{x, y}` is a candidate iff some list is a probe of one and a home of the other. A pair seen
+//! several times is reported only by its canonical discovery, the lexicographically smallest
+//! (list, visitor row) among all discoveries, which each worker decides locally from the per-row table:
+//! no global dedup is needed. Candidates whose GEMM score is ≥ `t − 1e-3` are rescored with
+//! [`crate::kernels::dot_f32`] and kept iff that exact score is ≥ `t`; reported scores are therefore
+//! bit-identical to `dot_f32`. Output is sorted by (a, b), a < b.
+//!
+//! `self_join_rows(probes, t)` returns only pairs whose larger row is in `probes`: per list, visitors
+//! in the range × members below its end, plus visitors below its start × members in the range. Tiles
+//! of a partition of `0..rows` together do exactly the work of one full join, so a dedup can be run
+//! (and resumed) range by range with memory bounded by one range's pairs.
+//!
+//! # Determinism
+//! Sampling uses a seeded SplitMix64; k-means sums run in sample order; every GEMM tile has a fixed
+//! shape; top-p selection breaks ties by list id. Results do not depend on the thread count.
+//!
+//! # Why this design, and what it costs (measured)
+//! Per-row asymmetric probing (visitor × member GEMM blocks) keeps every score a GEMM product and needs
+//! no global dedup. Recall vs the exact join, release build, 2 shared (loaded) cores, d = 512, auto lists
+//! (2·√N = 283 at 20 k), `PACHA_IVF_N=20000 PACHA_IVF_PROBES=p cargo test --release -p pacha-index
+//! --test ivf_recall -- --ignored --nocapture scale` (products/N² = share of ordered pairs scored):
+//!
+//! | probes | products/N² | structured t=.35 | iso mates@.7 | iso mates@.5 t=.35 / .45 | join s (exact s) |
+//! |---|---|---|---|---|---|
+//! | 16 | 0.06–0.08 | 0.983 | 1.000 | 0.885 / 0.889 | 0.5–0.7 (3.0–3.4) |
+//! | 48 | 0.17–0.21 | 0.99999 | 1.000 | 0.995 / 1.000 | 1.3–3.9 (4.1–6.7) |
+//! | 96 | 0.34–0.37 | 1.000 | 1.000 | 1.000 / 1.000 | 3.9–7.1 (4.4–6.7) |
+//!
+//! At 100 k, isotropic mates@0.5, 16 probes of 632 lists: recall 0.67 (t=.35) / 0.69 (t=.45), join 5–11 s,
+//! exact 130–140 s (machine shared). **Limitation**: on isotropic 512-d data, pairs near cos 0.45 are
+//! barely separable from cos 0 by any partition (a Gaussian model of centroid scores predicts the same);
+//! recall 0.999 there costs a large share of all pairs, and small lists make the GEMMs less efficient
+//! than the exact join's, so IVF does not beat the exact join for that preset. Structured data and
+//! mates at cos ≥ 0.6 are where this index pays off. Defaults: 48 probes.
+
+use std::io::Write;
+use std::ops::Range;
+use std::path::Path;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::IndexError;
+use crate::kernels::dot_f32;
+use crate::view::RowsF32;
+
+/// GEMM tile: rows of the visitor side.
+const VIS_TILE: usize = 512;
+/// GEMM tile: rows of the member side.
+const MEM_TILE: usize = 1024;
+/// Rows assigned per GEMM block when assigning rows to centroids.
+const ASSIGN_TILE: usize = 256;
+/// GEMM scores at least `t - SLACK` are rescored with `dot_f32` (GEMM and kernel differ by rounding only).
+const SLACK: f32 = 1e-3;
+/// File magic of a saved index.
+const MAGIC: &[u8; 8] = b"PACHAIVF";
+/// File format version.
+const VERSION: u32 = 1;
+/// Marker of "no list" in the per-row probe table (absent rows).
+const NONE: u32 = u32::MAX;
+
+/// Build parameters of an [`Ivf`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct IvfParams {
+    /// Number of lists; `None` = automatic from the number of present rows (see [`auto_lists`]).
+    pub lists: Option<usize>,
+    /// Maximum number of lists a row is a member of (≥ 1).
+    pub assign: usize,
+    /// A list of rank < `assign` is a home list if its centroid similarity is within `margin` of the best.
+    pub margin: f32,
+    /// Number of lists every row probes in the self-join (≥ `assign`).
+    pub probes: usize,
+    /// Rows sampled to train the centroids.
+    pub train_sample: usize,
+    /// Lloyd iterations.
+    pub iterations: usize,
+    /// Seed of the sampling.
+    pub seed: u64,
+}
+
+impl Default for IvfParams {
+    fn default() -> Self {
+        Self {
+            lists: None,
+            assign: 1,
+            margin: 0.0,
+            probes: 48,
+            train_sample: 32_768,
+            iterations: 6,
+            seed: 0x5eed_51f0,
+        }
+    }
+}
+
+/// Automatic list count for `n` present rows: `2·√n`, at least 1 and at most `n`.
+pub fn auto_lists(n: usize) -> usize {
+    (((n as f64).sqrt() * 2.0).round() as usize).clamp(1, n.max(1))
+}
+
+/// An inverted-file partition of a base for threshold joins. Holds centroids and row ids, never vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ivf {
+    dim: usize,
+    rows: usize,
+    lists: usize,
+    probes: usize,
+    /// `lists × dim`, unit-norm rows.
+    centroids: Vec<f32>,
+    /// Per row: number of home lists (0 = absent row).
+    home: Vec<u8>,
+    /// Per row: `probes` list ids, best first (all `NONE` for absent rows).
+    probe: Vec<u32>,
+    /// CSR offsets into `members` (len `lists + 1`).
+    mem_off: Vec<usize>,
+    /// Members of every list, ascending row ids.
+    members: Vec<u32>,
+    /// CSR offsets into `visitors` (len `lists + 1`).
+    vis_off: Vec<usize>,
+    /// Visitors of every list, ascending row ids.
+    visitors: Vec<u32>,
+}
+
+/// SplitMix64: small, seeded, deterministic.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn gather(base: RowsF32<'_>, ids: &[u32], buf: &mut Vec<f32>) {
+    let d = base.dim();
+    buf.clear();
+    buf.reserve(ids.len() * d);
+    for &i in ids {
+        buf.extend_from_slice(base.row(i as usize));
+    }
+}
+
+/// `out[i*n + k] = a_i · b_k` for dense row-major `a` (m × d) and `b` (n × d).
+fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
+    if out.len() < m * n {
+        out.resize(m * n, 0.0);
+    }
+    let am = MatRef::from_row_major_slice(&a[..m * d], m, d);
+    let bm = MatRef::from_row_major_slice(&b[..n * d], n, d);
+    let c = MatMut::from_row_major_slice_mut(&mut out[..m * n], m, n);
+    matmul(c, Accum::Replace, am, bm.transpose(), 1.0f32, Par::Seq);
+}
+
+fn normalise(v: &mut [f32]) -> bool {
+    let n: f64 = v
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    if n > 0.0 && n.is_finite() {
+        for x in v.iter_mut() {
+            *x = (f64::from(*x) / n) as f32;
+        }
+        true
+    } else {
+        false
+    }
+}
+
+/// Keeps the `k` best (score desc, id asc) of `scores` in `top` (sorted best first).
+fn top_p(scores: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
+    top.clear();
+    for (j, &s) in scores.iter().enumerate() {
+        if top.len() == k {
+            match top.last() {
+                Some(&(ws, _)) if s > ws => {}
+                _ => continue,
+            }
+            top.pop();
+        }
+        // Insert keeping (score desc, id asc); equal scores keep the earlier (smaller) id first.
+        let pos = top.partition_point(|&(ts, _)| ts >= s);
+        top.insert(pos, (s, j as u32));
+    }
+}
+
+/// Per sample row: index of the best centroid and its score.
+fn assign_best(sample: &[f32], s: usize, cents: &[f32], c: usize, d: usize) -> Vec<(u32, f32)> {
+    let blocks: Vec<Vec<(u32, f32)>> = (0..s.div_ceil(ASSIGN_TILE))
+        .into_par_iter()
+        .map_init(Vec::new, |buf, b| {
+            let r0 = b * ASSIGN_TILE;
+            let r1 = (r0 + ASSIGN_TILE).min(s);
+            let m = r1 - r0;
+            gemm(&sample[r0 * d..r1 * d], m, cents, c, d, buf);
+            (0..m)
+                .map(|i| {
+                    let row = &buf[i * c..(i + 1) * c];
+                    let mut best = (0u32, f32::NEG_INFINITY);
+                    for (j, &v) in row.iter().enumerate() {
+                        if v > best.1 {
+                            best = (j as u32, v);
+                        }
+                    }
+                    best
+                })
+                .collect()
+        })
+        .collect();
+    blocks.into_iter().flatten().collect()
+}
+
+fn check_base(base: &RowsF32<'_>) -> Result<(), IndexError> {
+    if base.rows() > u32::MAX as usize {
+        return Err(IndexError::Shape(format!(
+            "{} rows exceed the u32 row-id range",
+            base.rows()
+        )));
+    }
+    Ok(())
+}
+
+impl Ivf {
+    /// Trains centroids on a sample of the present rows and assigns every present row to its lists.
+    pub fn build(
+        base: RowsF32<'_>,
+        present: &(dyn Fn(usize) -> bool + Sync),
+        params: &IvfParams,
+    ) -> Result<Ivf, IndexError> {
+        check_base(&base)?;
+        if params.assign == 0 || params.assign > 255 {
+            return Err(IndexError::Shape(format!(
+                "assign {} not in 1..=255",
+                params.assign
+            )));
+        }
+        if params.probes < params.assign {
+            return Err(IndexError::Shape(format!(
+                "probes {} < assign {}",
+                params.probes, params.assign
+            )));
+        }
+        if params.margin.is_nan() || params.margin < 0.0 {
+            return Err(IndexError::Shape(format!(
+                "margin {} is not ≥ 0",
+                params.margin
+            )));
+        }
+        let (n, d) = (base.rows(), base.dim());
+        let ids: Vec<u32> = (0..n).filter(|&i| present(i)).map(|i| i as u32).collect();
+        for &i in &ids {
+            let r = base.row(i as usize);
+            if r.iter().any(|x| !x.is_finite()) {
+                return Err(IndexError::InvalidVector {
+                    id: i as usize,
+                    problem: "NaN or infinity".into(),
+                });
+            }
+        }
+        let np = ids.len();
+        let c = params
+            .lists
+            .unwrap_or_else(|| auto_lists(np))
+            .clamp(1, np.max(1));
+        let probes = params.probes.min(c);
+        let assign = params.assign.min(probes);
+
+        // Seeded sample of the present rows (partial Fisher–Yates).
+        let mut rng = SplitMix(params.seed);
+        let mut pool = ids.clone();
+        let s = params.train_sample.max(c).min(np);
+        for i in 0..s {
+            let k = i + rng.below(np - i);
+            pool.swap(i, k);
+        }
+        let mut sample_ids = pool[..s].to_vec();
+        sample_ids.sort_unstable();
+        let mut sample = Vec::new();
+        gather(base, &sample_ids, &mut sample);
+
+        // Initial centroids: c distinct sample rows chosen by the seeded generator.
+        let mut order: Vec<usize> = (0..s).collect();
+        for i in 0..c.min(s) {
+            let k = i + rng.below(s - i);
+            order.swap(i, k);
+        }
+        let mut cents = vec![0.0f32; c * d];
+        for (j, &r) in order.iter().take(c).enumerate() {
+            cents[j * d..(j + 1) * d].copy_from_slice(&sample[r * d..(r + 1) * d]);
+            normalise(&mut cents[j * d..(j + 1) * d]);
+        }
+        if np > 0 {
+            for _ in 0..params.iterations {
+                let best = assign_best(&sample, s, &cents, c, d);
+                let mut sums = vec![0.0f64; c * d];
+                let mut counts = vec![0usize; c];
+                for (i, &(j, _)) in best.iter().enumerate() {
+                    let j = j as usize;
+                    counts[j] += 1;
+                    for (acc, &x) in sums[j * d..(j + 1) * d]
+                        .iter_mut()
+                        .zip(&sample[i * d..(i + 1) * d])
+                    {
+                        *acc += f64::from(x);
+                    }
+                }
+                // Empty lists are re-seeded with the sample rows worst served by their centroid.
+                let mut worst: Vec<usize> = (0..s).collect();
+                worst.sort_by(|&a, &b| best[a].1.total_cmp(&best[b].1).then(a.cmp(&b)));
+                let mut next_worst = worst.into_iter();
+                for j in 0..c {
+                    let cj = &mut cents[j * d..(j + 1) * d];
+                    let ok = counts[j] > 0 && {
+                        for (x, &acc) in cj.iter_mut().zip(&sums[j * d..(j + 1) * d]) {
+                            *x = acc as f32;
+                        }
+                        normalise(cj)
+                    };
+                    if !ok && let Some(r) = next_worst.next() {
+                        cj.copy_from_slice(&sample[r * d..(r + 1) * d]);
+                        normalise(cj);
+                    }
+                }
+            }
+        }
+        drop(sample);
+
+        // Assign every present row: its `probes` best lists, and how many of them are homes.
+        let mut home = vec![0u8; n];
+        let mut probe = vec![NONE; n * probes];
+        let chunks: Vec<&[u32]> = ids.chunks(ASSIGN_TILE).collect();
+        let results: Vec<Vec<(u8, Vec<u32>)>> = chunks
+            .par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(rows, buf, top), chunk| {
+                    gather(base, chunk, rows);
+                    gemm(rows, chunk.len(), &cents, c, d, buf);
+                    (0..chunk.len())
+                        .map(|i| {
+                            top_p(&buf[i * c..(i + 1) * c], probes, top);
+                            let best = top.first().map_or(0.0, |t| t.0);
+                            let h = top
+                                .iter()
+                                .take(assign)
+                                .enumerate()
+                                .take_while(|(r, t)| *r == 0 || t.0 >= best - params.margin)
+                                .count();
+                            (h as u8, top.iter().map(|t| t.1).collect())
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        for (&i, (h, p)) in ids.iter().zip(results.into_iter().flatten()) {
+            let i = i as usize;
+            home[i] = h;
+            probe[i * probes..i * probes + p.len()].copy_from_slice(&p);
+        }
+        let mut ivf = Ivf {
+            dim: d,
+            rows: n,
+            lists: c,
+            probes,
+            centroids: cents,
+            home,
+            probe,
+            mem_off: Vec::new(),
+            members: Vec::new(),
+            vis_off: Vec::new(),
+            visitors: Vec::new(),
+        };
+        ivf.derive_lists();
+        Ok(ivf)
+    }
+
+    /// Builds the per-list member and visitor CSR tables from the per-row table.
+    fn derive_lists(&mut self) {
+        let (c, p) = (self.lists, self.probes);
+        let mut mcount = vec![0usize; c + 1];
+        let mut vcount = vec![0usize; c + 1];
+        for i in 0..self.rows {
+            let h = self.home[i] as usize;
+            if h == 0 {
+                continue;
+            }
+            for (r, &j) in self.probe[i * p..(i + 1) * p].iter().enumerate() {
+                vcount[j as usize + 1] += 1;
+                if r < h {
+                    mcount[j as usize + 1] += 1;
+                }
+            }
+        }
+        for j in 0..c {
+            mcount[j + 1] += mcount[j];
+            vcount[j + 1] += vcount[j];
+        }
+        let mut members = vec![0u32; mcount[c]];
+        let mut visitors = vec![0u32; vcount[c]];
+        let (mut mpos, mut vpos) = (mcount.clone(), vcount.clone());
+        for i in 0..self.rows {
+            let h = self.home[i] as usize;
+            if h == 0 {
+                continue;
+            }
+            for (r, &j) in self.probe[i * p..(i + 1) * p].iter().enumerate() {
+                let j = j as usize;
+                visitors[vpos[j]] = i as u32;
+                vpos[j] += 1;
+                if r < h {
+                    members[mpos[j]] = i as u32;
+                    mpos[j] += 1;
+                }
+            }
+        }
+        self.mem_off = mcount;
+        self.members = members;
+        self.vis_off = vcount;
+        self.visitors = visitors;
+    }
+
+    /// Number of rows of the base the index was built on.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Number of lists.
+    pub fn lists(&self) -> usize {
+        self.lists
+    }
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    /// Members of list `j` (ascending row ids); empty if `j` is out of range.
+    pub fn members(&self, j: usize) -> &[u32] {
+        if j >= self.lists {
+            return &[];
+        }
+        &self.members[self.mem_off[j]..self.mem_off[j + 1]]
+    }
+    /// Visitors of list `j` (rows probing it, ascending); empty if `j` is out of range.
+    fn visitors(&self, j: usize) -> &[u32] {
+        &self.visitors[self.vis_off[j]..self.vis_off[j + 1]]
+    }
+    /// Candidate pairs the self-join scores (ordered visitor × member products, before dedup).
+    pub fn candidate_products(&self) -> u64 {
+        (0..self.lists)
+            .map(|j| self.members(j).len() as u64 * self.visitors(j).len() as u64)
+            .sum()
+    }
+
+    fn row_lists(&self, i: u32) -> (&[u32], usize) {
+        let i = i as usize;
+        (
+            &self.probe[i * self.probes..(i + 1) * self.probes],
+            self.home[i] as usize,
+        )
+    }
+
+    /// True iff (list `j`, visitor `x`) is the smallest discovery of the pair `{x, y}` (y a member of j).
+    fn canonical(&self, j: u32, x: u32, y: u32) -> bool {
+        let (px, hx) = self.row_lists(x);
+        let (py, hy) = self.row_lists(y);
+        let me = (j, x);
+        // Discoveries with x visiting a home of y.
+        for &l in &py[..hy] {
+            if (l, x) < me && px.contains(&l) {
+                return false;
+            }
+        }
+        // Discoveries with y visiting a home of x.
+        for &l in &px[..hx] {
+            if (l, y) < me && py.contains(&l) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn check(&self, base: &RowsF32<'_>, t: f32) -> Result<(), IndexError> {
+        if base.dim() != self.dim {
+            return Err(IndexError::Dim {
+                expected: self.dim,
+                got: base.dim(),
+            });
+        }
+        if base.rows() != self.rows {
+            return Err(IndexError::Shape(format!(
+                "base has {} rows, the index was built on {}",
+                base.rows(),
+                self.rows
+            )));
+        }
+        if t.is_nan() {
+            return Err(IndexError::Shape("threshold is NaN".into()));
+        }
+        Ok(())
+    }
+
+    /// All pairs `a < b` with exact score (`dot_f32`) ≥ `t` among the candidates. Emitted range by range
+    /// of the larger row `b` (ranges of 2¹⁸ rows), sorted by (a, b) within a range: globally (a, b) order
+    /// for bases up to 262,144 rows.
+    pub fn self_join(
+        &self,
+        base: RowsF32<'_>,
+        t: f32,
+        sink: &mut dyn FnMut(u32, u32, f32),
+    ) -> Result<(), IndexError> {
+        self.check(&base, t)?;
+        // Bound memory by joining in row ranges; one range does the same work as part of the full join.
+        const RANGE: usize = 1 << 18;
+        let mut lo = 0;
+        while lo < self.rows {
+            let hi = (lo + RANGE).min(self.rows);
+            for (a, b, s) in self.self_join_rows(base, lo..hi, t)? {
+                sink(a, b, s);
+            }
+            lo = hi;
+        }
+        Ok(())
+    }
+
+    /// Pairs `a < b` (exact score ≥ `t`) whose larger row `b` is in `probes`, sorted by (a, b).
+    pub fn self_join_rows(
+        &self,
+        base: RowsF32<'_>,
+        probes: Range<usize>,
+        t: f32,
+    ) -> Result<Vec<(u32, u32, f32)>, IndexError> {
+        self.check(&base, t)?;
+        let (lo, hi) = (probes.start.min(self.rows), probes.end.min(self.rows));
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        let (lo32, hi32) = (lo as u32, hi as u32);
+        // Work units: (list, visitor slice, member slice), tiled.
+        let mut units: Vec<(u32, &[u32], &[u32])> = Vec::new();
+        for j in 0..self.lists {
+            let vis = self.visitors(j);
+            let mem = self.members(j);
+            let (v_lo, v_hi) = (
+                vis.partition_point(|&x| x < lo32),
+                vis.partition_point(|&x| x < hi32),
+            );
+            let (m_lo, m_hi) = (
+                mem.partition_point(|&x| x < lo32),
+                mem.partition_point(|&x| x < hi32),
+            );
+            // Visitors in range × members below hi; visitors below lo × members in range.
+            for (v, m) in [
+                (&vis[v_lo..v_hi], &mem[..m_hi]),
+                (&vis[..v_lo], &mem[m_lo..m_hi]),
+            ] {
+                if v.is_empty() || m.is_empty() {
+                    continue;
+                }
+                for vc in v.chunks(VIS_TILE) {
+                    for mc in m.chunks(MEM_TILE) {
+                        units.push((j as u32, vc, mc));
+                    }
+                }
+            }
+        }
+        let d = self.dim;
+        let mut pairs: Vec<(u32, u32, f32)> = units
+            .par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(va, ma, buf), &(j, vc, mc)| {
+                    gather(base, vc, va);
+                    gather(base, mc, ma);
+                    gemm(va, vc.len(), ma, mc.len(), d, buf);
+                    let mut out = Vec::new();
+                    for (i, &x) in vc.iter().enumerate() {
+                        let row = &buf[i * mc.len()..(i + 1) * mc.len()];
+                        for (k, &s) in row.iter().enumerate() {
+                            let y = mc[k];
+                            if s < t - SLACK || x == y || !self.canonical(j, x, y) {
+                                continue;
+                            }
+                            let (a, b) = if x < y { (x, y) } else { (y, x) };
+                            let exact = dot_f32(base.row(a as usize), base.row(b as usize));
+                            if exact >= t {
+                                out.push((a, b, exact));
+                            }
+                        }
+                    }
+                    out
+                },
+            )
+            .flatten()
+            .collect();
+        pairs.sort_unstable_by_key(|p| (p.0, p.1));
+        Ok(pairs)
+    }
+
+    /// 1:N search: rows with exact score ≥ `t` among the members of the query's `nprobe` best lists,
+    /// sorted by (score desc, row asc). A query of the wrong dimension or with NaN finds nothing.
+    pub fn search(
+        &self,
+        base: RowsF32<'_>,
+        query: &[f32],
+        t: f32,
+        nprobe: usize,
+    ) -> Vec<(u32, f32)> {
+        if query.len() != self.dim
+            || base.dim() != self.dim
+            || base.rows() != self.rows
+            || t.is_nan()
+        {
+            return Vec::new();
+        }
+        let scores: Vec<f32> = (0..self.lists)
+            .map(|j| dot_f32(query, &self.centroids[j * self.dim..(j + 1) * self.dim]))
+            .collect();
+        if scores.iter().any(|s| s.is_nan()) {
+            return Vec::new();
+        }
+        let mut top = Vec::new();
+        top_p(&scores, nprobe.min(self.lists), &mut top);
+        let mut rows: Vec<u32> = top
+            .iter()
+            .flat_map(|&(_, j)| self.members(j as usize).iter().copied())
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let mut out: Vec<(u32, f32)> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let s = dot_f32(query, base.row(r as usize));
+                (s >= t).then_some((r, s))
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Writes the index to `path` (own binary format, CRC-32 checked).
+    pub fn save(&self, path: &Path) -> Result<(), IndexError> {
+        let io = |source| IndexError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut body: Vec<u8> = Vec::with_capacity(
+            64 + self.centroids.len() * 4 + self.home.len() + self.probe.len() * 4,
+        );
+        body.extend_from_slice(MAGIC);
+        body.extend_from_slice(&VERSION.to_le_bytes());
+        for v in [
+            self.dim as u64,
+            self.rows as u64,
+            self.lists as u64,
+            self.probes as u64,
+        ] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        for &x in &self.centroids {
+            body.extend_from_slice(&x.to_le_bytes());
+        }
+        body.extend_from_slice(&self.home);
+        for &x in &self.probe {
+            body.extend_from_slice(&x.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&body).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads an index written by [`Ivf::save`], validating checksum, shape and every list id.
+    pub fn load(path: &Path) -> Result<Ivf, IndexError> {
+        let bytes = std::fs::read(path).map_err(|source| IndexError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |problem: String| IndexError::Corrupt {
+            path: path.to_path_buf(),
+            problem,
+        };
+        const HEAD: usize = 8 + 4 + 4 * 8;
+        if bytes.len() < HEAD + 4 {
+            return Err(bad(format!(
+                "{} bytes is too short for a header",
+                bytes.len()
+            )));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(bad("not an IVF index (bad magic)".into()));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+        if crc32fast::hash(body) != stored {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&body[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(bad(format!("version {version}, expected {VERSION}")));
+        }
+        let to_usize = |v: u64, what: &str| {
+            usize::try_from(v).map_err(|_| bad(format!("{what} {v} does not fit in memory")))
+        };
+        let dim = to_usize(u64_at(12), "dim")?;
+        let rows = to_usize(u64_at(20), "rows")?;
+        let lists = to_usize(u64_at(28), "lists")?;
+        let probes = to_usize(u64_at(36), "probes")?;
+        if dim == 0 || lists == 0 || probes == 0 || probes > lists || rows > u32::MAX as usize {
+            return Err(bad(format!(
+                "bad shape: dim {dim}, rows {rows}, lists {lists}, probes {probes}"
+            )));
+        }
+        let need = lists
+            .checked_mul(dim)
+            .and_then(|x| x.checked_mul(4))
+            .and_then(|x| x.checked_add(rows))
+            .and_then(|x| rows.checked_mul(probes)?.checked_mul(4)?.checked_add(x))
+            .and_then(|x| x.checked_add(HEAD));
+        if need != Some(body.len()) {
+            return Err(bad(format!(
+                "body is {} bytes, the header implies {need:?}",
+                body.len()
+            )));
+        }
+        let mut o = HEAD;
+        let mut centroids = Vec::with_capacity(lists * dim);
+        for _ in 0..lists * dim {
+            let x = f32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
+            if !x.is_finite() {
+                return Err(bad(format!("non-finite centroid value at byte {o}")));
+            }
+            centroids.push(x);
+            o += 4;
+        }
+        let home = body[o..o + rows].to_vec();
+        o += rows;
+        let mut probe = Vec::with_capacity(rows * probes);
+        for _ in 0..rows * probes {
+            probe.push(u32_at(o));
+            o += 4;
+        }
+        for i in 0..rows {
+            let h = home[i] as usize;
+            let p = &probe[i * probes..(i + 1) * probes];
+            if h == 0 {
+                if p.iter().any(|&l| l != NONE) {
+                    return Err(bad(format!("absent row {i} has lists")));
+                }
+                continue;
+            }
+            if h > probes {
+                return Err(bad(format!("row {i}: {h} home lists > {probes} probes")));
+            }
+            for (r, &l) in p.iter().enumerate() {
+                if l as usize >= lists || p[..r].contains(&l) {
+                    return Err(bad(format!("row {i}: invalid or repeated list id {l}")));
+                }
+            }
+        }
+        let mut ivf = Ivf {
+            dim,
+            rows,
+            lists,
+            probes,
+            centroids,
+            home,
+            probe,
+            mem_off: Vec::new(),
+            members: Vec::new(),
+            vis_off: Vec::new(),
+            visitors: Vec::new(),
+        };
+        ivf.derive_lists();
+        Ok(ivf)
+    }
+}
