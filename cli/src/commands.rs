@@ -39,23 +39,34 @@ pub fn parse_finger_dims(specs: &[String]) -> anyhow::Result<Vec<(u8, usize)>> {
     specs
         .iter()
         .map(|s| {
-            let (p, d) = s.split_once(':').ok_or_else(|| anyhow!("--finger {s:?}: expected POS:DIM, e.g. 2:256"))?;
-            let pos: u8 = p.parse().with_context(|| format!("--finger {s:?}: position {p:?} is not a number"))?;
+            let (p, d) = s
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--finger {s:?}: expected POS:DIM, e.g. 2:256"))?;
+            let pos: u8 = p
+                .parse()
+                .with_context(|| format!("--finger {s:?}: position {p:?} is not a number"))?;
             Modality::finger(pos).map_err(|e| anyhow!("--finger {s:?}: {e}"))?;
-            let dim: usize = d.parse().with_context(|| format!("--finger {s:?}: dimension {d:?} is not a number"))?;
+            let dim: usize = d
+                .parse()
+                .with_context(|| format!("--finger {s:?}: dimension {d:?} is not a number"))?;
             Ok((pos, dim))
         })
         .collect()
 }
 
 /// Parses `POS=FILE` finger file specs plus an optional face file into a modality list.
-pub fn parse_template_files(face: Option<&Path>, fingers: &[String]) -> anyhow::Result<Vec<(Modality, PathBuf)>> {
+pub fn parse_template_files(
+    face: Option<&Path>,
+    fingers: &[String],
+) -> anyhow::Result<Vec<(Modality, PathBuf)>> {
     let mut out = Vec::new();
     if let Some(f) = face {
         out.push((Modality::Face, f.to_path_buf()));
     }
     for s in fingers {
-        let (p, f) = s.split_once('=').ok_or_else(|| anyhow!("--finger {s:?}: expected POS=FILE, e.g. 2=ri.npy"))?;
+        let (p, f) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--finger {s:?}: expected POS=FILE, e.g. 2=ri.npy"))?;
         let m: Modality = p.parse().map_err(|e| anyhow!("--finger {s:?}: {e}"))?;
         if out.iter().any(|(x, _)| *x == m) {
             bail!("--finger {s:?}: {m} given twice");
@@ -122,8 +133,10 @@ pub fn generate_into(
     ui: Ui,
 ) -> anyhow::Result<pacha_datasets::generate::PopulationSummary> {
     let pb = ui.bar(cfg.records, "generate");
-    let s = pacha_datasets::generate::write_population(cfg, out, &mut |done, _total| pb.set_position(done))
-        .with_context(|| format!("generating a population into {}", out.display()))?;
+    let s = pacha_datasets::generate::write_population(cfg, out, &mut |done, _total| {
+        pb.set_position(done)
+    })
+    .with_context(|| format!("generating a population into {}", out.display()))?;
     pb.finish_and_clear();
     Ok(s)
 }
@@ -153,18 +166,13 @@ pub fn ingest_files(
     ui: Ui,
 ) -> anyhow::Result<pacha_engine::ingest::IngestReport> {
     let pb = ui.bar(0, "ingest");
-    let report = pacha_engine::ingest::ingest(
-        store,
-        files,
-        subjects,
-        batch,
-        &|stage, done, total| {
+    let report =
+        pacha_engine::ingest::ingest(store, files, subjects, batch, &|stage, done, total| {
             pb.set_prefix(stage.to_string());
             pb.set_length(total);
             pb.set_position(done);
-        },
-    )
-    .with_context(|| format!("ingesting into {}", store.display()))?;
+        })
+        .with_context(|| format!("ingesting into {}", store.display()))?;
     pb.finish_and_clear();
     Ok(report)
 }
@@ -175,7 +183,10 @@ fn index(store: &Path, ui: Ui) -> Result<(), Failure> {
     build_index(&engine, ui)?;
     let secs = t.elapsed().as_secs_f64();
     let info = engine.info();
-    ui.out(format!("indexed {} rows in {secs:.1} s", info.indexed_rows.unwrap_or(0)));
+    ui.out(format!(
+        "indexed {} rows in {secs:.1} s",
+        info.indexed_rows.unwrap_or(0)
+    ));
     ui.json_out(&json!({"command": "index", "seconds": secs, "indexed_rows": info.indexed_rows}));
     Ok(())
 }
@@ -184,10 +195,13 @@ fn index(store: &Path, ui: Ui) -> Result<(), Failure> {
 pub fn build_index(engine: &Engine, ui: Ui) -> anyhow::Result<()> {
     let pb = ui.bar(engine.snapshot().rows() as u64, "index");
     engine
-        .build_index(&Default::default(), Some(&|done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        }))
+        .build_index(
+            &Default::default(),
+            Some(&|done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            }),
+        )
         .context("building the index")?;
     pb.finish_and_clear();
     Ok(())
@@ -200,14 +214,25 @@ fn open(store: &Path) -> anyhow::Result<Engine> {
 fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open(&a.store)?;
     let truth = match &a.truth {
-        Some(p) => Some(pacha_datasets::generate::read_truth(p).with_context(|| format!("reading {}", p.display()))?),
+        Some(p) => Some(
+            pacha_datasets::generate::read_truth(p)
+                .with_context(|| format!("reading {}", p.display()))?,
+        ),
         None => None,
     };
-    let opts = CalibrateOptions { impostor_pairs: a.pairs, genuine: truth.as_deref(), seed: a.seed };
+    let opts = CalibrateOptions {
+        impostor_pairs: a.pairs,
+        genuine: truth.as_deref(),
+        seed: a.seed,
+    };
     let t = Instant::now();
     engine.calibrate(&opts)?;
     let cal = engine.calibration();
-    ui.out(format!("calibrated in {:.1} s: {}", t.elapsed().as_secs_f64(), cal.source));
+    ui.out(format!(
+        "calibrated in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        cal.source
+    ));
     ui.json_out(&json!({"command": "calibrate", "models": cal.models, "source": cal.source}));
     Ok(())
 }
@@ -224,14 +249,17 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open(&a.store)?;
     let opts = DedupOptions {
         target_fpir: a.target_fpir,
-        scope: a.from_row.map_or(DedupScope::WholeStore, DedupScope::RowsFrom),
+        scope: a
+            .from_row
+            .map_or(DedupScope::WholeStore, DedupScope::RowsFrom),
         mode: mode_of(a.mode),
         block_rows: a.block_rows,
         report_floor: a.floor,
         checkpoint_dir: a.checkpoint.clone(),
     };
     let result = run_dedup(&engine, &opts, ui)?;
-    runio::write_run(&a.out, &result).with_context(|| format!("writing results to {}", a.out.display()))?;
+    runio::write_run(&a.out, &result)
+        .with_context(|| format!("writing results to {}", a.out.display()))?;
     let s = &result.summary;
     ui.out(format!(
         "{} records, {} hits in {} duplicate groups (threshold {:.1}), {} candidate pairs, {:.1} s ({:.0} records/s); results in {}",
@@ -274,15 +302,35 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
     let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
     let probes = pacha_engine::ingest::read_probes(&files, &a.rows).context("reading probes")?;
     let gallery = (!a.gallery.is_empty()).then_some(a.gallery.as_slice());
-    let opts = IdentifyOptions { max_results: a.max_results, target_fpir: a.target_fpir, gallery, min_score: a.min_score };
+    let opts = IdentifyOptions {
+        max_results: a.max_results,
+        target_fpir: a.target_fpir,
+        gallery,
+        min_score: a.min_score,
+    };
     let mut all = Vec::new();
     for (row, templates) in probes {
-        let r = engine.identify(&templates, &opts).with_context(|| format!("identifying probe row {row}"))?;
-        ui.out(format!("probe {row}: {} candidate(s) at threshold {:.1}", r.candidates.len(), r.threshold));
+        let r = engine
+            .identify(&templates, &opts)
+            .with_context(|| format!("identifying probe row {row}"))?;
+        ui.out(format!(
+            "probe {row}: {} candidate(s) at threshold {:.1}",
+            r.candidates.len(),
+            r.threshold
+        ));
         for c in &r.candidates {
-            let mods: Vec<String> =
-                c.comparison.modalities.iter().map(|m| format!("{}={:.3}", m.modality, m.cosine)).collect();
-            ui.out(format!("  {:<20} score {:6.1}  {}", c.subject_id, c.comparison.fused.score, mods.join(" ")));
+            let mods: Vec<String> = c
+                .comparison
+                .modalities
+                .iter()
+                .map(|m| format!("{}={:.3}", m.modality, m.cosine))
+                .collect();
+            ui.out(format!(
+                "  {:<20} score {:6.1}  {}",
+                c.subject_id,
+                c.comparison.fused.score,
+                mods.join(" ")
+            ));
         }
         all.push(json!({"probe_row": row, "result": r}));
     }
@@ -293,7 +341,12 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
 fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open(&a.store)?;
     let r = engine.verify(&a.a, &a.b, Some(a.threshold))?;
-    let mods: Vec<String> = r.comparison.modalities.iter().map(|m| format!("{}={:.3}", m.modality, m.cosine)).collect();
+    let mods: Vec<String> = r
+        .comparison
+        .modalities
+        .iter()
+        .map(|m| format!("{}={:.3}", m.modality, m.cosine))
+        .collect();
     ui.out(format!(
         "{} vs {}: score {:.1} ({}) -> {}",
         a.a,
@@ -311,9 +364,21 @@ fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
     let mut deleted = Vec::new();
     let mut absent = Vec::new();
     for id in &a.ids {
-        if engine.delete(id)? { deleted.push(id.clone()) } else { absent.push(id.clone()) }
+        if engine.delete(id)? {
+            deleted.push(id.clone())
+        } else {
+            absent.push(id.clone())
+        }
     }
-    ui.out(format!("deleted {}; not enrolled: {}", deleted.len(), if absent.is_empty() { "none".into() } else { absent.join(", ") }));
+    ui.out(format!(
+        "deleted {}; not enrolled: {}",
+        deleted.len(),
+        if absent.is_empty() {
+            "none".into()
+        } else {
+            absent.join(", ")
+        }
+    ));
     ui.json_out(&json!({"command": "delete", "deleted": deleted, "not_enrolled": absent}));
     Ok(())
 }
@@ -336,9 +401,16 @@ pub fn evaluate(
     truth: &Path,
     impostor_pairs: usize,
 ) -> anyhow::Result<pacha_engine::eval::EvalReport> {
-    let truth = pacha_datasets::generate::read_truth(truth).with_context(|| format!("reading {}", truth.display()))?;
-    let run = runio::read_run(run).with_context(|| format!("reading dedup run {}", run.display()))?;
-    Ok(pacha_engine::evaluation::evaluate_run(engine, &run, &truth, impostor_pairs)?)
+    let truth = pacha_datasets::generate::read_truth(truth)
+        .with_context(|| format!("reading {}", truth.display()))?;
+    let run =
+        runio::read_run(run).with_context(|| format!("reading dedup run {}", run.display()))?;
+    Ok(pacha_engine::evaluation::evaluate_run(
+        engine,
+        &run,
+        &truth,
+        impostor_pairs,
+    )?)
 }
 
 /// Prints the headline figures of an evaluation.
@@ -360,7 +432,12 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
 fn report(a: &crate::ReportArgs, ui: Ui) -> Result<(), Failure> {
     let bytes = std::fs::read(&a.eval).with_context(|| format!("reading {}", a.eval.display()))?;
     let report: pacha_engine::eval::EvalReport =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not an evaluation written by `pacha eval`", a.eval.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not an evaluation written by `pacha eval`",
+                a.eval.display()
+            )
+        })?;
     let html = crate::report::render_html("pacha evaluation", &[], &report);
     std::fs::write(&a.out, html).with_context(|| format!("writing {}", a.out.display()))?;
     ui.out(format!("wrote {}", a.out.display()));
@@ -374,11 +451,22 @@ fn info(store: &Path, ui: Ui) -> Result<(), Failure> {
     let size: u64 = walk_size(store);
     ui.out(format!("store       {}", info.dir.display()));
     for s in &info.schema.modalities {
-        ui.out(format!("modality    {:<10} dim {}", s.modality.to_string(), s.dim));
+        ui.out(format!(
+            "modality    {:<10} dim {}",
+            s.modality.to_string(),
+            s.dim
+        ));
     }
-    ui.out(format!("enrolments  {} live, {} rows (generation {})", info.live, info.rows, info.generation));
+    ui.out(format!(
+        "enrolments  {} live, {} rows (generation {})",
+        info.live, info.rows, info.generation
+    ));
     ui.out(format!("size        {:.1} MB", size as f64 / 1e6));
-    ui.out(format!("index       {}", info.indexed_rows.map_or("none".to_string(), |r| format!("{r} rows"))));
+    ui.out(format!(
+        "index       {}",
+        info.indexed_rows
+            .map_or("none".to_string(), |r| format!("{r} rows"))
+    ));
     ui.out(format!("calibration {}", info.calibration));
     ui.out(format!("simd        {}", info.simd));
     ui.json_out(&json!({"command": "info", "info": info, "bytes": size}));
@@ -400,7 +488,8 @@ fn walk_size(p: &Path) -> u64 {
 }
 
 fn check(store: &Path, ui: Ui) -> Result<(), Failure> {
-    let report = pacha_engine::store::check(store).with_context(|| format!("checking {}", store.display()))?;
+    let report = pacha_engine::store::check(store)
+        .with_context(|| format!("checking {}", store.display()))?;
     let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
     ui.json_out(&json!({
         "command": "check", "ok": problems.is_empty(), "rows": report.rows, "live": report.live,
@@ -413,6 +502,13 @@ fn check(store: &Path, ui: Ui) -> Result<(), Failure> {
         for p in &report.problems {
             ui.out(format!("problem: {p}"));
         }
-        Err(Failure { code: 1, error: anyhow!("{} problem(s) found in {}", report.problems.len(), store.display()) })
+        Err(Failure {
+            code: 1,
+            error: anyhow!(
+                "{} problem(s) found in {}",
+                report.problems.len(),
+                store.display()
+            ),
+        })
     }
 }

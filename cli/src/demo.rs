@@ -1,6 +1,8 @@
 //! `pacha demo`: the whole pipeline on a generated population, as an analyst would run it step by step.
 
-use crate::commands::{self, build_index, evaluate, generate_into, ingest_files, population_config, run_dedup};
+use crate::commands::{
+    self, build_index, evaluate, generate_into, ingest_files, population_config, run_dedup,
+};
 use crate::ui::Ui;
 use crate::{DemoArgs, Failure};
 use anyhow::Context;
@@ -17,24 +19,45 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     let dir = match &a.dir {
         Some(d) => d.clone(),
         None => {
-            let d = tempfile::Builder::new().prefix("pacha-demo-").tempdir().context("creating a temporary directory")?;
+            let d = tempfile::Builder::new()
+                .prefix("pacha-demo-")
+                .tempdir()
+                .context("creating a temporary directory")?;
             d.keep()
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (pop, store, run_dir) = (dir.join("population"), dir.join("store"), dir.join("dedup"));
     if store.exists() {
-        return Err(anyhow::anyhow!("{} already holds a store: give a fresh --dir", store.display()).into());
+        return Err(anyhow::anyhow!(
+            "{} already holds a store: give a fresh --dir",
+            store.display()
+        )
+        .into());
     }
-    ui.info(format!("pacha demo: {} enrolments in {}", a.records, dir.display()));
+    ui.info(format!(
+        "pacha demo: {} enrolments in {}",
+        a.records,
+        dir.display()
+    ));
     let mut stages: Vec<(String, f64)> = Vec::new();
     let total = Instant::now();
 
     let t = Instant::now();
-    let cfg = population_config(a.records, a.seed, a.preset, 512, vec![(2, 256), (7, 256)], 0.01);
+    let cfg = population_config(
+        a.records,
+        a.seed,
+        a.preset,
+        512,
+        vec![(2, 256), (7, 256)],
+        0.01,
+    );
     let generated = generate_into(&cfg, &pop, ui)?;
     stages.push(("generate".into(), t.elapsed().as_secs_f64()));
-    ui.info(format!("  generated   {:>8.1} s  ({} planted duplicate pairs)", stages[0].1, generated.manifest.truth_pairs));
+    ui.info(format!(
+        "  generated   {:>8.1} s  ({} planted duplicate pairs)",
+        stages[0].1, generated.manifest.truth_pairs
+    ));
 
     let t = Instant::now();
     let files = vec![
@@ -44,7 +67,10 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     ];
     let ing = ingest_files(&store, &files, &pop.join("subjects.csv"), 10_000, ui)?;
     stages.push(("ingest".into(), t.elapsed().as_secs_f64()));
-    ui.info(format!("  ingested    {:>8.1} s  ({} enrolments)", stages[1].1, ing.inserted));
+    ui.info(format!(
+        "  ingested    {:>8.1} s  ({} enrolments)",
+        stages[1].1, ing.inserted
+    ));
 
     let engine = Engine::open(&store).context("opening the new store")?;
     let t = Instant::now();
@@ -53,14 +79,20 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     ui.info(format!("  indexed     {:>8.1} s", stages[2].1));
 
     let t = Instant::now();
-    engine.calibrate(&CalibrateOptions::default()).context("calibrating")?;
+    engine
+        .calibrate(&CalibrateOptions::default())
+        .context("calibrating")?;
     stages.push(("calibrate".into(), t.elapsed().as_secs_f64()));
     ui.info(format!("  calibrated  {:>8.1} s", stages[3].1));
 
     let t = Instant::now();
-    // Report pairs 20 points below the threshold too, so the evaluation can draw the DET curve around it.
+    // Report pairs 10 points (a factor 10 in FMR) below the threshold too, so the evaluation can draw the DET
+    // curve around the operating point.
     let threshold = pacha_engine::fusion::threshold_for_fpir(1e-3, engine.count())?;
-    let opts = DedupOptions { report_floor: Some(threshold - 20.0), ..DedupOptions::default() };
+    let opts = DedupOptions {
+        report_floor: Some(threshold - 10.0),
+        ..DedupOptions::default()
+    };
     let result = run_dedup(&engine, &opts, ui)?;
     runio::write_run(&run_dir, &result)?;
     stages.push(("dedup".into(), t.elapsed().as_secs_f64()));
@@ -71,23 +103,41 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
 
     let t = Instant::now();
     let report = evaluate(&engine, &run_dir, &pop.join("truth.csv"), 200_000)?;
-    std::fs::write(run_dir.join("eval.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(
+        run_dir.join("eval.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
     let summary_rows: Vec<(String, String)> = stages
         .iter()
         .map(|(s, secs)| (format!("{s} time"), format!("{secs:.1} s")))
         .chain([
             ("records".to_string(), a.records.to_string()),
-            ("planted duplicate pairs".to_string(), generated.manifest.truth_pairs.to_string()),
-            ("dedup throughput".to_string(), format!("{:.0} records/s", result.summary.records_per_second)),
-            ("candidate generation".to_string(), result.summary.mode.clone()),
+            (
+                "planted duplicate pairs".to_string(),
+                generated.manifest.truth_pairs.to_string(),
+            ),
+            (
+                "dedup throughput".to_string(),
+                format!("{:.0} records/s", result.summary.records_per_second),
+            ),
+            (
+                "candidate generation".to_string(),
+                result.summary.mode.clone(),
+            ),
         ])
         .collect();
     let html_path: PathBuf = dir.join("report.html");
-    std::fs::write(&html_path, crate::report::render_html("pacha demo", &summary_rows, &report))?;
+    std::fs::write(
+        &html_path,
+        crate::report::render_html("pacha demo", &summary_rows, &report),
+    )?;
     stages.push(("evaluate+report".into(), t.elapsed().as_secs_f64()));
 
     let secs = total.elapsed().as_secs_f64();
-    ui.out(format!("pacha demo: {} enrolments, face 512-d + 2 fingers 256-d, {} planted duplicate pairs", a.records, report.truth_pairs));
+    ui.out(format!(
+        "pacha demo: {} enrolments, face 512-d + 2 fingers 256-d, {} planted duplicate pairs",
+        a.records, report.truth_pairs
+    ));
     ui.out(format!(
         "  found {} of {} duplicate pairs (recall {:.4}), {} false hits (precision {:.4}) at threshold {:.1} (target FPIR 1e-3)",
         report.true_hits, report.truth_pairs, report.pair_recall, report.false_hits, report.pair_precision, report.threshold

@@ -295,7 +295,10 @@ pub struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 2, error: e.into() }
+        Failure {
+            code: 2,
+            error: e.into(),
+        }
     }
 }
 
@@ -308,12 +311,18 @@ fn main() -> ExitCode {
     };
     let env = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let ui = Ui::new(cli.json, cli.quiet);
     match commands::run(cli.command, ui) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            if cli.json {
+            // Exit 1 means the command ran and printed its report (e.g. `check`); only errors that stopped the
+            // command print an error object.
+            if cli.json && f.code == 2 {
                 let v = serde_json::json!({"error": format!("{:#}", f.error), "exit_code": f.code});
                 println!("{v}");
             }

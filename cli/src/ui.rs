@@ -17,7 +17,11 @@ pub struct Ui {
 impl Ui {
     /// Decides whether bars are drawn: only when stderr is a terminal and neither --quiet nor --json.
     pub fn new(json: bool, quiet: bool) -> Ui {
-        Ui { json, quiet, bars: !quiet && !json && std::io::stderr().is_terminal() }
+        Ui {
+            json,
+            quiet,
+            bars: !quiet && !json && std::io::stderr().is_terminal(),
+        }
     }
 
     /// A progress bar with rate and ETA, hidden when bars are off.

@@ -4,8 +4,8 @@
 //! tier) are always compared exactly, so a search or dedup sees every enrolment that was committed before it
 //! started. Compaction renumbers rows, so an index of another generation is ignored and removed.
 
-use crate::store::Snapshot;
 use crate::EngineError;
+use crate::store::Snapshot;
 use pacha_index::ivf::{Ivf, IvfParams};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -64,7 +64,11 @@ impl AnnSet {
         if let Some(p) = progress {
             p(mods.len(), mods.len());
         }
-        Ok(AnnSet { generation: snap.generation(), rows: snap.rows(), ivf })
+        Ok(AnnSet {
+            generation: snap.generation(),
+            rows: snap.rows(),
+            ivf,
+        })
     }
 
     /// Rows covered.
@@ -74,7 +78,9 @@ impl AnnSet {
 
     /// True if this index belongs to the snapshot's generation and covers no row it lacks.
     pub fn covers(&self, snap: &Snapshot) -> bool {
-        self.generation == snap.generation() && self.rows <= snap.rows() && self.ivf.len() == snap.schema().modalities.len()
+        self.generation == snap.generation()
+            && self.rows <= snap.rows()
+            && self.ivf.len() == snap.schema().modalities.len()
     }
 
     /// Candidate pairs `(q, p)` with `q < p`, `p` in `probes ∩ 0..rows()`, both indexed, exact cosine ≥ `t`.
@@ -85,8 +91,10 @@ impl AnnSet {
         probes: Range<usize>,
         t: f32,
     ) -> Result<Vec<(u32, u32, f32)>, EngineError> {
-        let (Some(Some(ivf)), Some(view)) = (self.ivf.get(mi), snap.f32_rows(snap.schema().modalities[mi].modality))
-        else {
+        let (Some(Some(ivf)), Some(view)) = (
+            self.ivf.get(mi),
+            snap.f32_rows(snap.schema().modalities[mi].modality),
+        ) else {
             return Ok(Vec::new());
         };
         let end = probes.end.min(self.rows);
@@ -103,8 +111,13 @@ impl AnnSet {
         t: f32,
         nprobe: usize,
     ) -> Vec<(u32, f32)> {
-        match (self.ivf.get(mi), snap.f32_rows(snap.schema().modalities[mi].modality)) {
-            (Some(Some(ivf)), Some(view)) => ivf.search(view.slice_rows(0, self.rows), query, t, nprobe),
+        match (
+            self.ivf.get(mi),
+            snap.f32_rows(snap.schema().modalities[mi].modality),
+        ) {
+            (Some(Some(ivf)), Some(view)) => {
+                ivf.search(view.slice_rows(0, self.rows), query, t, nprobe)
+            }
             _ => Vec::new(),
         }
     }
@@ -113,15 +126,25 @@ impl AnnSet {
     pub fn save(&self, dir: &Path, snap: &Snapshot) -> Result<(), EngineError> {
         Self::remove(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
-        let mods: Vec<String> = snap.schema().modalities.iter().map(|s| s.modality.key()).collect();
+        let mods: Vec<String> = snap
+            .schema()
+            .modalities
+            .iter()
+            .map(|s| s.modality.key())
+            .collect();
         for (ivf, key) in self.ivf.iter().zip(&mods) {
             if let Some(ivf) = ivf {
                 ivf.save(&dir.join(format!("{key}.ivf")))?;
             }
         }
-        let meta = SetMeta { generation: self.generation, rows: self.rows, modalities: mods };
+        let meta = SetMeta {
+            generation: self.generation,
+            rows: self.rows,
+            modalities: mods,
+        };
         let p = dir.join("index.json");
-        let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::io("writing", &p, e.into()))?;
+        let bytes = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| EngineError::io("writing", &p, e.into()))?;
         // The meta file is written last: an index without it is incomplete and ignored.
         crate::fsutil::write_atomic(&p, &bytes)
     }
@@ -134,19 +157,40 @@ impl AnnSet {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(EngineError::io("reading", &p, e)),
         };
-        let meta: SetMeta =
-            serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt { path: p.clone(), reason: e.to_string() })?;
-        let mods: Vec<String> = snap.schema().modalities.iter().map(|s| s.modality.key()).collect();
-        if meta.generation != snap.generation() || meta.rows > snap.rows() || meta.modalities != mods {
-            tracing::info!("ignoring index in {} built for another store generation", dir.display());
+        let meta: SetMeta = serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        let mods: Vec<String> = snap
+            .schema()
+            .modalities
+            .iter()
+            .map(|s| s.modality.key())
+            .collect();
+        if meta.generation != snap.generation()
+            || meta.rows > snap.rows()
+            || meta.modalities != mods
+        {
+            tracing::info!(
+                "ignoring index in {} built for another store generation",
+                dir.display()
+            );
             return Ok(None);
         }
         let mut ivf = Vec::with_capacity(mods.len());
         for key in &mods {
             let f = dir.join(format!("{key}.ivf"));
-            ivf.push(if f.exists() { Some(Ivf::load(&f)?) } else { None });
+            ivf.push(if f.exists() {
+                Some(Ivf::load(&f)?)
+            } else {
+                None
+            });
         }
-        Ok(Some(AnnSet { generation: meta.generation, rows: meta.rows, ivf }))
+        Ok(Some(AnnSet {
+            generation: meta.generation,
+            rows: meta.rows,
+            ivf,
+        }))
     }
 
     /// Removes a saved index directory.

@@ -55,7 +55,9 @@ pub fn pairs_for_tile(
     min_cos: f32,
     out: &mut Vec<(u32, u32)>,
 ) -> Result<(), EngineError> {
-    let Some(view) = snap.f32_rows(m) else { return Ok(()) };
+    let Some(view) = snap.f32_rows(m) else {
+        return Ok(());
+    };
     let absent = |r: u32| !snap.is_present(m, r as usize) || snap.is_deleted(r as usize);
     let indexed = match (mode, ann) {
         (CandidateMode::Index, Some(a)) if a.covers(snap) => a.rows(),
@@ -63,7 +65,11 @@ pub fn pairs_for_tile(
     };
     if let (Some(ann), true) = (ann, indexed > 0) {
         // Both rows indexed.
-        out.extend(ann.join_rows(snap, mi, probes.clone(), min_cos)?.into_iter().map(|(a, b, _)| (a, b)));
+        out.extend(
+            ann.join_rows(snap, mi, probes.clone(), min_cos)?
+                .into_iter()
+                .map(|(a, b, _)| (a, b)),
+        );
         // New rows against the indexed ones.
         let new_probes = probes.start.max(indexed)..probes.end;
         let found: Vec<(u32, u32)> = new_probes
@@ -101,7 +107,13 @@ fn exact_pairs(
     let base = view.slice_rows(base_start, probes.end);
     let skip_probe = |i: u32| absent(probes.start as u32 + i);
     let skip_base = |i: u32| absent(base_start as u32 + i);
-    for pair in pacha_index::exact::threshold_join(probe_view, base, t, Some(&skip_probe), Some(&skip_base))? {
+    for pair in pacha_index::exact::threshold_join(
+        probe_view,
+        base,
+        t,
+        Some(&skip_probe),
+        Some(&skip_base),
+    )? {
         let (p, q) = (probes.start + pair.a as usize, base_start + pair.b as usize);
         if q < p {
             out.push((q as u32, p as u32));

@@ -22,9 +22,13 @@ pub fn union_find(n: usize, pairs: &[(usize, usize)]) -> Vec<Vec<usize>> {
             parent[hi] = lo;
         }
     }
-    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
-    let touched: std::collections::BTreeSet<usize> =
-        pairs.iter().flat_map(|&(a, b)| [a, b]).filter(|&x| x < n).collect();
+    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> =
+        std::collections::BTreeMap::new();
+    let touched: std::collections::BTreeSet<usize> = pairs
+        .iter()
+        .flat_map(|&(a, b)| [a, b])
+        .filter(|&x| x < n)
+        .collect();
     for x in touched {
         let r = find(&mut parent, x);
         groups.entry(r).or_default().push(x);

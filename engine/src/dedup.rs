@@ -15,7 +15,7 @@
 
 use crate::candidates::{self, CandidateMode};
 use crate::fusion::{Calibration, threshold_for_fpir};
-use crate::matcher::{Comparison, compare_rows};
+use crate::matcher::{Comparison, compare_rows, fused_rows};
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use rayon::prelude::*;
@@ -148,7 +148,9 @@ pub struct DedupResult {
 impl DedupResult {
     /// The pairs at or above the threshold.
     pub fn hits(&self) -> impl Iterator<Item = &DedupPair> {
-        self.pairs.iter().filter(move |p| p.score() >= self.threshold)
+        self.pairs
+            .iter()
+            .filter(move |p| p.score() >= self.threshold)
     }
 }
 
@@ -182,7 +184,9 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     let start = Instant::now();
     let snap = ctx.snapshot;
     if opts.block_rows == 0 {
-        return Err(EngineError::InvalidArgument("block_rows must be at least 1".into()));
+        return Err(EngineError::InvalidArgument(
+            "block_rows must be at least 1".into(),
+        ));
     }
     let threshold = threshold_for_fpir(opts.target_fpir, snap.live())?;
     let floor = opts.report_floor.unwrap_or(threshold).min(threshold);
@@ -192,7 +196,9 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         DedupScope::WholeStore => 0,
         DedupScope::RowsFrom(r) => {
             if r > rows {
-                return Err(EngineError::InvalidArgument(format!("scope starts at row {r} beyond {rows} rows")));
+                return Err(EngineError::InvalidArgument(format!(
+                    "scope starts at row {r} beyond {rows} rows"
+                )));
             }
             r
         }
@@ -235,7 +241,10 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     let mut done = 0usize;
     for (ti, tile) in tiles.iter().enumerate() {
         if ctx.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(EngineError::Cancelled { finished_tiles: ti, total_tiles: tiles.len() });
+            return Err(EngineError::Cancelled {
+                finished_tiles: ti,
+                total_tiles: tiles.len(),
+            });
         }
         let out = match ckpt.as_ref().map(|c| c.load(ti)).transpose()?.flatten() {
             Some(t) => {
@@ -254,7 +263,11 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         pairs.extend(out.pairs);
         done += tile.len();
         if let Some(p) = ctx.progress {
-            p(DedupProgress { done, total: summary.probes, pairs: pairs.len() });
+            p(DedupProgress {
+                done,
+                total: summary.probes,
+                pairs: pairs.len(),
+            });
         }
     }
     pairs.sort_by_key(|p| (p.row_a, p.row_b));
@@ -265,7 +278,11 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         .collect();
     let clusters: Vec<Vec<String>> = crate::cluster::union_find(rows, &hit_rows)
         .into_iter()
-        .map(|c| c.into_iter().map(|r| snap.subject_id(r).to_string()).collect())
+        .map(|c| {
+            c.into_iter()
+                .map(|r| snap.subject_id(r).to_string())
+                .collect()
+        })
         .collect();
     summary.reported_pairs = pairs.len();
     summary.hits = hit_rows.len();
@@ -276,7 +293,12 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     if let Some(c) = ckpt {
         c.finish()?;
     }
-    Ok(DedupResult { threshold, pairs, clusters, summary })
+    Ok(DedupResult {
+        threshold,
+        pairs,
+        clusters,
+        summary,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -297,8 +319,19 @@ fn run_tile(
     let t0 = Instant::now();
     let mut cand: Vec<(u32, u32)> = Vec::new();
     for (mi, spec) in snap.schema().modalities.iter().enumerate() {
-        let Some(c) = cand_cos.get(mi).copied().flatten() else { continue };
-        candidates::pairs_for_tile(snap, ctx.ann, mode, spec.modality, mi, probes.clone(), c, &mut cand)?;
+        let Some(c) = cand_cos.get(mi).copied().flatten() else {
+            continue;
+        };
+        candidates::pairs_for_tile(
+            snap,
+            ctx.ann,
+            mode,
+            spec.modality,
+            mi,
+            probes.clone(),
+            c,
+            &mut cand,
+        )?;
     }
     cand.par_sort_unstable();
     cand.dedup();
@@ -308,6 +341,7 @@ fn run_tile(
     let pairs: Vec<DedupPair> = cand
         .par_iter()
         .filter(|&&(a, b)| !snap.is_deleted(a as usize) && !snap.is_deleted(b as usize))
+        .filter(|&&(a, b)| fused_rows(snap, cal, a as usize, b as usize).score >= floor)
         .filter_map(|&(a, b)| {
             let comparison = compare_rows(snap, cal, a as usize, b as usize);
             (comparison.fused.score >= floor).then(|| DedupPair {
@@ -320,7 +354,10 @@ fn run_tile(
         })
         .collect();
     summary.scoring_seconds += t1.elapsed().as_secs_f64();
-    Ok(TileOutput { candidates: cand.len() as u64, pairs })
+    Ok(TileOutput {
+        candidates: cand.len() as u64,
+        pairs,
+    })
 }
 
 /// A histogram of `values` with bins of width `w`: (lower edge, count), sorted.
@@ -358,7 +395,9 @@ impl Checkpoint {
                 crate::fsutil::write_atomic(&key_path, key_json.as_bytes())?;
             }
         }
-        Ok(Checkpoint { dir: dir.to_path_buf() })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn path(&self, tile: usize) -> PathBuf {
@@ -380,11 +419,15 @@ impl Checkpoint {
 
     fn save(&self, tile: usize, out: &TileOutput) -> Result<(), EngineError> {
         let p = self.path(tile);
-        let bytes = serde_json::to_vec(out).map_err(|e| EngineError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+        let bytes = serde_json::to_vec(out).map_err(|e| EngineError::Corrupt {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
         crate::fsutil::write_atomic(&p, &bytes)
     }
 
     fn finish(self) -> Result<(), EngineError> {
-        std::fs::write(self.dir.join("complete"), b"ok").map_err(|e| EngineError::io("writing", &self.dir, e))
+        std::fs::write(self.dir.join("complete"), b"ok")
+            .map_err(|e| EngineError::io("writing", &self.dir, e))
     }
 }

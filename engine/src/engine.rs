@@ -29,7 +29,12 @@ pub struct IdentifyOptions<'a> {
 
 impl Default for IdentifyOptions<'_> {
     fn default() -> Self {
-        IdentifyOptions { max_results: 10, target_fpir: 1e-3, gallery: None, min_score: None }
+        IdentifyOptions {
+            max_results: 10,
+            target_fpir: 1e-3,
+            gallery: None,
+            min_score: None,
+        }
     }
 }
 
@@ -77,7 +82,11 @@ pub struct CalibrateOptions<'a> {
 
 impl Default for CalibrateOptions<'_> {
     fn default() -> Self {
-        CalibrateOptions { impostor_pairs: 1_000_000, genuine: None, seed: 0x5eed }
+        CalibrateOptions {
+            impostor_pairs: 1_000_000,
+            genuine: None,
+            seed: 0x5eed,
+        }
     }
 }
 
@@ -127,7 +136,11 @@ impl Engine {
     pub fn create(dir: &Path, schema: Schema) -> Result<Engine, EngineError> {
         let store = Store::create(dir, schema)?;
         let cal = Calibration::defaults(&modalities(store.schema()));
-        Ok(Engine { store, calibration: RwLock::new(Arc::new(cal)), ann: RwLock::new(None) })
+        Ok(Engine {
+            store,
+            calibration: RwLock::new(Arc::new(cal)),
+            ann: RwLock::new(None),
+        })
     }
 
     /// Opens an existing registry: validates the store, loads the calibration and the ANN index if present.
@@ -137,8 +150,11 @@ impl Engine {
         let cal_path = dir.join(ENGINE_DIR).join(CALIBRATION_FILE);
         let cal = match std::fs::read(&cal_path) {
             Ok(bytes) => {
-                let cal: Calibration = serde_json::from_slice(&bytes)
-                    .map_err(|e| EngineError::Corrupt { path: cal_path.clone(), reason: e.to_string() })?;
+                let cal: Calibration =
+                    serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt {
+                        path: cal_path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 if modalities_of(&cal) != mods {
                     return Err(EngineError::Corrupt {
                         path: cal_path,
@@ -152,7 +168,11 @@ impl Engine {
         };
         let snap = store.snapshot();
         let ann = AnnSet::load(&dir.join(ENGINE_DIR).join("index"), &snap)?;
-        Ok(Engine { store, calibration: RwLock::new(Arc::new(cal)), ann: RwLock::new(ann.map(Arc::new)) })
+        Ok(Engine {
+            store,
+            calibration: RwLock::new(Arc::new(cal)),
+            ann: RwLock::new(ann.map(Arc::new)),
+        })
     }
 
     /// The underlying store.
@@ -167,11 +187,17 @@ impl Engine {
 
     /// The current calibration.
     pub fn calibration(&self) -> Arc<Calibration> {
-        self.calibration.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.calibration
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn ann(&self) -> Option<Arc<AnnSet>> {
-        self.ann.read().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.ann
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Live enrolments.
@@ -226,17 +252,26 @@ impl Engine {
     }
 
     /// 1:N identification of a probe against the registry (or against `options.gallery` only).
-    pub fn identify(&self, probe: &[Template], options: &IdentifyOptions<'_>) -> Result<IdentifyResult, EngineError> {
+    pub fn identify(
+        &self,
+        probe: &[Template],
+        options: &IdentifyOptions<'_>,
+    ) -> Result<IdentifyResult, EngineError> {
         let snap = self.snapshot();
         let cal = self.calibration();
         let probe = Probe::new("probe", probe, snap.schema())?;
         if options.max_results == 0 {
-            return Err(EngineError::InvalidArgument("max_results must be at least 1".into()));
+            return Err(EngineError::InvalidArgument(
+                "max_results must be at least 1".into(),
+            ));
         }
         let gallery_rows: Option<Vec<usize>> = match options.gallery {
             Some(ids) => Some(
                 ids.iter()
-                    .map(|id| snap.row_of(id).ok_or_else(|| EngineError::UnknownSubject(id.clone())))
+                    .map(|id| {
+                        snap.row_of(id)
+                            .ok_or_else(|| EngineError::UnknownSubject(id.clone()))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             None => None,
@@ -256,15 +291,25 @@ impl Engine {
             .filter(|(_, c)| c.fused.score >= floor)
             .collect();
         cands.sort_by(|a, b| {
-            b.1.fused.score.total_cmp(&a.1.fused.score).then_with(|| snap.subject_id(a.0).cmp(snap.subject_id(b.0)))
+            b.1.fused
+                .score
+                .total_cmp(&a.1.fused.score)
+                .then_with(|| snap.subject_id(a.0).cmp(snap.subject_id(b.0)))
         });
         cands.dedup_by_key(|c| c.0);
         cands.truncate(options.max_results);
         let candidates = cands
             .into_iter()
-            .map(|(r, comparison)| Candidate { subject_id: snap.subject_id(r).to_string(), comparison })
+            .map(|(r, comparison)| Candidate {
+                subject_id: snap.subject_id(r).to_string(),
+                comparison,
+            })
             .collect();
-        Ok(IdentifyResult { threshold, candidates, compared })
+        Ok(IdentifyResult {
+            threshold,
+            candidates,
+            compared,
+        })
     }
 
     /// Rows worth comparing exactly with `probe`: per modality, rows whose cosine can matter for `floor`.
@@ -279,14 +324,20 @@ impl Engine {
         let ann = self.ann().filter(|a| a.covers(snap));
         let mut rows = Vec::new();
         for (mi, spec) in snap.schema().modalities.iter().enumerate() {
-            let (Some(q), Some(view), Some(c)) =
-                (&probe.templates[mi], snap.f32_rows(spec.modality), cand_cos.get(mi).copied().flatten())
-            else {
+            let (Some(q), Some(view), Some(c)) = (
+                &probe.templates[mi],
+                snap.f32_rows(spec.modality),
+                cand_cos.get(mi).copied().flatten(),
+            ) else {
                 continue;
             };
             let from = match &ann {
                 Some(a) if snap.live() > candidates::AUTO_EXACT_MAX_ROWS => {
-                    rows.extend(a.search(snap, mi, q, c, crate::annset::IDENTIFY_NPROBE).into_iter().map(|(r, _)| r as usize));
+                    rows.extend(
+                        a.search(snap, mi, q, c, crate::annset::IDENTIFY_NPROBE)
+                            .into_iter()
+                            .map(|(r, _)| r as usize),
+                    );
                     a.rows()
                 }
                 _ => 0,
@@ -294,7 +345,10 @@ impl Engine {
             // Exact scan of every row the index does not cover (all rows without an index): the second tier.
             let fresh: Vec<usize> = (from..snap.rows())
                 .into_par_iter()
-                .filter(|&r| snap.is_present(spec.modality, r) && pacha_index::kernels::dot_f32(q, view.row(r)) >= c)
+                .filter(|&r| {
+                    snap.is_present(spec.modality, r)
+                        && pacha_index::kernels::dot_f32(q, view.row(r)) >= c
+                })
                 .collect();
             rows.extend(fresh);
         }
@@ -304,25 +358,49 @@ impl Engine {
     }
 
     /// 1:1 verification of two enrolled subjects. `threshold` is a calibrated score (default 50: FMR 1e-5).
-    pub fn verify(&self, a: &str, b: &str, threshold: Option<f64>) -> Result<VerifyResult, EngineError> {
+    pub fn verify(
+        &self,
+        a: &str,
+        b: &str,
+        threshold: Option<f64>,
+    ) -> Result<VerifyResult, EngineError> {
         let snap = self.snapshot();
         let cal = self.calibration();
-        let ra = snap.row_of(a).ok_or_else(|| EngineError::UnknownSubject(a.to_string()))?;
-        let rb = snap.row_of(b).ok_or_else(|| EngineError::UnknownSubject(b.to_string()))?;
+        let ra = snap
+            .row_of(a)
+            .ok_or_else(|| EngineError::UnknownSubject(a.to_string()))?;
+        let rb = snap
+            .row_of(b)
+            .ok_or_else(|| EngineError::UnknownSubject(b.to_string()))?;
         let comparison = compare_rows(&snap, &cal, ra, rb);
         let threshold = threshold.unwrap_or(50.0);
-        Ok(VerifyResult { is_match: comparison.fused.score >= threshold, comparison, threshold })
+        Ok(VerifyResult {
+            is_match: comparison.fused.score >= threshold,
+            comparison,
+            threshold,
+        })
     }
 
     /// 1:1 verification of a probe against an enrolled subject.
-    pub fn verify_probe(&self, probe: &[Template], subject: &str, threshold: Option<f64>) -> Result<VerifyResult, EngineError> {
+    pub fn verify_probe(
+        &self,
+        probe: &[Template],
+        subject: &str,
+        threshold: Option<f64>,
+    ) -> Result<VerifyResult, EngineError> {
         let snap = self.snapshot();
         let cal = self.calibration();
         let probe = Probe::new("probe", probe, snap.schema())?;
-        let r = snap.row_of(subject).ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+        let r = snap
+            .row_of(subject)
+            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
         let comparison = compare_probe(&snap, &cal, &probe, r);
         let threshold = threshold.unwrap_or(50.0);
-        Ok(VerifyResult { is_match: comparison.fused.score >= threshold, comparison, threshold })
+        Ok(VerifyResult {
+            is_match: comparison.fused.score >= threshold,
+            comparison,
+            threshold,
+        })
     }
 
     /// Batch deduplication over the current snapshot (see [`crate::dedup`]).
@@ -335,7 +413,13 @@ impl Engine {
         let snap = self.snapshot();
         let cal = self.calibration();
         let ann = self.ann();
-        let ctx = DedupContext { snapshot: &snap, calibration: &cal, ann: ann.as_deref(), progress, cancel };
+        let ctx = DedupContext {
+            snapshot: &snap,
+            calibration: &cal,
+            ann: ann.as_deref(),
+            progress,
+            cancel,
+        };
         dedup::run(&ctx, options)
     }
 
@@ -349,20 +433,27 @@ impl Engine {
     ) -> Result<(InsertReport, DedupResult), EngineError> {
         let before = self.snapshot().rows();
         let report = self.store.insert_batch(batch)?;
-        let opts = DedupOptions { scope: dedup::DedupScope::RowsFrom(before), ..options.clone() };
+        let opts = DedupOptions {
+            scope: dedup::DedupScope::RowsFrom(before),
+            ..options.clone()
+        };
         let result = self.dedup(&opts, progress, None)?;
         Ok((report, result))
     }
 
     /// Fits the score models from the store (impostor tails from random pairs; genuine models from labelled
     /// pairs when given), saves them, and returns the samples used.
-    pub fn calibrate(&self, options: &CalibrateOptions<'_>) -> Result<CalibrationSamples, EngineError> {
+    pub fn calibrate(
+        &self,
+        options: &CalibrateOptions<'_>,
+    ) -> Result<CalibrationSamples, EngineError> {
         let snap = self.snapshot();
         let (cal, samples) = fit_calibration(&snap, &self.calibration(), options)?;
         let dir = self.store.dir().join(ENGINE_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
-        let json = serde_json::to_vec_pretty(&cal)
-            .map_err(|e| EngineError::InvalidArgument(format!("cannot serialise calibration: {e}")))?;
+        let json = serde_json::to_vec_pretty(&cal).map_err(|e| {
+            EngineError::InvalidArgument(format!("cannot serialise calibration: {e}"))
+        })?;
         fsutil::write_atomic(&dir.join(CALIBRATION_FILE), &json)?;
         if let Ok(mut c) = self.calibration.write() {
             *c = Arc::new(cal);
@@ -410,7 +501,10 @@ pub fn fit_calibration(
 ) -> Result<(Calibration, CalibrationSamples), EngineError> {
     let live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
     if live.len() < 2 {
-        return Err(EngineError::Calibration(format!("need at least 2 live enrolments, have {}", live.len())));
+        return Err(EngineError::Calibration(format!(
+            "need at least 2 live enrolments, have {}",
+            live.len()
+        )));
     }
     let genuine_rows: Vec<(usize, usize)> = match options.genuine {
         Some(pairs) => pairs
@@ -419,8 +513,10 @@ pub fn fit_calibration(
             .collect(),
         None => Vec::new(),
     };
-    let genuine_set: std::collections::HashSet<(usize, usize)> =
-        genuine_rows.iter().map(|&(a, b)| (a.min(b), a.max(b))).collect();
+    let genuine_set: std::collections::HashSet<(usize, usize)> = genuine_rows
+        .iter()
+        .map(|&(a, b)| (a.min(b), a.max(b)))
+        .collect();
     let mut models = Vec::new();
     let mut samples = CalibrationSamples::default();
     let mut notes = Vec::new();
@@ -440,11 +536,17 @@ pub fn fit_calibration(
                 Some(f64::from(pacha_index::kernels::dot_f32(x, y)))
             })
             .collect();
-        let default = current.model(m).copied().unwrap_or_else(|| ModalityModel::default_for(m));
+        let default = current
+            .model(m)
+            .copied()
+            .unwrap_or_else(|| ModalityModel::default_for(m));
         let impostor = if imp.len() >= 10_000 {
             Gaussian::fit_upper_tail(&mut imp, 0.99, 0.9999)?
         } else {
-            notes.push(format!("{m}: only {} impostor pairs, kept the default impostor model", imp.len()));
+            notes.push(format!(
+                "{m}: only {} impostor pairs, kept the default impostor model",
+                imp.len()
+            ));
             default.impostor
         };
         let gen_scores: Vec<f64> = genuine_rows
@@ -458,7 +560,10 @@ pub fn fit_calibration(
             Gaussian::fit_moments(&gen_scores)?
         } else {
             if options.genuine.is_some() {
-                notes.push(format!("{m}: only {} genuine pairs, kept the default genuine model", gen_scores.len()));
+                notes.push(format!(
+                    "{m}: only {} genuine pairs, kept the default genuine model",
+                    gen_scores.len()
+                ));
             }
             default.genuine
         };
@@ -475,7 +580,10 @@ pub fn fit_calibration(
         samples.impostor.push((m.key(), imp));
         samples.genuine.push((m.key(), gen_scores));
     }
-    Ok((Calibration::from_models(models, format!("fitted: {}", notes.join("; "))), samples))
+    Ok((
+        Calibration::from_models(models, format!("fitted: {}", notes.join("; "))),
+        samples,
+    ))
 }
 
 fn m_key(m: Modality) -> u8 {

@@ -210,7 +210,7 @@ pub enum EngineError {
         total_tiles: usize,
     },
     /// An ingest failed after validation; `committed` records were committed before the failure.
-    #[error("ingest stopped after committing {committed} of {total} records: {source}")]
+    #[error("ingest stopped after committing {committed} of {total} records")]
     Ingest {
         /// Records committed before the failure.
         committed: usize,

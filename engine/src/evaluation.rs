@@ -22,17 +22,41 @@ pub fn evaluate_run(
     let snap = engine.snapshot();
     let cal = engine.calibration();
     let live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
-    let subjects: Vec<String> = live.iter().map(|&r| snap.subject_id(r).to_string()).collect();
-    let pairs: Vec<ScoredPair> =
-        run.pairs.iter().map(|p| ScoredPair { a: p.a.clone(), b: p.b.clone(), score: p.score() }).collect();
-    let truth_rows: Vec<(usize, usize)> =
-        truth.iter().filter_map(|(a, b)| Some((snap.row_of(a)?, snap.row_of(b)?))).collect();
-    let truth_set: HashSet<(usize, usize)> = truth_rows.iter().map(|&(a, b)| (a.min(b), a.max(b))).collect();
-    let labels: Vec<String> = snap.schema().modalities.iter().map(|s| s.modality.key()).collect();
+    let subjects: Vec<String> = live
+        .iter()
+        .map(|&r| snap.subject_id(r).to_string())
+        .collect();
+    let pairs: Vec<ScoredPair> = run
+        .pairs
+        .iter()
+        .map(|p| ScoredPair {
+            a: p.a.clone(),
+            b: p.b.clone(),
+            score: p.score(),
+        })
+        .collect();
+    let truth_rows: Vec<(usize, usize)> = truth
+        .iter()
+        .filter_map(|(a, b)| Some((snap.row_of(a)?, snap.row_of(b)?)))
+        .collect();
+    let truth_set: HashSet<(usize, usize)> = truth_rows
+        .iter()
+        .map(|&(a, b)| (a.min(b), a.max(b)))
+        .collect();
+    let labels: Vec<String> = snap
+        .schema()
+        .modalities
+        .iter()
+        .map(|s| s.modality.key())
+        .collect();
 
     let collect = |rows: &[(usize, usize)]| -> (Vec<(String, Vec<f64>)>, Vec<f64>) {
-        let comps: Vec<_> = rows.par_iter().map(|&(a, b)| compare_rows(&snap, &cal, a, b)).collect();
-        let mut per: Vec<(String, Vec<f64>)> = labels.iter().map(|l| (l.clone(), Vec::new())).collect();
+        let comps: Vec<_> = rows
+            .par_iter()
+            .map(|&(a, b)| compare_rows(&snap, &cal, a, b))
+            .collect();
+        let mut per: Vec<(String, Vec<f64>)> =
+            labels.iter().map(|l| (l.clone(), Vec::new())).collect();
         let mut fused = Vec::with_capacity(comps.len());
         for c in &comps {
             for s in &c.modalities {
@@ -59,7 +83,10 @@ pub fn evaluate_run(
         let mut attempts = 0usize;
         while imp_rows.len() < impostor_pairs && attempts < impostor_pairs * 4 {
             attempts += 1;
-            let (a, b) = (live[(next() % live.len() as u64) as usize], live[(next() % live.len() as u64) as usize]);
+            let (a, b) = (
+                live[(next() % live.len() as u64) as usize],
+                live[(next() % live.len() as u64) as usize],
+            );
             if a != b && !truth_set.contains(&(a.min(b), a.max(b))) {
                 imp_rows.push((a, b));
             }
@@ -67,8 +94,10 @@ pub fn evaluate_run(
     }
     let (mut impostor, imp_fused) = collect(&imp_rows);
     impostor.push(("fused".to_string(), imp_fused.clone()));
-    let predicted: Vec<(f64, f64)> =
-        CHECK_THRESHOLDS.iter().map(|&t| (t, crate::fusion::fmr_from_score(t))).collect();
+    let predicted: Vec<(f64, f64)> = CHECK_THRESHOLDS
+        .iter()
+        .map(|&t| (t, crate::fusion::fmr_from_score(t)))
+        .collect();
 
     let input = EvalInput {
         subjects: &subjects,

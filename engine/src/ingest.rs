@@ -1,9 +1,9 @@
 //! Ingest of analysts' files into a store: validate everything first, then commit batch by batch.
 
-use crate::store::{ModalitySpec, Schema, Store, Template};
 use crate::EngineError;
-use pacha_datasets::ingest::{IngestSource, VectorFile};
+use crate::store::{ModalitySpec, Schema, Store, Template};
 use pacha_datasets::Modality;
+use pacha_datasets::ingest::{IngestSource, VectorFile};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -34,21 +34,35 @@ pub fn ingest(
     progress: &dyn Fn(&str, u64, u64),
 ) -> Result<IngestReport, EngineError> {
     if batch == 0 {
-        return Err(EngineError::InvalidArgument("batch size must be at least 1".into()));
+        return Err(EngineError::InvalidArgument(
+            "batch size must be at least 1".into(),
+        ));
     }
     let source = IngestSource::open(subjects, files)?;
     let n = source.len();
     progress("validate", 0, n as u64);
     source.validate_all()?;
     progress("validate", n as u64, n as u64);
-    let mut report = IngestReport { records: n, ..IngestReport::default() };
+    let mut report = IngestReport {
+        records: n,
+        ..IngestReport::default()
+    };
     let file_schema = Schema {
-        modalities: source.modalities().into_iter().map(|(modality, dim)| ModalitySpec { modality, dim }).collect(),
+        modalities: source
+            .modalities()
+            .into_iter()
+            .map(|(modality, dim)| ModalitySpec { modality, dim })
+            .collect(),
     };
     let store = if store_dir.join("MANIFEST").exists() {
         let s = Store::open(store_dir)?;
         for spec in &file_schema.modalities {
-            match s.schema().modalities.iter().find(|x| x.modality == spec.modality) {
+            match s
+                .schema()
+                .modalities
+                .iter()
+                .find(|x| x.modality == spec.modality)
+            {
                 Some(x) if x.dim == spec.dim => {}
                 Some(x) => {
                     return Err(EngineError::InvalidArgument(format!(
@@ -83,16 +97,25 @@ pub fn ingest(
         report.inserted += r.inserted;
         report.unchanged += r.unchanged;
         report.batches += 1;
-        progress("ingest", (report.inserted + report.unchanged) as u64, n as u64);
+        progress(
+            "ingest",
+            (report.inserted + report.unchanged) as u64,
+            n as u64,
+        );
     }
     Ok(report)
 }
 
 /// Reads probes for identification: row `i` of every file is one probe (all-zero rows are absent
 /// templates). `rows` selects rows (empty = all).
-pub fn read_probes(files: &[(Modality, PathBuf)], rows: &[u64]) -> Result<Vec<(u64, Vec<Template>)>, EngineError> {
-    let opened: Vec<(Modality, VectorFile)> =
-        files.iter().map(|(m, p)| Ok((*m, VectorFile::open(p)?))).collect::<Result<_, EngineError>>()?;
+pub fn read_probes(
+    files: &[(Modality, PathBuf)],
+    rows: &[u64],
+) -> Result<Vec<(u64, Vec<Template>)>, EngineError> {
+    let opened: Vec<(Modality, VectorFile)> = files
+        .iter()
+        .map(|(m, p)| Ok((*m, VectorFile::open(p)?)))
+        .collect::<Result<_, EngineError>>()?;
     let n = opened.first().map_or(0, |(_, f)| f.rows());
     for (m, f) in &opened {
         if f.rows() != n {
@@ -103,18 +126,28 @@ pub fn read_probes(files: &[(Modality, PathBuf)], rows: &[u64]) -> Result<Vec<(u
             )));
         }
     }
-    let wanted: Vec<u64> = if rows.is_empty() { (0..n).collect() } else { rows.to_vec() };
+    let wanted: Vec<u64> = if rows.is_empty() {
+        (0..n).collect()
+    } else {
+        rows.to_vec()
+    };
     let mut out = Vec::with_capacity(wanted.len());
     for r in wanted {
         if r >= n {
-            return Err(EngineError::InvalidArgument(format!("probe row {r} is beyond the {n} rows of the probe files")));
+            return Err(EngineError::InvalidArgument(format!(
+                "probe row {r} is beyond the {n} rows of the probe files"
+            )));
         }
         let mut templates = Vec::new();
         for (m, f) in &opened {
             let mut v = Vec::with_capacity(f.dim());
             f.read_rows(r, 1, &mut v)?;
             if v.iter().any(|x| *x != 0.0) {
-                templates.push(Template { modality: *m, vector: v, quality: 1.0 });
+                templates.push(Template {
+                    modality: *m,
+                    vector: v,
+                    quality: 1.0,
+                });
             }
         }
         out.push((r, templates));

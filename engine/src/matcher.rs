@@ -1,9 +1,9 @@
 //! Exact comparison of two enrolments: per-modality f32 cosines over the modalities both have, fused into one
 //! calibrated score (see [`crate::fusion`]).
 
+use crate::EngineError;
 use crate::fusion::{Calibration, FusedScore};
 use crate::store::{Schema, Snapshot, Template};
-use crate::EngineError;
 use pacha_datasets::Modality;
 use pacha_index::kernels::dot_f32;
 use serde::{Deserialize, Serialize};
@@ -45,36 +45,60 @@ impl Probe {
     pub fn new(name: &str, templates: &[Template], schema: &Schema) -> Result<Probe, EngineError> {
         let mut out: Vec<Option<Vec<f32>>> = vec![None; schema.modalities.len()];
         for t in templates {
-            let pos = schema.modalities.iter().position(|s| s.modality == t.modality).ok_or_else(|| {
-                EngineError::InvalidProbe {
+            let pos = schema
+                .modalities
+                .iter()
+                .position(|s| s.modality == t.modality)
+                .ok_or_else(|| EngineError::InvalidProbe {
                     probe: name.to_string(),
                     problem: format!("modality {} is not in the store's schema", t.modality),
-                }
-            })?;
+                })?;
             let dim = schema.modalities[pos].dim;
             let bad = |problem: String| EngineError::InvalidProbe {
                 probe: name.to_string(),
                 problem: format!("{}: {problem}", t.modality),
             };
             if t.vector.len() != dim {
-                return Err(bad(format!("dimension {} but the schema says {dim}", t.vector.len())));
+                return Err(bad(format!(
+                    "dimension {} but the schema says {dim}",
+                    t.vector.len()
+                )));
             }
             if out[pos].is_some() {
                 return Err(bad("given twice".into()));
             }
             if let Some(i) = t.vector.iter().position(|x| !x.is_finite()) {
-                return Err(bad(format!("value {} at position {i} is not finite", t.vector[i])));
+                return Err(bad(format!(
+                    "value {} at position {i} is not finite",
+                    t.vector[i]
+                )));
             }
-            let norm = t.vector.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+            let norm = t
+                .vector
+                .iter()
+                .map(|x| f64::from(*x) * f64::from(*x))
+                .sum::<f64>()
+                .sqrt();
             if norm == 0.0 || !norm.is_finite() {
                 return Err(bad("zero vector".into()));
             }
-            out[pos] = Some(t.vector.iter().map(|x| (f64::from(*x) / norm) as f32).collect());
+            out[pos] = Some(
+                t.vector
+                    .iter()
+                    .map(|x| (f64::from(*x) / norm) as f32)
+                    .collect(),
+            );
         }
         if out.iter().all(Option::is_none) {
-            return Err(EngineError::InvalidProbe { probe: name.to_string(), problem: "no templates".into() });
+            return Err(EngineError::InvalidProbe {
+                probe: name.to_string(),
+                problem: "no templates".into(),
+            });
         }
-        Ok(Probe { name: name.to_string(), templates: out })
+        Ok(Probe {
+            name: name.to_string(),
+            templates: out,
+        })
     }
 
     /// A probe made of a stored enrolment's templates.
@@ -85,7 +109,10 @@ impl Probe {
             .iter()
             .map(|s| snap.template(s.modality, row).map(<[f32]>::to_vec))
             .collect();
-        Probe { name: snap.subject_id(row).to_string(), templates }
+        Probe {
+            name: snap.subject_id(row).to_string(),
+            templates,
+        }
     }
 }
 
@@ -99,7 +126,10 @@ pub fn compare_probe(snap: &Snapshot, cal: &Calibration, probe: &Probe, row: usi
             push_score(cal, spec.modality, dot_f32(p, g), &mut modalities, &mut idx);
         }
     }
-    Comparison { fused: cal.fuse(&idx), modalities }
+    Comparison {
+        fused: cal.fuse(&idx),
+        modalities,
+    }
 }
 
 /// Compares two stored rows: exact cosines over shared modalities, fused.
@@ -108,11 +138,40 @@ pub fn compare_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> C
     let mut modalities = Vec::with_capacity(schema.modalities.len());
     let mut idx = Vec::with_capacity(schema.modalities.len());
     for spec in &schema.modalities {
-        if let (Some(x), Some(y)) = (snap.template(spec.modality, a), snap.template(spec.modality, b)) {
+        if let (Some(x), Some(y)) = (
+            snap.template(spec.modality, a),
+            snap.template(spec.modality, b),
+        ) {
             push_score(cal, spec.modality, dot_f32(x, y), &mut modalities, &mut idx);
         }
     }
-    Comparison { fused: cal.fuse(&idx), modalities }
+    Comparison {
+        fused: cal.fuse(&idx),
+        modalities,
+    }
+}
+
+/// The fused score of two stored rows without building a [`Comparison`] (no allocation): the hot path of
+/// dedup, which builds the full evidence only for pairs that pass.
+pub fn fused_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> FusedScore {
+    let mut idx = [(0usize, 0f32); crate::fusion::MAX_MODALITIES];
+    let mut n = 0;
+    for spec in snap
+        .schema()
+        .modalities
+        .iter()
+        .take(crate::fusion::MAX_MODALITIES)
+    {
+        if let (Some(x), Some(y), Some(pos)) = (
+            snap.template(spec.modality, a),
+            snap.template(spec.modality, b),
+            cal.position(spec.modality),
+        ) {
+            idx[n] = (pos, dot_f32(x, y));
+            n += 1;
+        }
+    }
+    cal.fuse(&idx[..n])
 }
 
 fn push_score(
@@ -127,5 +186,9 @@ fn push_score(
         None => return,
     };
     idx.push((pos, cosine));
-    modalities.push(ModalityScore { modality: m, cosine, llr });
+    modalities.push(ModalityScore {
+        modality: m,
+        cosine,
+        llr,
+    });
 }

@@ -27,17 +27,33 @@ struct SummaryFile {
 
 /// Quotes a CSV field when needed.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 /// Writes a run's files into `dir` (created if needed).
 pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
-    let modalities: Vec<String> = r.summary.candidate_cosines.iter().map(|(m, _)| m.clone()).collect();
+    let modalities: Vec<String> = r
+        .summary
+        .candidate_cosines
+        .iter()
+        .map(|(m, _)| m.clone())
+        .collect();
 
     let p = dir.join("hits.csv");
-    let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
-    let mut header = vec!["subject_a".to_string(), "subject_b".into(), "score".into(), "llr".into(), "fmr".into()];
+    let mut w =
+        BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
+    let mut header = vec![
+        "subject_a".to_string(),
+        "subject_b".into(),
+        "score".into(),
+        "llr".into(),
+        "fmr".into(),
+    ];
     header.extend(modalities.iter().map(|m| format!("{m}_cosine")));
     header.push("is_hit".into());
     writeln!(w, "{}", header.join(",")).map_err(|e| EngineError::io("writing", &p, e))?;
@@ -50,7 +66,11 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
             format!("{:e}", pair.comparison.fused.fmr),
         ];
         for m in &modalities {
-            let c = pair.comparison.modalities.iter().find(|s| &s.modality.key() == m);
+            let c = pair
+                .comparison
+                .modalities
+                .iter()
+                .find(|s| &s.modality.key() == m);
             row.push(c.map_or(String::new(), |c| format!("{:.5}", c.cosine)));
         }
         row.push((pair.score() >= r.threshold).to_string());
@@ -59,15 +79,19 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     w.flush().map_err(|e| EngineError::io("writing", &p, e))?;
 
     let p = dir.join("hits.jsonl");
-    let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
+    let mut w =
+        BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
     for pair in &r.pairs {
-        serde_json::to_writer(&mut w, pair).map_err(|e| EngineError::io("writing", &p, e.into()))?;
-        w.write_all(b"\n").map_err(|e| EngineError::io("writing", &p, e))?;
+        serde_json::to_writer(&mut w, pair)
+            .map_err(|e| EngineError::io("writing", &p, e.into()))?;
+        w.write_all(b"\n")
+            .map_err(|e| EngineError::io("writing", &p, e))?;
     }
     w.flush().map_err(|e| EngineError::io("writing", &p, e))?;
 
     let p = dir.join("clusters.csv");
-    let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
+    let mut w =
+        BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
     writeln!(w, "cluster,subject_id").map_err(|e| EngineError::io("writing", &p, e))?;
     for (i, c) in r.clusters.iter().enumerate() {
         for id in c {
@@ -79,10 +103,13 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     let s = SummaryFile {
         threshold: r.threshold,
         summary: r.summary.clone(),
-        files: ["hits.csv", "hits.jsonl", "clusters.csv"].map(String::from).to_vec(),
+        files: ["hits.csv", "hits.jsonl", "clusters.csv"]
+            .map(String::from)
+            .to_vec(),
     };
     let p = dir.join("summary.json");
-    let bytes = serde_json::to_vec_pretty(&s).map_err(|e| EngineError::io("writing", &p, e.into()))?;
+    let bytes =
+        serde_json::to_vec_pretty(&s).map_err(|e| EngineError::io("writing", &p, e.into()))?;
     crate::fsutil::write_atomic(&p, &bytes)
 }
 
@@ -90,8 +117,10 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
 pub fn read_run(dir: &Path) -> Result<RunData, EngineError> {
     let p = dir.join("summary.json");
     let bytes = std::fs::read(&p).map_err(|e| EngineError::io("reading", &p, e))?;
-    let s: SummaryFile =
-        serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+    let s: SummaryFile = serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
     let p = dir.join("hits.jsonl");
     let f = std::fs::File::open(&p).map_err(|e| EngineError::io("reading", &p, e))?;
     let mut pairs = Vec::new();
@@ -100,9 +129,15 @@ pub fn read_run(dir: &Path) -> Result<RunData, EngineError> {
         if line.trim().is_empty() {
             continue;
         }
-        let pair: DedupPair = serde_json::from_str(&line)
-            .map_err(|e| EngineError::Corrupt { path: p.clone(), reason: format!("line {}: {e}", i + 1) })?;
+        let pair: DedupPair = serde_json::from_str(&line).map_err(|e| EngineError::Corrupt {
+            path: p.clone(),
+            reason: format!("line {}: {e}", i + 1),
+        })?;
         pairs.push(pair);
     }
-    Ok(RunData { threshold: s.threshold, pairs, summary: s.summary })
+    Ok(RunData {
+        threshold: s.threshold,
+        pairs,
+        summary: s.summary,
+    })
 }

@@ -1,1 +1,149 @@
-//! placeholder
+//! Shared helpers of pacha's end-to-end tests: generated populations with ground truth, stores built from
+//! them, and the path of the built `pacha` binary.
+// Test support: a failed setup step is a test failure, so panicking with a message is the right behaviour.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use pacha_datasets::generate::{Generator, PopulationConfig};
+use pacha_engine::store::{ModalitySpec, Schema};
+use pacha_engine::{Engine, Modality};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// A generated population loaded into an engine, with its ground truth.
+pub struct Loaded {
+    /// The engine over the store.
+    pub engine: Engine,
+    /// Ground-truth duplicate pairs as subject IDs (a < b in record order).
+    pub truth: Vec<(String, String)>,
+}
+
+impl Loaded {
+    /// Truth pairs as an unordered set.
+    pub fn truth_set(&self) -> HashSet<(String, String)> {
+        self.truth.iter().map(|(a, b)| ordered(a, b)).collect()
+    }
+}
+
+/// The pair with the smaller ID first.
+pub fn ordered(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+/// The default test population configuration: structured, face 512 + fingers 2 and 7 at 256, 1 % duplicates.
+pub fn config(records: u64, seed: u64) -> PopulationConfig {
+    PopulationConfig {
+        records,
+        seed,
+        ..PopulationConfig::default()
+    }
+}
+
+/// Generates `cfg` straight into a new engine in `dir` (no intermediate files), keeping only `keep`
+/// modalities (all when `None`).
+pub fn load(dir: &Path, cfg: &PopulationConfig, keep: Option<&[Modality]>) -> Loaded {
+    let g = Generator::new(cfg.clone()).expect("valid config");
+    let kept = |m: Modality| keep.is_none_or(|k| k.contains(&m));
+    let schema = Schema {
+        modalities: g
+            .modalities()
+            .into_iter()
+            .filter(|(m, _)| kept(*m))
+            .map(|(modality, dim)| ModalitySpec { modality, dim })
+            .collect(),
+    };
+    let engine = Engine::create(dir, schema).expect("create engine");
+    for mut b in g.batches(4096) {
+        b.records.blocks.retain(|blk| kept(blk.modality));
+        // A record left without any template (possible when modalities are dropped) is not enrollable.
+        let keep_rows: Vec<bool> = (0..b.records.len())
+            .map(|i| b.records.blocks.iter().any(|blk| blk.present[i]))
+            .collect();
+        if keep_rows.iter().all(|&k| k) {
+            engine.insert_records(&b.records).expect("insert");
+        } else {
+            engine
+                .insert_records(&filter_rows(&b.records, &keep_rows))
+                .expect("insert");
+        }
+    }
+    let snap = engine.snapshot();
+    let truth = g
+        .truth_pairs()
+        .into_iter()
+        .map(|t| (g.subject_id(t.a), g.subject_id(t.b)))
+        .filter(|(a, b)| snap.row_of(a).is_some() && snap.row_of(b).is_some())
+        .collect();
+    Loaded { engine, truth }
+}
+
+/// Keeps the rows of `b` where `keep` is true.
+pub fn filter_rows(b: &pacha_datasets::RecordBatch, keep: &[bool]) -> pacha_datasets::RecordBatch {
+    let idx: Vec<usize> = (0..b.len()).filter(|&i| keep[i]).collect();
+    pacha_datasets::RecordBatch {
+        ids: idx.iter().map(|&i| b.ids[i].clone()).collect(),
+        blocks: b
+            .blocks
+            .iter()
+            .map(|blk| pacha_datasets::ModalityBlock {
+                modality: blk.modality,
+                dim: blk.dim,
+                data: idx
+                    .iter()
+                    .flat_map(|&i| blk.row(i).iter().copied())
+                    .collect(),
+                present: idx.iter().map(|&i| blk.present[i]).collect(),
+                quality: idx.iter().map(|&i| blk.quality[i]).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The `pacha` binary built by `cargo test --workspace` (pacha-cli's integration tests make cargo build it).
+pub fn pacha_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/pacha
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let bin = dir.join(format!("pacha{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not found: run the suite with `cargo test --workspace` so the pacha binary is built",
+        bin.display()
+    );
+    bin
+}
+
+/// Loads only the first `n` records of `cfg`'s population (all modalities) and returns the generator, so a
+/// test can insert later records of the same population itself.
+pub fn load_first(dir: &Path, cfg: &PopulationConfig, n: u64) -> (Loaded, Generator) {
+    let g = Generator::new(cfg.clone()).expect("valid config");
+    let schema = Schema {
+        modalities: g
+            .modalities()
+            .into_iter()
+            .map(|(modality, dim)| ModalitySpec { modality, dim })
+            .collect(),
+    };
+    let engine = Engine::create(dir, schema).expect("create engine");
+    let mut start = 0;
+    while start < n {
+        let count = (n - start).min(4096) as usize;
+        engine
+            .insert_records(&g.generate(start, count).records)
+            .expect("insert");
+        start += count as u64;
+    }
+    let truth = g
+        .truth_pairs()
+        .into_iter()
+        .filter(|t| t.b < n)
+        .map(|t| (g.subject_id(t.a), g.subject_id(t.b)))
+        .collect();
+    (Loaded { engine, truth }, g)
+}

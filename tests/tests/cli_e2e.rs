@@ -1,0 +1,342 @@
+//! End-to-end runs of the built `pacha` binary: generate → ingest → index → calibrate → dedup → eval →
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+//! report, `--json` output shapes, exit codes, and bad-input messages.
+
+use pacha_tests::pacha_bin;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(pacha_bin())
+        .args(args)
+        .output()
+        .expect("run pacha")
+}
+
+fn json_of(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no stdout; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "pacha {args:?} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn full_pipeline_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pop, store, run_dir) = (
+        dir.path().join("pop"),
+        dir.path().join("store"),
+        dir.path().join("run"),
+    );
+    let g = ok_json(&[
+        "--json",
+        "generate",
+        "--out",
+        s(&pop),
+        "--records",
+        "3000",
+        "--seed",
+        "5",
+    ]);
+    assert_eq!(g["command"], "generate");
+    assert_eq!(g["records"], 3000);
+    let planted = g["truth_pairs"].as_u64().unwrap();
+    assert!(
+        planted > 20,
+        "3000 records at 1 % should plant some duplicate pairs, got {planted}"
+    );
+    for f in [
+        "face.npy",
+        "finger2.npy",
+        "finger7.npy",
+        "subjects.csv",
+        "truth.csv",
+        "population.json",
+    ] {
+        assert!(pop.join(f).exists(), "generate did not write {f}");
+    }
+
+    let i = ok_json(&[
+        "--json",
+        "ingest",
+        "--store",
+        s(&store),
+        "--face",
+        s(&pop.join("face.npy")),
+        "--finger",
+        &format!("2={}", s(&pop.join("finger2.npy"))),
+        "--finger",
+        &format!("7={}", s(&pop.join("finger7.npy"))),
+        "--subjects",
+        s(&pop.join("subjects.csv")),
+        "--batch",
+        "700",
+    ]);
+    assert_eq!(i["report"]["inserted"], 3000);
+    assert_eq!(i["report"]["batches"], 5);
+    // Ingesting the same files again is idempotent.
+    let again = ok_json(&[
+        "--json",
+        "ingest",
+        "--store",
+        s(&store),
+        "--face",
+        s(&pop.join("face.npy")),
+        "--finger",
+        &format!("2={}", s(&pop.join("finger2.npy"))),
+        "--finger",
+        &format!("7={}", s(&pop.join("finger7.npy"))),
+        "--subjects",
+        s(&pop.join("subjects.csv")),
+    ]);
+    assert_eq!(again["report"]["inserted"], 0);
+    assert_eq!(again["report"]["unchanged"], 3000);
+
+    let info = ok_json(&["--json", "info", "--store", s(&store)]);
+    assert_eq!(info["info"]["live"], 3000);
+    assert_eq!(
+        info["info"]["schema"]["modalities"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let idx = ok_json(&["--json", "index", "--store", s(&store)]);
+    assert_eq!(idx["indexed_rows"], 3000);
+    let cal = ok_json(&[
+        "--json",
+        "calibrate",
+        "--store",
+        s(&store),
+        "--pairs",
+        "50000",
+        "--truth",
+        s(&pop.join("truth.csv")),
+    ]);
+    assert!(cal["source"].as_str().unwrap().starts_with("fitted"));
+
+    let d = ok_json(&[
+        "--json",
+        "dedup",
+        "--store",
+        s(&store),
+        "--out",
+        s(&run_dir),
+        "--floor",
+        "40",
+        "--mode",
+        "index",
+    ]);
+    assert_eq!(d["summary"]["mode"], "Index");
+    let hits = d["summary"]["hits"].as_u64().unwrap();
+    assert!(
+        hits >= planted * 95 / 100,
+        "{hits} hits for {planted} planted pairs"
+    );
+    for f in ["hits.csv", "hits.jsonl", "clusters.csv", "summary.json"] {
+        assert!(run_dir.join(f).exists(), "dedup did not write {f}");
+    }
+    let csv = std::fs::read_to_string(run_dir.join("hits.csv")).unwrap();
+    assert!(csv.starts_with(
+        "subject_a,subject_b,score,llr,fmr,face_cosine,finger2_cosine,finger7_cosine,is_hit"
+    ));
+
+    let e = ok_json(&[
+        "--json",
+        "eval",
+        "--store",
+        s(&store),
+        "--run",
+        s(&run_dir),
+        "--truth",
+        s(&pop.join("truth.csv")),
+    ]);
+    let recall = e["eval"]["pair_recall"].as_f64().unwrap();
+    assert!(recall >= 0.95, "pair recall {recall}");
+    assert_eq!(e["eval"]["fnir_at_fpir"].as_array().unwrap().len(), 3);
+
+    let html = dir.path().join("report.html");
+    ok_json(&[
+        "--json",
+        "report",
+        "--eval",
+        s(&run_dir.join("eval.json")),
+        "--out",
+        s(&html),
+    ]);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("id=\"det\"") && page.contains("<svg"),
+        "report lacks the DET plot"
+    );
+
+    // verify: a planted pair matches.
+    let truth = std::fs::read_to_string(pop.join("truth.csv")).unwrap();
+    let first = truth.lines().nth(1).unwrap();
+    let ids: Vec<&str> = first.split(',').collect();
+    let v = ok_json(&["--json", "verify", "--store", s(&store), ids[0], ids[1]]);
+    assert_eq!(v["result"]["is_match"], true);
+
+    // identify: probe row = record ids[1]'s row in the population files finds ids[0].
+    let row: usize = ids[1].trim_start_matches('P').parse().unwrap();
+    let idf = ok_json(&[
+        "--json",
+        "identify",
+        "--store",
+        s(&store),
+        "--face",
+        s(&pop.join("face.npy")),
+        "--rows",
+        &row.to_string(),
+    ]);
+    let cands: Vec<String> = idf["probes"][0]["result"]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["subject_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        cands.contains(&ids[0].to_string()),
+        "identify of {} did not return {}: {cands:?}",
+        ids[1],
+        ids[0]
+    );
+
+    // delete, then check is clean (exit 0).
+    let del = ok_json(&["--json", "delete", "--store", s(&store), ids[0], "NOBODY"]);
+    assert_eq!(del["deleted"].as_array().unwrap().len(), 1);
+    assert_eq!(del["not_enrolled"][0], "NOBODY");
+    let c = ok_json(&["--json", "check", "--store", s(&store)]);
+    assert_eq!(c["ok"], true);
+
+    // Corrupt a data byte: check exits 1 and names the file.
+    let f32_file = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("face") && p.extension().is_some_and(|x| x == "f32"))
+        .expect("face f32 file");
+    let mut bytes = std::fs::read(&f32_file).unwrap();
+    let n = bytes.len();
+    bytes[n - 7] ^= 0x40;
+    std::fs::write(&f32_file, bytes).unwrap();
+    let out = run(&["--json", "check", "--store", s(&store)]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check of a corrupt store must exit 1"
+    );
+    let j = json_of(&out);
+    assert_eq!(j["ok"], false);
+    let name = f32_file.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        j["problems"].to_string().contains(&name),
+        "problems do not name {name}: {}",
+        j["problems"]
+    );
+}
+
+#[test]
+fn bad_input_gives_exit_2_and_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // Missing file.
+    let out = run(&[
+        "ingest",
+        "--store",
+        s(&store),
+        "--face",
+        "/nonexistent/face.npy",
+        "--subjects",
+        "/nonexistent/s.csv",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/"),
+        "error does not name the missing file: {err}"
+    );
+    // Not a store.
+    let out = run(&["info", "--store", s(dir.path())]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MANIFEST"));
+    // Wrong dimension: a store made with 512-d faces, then a 128-d face file.
+    let pop = dir.path().join("pop");
+    ok_json(&["--json", "generate", "--out", s(&pop), "--records", "200"]);
+    ok_json(&[
+        "--json",
+        "ingest",
+        "--store",
+        s(&store),
+        "--face",
+        s(&pop.join("face.npy")),
+        "--finger",
+        &format!("2={}", s(&pop.join("finger2.npy"))),
+        "--finger",
+        &format!("7={}", s(&pop.join("finger7.npy"))),
+        "--subjects",
+        s(&pop.join("subjects.csv")),
+    ]);
+    let small = dir.path().join("small");
+    ok_json(&[
+        "--json",
+        "generate",
+        "--out",
+        s(&small),
+        "--records",
+        "200",
+        "--face-dim",
+        "128",
+        "--seed",
+        "9",
+    ]);
+    let out = run(&[
+        "--json",
+        "ingest",
+        "--store",
+        s(&store),
+        "--face",
+        s(&small.join("face.npy")),
+        "--subjects",
+        s(&small.join("subjects.csv")),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let j = json_of(&out);
+    assert!(
+        j["error"].as_str().unwrap().contains("dimension 128"),
+        "{j}"
+    );
+    // Bad finger spec.
+    let out = run(&[
+        "ingest",
+        "--store",
+        s(&store),
+        "--finger",
+        "eleven=x.npy",
+        "--subjects",
+        "x.csv",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("eleven"));
+}
