@@ -1,20 +1,20 @@
 //! pacha-engine: the registry. Durable memory-mapped template store, matcher, fusion, batch
 //! deduplication and the `Engine` facade the registry calls.
 //!
-//! ```no_run
+//! ```
 //! use pacha_engine::{Engine, Modality};
 //! use pacha_engine::engine::IdentifyOptions;
 //! use pacha_engine::store::{Enrolment, ModalitySpec, Schema, Template};
 //!
 //! # fn main() -> Result<(), pacha_engine::EngineError> {
 //! let schema = Schema { modalities: vec![ModalitySpec { modality: Modality::Face, dim: 4 }] };
-//! let engine = Engine::create(std::path::Path::new("/tmp/registry"), schema)?;
+//! let dir = tempfile::tempdir().map_err(|e| pacha_engine::EngineError::InvalidArgument(e.to_string()))?;
+//! let engine = Engine::create(dir.path(), schema)?;
 //! let face = |v: [f32; 4]| vec![Template { modality: Modality::Face, vector: v.to_vec(), quality: 0.9 }];
 //! engine.insert(&Enrolment { subject_id: "UPI-1".into(), templates: face([1.0, 0.1, 0.0, 0.0]) })?; // durable now
 //! let result = engine.identify(&face([1.0, 0.1, 0.0, 0.01]), &IdentifyOptions::default())?;
-//! for c in &result.candidates {
-//!     println!("{} score {:.1}", c.subject_id, c.comparison.fused.score);
-//! }
+//! assert_eq!(result.candidates[0].subject_id, "UPI-1");
+//! assert!(result.candidates[0].comparison.fused.score > result.threshold);
 //! # Ok(())
 //! # }
 //! ```
