@@ -319,17 +319,11 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
             r.threshold
         ));
         for c in &r.candidates {
-            let mods: Vec<String> = c
-                .comparison
-                .modalities
-                .iter()
-                .map(|m| format!("{}={:.3}", m.modality, m.cosine))
-                .collect();
             ui.out(format!(
                 "  {:<20} score {:6.1}  {}",
                 c.subject_id,
                 c.comparison.fused.score,
-                mods.join(" ")
+                cosines(&c.comparison)
             ));
         }
         all.push(json!({"probe_row": row, "result": r}));
@@ -338,21 +332,25 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
     Ok(())
 }
 
-fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
-    let engine = open(&a.store)?;
-    let r = engine.verify(&a.a, &a.b, Some(a.threshold))?;
-    let mods: Vec<String> = r
-        .comparison
+/// Per-modality cosines of a comparison, e.g. `face=0.712 finger2=0.455`.
+fn cosines(c: &pacha_engine::matcher::Comparison) -> String {
+    let parts: Vec<String> = c
         .modalities
         .iter()
         .map(|m| format!("{}={:.3}", m.modality, m.cosine))
         .collect();
+    parts.join(" ")
+}
+
+fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
+    let r = engine.verify(&a.a, &a.b, Some(a.threshold))?;
     ui.out(format!(
         "{} vs {}: score {:.1} ({}) -> {}",
         a.a,
         a.b,
         r.comparison.fused.score,
-        mods.join(" "),
+        cosines(&r.comparison),
         if r.is_match { "MATCH" } else { "no match" }
     ));
     ui.json_out(&json!({"command": "verify", "a": a.a, "b": a.b, "result": r}));

@@ -40,6 +40,26 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `pacha --json ingest` of a generated population's three modality files into `store`.
+fn ingest_population(store: &Path, pop: &Path, extra: &[&str]) -> Value {
+    let (face, subjects) = (pop.join("face.npy"), pop.join("subjects.csv"));
+    let (f2, f7) = (
+        format!("2={}", s(&pop.join("finger2.npy"))),
+        format!("7={}", s(&pop.join("finger7.npy"))),
+    );
+    let mut args = vec!["--json", "ingest", "--store", s(store), "--face", s(&face)];
+    args.extend([
+        "--finger",
+        f2.as_str(),
+        "--finger",
+        f7.as_str(),
+        "--subjects",
+        s(&subjects),
+    ]);
+    args.extend_from_slice(extra);
+    ok_json(&args)
+}
+
 #[test]
 fn full_pipeline_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,39 +96,11 @@ fn full_pipeline_through_the_cli() {
         assert!(pop.join(f).exists(), "generate did not write {f}");
     }
 
-    let i = ok_json(&[
-        "--json",
-        "ingest",
-        "--store",
-        s(&store),
-        "--face",
-        s(&pop.join("face.npy")),
-        "--finger",
-        &format!("2={}", s(&pop.join("finger2.npy"))),
-        "--finger",
-        &format!("7={}", s(&pop.join("finger7.npy"))),
-        "--subjects",
-        s(&pop.join("subjects.csv")),
-        "--batch",
-        "700",
-    ]);
+    let i = ingest_population(&store, &pop, &["--batch", "700"]);
     assert_eq!(i["report"]["inserted"], 3000);
     assert_eq!(i["report"]["batches"], 5);
     // Ingesting the same files again is idempotent.
-    let again = ok_json(&[
-        "--json",
-        "ingest",
-        "--store",
-        s(&store),
-        "--face",
-        s(&pop.join("face.npy")),
-        "--finger",
-        &format!("2={}", s(&pop.join("finger2.npy"))),
-        "--finger",
-        &format!("7={}", s(&pop.join("finger7.npy"))),
-        "--subjects",
-        s(&pop.join("subjects.csv")),
-    ]);
+    let again = ingest_population(&store, &pop, &[]);
     assert_eq!(again["report"]["inserted"], 0);
     assert_eq!(again["report"]["unchanged"], 3000);
 
@@ -284,20 +276,7 @@ fn bad_input_gives_exit_2_and_a_clear_message() {
     // Wrong dimension: a store made with 512-d faces, then a 128-d face file.
     let pop = dir.path().join("pop");
     ok_json(&["--json", "generate", "--out", s(&pop), "--records", "200"]);
-    ok_json(&[
-        "--json",
-        "ingest",
-        "--store",
-        s(&store),
-        "--face",
-        s(&pop.join("face.npy")),
-        "--finger",
-        &format!("2={}", s(&pop.join("finger2.npy"))),
-        "--finger",
-        &format!("7={}", s(&pop.join("finger7.npy"))),
-        "--subjects",
-        s(&pop.join("subjects.csv")),
-    ]);
+    ingest_population(&store, &pop, &[]);
     let small = dir.path().join("small");
     ok_json(&[
         "--json",
