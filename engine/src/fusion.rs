@@ -583,7 +583,8 @@ impl Calibration {
 
 /// Calibrated score of a false-match rate: `-10·log10(fmr)`.
 pub fn score_from_fmr(fmr: f64) -> f64 {
-    -10.0 * fmr.clamp(MIN_FMR, 1.0).log10()
+    // `max(0.0)` also turns the -0.0 of FMR = 1 into 0.
+    (-10.0 * fmr.clamp(MIN_FMR, 1.0).log10()).max(0.0)
 }
 
 /// False-match rate of a calibrated score.
@@ -733,6 +734,17 @@ mod tests {
         for ci in c.iter().flatten() {
             assert!(*ci > 0.2, "{c:?}");
         }
+    }
+
+    #[test]
+    fn score_scale_is_non_negative_and_inverts() {
+        assert_eq!(
+            score_from_fmr(1.0).to_bits(),
+            0.0f64.to_bits(),
+            "FMR 1 is score +0, not -0"
+        );
+        assert!((score_from_fmr(1e-6) - 60.0).abs() < 1e-9);
+        assert!((fmr_from_score(score_from_fmr(3.7e-9)) - 3.7e-9).abs() < 1e-20);
     }
 
     #[test]
