@@ -29,7 +29,7 @@
 use crate::EngineError;
 use pacha_datasets::Modality;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 /// Grid step for the fused-LLR distributions, in nats.
 pub const GRID_STEP: f64 = 0.02;
@@ -375,7 +375,7 @@ pub struct Calibration {
     pub source: String,
     /// Fused-LLR survival functions, one lazily built slot per modality subset (lock-free once built).
     #[serde(skip)]
-    cache: OnceLock<Vec<OnceLock<Arc<Survival>>>>,
+    cache: OnceLock<Vec<OnceLock<Survival>>>,
 }
 
 impl Clone for Calibration {
@@ -439,12 +439,15 @@ impl Calibration {
             .map(|(_, model)| model)
     }
 
-    fn survival(&self, mask: u32) -> Arc<Survival> {
+    /// The survival function of the fused LLR over the modalities in `mask` (bits index `models`, only the
+    /// first [`MAX_MODALITIES`] count), built on first use and shared without locking or reference counting.
+    fn survival(&self, mask: u32) -> &Survival {
         let n = self.models.len().min(MAX_MODALITIES);
+        let mask = mask & ((1u32 << n) - 1);
         let slots = self
             .cache
             .get_or_init(|| (0..1usize << n).map(|_| OnceLock::new()).collect());
-        let build = || {
+        slots[mask as usize].get_or_init(|| {
             let mut pmf: Option<Pmf> = None;
             for (i, (_, model)) in self.models.iter().enumerate().take(n) {
                 if mask & (1 << i) != 0 {
@@ -455,15 +458,11 @@ impl Calibration {
                     });
                 }
             }
-            Arc::new(pmf.map(|p| p.survival()).unwrap_or(Survival {
+            pmf.map(|p| p.survival()).unwrap_or(Survival {
                 offset: 0,
                 sf: vec![1.0],
-            }))
-        };
-        match slots.get(mask as usize) {
-            Some(slot) => slot.get_or_init(build).clone(),
-            None => build(),
-        }
+            })
+        })
     }
 
     /// Fuses per-modality cosines (by model index) into the fused LLR and the calibrated score.
@@ -472,6 +471,9 @@ impl Calibration {
         let mut mask = 0u32;
         let mut llr = 0.0;
         for &(i, s) in cosines {
+            if i >= MAX_MODALITIES {
+                continue;
+            }
             if let Some((_, model)) = self.models.get(i) {
                 mask |= 1 << i;
                 llr += model.llr(f64::from(s));
