@@ -11,7 +11,7 @@ use pacha_engine::dedup::DedupOptions;
 use pacha_engine::engine::CalibrateOptions;
 use pacha_engine::fusion::{Calibration, threshold_for_fpir};
 use pacha_engine::matcher::fused_rows;
-use pacha_engine::store::{ModalitySpec, Schema};
+use pacha_engine::store::Schema;
 use pacha_engine::{Engine, Modality};
 use std::hint::black_box;
 
@@ -23,13 +23,7 @@ fn population(rows: u64) -> (tempfile::TempDir, Engine) {
         ..PopulationConfig::default()
     })
     .unwrap();
-    let schema = Schema {
-        modalities: g
-            .modalities()
-            .into_iter()
-            .map(|(modality, dim)| ModalitySpec { modality, dim })
-            .collect(),
-    };
+    let schema = Schema::of(g.modalities());
     let engine = Engine::create(dir.path(), schema).unwrap();
     for b in g.batches(4096) {
         engine.insert_records(&b.records).unwrap();

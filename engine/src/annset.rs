@@ -126,12 +126,7 @@ impl AnnSet {
     pub fn save(&self, dir: &Path, snap: &Snapshot) -> Result<(), EngineError> {
         Self::remove(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
-        let mods: Vec<String> = snap
-            .schema()
-            .modalities
-            .iter()
-            .map(|s| s.modality.key())
-            .collect();
+        let mods: Vec<String> = snap.schema().keys();
         for (ivf, key) in self.ivf.iter().zip(&mods) {
             if let Some(ivf) = ivf {
                 ivf.save(&dir.join(format!("{key}.ivf")))?;
@@ -161,12 +156,7 @@ impl AnnSet {
             path: p.clone(),
             reason: e.to_string(),
         })?;
-        let mods: Vec<String> = snap
-            .schema()
-            .modalities
-            .iter()
-            .map(|s| s.modality.key())
-            .collect();
+        let mods: Vec<String> = snap.schema().keys();
         if meta.generation != snap.generation()
             || meta.rows > snap.rows()
             || meta.modalities != mods

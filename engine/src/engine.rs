@@ -135,7 +135,7 @@ impl Engine {
     /// Creates a new registry in `dir` with `schema`.
     pub fn create(dir: &Path, schema: Schema) -> Result<Engine, EngineError> {
         let store = Store::create(dir, schema)?;
-        let cal = Calibration::defaults(&modalities(store.schema()));
+        let cal = Calibration::defaults(&store.schema().modality_list());
         Ok(Engine {
             store,
             calibration: RwLock::new(Arc::new(cal)),
@@ -146,7 +146,7 @@ impl Engine {
     /// Opens an existing registry: validates the store, loads the calibration and the ANN index if present.
     pub fn open(dir: &Path) -> Result<Engine, EngineError> {
         let store = Store::open(dir)?;
-        let mods = modalities(store.schema());
+        let mods = store.schema().modality_list();
         let cal_path = dir.join(ENGINE_DIR).join(CALIBRATION_FILE);
         let cal = match std::fs::read(&cal_path) {
             Ok(bytes) => {
@@ -475,10 +475,6 @@ impl Engine {
             simd: pacha_index::kernels::simd_level().to_string(),
         }
     }
-}
-
-fn modalities(schema: &Schema) -> Vec<Modality> {
-    schema.modalities.iter().map(|s| s.modality).collect()
 }
 
 fn modalities_of(cal: &Calibration) -> Vec<Modality> {

@@ -43,12 +43,7 @@ pub fn evaluate_run(
         .iter()
         .map(|&(a, b)| (a.min(b), a.max(b)))
         .collect();
-    let labels: Vec<String> = snap
-        .schema()
-        .modalities
-        .iter()
-        .map(|s| s.modality.key())
-        .collect();
+    let labels: Vec<String> = snap.schema().keys();
 
     let collect = |rows: &[(usize, usize)]| -> (Vec<(String, Vec<f64>)>, Vec<f64>) {
         let comps: Vec<_> = rows

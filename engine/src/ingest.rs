@@ -1,7 +1,7 @@
 //! Ingest of analysts' files into a store: validate everything first, then commit batch by batch.
 
 use crate::EngineError;
-use crate::store::{ModalitySpec, Schema, Store, Template};
+use crate::store::{Schema, Store, Template};
 use pacha_datasets::Modality;
 use pacha_datasets::ingest::{IngestSource, VectorFile};
 use serde::{Deserialize, Serialize};
@@ -47,13 +47,7 @@ pub fn ingest(
         records: n,
         ..IngestReport::default()
     };
-    let file_schema = Schema {
-        modalities: source
-            .modalities()
-            .into_iter()
-            .map(|(modality, dim)| ModalitySpec { modality, dim })
-            .collect(),
-    };
+    let file_schema = Schema::of(source.modalities());
     let store = if store_dir.join("MANIFEST").exists() {
         let s = Store::open(store_dir)?;
         for spec in &file_schema.modalities {

@@ -4,7 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use pacha_datasets::generate::{Generator, PopulationConfig};
-use pacha_engine::store::{ModalitySpec, Schema};
+use pacha_engine::store::Schema;
 use pacha_engine::{Engine, Modality};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -47,14 +47,7 @@ pub fn config(records: u64, seed: u64) -> PopulationConfig {
 pub fn load(dir: &Path, cfg: &PopulationConfig, keep: Option<&[Modality]>) -> Loaded {
     let g = Generator::new(cfg.clone()).expect("valid config");
     let kept = |m: Modality| keep.is_none_or(|k| k.contains(&m));
-    let schema = Schema {
-        modalities: g
-            .modalities()
-            .into_iter()
-            .filter(|(m, _)| kept(*m))
-            .map(|(modality, dim)| ModalitySpec { modality, dim })
-            .collect(),
-    };
+    let schema = Schema::of(g.modalities().into_iter().filter(|(m, _)| kept(*m)));
     let engine = Engine::create(dir, schema).expect("create engine");
     for mut b in g.batches(4096) {
         b.records.blocks.retain(|blk| kept(blk.modality));
@@ -123,13 +116,7 @@ pub fn pacha_bin() -> PathBuf {
 /// test can insert later records of the same population itself.
 pub fn load_first(dir: &Path, cfg: &PopulationConfig, n: u64) -> (Loaded, Generator) {
     let g = Generator::new(cfg.clone()).expect("valid config");
-    let schema = Schema {
-        modalities: g
-            .modalities()
-            .into_iter()
-            .map(|(modality, dim)| ModalitySpec { modality, dim })
-            .collect(),
-    };
+    let schema = Schema::of(g.modalities());
     let engine = Engine::create(dir, schema).expect("create engine");
     let mut start = 0;
     while start < n {

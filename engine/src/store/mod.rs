@@ -65,6 +65,26 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// A schema of `(modality, dimension)` pairs, in order (validated when a store is created from it).
+    pub fn of(modalities: impl IntoIterator<Item = (Modality, usize)>) -> Schema {
+        Schema {
+            modalities: modalities
+                .into_iter()
+                .map(|(modality, dim)| ModalitySpec { modality, dim })
+                .collect(),
+        }
+    }
+
+    /// The modalities, in schema order.
+    pub fn modality_list(&self) -> Vec<Modality> {
+        self.modalities.iter().map(|s| s.modality).collect()
+    }
+
+    /// The modalities' stable keys (`face`, `finger2`, …), in schema order.
+    pub fn keys(&self) -> Vec<String> {
+        self.modalities.iter().map(|s| s.modality.key()).collect()
+    }
+
     /// A validated schema.
     pub fn new(modalities: Vec<ModalitySpec>) -> Result<Schema, EngineError> {
         let s = Schema { modalities };
