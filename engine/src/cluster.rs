@@ -1,39 +1,75 @@
 //! Duplicate groups: union-find over hit pairs.
 
-/// Groups rows `0..n` connected by `pairs` into clusters; returns the clusters of two or more rows, each
-/// sorted, ordered by their smallest row (deterministic whatever the order of `pairs`).
-pub fn union_find(n: usize, pairs: &[(usize, usize)]) -> Vec<Vec<usize>> {
-    let mut parent: Vec<usize> = (0..n).collect();
-    fn find(parent: &mut [usize], mut x: usize) -> usize {
-        while parent[x] != x {
-            parent[x] = parent[parent[x]];
-            x = parent[x];
+/// Union-find with path halving and union by size.
+pub(crate) struct Dsu {
+    parent: Vec<usize>,
+    size: Vec<usize>,
+}
+
+impl Dsu {
+    pub(crate) fn new(n: usize) -> Self {
+        Self {
+            parent: (0..n).collect(),
+            size: vec![1; n],
+        }
+    }
+
+    /// Members of the set whose root is `root` (meaningful only for a root, as returned by `find`).
+    pub(crate) fn size_of_root(&self, root: usize) -> usize {
+        self.size[root]
+    }
+
+    pub(crate) fn find(&mut self, mut x: usize) -> usize {
+        while self.parent[x] != x {
+            self.parent[x] = self.parent[self.parent[x]];
+            x = self.parent[x];
         }
         x
     }
+
+    pub(crate) fn union(&mut self, a: usize, b: usize) {
+        let (mut ra, mut rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return;
+        }
+        if self.size[ra] < self.size[rb] {
+            std::mem::swap(&mut ra, &mut rb);
+        }
+        self.parent[rb] = ra;
+        self.size[ra] += self.size[rb];
+    }
+
+    /// Groups of two or more members, members ascending, groups ordered by smallest member.
+    pub(crate) fn groups(&mut self) -> Vec<Vec<usize>> {
+        let n = self.parent.len();
+        let mut slot = vec![usize::MAX; n];
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        for i in 0..n {
+            let r = self.find(i);
+            if self.size[r] < 2 {
+                continue;
+            }
+            if slot[r] == usize::MAX {
+                slot[r] = out.len();
+                out.push(Vec::with_capacity(self.size[r]));
+            }
+            out[slot[r]].push(i);
+        }
+        out
+    }
+}
+
+/// Groups rows `0..n` connected by `pairs` into clusters; returns the clusters of two or more rows, each
+/// sorted, ordered by their smallest row (deterministic whatever the order of `pairs`). Out-of-range rows and
+/// self-pairs are ignored.
+pub fn union_find(n: usize, pairs: &[(usize, usize)]) -> Vec<Vec<usize>> {
+    let mut dsu = Dsu::new(n);
     for &(a, b) in pairs {
-        if a >= n || b >= n {
-            continue;
-        }
-        let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
-        if ra != rb {
-            // Keep the smaller root so roots are each cluster's smallest row.
-            let (lo, hi) = if ra < rb { (ra, rb) } else { (rb, ra) };
-            parent[hi] = lo;
+        if a < n && b < n && a != b {
+            dsu.union(a, b);
         }
     }
-    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> =
-        std::collections::BTreeMap::new();
-    let touched: std::collections::BTreeSet<usize> = pairs
-        .iter()
-        .flat_map(|&(a, b)| [a, b])
-        .filter(|&x| x < n)
-        .collect();
-    for x in touched {
-        let r = find(&mut parent, x);
-        groups.entry(r).or_default().push(x);
-    }
-    groups.into_values().filter(|g| g.len() >= 2).collect()
+    dsu.groups()
 }
 
 #[cfg(test)]

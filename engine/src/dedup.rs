@@ -341,16 +341,15 @@ fn run_tile(
     let pairs: Vec<DedupPair> = cand
         .par_iter()
         .filter(|&&(a, b)| !snap.is_deleted(a as usize) && !snap.is_deleted(b as usize))
+        // The allocation-free score decides; the full evidence (equal fused score, tested) is built only
+        // for the pairs that pass.
         .filter(|&&(a, b)| fused_rows(snap, cal, a as usize, b as usize).score >= floor)
-        .filter_map(|&(a, b)| {
-            let comparison = compare_rows(snap, cal, a as usize, b as usize);
-            (comparison.fused.score >= floor).then(|| DedupPair {
-                a: snap.subject_id(a as usize).to_string(),
-                b: snap.subject_id(b as usize).to_string(),
-                row_a: a,
-                row_b: b,
-                comparison,
-            })
+        .map(|&(a, b)| DedupPair {
+            a: snap.subject_id(a as usize).to_string(),
+            b: snap.subject_id(b as usize).to_string(),
+            row_a: a,
+            row_b: b,
+            comparison: compare_rows(snap, cal, a as usize, b as usize),
         })
         .collect();
     summary.scoring_seconds += t1.elapsed().as_secs_f64();

@@ -240,74 +240,14 @@ mod nan_as_null {
     }
 }
 
-/// Union-find with path halving and union by size.
-struct Dsu {
-    parent: Vec<usize>,
-    size: Vec<usize>,
-}
-
-impl Dsu {
-    fn new(n: usize) -> Self {
-        Self {
-            parent: (0..n).collect(),
-            size: vec![1; n],
-        }
-    }
-
-    fn find(&mut self, mut x: usize) -> usize {
-        while self.parent[x] != x {
-            self.parent[x] = self.parent[self.parent[x]];
-            x = self.parent[x];
-        }
-        x
-    }
-
-    fn union(&mut self, a: usize, b: usize) {
-        let (mut ra, mut rb) = (self.find(a), self.find(b));
-        if ra == rb {
-            return;
-        }
-        if self.size[ra] < self.size[rb] {
-            std::mem::swap(&mut ra, &mut rb);
-        }
-        self.parent[rb] = ra;
-        self.size[ra] += self.size[rb];
-    }
-
-    /// Groups of two or more members, members ascending, groups ordered by smallest member.
-    fn groups(&mut self) -> Vec<Vec<usize>> {
-        let n = self.parent.len();
-        let mut slot = vec![usize::MAX; n];
-        let mut out: Vec<Vec<usize>> = Vec::new();
-        for i in 0..n {
-            let r = self.find(i);
-            if self.size[r] < 2 {
-                continue;
-            }
-            if slot[r] == usize::MAX {
-                slot[r] = out.len();
-                out.push(Vec::with_capacity(self.size[r]));
-            }
-            out[slot[r]].push(i);
-        }
-        out
-    }
-}
-
 /// Union-find over `pairs` of indices into `subjects`: the clusters of two or more records, members
 /// ascending, clusters ordered by their smallest member. Out-of-range indices and self-pairs are ignored.
 pub fn clusters_from_pairs(
     subjects: &[String],
     pairs: impl Iterator<Item = (usize, usize)>,
 ) -> Vec<Vec<usize>> {
-    let n = subjects.len();
-    let mut dsu = Dsu::new(n);
-    for (a, b) in pairs {
-        if a < n && b < n && a != b {
-            dsu.union(a, b);
-        }
-    }
-    dsu.groups()
+    let pairs: Vec<(usize, usize)> = pairs.collect();
+    crate::cluster::union_find(subjects.len(), &pairs)
 }
 
 /// Mate scores of mated probes and top scores of non-mated probes, each sorted ascending.
@@ -638,7 +578,7 @@ pub fn evaluate(input: &EvalInput) -> EvalReport {
     pairs.dedup_by(|later, first| later.0 == first.0 && later.1 == first.1);
 
     // Ground truth, closed transitively.
-    let mut truth = Dsu::new(n);
+    let mut truth = crate::cluster::Dsu::new(n);
     let mut ignored_truth = 0usize;
     for (a, b) in input.truth {
         match (index.get(a.as_str()), index.get(b.as_str())) {
@@ -652,10 +592,10 @@ pub fn evaluate(input: &EvalInput) -> EvalReport {
         ));
     }
     let person: Vec<usize> = (0..n).map(|i| truth.find(i)).collect();
-    let mated: Vec<bool> = (0..n).map(|i| truth.size[person[i]] >= 2).collect();
+    let mated: Vec<bool> = (0..n).map(|i| truth.size_of_root(person[i]) >= 2).collect();
     let truth_pairs: usize = (0..n)
         .filter(|&i| person[i] == i)
-        .map(|i| truth.size[i] * (truth.size[i] - 1) / 2)
+        .map(|i| truth.size_of_root(i) * (truth.size_of_root(i) - 1) / 2)
         .sum();
 
     // One pass over the pairs: mate / top scores and hits.
