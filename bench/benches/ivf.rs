@@ -1,8 +1,124 @@
-//! Criterion bench: ivf (filled in by its issue).
-#![allow(missing_docs)]
-use criterion::{Criterion, criterion_group, criterion_main};
+//! Criterion bench: the dedup candidate join. Sign-sketch filtering (512-bit sketches, SIMD-dispatched vs
+//! portable, products per second), sketching rows, and the IVF self-join over a generated structured
+//! population with f32 GEMM products vs sketch-filtered products (`PACHA_BENCH_IVF_N` rows, default 20 000).
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+use std::hint::black_box;
 
-fn placeholder(_c: &mut Criterion) {}
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pacha_datasets::Modality;
+use pacha_datasets::generate::{Generator, PopulationConfig};
+use pacha_index::RowsF32;
+use pacha_index::ivf::{Ivf, IvfParams};
+use pacha_index::kernels::{SimdMode, set_simd_override};
+use pacha_index::sketch::{
+    PackedBlock, Sketcher, filter_block, filter_block_variant, filter_packed,
+};
 
-criterion_group!(benches, placeholder);
+fn population(n: usize) -> Vec<f32> {
+    let g = Generator::new(PopulationConfig {
+        records: n as u64,
+        fingers: Vec::new(),
+        ..PopulationConfig::default()
+    })
+    .unwrap();
+    let batch = g.generate(0, n);
+    let b = batch
+        .records
+        .blocks
+        .into_iter()
+        .find(|b| b.modality == Modality::Face)
+        .unwrap();
+    b.data
+}
+
+fn filter(c: &mut Criterion) {
+    let (d, n) = (512usize, 1024usize);
+    let rows = population(n + 1);
+    let base = RowsF32::dense(&rows, d).unwrap();
+    let sk = Sketcher::new(d, 512, 1)
+        .unwrap()
+        .sketch_rows(base, &|_| true)
+        .unwrap();
+    let block: Vec<u64> = (1..=n).flat_map(|r| sk.row(r).to_vec()).collect();
+    let q = sk.row(0).to_vec();
+    let mut g = c.benchmark_group("sketch_filter_512bit");
+    g.throughput(Throughput::Elements(n as u64));
+    let mut out = Vec::new();
+    for (name, mode) in [("simd", SimdMode::Simd), ("portable", SimdMode::Scalar)] {
+        set_simd_override(Some(mode));
+        g.bench_function(name, |x| {
+            x.iter(|| {
+                out.clear();
+                filter_block(black_box(&q), black_box(&block), 200, &mut out);
+                out.len()
+            })
+        });
+    }
+    set_simd_override(None);
+    for v in ["avx2", "popcnt"] {
+        g.bench_function(format!("kernel_{v}"), |x| {
+            x.iter(|| {
+                out.clear();
+                filter_block_variant(v, black_box(&q), black_box(&block), 200, &mut out);
+                out.len()
+            })
+        });
+    }
+    let mut packed = PackedBlock::default();
+    packed.clear(q.len());
+    for r in 1..=n {
+        packed.push(sk.row(r));
+    }
+    g.bench_function("packed", |x| {
+        x.iter(|| {
+            out.clear();
+            filter_packed(black_box(&q), black_box(&packed), 200, &mut out);
+            out.len()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("sketch_rows_512d_512bit");
+    g.sample_size(10);
+    let rows = population(8192);
+    let base = RowsF32::dense(&rows, d).unwrap();
+    let sketcher = Sketcher::new(d, 512, 1).unwrap();
+    g.throughput(Throughput::Elements(8192));
+    g.bench_function("8192_rows", |x| {
+        x.iter(|| sketcher.sketch_rows(black_box(base), &|_| true).unwrap())
+    });
+    g.finish();
+}
+
+fn join(c: &mut Criterion) {
+    let n: usize = std::env::var("PACHA_BENCH_IVF_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let d = 512;
+    let rows = population(n);
+    let base = RowsF32::dense(&rows, d).unwrap();
+    let ivf = Ivf::build(base, &|_| true, &IvfParams::default()).unwrap();
+    let sk = Sketcher::new(d, 512, 1)
+        .unwrap()
+        .sketch_rows(base, &|_| true)
+        .unwrap();
+    let mut g = c.benchmark_group(format!("ivf_self_join_{n}"));
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(ivf.candidate_products()));
+    let t = 0.55f32;
+    g.bench_function("gemm", |x| {
+        x.iter(|| ivf.self_join_rows(base, 0..n, t).unwrap().len())
+    });
+    g.bench_function("sketch_cut_200", |x| {
+        x.iter(|| {
+            ivf.self_join_rows_sketched(base, &sk, 0..n, t, 200)
+                .unwrap()
+                .len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, filter, join);
 criterion_main!(benches);

@@ -256,6 +256,11 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         block_rows: a.block_rows,
         report_floor: a.floor,
         checkpoint_dir: a.checkpoint.clone(),
+        sketch: if a.no_sketch {
+            None
+        } else {
+            DedupOptions::default().sketch
+        },
     };
     let result = run_dedup(&engine, &opts, ui)?;
     runio::write_run(&a.out, &result)

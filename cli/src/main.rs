@@ -180,6 +180,9 @@ pub struct DedupArgs {
     /// Probe rows per tile.
     #[arg(long, default_value_t = 8192)]
     pub block_rows: usize,
+    /// Skip the binary-sketch pre-filter of index candidates (slower; for measuring its misses).
+    #[arg(long)]
+    pub no_sketch: bool,
 }
 
 /// Arguments of `identify`.

@@ -7,9 +7,11 @@
 use crate::EngineError;
 use crate::store::Snapshot;
 use pacha_index::ivf::{Ivf, IvfParams};
+use pacha_index::sketch::{Sketcher, Sketches};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// Build parameters of the engine's index.
 #[derive(Clone, Debug, Default)]
@@ -17,6 +19,11 @@ pub struct AnnParams {
     /// IVF parameters (defaults meet the recall bar on structured and isotropic populations).
     pub ivf: IvfParams,
 }
+
+/// Bits of the sign sketches that pre-filter the IVF join's products (see `pacha_index::sketch`).
+pub const SKETCH_BITS: usize = 512;
+/// Seed of the sketch hyperplanes (fixed: the same store always gets the same sketches).
+const SKETCH_SEED: u64 = 0x5ce7_c4e5;
 
 /// Probe lists searched per query in identify.
 pub const IDENTIFY_NPROBE: usize = 16;
@@ -34,6 +41,9 @@ pub struct AnnSet {
     rows: usize,
     /// Index of each schema modality (by schema position); `None` if the modality has no template at all.
     ivf: Vec<Option<Ivf>>,
+    /// Sign sketches of the indexed rows per modality, computed on first use (not saved: recomputing is
+    /// one GEMM per modality, a few seconds at a million rows).
+    sketches: Vec<OnceLock<Sketches>>,
 }
 
 impl AnnSet {
@@ -67,6 +77,7 @@ impl AnnSet {
         Ok(AnnSet {
             generation: snap.generation(),
             rows: snap.rows(),
+            sketches: ivf.iter().map(|_| OnceLock::new()).collect(),
             ivf,
         })
     }
@@ -84,12 +95,15 @@ impl AnnSet {
     }
 
     /// Candidate pairs `(q, p)` with `q < p`, `p` in `probes ∩ 0..rows()`, both indexed, exact cosine ≥ `t`.
+    /// With `sketch_cut`, the IVF's products are pre-filtered by sign sketch (Hamming distance ≤ the cut)
+    /// instead of scored by f32 GEMM; survivors are still rescored exactly.
     pub fn join_rows(
         &self,
         snap: &Snapshot,
         mi: usize,
         probes: Range<usize>,
         t: f32,
+        sketch_cut: Option<u32>,
     ) -> Result<Vec<(u32, u32, f32)>, EngineError> {
         let (Some(Some(ivf)), Some(view)) = (
             self.ivf.get(mi),
@@ -99,7 +113,33 @@ impl AnnSet {
         };
         let end = probes.end.min(self.rows);
         let start = probes.start.min(end);
-        Ok(ivf.self_join_rows(view.slice_rows(0, self.rows), start..end, t)?)
+        let base = view.slice_rows(0, self.rows);
+        match sketch_cut {
+            Some(cut) => {
+                let sk = self.sketches(snap, mi)?;
+                Ok(ivf.self_join_rows_sketched(base, sk, start..end, t, cut)?)
+            }
+            None => Ok(ivf.self_join_rows(base, start..end, t)?),
+        }
+    }
+
+    /// Sign sketches of modality `mi`'s indexed rows, computed on first use.
+    fn sketches(&self, snap: &Snapshot, mi: usize) -> Result<&Sketches, EngineError> {
+        let slot = self.sketches.get(mi).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
+        })?;
+        if let Some(s) = slot.get() {
+            return Ok(s);
+        }
+        let spec = &snap.schema().modalities[mi];
+        let view = snap.f32_rows(spec.modality).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
+        })?;
+        let m = spec.modality;
+        let sk = Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?
+            .sketch_rows(view.slice_rows(0, self.rows), &|r| snap.is_present(m, r))?;
+        // Another thread may have won the race; either value is the same deterministic sketch.
+        Ok(slot.get_or_init(|| sk))
     }
 
     /// Indexed rows whose exact cosine with `query` is at least `t`, from the query's `nprobe` best lists.
@@ -179,6 +219,7 @@ impl AnnSet {
         Ok(Some(AnnSet {
             generation: meta.generation,
             rows: meta.rows,
+            sketches: ivf.iter().map(|_| OnceLock::new()).collect(),
             ivf,
         }))
     }

@@ -18,6 +18,7 @@ use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
+use pacha_index::sketch::{CutChoice, CutPolicy, choose_cut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -49,6 +50,10 @@ pub struct DedupOptions {
     pub report_floor: Option<f64>,
     /// A directory for checkpoints: finished tiles are saved there and reused by a restarted run.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Sign-sketch pre-filter of the index join (`None` scores every IVF product with f32 GEMM). The cut per
+    /// modality follows from the calibration's models and the candidate cosine ([`choose_cut`]); the
+    /// choice and its predicted drop rates are reported in [`DedupSummary::sketch_cuts`].
+    pub sketch: Option<CutPolicy>,
 }
 
 impl Default for DedupOptions {
@@ -60,6 +65,7 @@ impl Default for DedupOptions {
             block_rows: 8192,
             report_floor: None,
             checkpoint_dir: None,
+            sketch: Some(CutPolicy::default()),
         }
     }
 }
@@ -110,6 +116,8 @@ pub struct DedupSummary {
     pub threshold: f64,
     /// Per-modality candidate cosines used.
     pub candidate_cosines: Vec<(String, Option<f32>)>,
+    /// Per-modality sign-sketch cuts used by the index join (`None`: no sketch filter).
+    pub sketch_cuts: Vec<(String, Option<CutChoice>)>,
     /// Candidate pairs (after the union over modalities).
     pub candidate_pairs: u64,
     /// Pairs at or above the report floor.
@@ -204,6 +212,34 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         }
     };
     let mode = candidates::resolve_mode(opts.mode, snap, ctx.ann);
+    let cuts: Vec<Option<CutChoice>> = snap
+        .schema()
+        .modalities
+        .iter()
+        .zip(&cand_cos)
+        .map(|(spec, c)| {
+            let (Some(policy), Some(c), CandidateMode::Index) = (&opts.sketch, c, mode) else {
+                return None;
+            };
+            let model = ctx.calibration.model(spec.modality)?;
+            Some(choose_cut(
+                crate::annset::SKETCH_BITS,
+                f64::from(*c),
+                (model.impostor.mean, model.impostor.sd),
+                (model.genuine.mean, model.genuine.sd),
+                policy,
+            ))
+        })
+        .collect();
+    // The summary names the path; the checkpoint key also pins the cuts (a resumed run must filter alike).
+    let mode_label = match cuts.iter().flatten().next() {
+        Some(_) => format!("{mode:?}+sketch"),
+        None => format!("{mode:?}"),
+    };
+    let key_mode = format!(
+        "{mode_label} cuts {:?}",
+        cuts.iter().map(|c| c.map(|c| c.cut)).collect::<Vec<_>>()
+    );
     let tiles: Vec<Range<usize>> = (first_probe..rows)
         .step_by(opts.block_rows)
         .map(|s| s..(s + opts.block_rows).min(rows))
@@ -215,7 +251,7 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         threshold_bits: threshold.to_bits(),
         floor_bits: floor.to_bits(),
         scope: opts.scope.clone(),
-        mode: format!("{mode:?}"),
+        mode: key_mode,
         block_rows: opts.block_rows,
     };
     let ckpt = match &opts.checkpoint_dir {
@@ -226,13 +262,20 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     let mut summary = DedupSummary {
         records: snap.live(),
         probes: rows - first_probe,
-        mode: format!("{mode:?}"),
+        mode: mode_label,
         threshold,
         candidate_cosines: snap
             .schema()
             .modalities
             .iter()
             .zip(&cand_cos)
+            .map(|(s, c)| (s.modality.key(), *c))
+            .collect(),
+        sketch_cuts: snap
+            .schema()
+            .modalities
+            .iter()
+            .zip(&cuts)
             .map(|(s, c)| (s.modality.key(), *c))
             .collect(),
         ..DedupSummary::default()
@@ -252,7 +295,15 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                 t
             }
             None => {
-                let t = run_tile(ctx, &cand_cos, mode, tile.clone(), floor, &mut summary)?;
+                let t = run_tile(
+                    ctx,
+                    &cand_cos,
+                    &cuts,
+                    mode,
+                    tile.clone(),
+                    floor,
+                    &mut summary,
+                )?;
                 if let Some(c) = &ckpt {
                     c.save(ti, &t)?;
                 }
@@ -310,6 +361,7 @@ struct TileOutput {
 fn run_tile(
     ctx: &DedupContext<'_>,
     cand_cos: &[Option<f32>],
+    cuts: &[Option<CutChoice>],
     mode: CandidateMode,
     probes: Range<usize>,
     floor: f64,
@@ -330,6 +382,7 @@ fn run_tile(
             mi,
             probes.clone(),
             c,
+            cuts.get(mi).copied().flatten().map(|c| c.cut),
             &mut cand,
         )?;
     }

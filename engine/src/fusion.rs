@@ -576,9 +576,19 @@ impl Calibration {
                 }
             }
         }
+        // A budget at or below the LLR floor would admit every pair (every cosine has LLR ≥ floor). That
+        // happens when the threshold sits at the floor itself (a genuine model far from the impostor tail
+        // saturates the LLR there) and the rounding margin above pushes it down. Every LLR is either exactly
+        // the floor or above it, and a pair at the floor alone never passes (P(L ≥ floor) = 1), so the
+        // budget is raised to half a grid step above the floor; only pairs within 0.01 nats of the floor
+        // could be affected.
         b.iter()
             .zip(&self.models)
-            .map(|(&l, (_, model))| model.cosine_for_llr(l).map(|c| c as f32))
+            .map(|(&l, (_, model))| {
+                model
+                    .cosine_for_llr(l.max(LLR_FLOOR + 0.5 * GRID_STEP))
+                    .map(|c| c as f32)
+            })
             .collect()
     }
 }

@@ -57,6 +57,8 @@ use rayon::prelude::*;
 
 use crate::IndexError;
 use crate::kernels::dot_f32;
+use crate::rng::SplitMix;
+use crate::sketch::{PackedBlock, Sketches, filter_packed};
 use crate::view::RowsF32;
 
 /// GEMM tile: rows of the visitor side.
@@ -135,22 +137,8 @@ pub struct Ivf {
     visitors: Vec<u32>,
 }
 
-/// SplitMix64: small, seeded, deterministic.
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn gather(base: RowsF32<'_>, ids: &[u32], buf: &mut Vec<f32>) {
+/// Copies rows `ids` of `base` into `buf`, densely.
+pub(crate) fn gather(base: RowsF32<'_>, ids: &[u32], buf: &mut Vec<f32>) {
     let d = base.dim();
     buf.clear();
     buf.reserve(ids.len() * d);
@@ -160,7 +148,7 @@ fn gather(base: RowsF32<'_>, ids: &[u32], buf: &mut Vec<f32>) {
 }
 
 /// `out[i*n + k] = a_i · b_k` for dense row-major `a` (m × d) and `b` (n × d).
-fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
+pub(crate) fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
     if out.len() < m * n {
         out.resize(m * n, 0.0);
     }
@@ -551,8 +539,44 @@ impl Ivf {
         if lo >= hi {
             return Ok(Vec::new());
         }
+        let units = self.units(lo, hi);
+        let d = self.dim;
+        let mut pairs: Vec<(u32, u32, f32)> = units
+            .par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(va, ma, buf), &(j, vc, mc)| {
+                    gather(base, vc, va);
+                    gather(base, mc, ma);
+                    gemm(va, vc.len(), ma, mc.len(), d, buf);
+                    let mut out = Vec::new();
+                    for (i, &x) in vc.iter().enumerate() {
+                        let row = &buf[i * mc.len()..(i + 1) * mc.len()];
+                        for (k, &s) in row.iter().enumerate() {
+                            let y = mc[k];
+                            if s < t - SLACK || x == y || !self.canonical(j, x, y) {
+                                continue;
+                            }
+                            let (a, b) = if x < y { (x, y) } else { (y, x) };
+                            let exact = dot_f32(base.row(a as usize), base.row(b as usize));
+                            if exact >= t {
+                                out.push((a, b, exact));
+                            }
+                        }
+                    }
+                    out
+                },
+            )
+            .flatten()
+            .collect();
+        pairs.sort_unstable_by_key(|p| (p.0, p.1));
+        Ok(pairs)
+    }
+
+    /// Work units of the rows-`lo..hi` join: (list, visitor slice, member slice), tiled. Per list, visitors
+    /// in the range × members below `hi`, and visitors below `lo` × members in the range.
+    fn units(&self, lo: usize, hi: usize) -> Vec<(u32, &[u32], &[u32])> {
         let (lo32, hi32) = (lo as u32, hi as u32);
-        // Work units: (list, visitor slice, member slice), tiled.
         let mut units: Vec<(u32, &[u32], &[u32])> = Vec::new();
         for j in 0..self.lists {
             let vis = self.visitors(j);
@@ -580,21 +604,50 @@ impl Ivf {
                 }
             }
         }
-        let d = self.dim;
+        units
+    }
+
+    /// Like [`Ivf::self_join_rows`], but every visitor × member product is first filtered by sign sketch:
+    /// only pairs with Hamming distance ≤ `cut` (see [`crate::sketch`]) are rescored with `dot_f32`. `sketches`
+    /// must hold the sketches of `base`'s rows. No f32 GEMM: a product costs one sketch comparison.
+    pub fn self_join_rows_sketched(
+        &self,
+        base: RowsF32<'_>,
+        sketches: &Sketches,
+        probes: Range<usize>,
+        t: f32,
+        cut: u32,
+    ) -> Result<Vec<(u32, u32, f32)>, IndexError> {
+        self.check(&base, t)?;
+        if sketches.rows() != self.rows {
+            return Err(IndexError::Shape(format!(
+                "{} sketches for an index of {} rows",
+                sketches.rows(),
+                self.rows
+            )));
+        }
+        let (lo, hi) = (probes.start.min(self.rows), probes.end.min(self.rows));
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        let units = self.units(lo, hi);
+        let words = sketches.words();
         let mut pairs: Vec<(u32, u32, f32)> = units
             .par_iter()
             .map_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(va, ma, buf), &(j, vc, mc)| {
-                    gather(base, vc, va);
-                    gather(base, mc, ma);
-                    gemm(va, vc.len(), ma, mc.len(), d, buf);
+                || (PackedBlock::default(), Vec::new()),
+                |(ms, hits), &(j, vc, mc)| {
+                    ms.clear(words);
+                    for &y in mc {
+                        ms.push(sketches.row(y as usize));
+                    }
                     let mut out = Vec::new();
-                    for (i, &x) in vc.iter().enumerate() {
-                        let row = &buf[i * mc.len()..(i + 1) * mc.len()];
-                        for (k, &s) in row.iter().enumerate() {
-                            let y = mc[k];
-                            if s < t - SLACK || x == y || !self.canonical(j, x, y) {
+                    for &x in vc {
+                        hits.clear();
+                        filter_packed(sketches.row(x as usize), ms, cut, hits);
+                        for &k in hits.iter() {
+                            let y = mc[k as usize];
+                            if x == y || !self.canonical(j, x, y) {
                                 continue;
                             }
                             let (a, b) = if x < y { (x, y) } else { (y, x) };

@@ -14,6 +14,8 @@ pub mod hnsw;
 pub mod ivf;
 pub mod kernels;
 pub mod quant;
+mod rng;
+pub mod sketch;
 pub mod view;
 
 pub use ann::{AnnIndex, search_rescored};

@@ -11,6 +11,7 @@ use std::time::Instant;
 use pacha_index::exact;
 use pacha_index::ivf::{Ivf, IvfParams};
 use pacha_index::kernels::dot_f32;
+use pacha_index::sketch::{Sketcher, cut_for_cosine};
 use pacha_index::view::RowsF32;
 use proptest::prelude::*;
 
@@ -362,6 +363,56 @@ fn search_finds_planted_mates() {
         planted.len()
     );
     assert!(ivf.search(base, &[0.0; 3], 0.4, 4).is_empty());
+}
+
+#[test]
+fn sketched_join_keeps_what_the_gemm_join_finds() {
+    let (n, d, t) = (20_000, 512, 0.4f32);
+    let (data, _) = population(Preset::Structured, n, d, 0.6, 5);
+    let base = RowsF32::dense(&data, d).unwrap();
+    let ivf = Ivf::build(base, &|_| true, &IvfParams::default()).unwrap();
+    let gemm = ivf_pairs(&ivf, base, t);
+    let sk = Sketcher::new(d, 512, 9).unwrap();
+    let sketches = sk.sketch_rows(base, &|_| true).unwrap();
+    // A cut that lets every pair through gives the GEMM join exactly (both rescore with dot_f32).
+    let all = ivf
+        .self_join_rows_sketched(base, &sketches, 0..n, t, 512)
+        .unwrap();
+    check_output(base, &all, t, &|_| true);
+    let sure: HashSet<(u32, u32)> = gemm
+        .iter()
+        .filter(|p| p.2 >= t + 1e-4)
+        .map(|p| (p.0, p.1))
+        .collect();
+    let all_set: HashSet<(u32, u32)> = all.iter().map(|p| (p.0, p.1)).collect();
+    assert!(sure.is_subset(&all_set));
+    // The model cut (drop ≤ 1e-6 at cosine t) must keep every pair the GEMM join found here, while
+    // passing far fewer products to rescoring (checked through the output only: same pairs).
+    let cut = cut_for_cosine(512, f64::from(t), 1e-6);
+    assert!(cut < 256, "cut {cut} filters nothing");
+    let cutted = ivf
+        .self_join_rows_sketched(base, &sketches, 0..n, t, cut)
+        .unwrap();
+    check_output(base, &cutted, t, &|_| true);
+    let got: HashSet<(u32, u32)> = cutted.iter().map(|p| (p.0, p.1)).collect();
+    let missed = sure.difference(&got).count();
+    assert!(sure.len() >= 150, "only {} pairs", sure.len());
+    assert_eq!(
+        missed,
+        0,
+        "sketch cut {cut} missed {missed} of {}",
+        sure.len()
+    );
+    // Row ranges partition the pairs.
+    let mut tiled = Vec::new();
+    for lo in (0..n).step_by(6_000) {
+        tiled.extend(
+            ivf.self_join_rows_sketched(base, &sketches, lo..(lo + 6_000).min(n), t, cut)
+                .unwrap(),
+        );
+    }
+    tiled.sort_by_key(|p| (p.0, p.1));
+    assert_eq!(tiled, cutted);
 }
 
 proptest! {

@@ -140,7 +140,10 @@ fn full_pipeline_through_the_cli() {
         "--mode",
         "index",
     ]);
-    assert_eq!(d["summary"]["mode"], "Index");
+    assert_eq!(d["summary"]["mode"], "Index+sketch");
+    let cuts = d["summary"]["sketch_cuts"].as_array().unwrap();
+    assert_eq!(cuts.len(), 3, "{cuts:?}");
+    assert!(cuts.iter().all(|c| c[1]["cut"].as_u64().unwrap() < 512));
     let hits = d["summary"]["hits"].as_u64().unwrap();
     assert!(
         hits >= planted * 95 / 100,

@@ -55,7 +55,7 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
             None,
         )
         .unwrap();
-    assert_eq!(index.summary.mode, "Index");
+    assert_eq!(index.summary.mode, "Index+sketch");
     assert_eq!(exact.summary.mode, "Exact");
 
     let (fe, fi) = (found(&exact), found(&index));

@@ -1,0 +1,31 @@
+//! SplitMix64: a small, seeded, deterministic generator for sampling and random projections.
+
+/// SplitMix64 state.
+pub(crate) struct SplitMix(pub(crate) u64);
+
+impl SplitMix {
+    /// Next 64 random bits.
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`; modulo bias is negligible for the sizes used).
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Uniform in the open interval (0, 1).
+    fn open01(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller, one value per call).
+    pub(crate) fn normal(&mut self) -> f64 {
+        let (u, v) = (self.open01(), self.open01());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}

@@ -1,0 +1,646 @@
+//! Sign sketches (SimHash): a cheap, analysable pre-filter for cosine threshold joins.
+//!
+//! # Model
+//! A [`Sketcher`] holds `bits` hyperplanes with i.i.d. standard normal coefficients; the sketch of `x` is
+//! the sign bit of each `⟨hₖ, x⟩`. For two vectors at angle `θ` the bits disagree independently with
+//! probability `θ/π` (Charikar 2002), so the Hamming distance `H` of two sketches is exactly
+//! `Binomial(bits, acos(cos)/π)`. A pair is kept iff `H ≤ cut`; the probability that a pair at cosine `c`
+//! is dropped is the binomial upper tail [`drop_probability`], and [`cut_for_cosine`] picks the smallest cut
+//! whose drop probability at a given cosine is below a bound. Filtering never changes a score: survivors are
+//! rescored exactly by the caller.
+//!
+//! # Cost
+//! 512 bits are 64 bytes per row (1/32 of a 512-d f32 row). Comparing two sketches is 8 XOR + POPCNT; the
+//! kernel is compiled for `popcnt` + AVX2 and selected at run time (`PACHA_SIMD=scalar` forces the portable
+//! path, which gives identical results). Sketching is one GEMM of the rows with the hyperplanes.
+
+use rayon::prelude::*;
+
+use crate::IndexError;
+use crate::ivf::{gather, gemm};
+use crate::rng::SplitMix;
+use crate::view::RowsF32;
+
+/// Rows sketched per GEMM block.
+const SKETCH_TILE: usize = 256;
+
+/// Random hyperplanes that turn f32 rows into sign sketches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sketcher {
+    dim: usize,
+    bits: usize,
+    /// `bits × dim`, row-major.
+    planes: Vec<f32>,
+}
+
+/// Sketches of every row of a base (absent rows are all zero and must be skipped by the caller).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sketches {
+    words: usize,
+    data: Vec<u64>,
+}
+
+impl Sketches {
+    /// 64-bit words per sketch.
+    pub fn words(&self) -> usize {
+        self.words
+    }
+    /// Bits per sketch.
+    pub fn bits(&self) -> usize {
+        self.words * 64
+    }
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.words.max(1)
+    }
+    /// The sketch of row `i` (empty if out of range).
+    pub fn row(&self, i: usize) -> &[u64] {
+        self.data
+            .get(i * self.words..(i + 1) * self.words)
+            .unwrap_or(&[])
+    }
+}
+
+impl Sketcher {
+    /// `bits` (a positive multiple of 64) seeded Gaussian hyperplanes in dimension `dim`.
+    pub fn new(dim: usize, bits: usize, seed: u64) -> Result<Sketcher, IndexError> {
+        if dim == 0 || bits == 0 || !bits.is_multiple_of(64) {
+            return Err(IndexError::Shape(format!(
+                "sketch needs dim > 0 and bits a positive multiple of 64 (dim {dim}, bits {bits})"
+            )));
+        }
+        let mut rng = SplitMix(seed);
+        let planes = (0..bits * dim).map(|_| rng.normal() as f32).collect();
+        Ok(Sketcher { dim, bits, planes })
+    }
+
+    /// Bits per sketch.
+    pub fn bits(&self) -> usize {
+        self.bits
+    }
+
+    /// Sketch of one vector into `out` (`bits / 64` words).
+    pub fn sketch_one(&self, v: &[f32], out: &mut [u64]) {
+        out.iter_mut().for_each(|w| *w = 0);
+        for k in 0..self.bits.min(out.len() * 64) {
+            let h = &self.planes[k * self.dim..(k + 1) * self.dim];
+            let s: f32 = h.iter().zip(v).map(|(a, b)| a * b).sum();
+            if s > 0.0 {
+                out[k / 64] |= 1 << (k % 64);
+            }
+        }
+    }
+
+    /// Sketches every row of `base` for which `present(row)` holds (others stay zero), in parallel blocks.
+    pub fn sketch_rows(
+        &self,
+        base: RowsF32<'_>,
+        present: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Result<Sketches, IndexError> {
+        if base.dim() != self.dim {
+            return Err(IndexError::Dim {
+                expected: self.dim,
+                got: base.dim(),
+            });
+        }
+        let (n, words, bits) = (base.rows(), self.bits / 64, self.bits);
+        let mut data = vec![0u64; n * words];
+        data.par_chunks_mut(SKETCH_TILE * words)
+            .enumerate()
+            .for_each_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(ids, rows, prod), (b, out)| {
+                    let r0 = b * SKETCH_TILE;
+                    ids.clear();
+                    ids.extend(
+                        (r0..(r0 + SKETCH_TILE).min(n))
+                            .filter(|&r| present(r))
+                            .map(|r| r as u32),
+                    );
+                    if ids.is_empty() {
+                        return;
+                    }
+                    gather(base, ids, rows);
+                    gemm(rows, ids.len(), &self.planes, bits, self.dim, prod);
+                    for (i, &r) in ids.iter().enumerate() {
+                        let o = (r as usize - r0) * words;
+                        let sk = &mut out[o..o + words];
+                        for (k, &s) in prod[i * bits..(i + 1) * bits].iter().enumerate() {
+                            if s > 0.0 {
+                                sk[k / 64] |= 1 << (k % 64);
+                            }
+                        }
+                    }
+                },
+            );
+        Ok(Sketches { words, data })
+    }
+}
+
+/// Hamming distance of two sketches (portable).
+pub fn hamming(a: &[u64], b: &[u64]) -> u32 {
+    a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum()
+}
+
+#[inline(always)]
+fn filter_fixed<const W: usize>(q: &[u64], block: &[u64], cut: u32, out: &mut Vec<u32>) {
+    let mut qq = [0u64; W];
+    qq.copy_from_slice(&q[..W]);
+    for (k, s) in block.chunks_exact(W).enumerate() {
+        let mut h = 0u32;
+        for w in 0..W {
+            h += (qq[w] ^ s[w]).count_ones();
+        }
+        if h <= cut {
+            out.push(k as u32);
+        }
+    }
+}
+
+#[inline(always)]
+fn filter_any(q: &[u64], block: &[u64], words: usize, cut: u32, out: &mut Vec<u32>) {
+    match words {
+        4 => filter_fixed::<4>(q, block, cut, out),
+        8 => filter_fixed::<8>(q, block, cut, out),
+        16 => filter_fixed::<16>(q, block, cut, out),
+        _ => {
+            for (k, s) in block.chunks_exact(words).enumerate() {
+                if hamming(q, s) <= cut {
+                    out.push(k as u32);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt,avx2")]
+fn filter_x86(q: &[u64], block: &[u64], words: usize, cut: u32, out: &mut Vec<u32>) {
+    filter_any(q, block, words, cut, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+fn filter_popcnt(q: &[u64], block: &[u64], words: usize, cut: u32, out: &mut Vec<u32>) {
+    filter_any(q, block, words, cut, out);
+}
+
+/// Bench hook: runs the `avx2` (vectorised popcount) or `popcnt` (scalar POPCNT) kernel if the CPU has it.
+#[doc(hidden)]
+pub fn filter_block_variant(variant: &str, q: &[u64], block: &[u64], cut: u32, out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if variant == "avx2"
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("popcnt")
+        {
+            // SAFETY: both required target features were detected just above.
+            unsafe { filter_x86(q, block, q.len(), cut, out) };
+            return;
+        }
+        if variant == "popcnt" && std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the required target feature was detected just above.
+            unsafe { filter_popcnt(q, block, q.len(), cut, out) };
+            return;
+        }
+    }
+    filter_any(q, block, q.len(), cut, out);
+}
+
+/// Appends to `out` the index `k` of every sketch in `block` (consecutive sketches of `q.len()` words)
+/// within Hamming distance `cut` of `q`.
+pub fn filter_block(q: &[u64], block: &[u64], cut: u32, out: &mut Vec<u32>) {
+    let words = q.len();
+    if words == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd_enabled()
+        && std::arch::is_x86_feature_detected!("popcnt")
+        && std::arch::is_x86_feature_detected!("avx2")
+    {
+        // SAFETY: `filter_x86` only requires the `popcnt` and `avx2` target features, detected just above.
+        unsafe { filter_x86(q, block, words, cut, out) };
+        return;
+    }
+    filter_any(q, block, words, cut, out);
+}
+
+/// Sketches regrouped for the AVX2 kernel: groups of 4 sketches stored word-major (`word w` of sketches
+/// `4g..4g+4` are contiguous), zero-padded to a multiple of 4. Built once per block of members and compared
+/// with many queries.
+#[derive(Clone, Debug, Default)]
+pub struct PackedBlock {
+    words: usize,
+    len: usize,
+    data: Vec<u64>,
+}
+
+impl PackedBlock {
+    /// Empties the block for sketches of `words` words.
+    pub fn clear(&mut self, words: usize) {
+        self.words = words;
+        self.len = 0;
+        self.data.clear();
+    }
+    /// Appends one sketch (`words` words).
+    pub fn push(&mut self, sketch: &[u64]) {
+        let w = self.words;
+        if self.len.is_multiple_of(4) {
+            self.data.resize(self.data.len() + 4 * w, 0);
+        }
+        let (g, l) = (self.len / 4, self.len % 4);
+        for (i, &x) in sketch.iter().take(w).enumerate() {
+            self.data[g * 4 * w + i * 4 + l] = x;
+        }
+        self.len += 1;
+    }
+    /// Number of sketches.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True if the block holds no sketch.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Sketch `k` (portable access, for the fallback path).
+    fn word(&self, k: usize, w: usize) -> u64 {
+        self.data[(k / 4) * 4 * self.words + w * 4 + k % 4]
+    }
+}
+
+/// Appends to `out` the index of every sketch of `block` within Hamming distance `cut` of `q`
+/// (`q.len()` must equal the block's words; otherwise nothing is appended).
+pub fn filter_packed(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+    if q.len() != block.words || block.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd_enabled()
+        && std::arch::is_x86_feature_detected!("avx2")
+        && q.len() <= 31
+    {
+        // SAFETY: `filter_packed_avx2` requires AVX2 (detected just above); it reads only within
+        // `block.data`, whose length is `4 · words · ⌈len/4⌉` by construction of `PackedBlock`.
+        unsafe { filter_packed_avx2(q, block, cut, out) };
+        return;
+    }
+    filter_packed_portable(q, block, cut, out);
+}
+
+/// Portable path of [`filter_packed`].
+fn filter_packed_portable(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+    for k in 0..block.len {
+        let h: u32 = (0..block.words)
+            .map(|w| (q[w] ^ block.word(k, w)).count_ones())
+            .sum();
+        if h <= cut {
+            out.push(k as u32);
+        }
+    }
+}
+
+/// AVX2 kernel of [`filter_packed`]: per group of 4 sketches, XOR with the broadcast query words, nibble
+/// popcount by `vpshufb` accumulated in bytes (≤ 8 per word, so ≤ 31 words fit a byte), `vpsadbw` to four
+/// 64-bit distances, one compare against the cut.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let w = block.words;
+    let lut = _mm256_setr_epi8(
+        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
+        3, 4,
+    );
+    let low = _mm256_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
+    let cutv = _mm256_set1_epi64x(i64::from(cut));
+    let mut qb = [zero; 31];
+    for (b, &x) in qb.iter_mut().zip(q) {
+        *b = _mm256_set1_epi64x(x as i64);
+    }
+    let groups = block.len.div_ceil(4);
+    let ptr = block.data.as_ptr();
+    for g in 0..groups {
+        let mut acc = zero;
+        for (i, &qv) in qb.iter().take(w).enumerate() {
+            // SAFETY: group g's word i occupies data[(g·w + i)·4 .. +4], within the block's allocation.
+            let v = unsafe { _mm256_loadu_si256(ptr.add((g * w + i) * 4).cast::<__m256i>()) };
+            let v = _mm256_xor_si256(v, qv);
+            let lo = _mm256_and_si256(v, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            acc = _mm256_add_epi8(
+                acc,
+                _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)),
+            );
+        }
+        let dist = _mm256_sad_epu8(acc, zero);
+        let over = _mm256_cmpgt_epi64(dist, cutv);
+        let keep = !_mm256_movemask_pd(_mm256_castsi256_pd(over)) & 0xf;
+        if keep != 0 {
+            for l in 0..4 {
+                let k = g * 4 + l;
+                if keep & (1 << l) != 0 && k < block.len {
+                    out.push(k as u32);
+                }
+            }
+        }
+    }
+}
+
+/// Probability that one sketch bit differs for two vectors at cosine `cos`: `acos(cos)/π`.
+pub fn bit_flip_probability(cos: f64) -> f64 {
+    cos.clamp(-1.0, 1.0).acos() / std::f64::consts::PI
+}
+
+/// `P(H ≤ h)` for `h = 0..=bits`, `H ~ Binomial(bits, p)` (computed in log space, exact to f64 rounding).
+pub fn binomial_cdf(bits: usize, p: f64) -> Vec<f64> {
+    let n = bits as f64;
+    let mut cdf = Vec::with_capacity(bits + 1);
+    if p <= 0.0 {
+        return vec![1.0; bits + 1];
+    }
+    if p >= 1.0 {
+        let mut v = vec![0.0; bits + 1];
+        v[bits] = 1.0;
+        return v;
+    }
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    let mut ln_choose = 0.0f64;
+    let mut acc = 0.0f64;
+    for k in 0..=bits {
+        if k > 0 {
+            ln_choose += ((n - k as f64 + 1.0) / k as f64).ln();
+        }
+        acc += (ln_choose + k as f64 * lp + (n - k as f64) * lq).exp();
+        cdf.push(acc.min(1.0));
+    }
+    cdf
+}
+
+/// Probability that a pair at cosine `cos` is dropped by the filter `H ≤ cut` (`P(H > cut)`).
+pub fn drop_probability(bits: usize, cos: f64, cut: u32) -> f64 {
+    let cdf = binomial_cdf(bits, bit_flip_probability(cos));
+    1.0 - cdf.get(cut as usize).copied().unwrap_or(1.0)
+}
+
+/// The smallest cut whose drop probability for a pair at cosine `cos` is at most `delta`.
+pub fn cut_for_cosine(bits: usize, cos: f64, delta: f64) -> u32 {
+    let cdf = binomial_cdf(bits, bit_flip_probability(cos));
+    cdf.iter().position(|&c| 1.0 - c <= delta).unwrap_or(bits) as u32
+}
+
+/// How a sketch cut is chosen for a threshold join (see [`choose_cut`]).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CutPolicy {
+    /// Drop probability allowed for a pair exactly at the join threshold (the "complete" cut).
+    pub delta_at_threshold: f64,
+    /// Share of impostor pairs allowed through the filter (the rescoring budget).
+    pub impostor_budget: f64,
+    /// Expected share of genuine pairs above the threshold that the filter may drop.
+    pub genuine_drop: f64,
+}
+
+impl Default for CutPolicy {
+    fn default() -> Self {
+        CutPolicy {
+            delta_at_threshold: 1e-6,
+            impostor_budget: 1e-3,
+            genuine_drop: 1e-5,
+        }
+    }
+}
+
+/// A chosen cut and the figures that justify it (all computed from the binomial model).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CutChoice {
+    /// Sketch bits.
+    pub bits: usize,
+    /// The cut used: keep pairs with Hamming distance ≤ `cut`.
+    pub cut: u32,
+    /// Smallest cut dropping a pair at the threshold with probability ≤ `delta_at_threshold`.
+    pub complete_cut: u32,
+    /// Largest cut letting through at most `impostor_budget` of impostor pairs.
+    pub budget_cut: u32,
+    /// Smallest cut dropping at most `genuine_drop` of the genuine pairs above the threshold.
+    pub genuine_cut: u32,
+    /// Predicted probability that a pair exactly at the threshold is dropped, at `cut`.
+    pub drop_at_threshold: f64,
+    /// Predicted share of genuine pairs above the threshold dropped, at `cut`.
+    pub genuine_dropped: f64,
+    /// Predicted share of impostor pairs that pass, at `cut`.
+    pub impostor_pass: f64,
+}
+
+/// Mixture CDF `Σ w(c)·P(H ≤ h | c)` over a cosine grid, for every `h`, with weights normalised.
+fn mixture_cdf(bits: usize, grid: &[(f64, f64)]) -> Vec<f64> {
+    let total: f64 = grid.iter().map(|g| g.1).sum();
+    let mut acc = vec![0.0; bits + 1];
+    if total <= 0.0 {
+        return acc;
+    }
+    for &(c, w) in grid {
+        for (a, p) in acc
+            .iter_mut()
+            .zip(binomial_cdf(bits, bit_flip_probability(c)))
+        {
+            *a += w / total * p;
+        }
+    }
+    acc
+}
+
+/// Gaussian density grid on `[lo, hi] ∩ [-1, 1]`, within 9 sd of the mean (step ≤ 0.002).
+fn gaussian_grid(mean: f64, sd: f64, lo: f64, hi: f64) -> Vec<(f64, f64)> {
+    let sd = sd.max(1e-4);
+    let (a, b) = (
+        lo.max(mean - 9.0 * sd).max(-1.0),
+        hi.min(mean + 9.0 * sd).min(1.0),
+    );
+    if a >= b {
+        return Vec::new();
+    }
+    let steps = (((b - a) / 0.002).ceil() as usize).max(8);
+    (0..=steps)
+        .map(|i| {
+            let c = a + (b - a) * i as f64 / steps as f64;
+            let z = (c - mean) / sd;
+            (c, (-0.5 * z * z).exp())
+        })
+        .collect()
+}
+
+/// Chooses the sketch cut for a join at cosine `threshold`, given Gaussian models of impostor and genuine
+/// cosines: `min(complete, max(budget, genuine))`. The cut is complete (every pair at or above the
+/// threshold kept with probability ≥ 1 − `delta_at_threshold`) whenever that fits the impostor budget;
+/// otherwise it lets through as many impostors as the budget allows, but never fewer genuine pairs than
+/// the `genuine_drop` bound requires.
+pub fn choose_cut(
+    bits: usize,
+    threshold: f64,
+    impostor: (f64, f64),
+    genuine: (f64, f64),
+    policy: &CutPolicy,
+) -> CutChoice {
+    let complete_cut = cut_for_cosine(bits, threshold, policy.delta_at_threshold);
+    let imp = mixture_cdf(bits, &gaussian_grid(impostor.0, impostor.1, -1.0, 1.0));
+    let budget_cut = imp
+        .iter()
+        .rposition(|&p| p <= policy.impostor_budget)
+        .unwrap_or(0) as u32;
+    let gen_grid = gaussian_grid(genuine.0, genuine.1, threshold, 1.0);
+    let genu = mixture_cdf(bits, &gen_grid);
+    let genuine_cut = if gen_grid.is_empty() {
+        0
+    } else {
+        genu.iter()
+            .position(|&p| 1.0 - p <= policy.genuine_drop)
+            .unwrap_or(bits) as u32
+    };
+    let cut = complete_cut.min(budget_cut.max(genuine_cut));
+    CutChoice {
+        bits,
+        cut,
+        complete_cut,
+        budget_cut,
+        genuine_cut,
+        drop_at_threshold: drop_probability(bits, threshold, cut),
+        genuine_dropped: if gen_grid.is_empty() {
+            0.0
+        } else {
+            (1.0 - genu[cut as usize]).max(0.0)
+        },
+        impostor_pass: imp[cut as usize],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::view::RowsF32;
+    use proptest::prelude::*;
+
+    fn unit(rng: &mut SplitMix, d: usize) -> Vec<f32> {
+        let mut v: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+
+    #[test]
+    fn gemm_sketch_equals_direct_sketch() {
+        let (d, n) = (64, 300);
+        let mut rng = SplitMix(3);
+        let rows: Vec<f32> = (0..n).flat_map(|_| unit(&mut rng, d)).collect();
+        let base = RowsF32::dense(&rows, d).unwrap();
+        let sk = Sketcher::new(d, 128, 9).unwrap();
+        let all = sk.sketch_rows(base, &|r| r != 7).unwrap();
+        let mut one = [0u64; 2];
+        let mut differing_bits = 0;
+        for r in 0..n {
+            sk.sketch_one(base.row(r), &mut one);
+            if r == 7 {
+                assert_eq!(all.row(r), &[0, 0]);
+            } else {
+                // GEMM and the direct loop may round a product near zero differently.
+                differing_bits += hamming(all.row(r), &one);
+            }
+        }
+        assert!(differing_bits <= 2, "{differing_bits} bits differ");
+    }
+
+    #[test]
+    fn hamming_follows_the_binomial_model() {
+        // Pairs at cosine 0.6: mean Hamming distance bits·acos(0.6)/π.
+        let (d, bits, pairs) = (128, 512, 400);
+        let mut rng = SplitMix(11);
+        let sk = Sketcher::new(d, bits, 5).unwrap();
+        let (mut a, mut b) = (vec![0u64; 8], vec![0u64; 8]);
+        let mut total = 0.0;
+        for _ in 0..pairs {
+            let x = unit(&mut rng, d);
+            let z = unit(&mut rng, d);
+            // y = 0.6 x + 0.8 z⊥ (z made orthogonal to x).
+            let dot: f32 = x.iter().zip(&z).map(|(p, q)| p * q).sum();
+            let mut zp: Vec<f32> = z.iter().zip(&x).map(|(q, p)| q - dot * p).collect();
+            let nz = zp.iter().map(|v| v * v).sum::<f32>().sqrt();
+            zp.iter_mut().for_each(|v| *v /= nz);
+            let y: Vec<f32> = x.iter().zip(&zp).map(|(p, q)| 0.6 * p + 0.8 * q).collect();
+            sk.sketch_one(&x, &mut a);
+            sk.sketch_one(&y, &mut b);
+            total += f64::from(hamming(&a, &b));
+        }
+        let mean = total / pairs as f64;
+        let expect = bits as f64 * bit_flip_probability(0.6);
+        // sd of the mean of 400 binomials ≈ √(512·0.3·0.7/400) ≈ 0.5; allow 5 sd plus plane sampling noise.
+        assert!((mean - expect).abs() < 4.0, "mean {mean} vs {expect}");
+    }
+
+    #[test]
+    fn cut_bounds_the_drop_probability() {
+        let cut = cut_for_cosine(512, 0.5, 1e-6);
+        assert!(drop_probability(512, 0.5, cut) <= 1e-6);
+        assert!(drop_probability(512, 0.5, cut - 1) > 1e-6);
+        // Mean at cos 0.5 is 512/3 ≈ 170.7, sd ≈ 10.7: a 1e-6 bound sits about 4.75 sd above.
+        assert!((215..=225).contains(&cut), "cut {cut}");
+        let cdf = binomial_cdf(512, 0.3);
+        assert!((cdf[512] - 1.0).abs() < 1e-9);
+        assert!(cdf.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn cut_choice_is_complete_when_the_budget_allows() {
+        let p = CutPolicy::default();
+        // Threshold far above impostors: the complete cut fits the budget.
+        let c = choose_cut(512, 0.6, (0.0, 0.05), (0.7, 0.05), &p);
+        assert_eq!(c.cut, c.complete_cut);
+        assert!(
+            c.drop_at_threshold <= 1e-6 && c.impostor_pass <= 1e-3,
+            "{c:?}"
+        );
+        // Threshold near impostors: the budget binds, but genuine pairs stay safe.
+        let c = choose_cut(512, 0.25, (0.0, 0.045), (0.7, 0.02), &p);
+        assert!(c.cut < c.complete_cut, "{c:?}");
+        assert!(
+            c.genuine_dropped <= 1e-5 && c.impostor_pass <= 1e-3,
+            "{c:?}"
+        );
+        assert!(c.drop_at_threshold > 1e-3, "{c:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn simd_and_portable_filters_agree(
+            words in prop::sample::select(vec![1usize, 4, 8, 16, 3]),
+            seed in any::<u64>(),
+            n in 0usize..70,
+            cut in 0u32..1024,
+        ) {
+            let mut rng = SplitMix(seed);
+            let q: Vec<u64> = (0..words).map(|_| rng.next()).collect();
+            let block: Vec<u64> = (0..n * words).map(|_| rng.next()).collect();
+            let mut fast = Vec::new();
+            filter_block(&q, &block, cut, &mut fast);
+            let slow: Vec<u32> = (0..n)
+                .filter(|&k| hamming(&q, &block[k * words..(k + 1) * words]) <= cut)
+                .map(|k| k as u32)
+                .collect();
+            let mut portable = Vec::new();
+            filter_any(&q, &block, words, cut, &mut portable);
+            prop_assert_eq!(&fast, &slow);
+            prop_assert_eq!(&portable, &slow);
+            let mut packed = PackedBlock::default();
+            packed.clear(words);
+            for k in 0..n {
+                packed.push(&block[k * words..(k + 1) * words]);
+            }
+            let mut via_packed = Vec::new();
+            filter_packed(&q, &packed, cut, &mut via_packed);
+            prop_assert_eq!(&via_packed, &slow);
+            let mut packed_portable = Vec::new();
+            filter_packed_portable(&q, &packed, cut, &mut packed_portable);
+            prop_assert_eq!(&packed_portable, &slow);
+        }
+    }
+}
