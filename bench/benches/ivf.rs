@@ -1,5 +1,5 @@
-//! Criterion bench: the dedup candidate join. Sign-sketch filtering (512-bit sketches, SIMD-dispatched vs
-//! portable, products per second), sketching rows, and the IVF self-join over a generated structured
+//! Criterion bench: the dedup candidate join. Sign-sketch filtering of 512-bit sketches (the dispatched
+//! `filter_packed` and each packed kernel: AVX-512 VPOPCNTDQ, AVX2, portable), sketching rows, and the IVF self-join over a generated structured
 //! population with f32 GEMM products vs sketch-filtered products (`PACHA_BENCH_IVF_N` rows, default 20 000).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 use std::hint::black_box;
@@ -9,10 +9,7 @@ use pacha_datasets::Modality;
 use pacha_datasets::generate::{Generator, PopulationConfig};
 use pacha_index::RowsF32;
 use pacha_index::ivf::{Ivf, IvfParams};
-use pacha_index::kernels::{SimdMode, set_simd_override};
-use pacha_index::sketch::{
-    PackedBlock, Sketcher, filter_block, filter_block_variant, filter_packed,
-};
+use pacha_index::sketch::{PackedBlock, Sketcher, StagedCut, filter_packed, filter_packed_variant};
 
 fn population(n: usize) -> Vec<f32> {
     let g = Generator::new(PopulationConfig {
@@ -39,31 +36,10 @@ fn filter(c: &mut Criterion) {
         .unwrap()
         .sketch_rows(base, &|_| true)
         .unwrap();
-    let block: Vec<u64> = (1..=n).flat_map(|r| sk.row(r).to_vec()).collect();
     let q = sk.row(0).to_vec();
     let mut g = c.benchmark_group("sketch_filter_512bit");
     g.throughput(Throughput::Elements(n as u64));
     let mut out = Vec::new();
-    for (name, mode) in [("simd", SimdMode::Simd), ("portable", SimdMode::Scalar)] {
-        set_simd_override(Some(mode));
-        g.bench_function(name, |x| {
-            x.iter(|| {
-                out.clear();
-                filter_block(black_box(&q), black_box(&block), 200, &mut out);
-                out.len()
-            })
-        });
-    }
-    set_simd_override(None);
-    for v in ["avx2", "popcnt"] {
-        g.bench_function(format!("kernel_{v}"), |x| {
-            x.iter(|| {
-                out.clear();
-                filter_block_variant(v, black_box(&q), black_box(&block), 200, &mut out);
-                out.len()
-            })
-        });
-    }
     let mut packed = PackedBlock::default();
     packed.clear(q.len());
     for r in 1..=n {
@@ -76,6 +52,15 @@ fn filter(c: &mut Criterion) {
             out.len()
         })
     });
+    for v in ["avx512", "avx2", "portable"] {
+        g.bench_function(format!("packed_{v}"), |x| {
+            x.iter(|| {
+                out.clear();
+                filter_packed_variant(v, black_box(&q), black_box(&packed), 200, &mut out);
+                out.len()
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("sketch_rows_512d_512bit");
@@ -112,7 +97,7 @@ fn join(c: &mut Criterion) {
     });
     g.bench_function("sketch_cut_200", |x| {
         x.iter(|| {
-            ivf.self_join_rows_sketched(base, &sk, 0..n, t, 200)
+            ivf.self_join_rows_sketched(base, &sk, 0..n, t, StagedCut::single(200))
                 .unwrap()
                 .len()
         })

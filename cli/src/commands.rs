@@ -261,6 +261,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         } else {
             DedupOptions::default().sketch
         },
+        genuine_miss: a.genuine_miss,
     };
     let result = run_dedup(&engine, &opts, ui)?;
     runio::write_run(&a.out, &result)

@@ -183,6 +183,10 @@ pub struct DedupArgs {
     /// Skip the binary-sketch pre-filter of index candidates (slower; for measuring its misses).
     #[arg(long)]
     pub no_sketch: bool,
+    /// Index mode: share of genuine pairs the multi-modal candidate cosines may leave to chance under the
+    /// calibrated genuine models (0 = complete candidate budgets, slower with several modalities).
+    #[arg(long, default_value_t = 1e-4)]
+    pub genuine_miss: f64,
 }
 
 /// Arguments of `identify`.

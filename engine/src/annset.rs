@@ -7,7 +7,7 @@
 use crate::EngineError;
 use crate::store::Snapshot;
 use pacha_index::ivf::{Ivf, IvfParams};
-use pacha_index::sketch::{Sketcher, Sketches};
+use pacha_index::sketch::{Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::Path;
@@ -20,10 +20,23 @@ pub struct AnnParams {
     pub ivf: IvfParams,
 }
 
-/// Bits of the sign sketches that pre-filter the IVF join's products (see `pacha_index::sketch`).
+/// Bits of the sign sketches kept per row (see `pacha_index::sketch`): the join's first stage compares the
+/// first [`SKETCH_PREFIX_BITS`] of them for every product, the second all of them for the survivors. Equal
+/// here (one stage): 1024-bit sketches with a second stage cut the exact rescorings 2.5× at 100 k
+/// (face + 2 fingers) but the run was no faster (17.5 s vs 15.4 s; the survivors' own sketch reads cost as
+/// much), at twice the memory and sketching time. See BENCHMARKS.md.
 pub const SKETCH_BITS: usize = 512;
+/// Bits of the first (packed SIMD) stage of the sketch test.
+pub const SKETCH_PREFIX_BITS: usize = 512;
 /// Seed of the sketch hyperplanes (fixed: the same store always gets the same sketches).
 const SKETCH_SEED: u64 = 0x5ce7_c4e5;
+
+/// The sketch stages of an index join in the joined modality (see `pacha_index::sketch::choose_cut`).
+#[derive(Clone, Copy, Debug)]
+pub struct SketchFilter {
+    /// Hamming cuts of the prefix stage and of the whole sketch.
+    pub cut: StagedCut,
+}
 
 /// Probe lists searched per query in identify.
 pub const IDENTIFY_NPROBE: usize = 16;
@@ -103,7 +116,7 @@ impl AnnSet {
         mi: usize,
         probes: Range<usize>,
         t: f32,
-        sketch_cut: Option<u32>,
+        sketch: Option<SketchFilter>,
     ) -> Result<Vec<(u32, u32, f32)>, EngineError> {
         let (Some(Some(ivf)), Some(view)) = (
             self.ivf.get(mi),
@@ -114,10 +127,10 @@ impl AnnSet {
         let end = probes.end.min(self.rows);
         let start = probes.start.min(end);
         let base = view.slice_rows(0, self.rows);
-        match sketch_cut {
-            Some(cut) => {
+        match sketch {
+            Some(f) => {
                 let sk = self.sketches(snap, mi)?;
-                Ok(ivf.self_join_rows_sketched(base, sk, start..end, t, cut)?)
+                Ok(ivf.self_join_rows_sketched(base, sk, start..end, t, f.cut)?)
             }
             None => Ok(ivf.self_join_rows(base, start..end, t)?),
         }

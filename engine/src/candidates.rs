@@ -7,6 +7,7 @@
 //! plus an exact join against the other new rows. So rows committed after the index was built are never
 //! missed.
 
+use crate::annset::SketchFilter;
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use pacha_datasets::Modality;
@@ -46,8 +47,8 @@ pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot, ann: Option<&AnnSet>) 
 }
 
 /// Appends to `out` the candidate pairs `(earlier row, later row)` of modality `m` (schema position `mi`)
-/// whose later row is in `probes`: cosine at least `min_cos`, both templates present. `sketch_cut` turns on
-/// the sign-sketch pre-filter of the IVF join (indexed rows only).
+/// whose later row is in `probes`: cosine at least `min_cos`, both templates present. `sketch` turns on the
+/// sign-sketch stages of the IVF join (indexed rows only).
 #[allow(clippy::too_many_arguments)]
 pub fn pairs_for_tile(
     snap: &Snapshot,
@@ -57,7 +58,7 @@ pub fn pairs_for_tile(
     mi: usize,
     probes: Range<usize>,
     min_cos: f32,
-    sketch_cut: Option<u32>,
+    sketch: Option<SketchFilter>,
     out: &mut Vec<(u32, u32)>,
 ) -> Result<(), EngineError> {
     let Some(view) = snap.f32_rows(m) else {
@@ -71,7 +72,7 @@ pub fn pairs_for_tile(
     if let (Some(ann), true) = (ann, indexed > 0) {
         // Both rows indexed.
         out.extend(
-            ann.join_rows(snap, mi, probes.clone(), min_cos, sketch_cut)?
+            ann.join_rows(snap, mi, probes.clone(), min_cos, sketch)?
                 .into_iter()
                 .map(|(a, b, _)| (a, b)),
         );

@@ -13,12 +13,13 @@
 //! regardless of thread count, can be checkpointed after every tile (resumable: an interrupted run restarts
 //! from its last finished tile and produces the same output), and can be scheduled tile by tile elsewhere.
 
+use crate::annset::SketchFilter;
 use crate::candidates::{self, CandidateMode};
 use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
-use pacha_index::sketch::{CutChoice, CutPolicy, choose_cut};
+use pacha_index::sketch::{CutChoice, CutPolicy, StagedCut, choose_cut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -54,6 +55,11 @@ pub struct DedupOptions {
     /// modality follows from the calibration's models and the candidate cosine ([`choose_cut`]); the
     /// choice and its predicted drop rates are reported in [`DedupSummary::sketch_cuts`].
     pub sketch: Option<CutPolicy>,
+    /// Index mode only: the share of genuine pairs (under the calibration's genuine models) that the
+    /// per-modality candidate cosines may leave to chance, in exchange for higher cosines and a cheaper
+    /// multi-modal join ([`Calibration::candidate_cosines_relaxed`]). 0 keeps the complete budgets; exact
+    /// mode always does.
+    pub genuine_miss: f64,
 }
 
 impl Default for DedupOptions {
@@ -66,6 +72,7 @@ impl Default for DedupOptions {
             report_floor: None,
             checkpoint_dir: None,
             sketch: Some(CutPolicy::default()),
+            genuine_miss: 1e-4,
         }
     }
 }
@@ -116,8 +123,14 @@ pub struct DedupSummary {
     pub threshold: f64,
     /// Per-modality candidate cosines used.
     pub candidate_cosines: Vec<(String, Option<f32>)>,
-    /// Per-modality sign-sketch cuts used by the index join (`None`: no sketch filter).
+    /// Genuine-miss allowance the candidate cosines were relaxed by (0: complete budgets).
+    #[serde(default)]
+    pub genuine_miss: f64,
+    /// Per-modality sign-sketch cuts of the index join's first stage (512-bit prefix; `None`: no filter).
     pub sketch_cuts: Vec<(String, Option<CutChoice>)>,
+    /// Per-modality cuts of the second stage (the whole 1024-bit sketch, survivors of the first only).
+    #[serde(default)]
+    pub sketch_full_cuts: Vec<(String, Option<CutChoice>)>,
     /// Candidate pairs (after the union over modalities).
     pub candidate_pairs: u64,
     /// Pairs at or above the report floor.
@@ -198,7 +211,6 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     }
     let threshold = threshold_for_fpir(opts.target_fpir, snap.live())?;
     let floor = opts.report_floor.unwrap_or(threshold).min(threshold);
-    let cand_cos = ctx.calibration.candidate_cosines(floor);
     let rows = snap.rows();
     let first_probe = match opts.scope {
         DedupScope::WholeStore => 0,
@@ -212,22 +224,53 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         }
     };
     let mode = candidates::resolve_mode(opts.mode, snap, ctx.ann);
-    let cuts: Vec<Option<CutChoice>> = snap
+    if !(0.0..1.0).contains(&opts.genuine_miss) {
+        return Err(EngineError::InvalidArgument(format!(
+            "genuine_miss {} is not in [0, 1)",
+            opts.genuine_miss
+        )));
+    }
+    let genuine_miss = match mode {
+        CandidateMode::Index => opts.genuine_miss,
+        _ => 0.0,
+    };
+    let cand_cos = ctx
+        .calibration
+        .candidate_cosines_relaxed(floor, genuine_miss);
+    // With several candidate modalities a genuine pair is lost only if every modality that could catch it
+    // drops it, so each cut may drop more (`genuine_drop_multimodal`).
+    let multimodal = cand_cos.iter().flatten().count() > 1;
+    let policy = opts.sketch.map(|p| CutPolicy {
+        genuine_drop: if multimodal {
+            p.genuine_drop_multimodal
+        } else {
+            p.genuine_drop
+        },
+        ..p
+    });
+    // Per modality: the cut of the 512-bit prefix stage and of the whole 1024-bit sketch.
+    let cuts: Vec<Option<(CutChoice, CutChoice)>> = snap
         .schema()
         .modalities
         .iter()
         .zip(&cand_cos)
         .map(|(spec, c)| {
-            let (Some(policy), Some(c), CandidateMode::Index) = (&opts.sketch, c, mode) else {
+            let (Some(policy), Some(c), CandidateMode::Index) = (&policy, c, mode) else {
                 return None;
             };
             let model = ctx.calibration.model(spec.modality)?;
-            Some(choose_cut(
-                crate::annset::SKETCH_BITS,
-                f64::from(*c),
-                (model.impostor.mean, model.impostor.sd),
-                (model.genuine.mean, model.genuine.sd),
-                policy,
+            let choose = |bits| {
+                choose_cut(
+                    bits,
+                    f64::from(*c),
+                    (model.impostor.mean, model.impostor.sd),
+                    (model.genuine.mean, model.genuine.sd),
+                    policy,
+                )
+            };
+            Some((
+                choose(crate::annset::SKETCH_PREFIX_BITS),
+                choose(crate::annset::SKETCH_BITS),
             ))
         })
         .collect();
@@ -237,8 +280,10 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         None => format!("{mode:?}"),
     };
     let key_mode = format!(
-        "{mode_label} cuts {:?}",
-        cuts.iter().map(|c| c.map(|c| c.cut)).collect::<Vec<_>>()
+        "{mode_label} genuine_miss {genuine_miss:e} cuts {:?}",
+        cuts.iter()
+            .map(|c| c.map(|(p, f)| (p.cut, f.cut)))
+            .collect::<Vec<_>>(),
     );
     let tiles: Vec<Range<usize>> = (first_probe..rows)
         .step_by(opts.block_rows)
@@ -264,6 +309,7 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         probes: rows - first_probe,
         mode: mode_label,
         threshold,
+        genuine_miss,
         candidate_cosines: snap
             .schema()
             .modalities
@@ -276,7 +322,14 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             .modalities
             .iter()
             .zip(&cuts)
-            .map(|(s, c)| (s.modality.key(), *c))
+            .map(|(s, c)| (s.modality.key(), c.map(|c| c.0)))
+            .collect(),
+        sketch_full_cuts: snap
+            .schema()
+            .modalities
+            .iter()
+            .zip(&cuts)
+            .map(|(s, c)| (s.modality.key(), c.map(|c| c.1)))
             .collect(),
         ..DedupSummary::default()
     };
@@ -361,7 +414,7 @@ struct TileOutput {
 fn run_tile(
     ctx: &DedupContext<'_>,
     cand_cos: &[Option<f32>],
-    cuts: &[Option<CutChoice>],
+    cuts: &[Option<(CutChoice, CutChoice)>],
     mode: CandidateMode,
     probes: Range<usize>,
     floor: f64,
@@ -382,7 +435,13 @@ fn run_tile(
             mi,
             probes.clone(),
             c,
-            cuts.get(mi).copied().flatten().map(|c| c.cut),
+            cuts.get(mi).copied().flatten().map(|(p, f)| SketchFilter {
+                cut: StagedCut {
+                    prefix_words: crate::annset::SKETCH_PREFIX_BITS / 64,
+                    prefix_cut: p.cut,
+                    cut: f.cut,
+                },
+            }),
             &mut cand,
         )?;
     }

@@ -39,6 +39,8 @@ pub const MIN_FMR: f64 = 1e-30;
 const LLR_CAP: f64 = 60.0;
 /// Floor on a single modality's LLR, in nats.
 const LLR_FLOOR: f64 = -20.0;
+/// Genuine-model draws behind [`Calibration::candidate_cosines_relaxed`].
+pub const RELAX_DRAWS: usize = 200_000;
 /// Most modalities fused (face + ten fingers fit).
 pub const MAX_MODALITIES: usize = 12;
 
@@ -494,6 +496,120 @@ impl Calibration {
         }
     }
 
+    /// Greedy relaxation of complete budgets `b` (see [`Calibration::candidate_cosines_relaxed`]).
+    fn relax_budgets(
+        &self,
+        mut b: Vec<f64>,
+        limits: &[(u32, f64)],
+        genuine_miss: f64,
+        cost: &dyn Fn(&[f64]) -> f64,
+    ) -> Vec<f64> {
+        let n = b.len();
+        let singles: Vec<f64> = (0..n)
+            .map(|i| {
+                limits
+                    .iter()
+                    .find(|&&(m, _)| m == 1 << i)
+                    .map_or(f64::INFINITY, |&(_, t)| t)
+            })
+            .collect();
+        // Genuine draws of every modality's LLR (seeded: the same calibration gives the same budgets).
+        // SplitMix64 uniforms and Box–Muller normals (no generator crate in the library's dependencies).
+        let mut state = 0x9e1a_u64;
+        let mut unif = || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut normal = || {
+            let (u1, u2) = (unif().max(1e-300), unif());
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        let draws: Vec<f64> = (0..RELAX_DRAWS)
+            .flat_map(|_| {
+                self.models[..n]
+                    .iter()
+                    .map(|(_, m)| m.llr(m.genuine.mean + m.genuine.sd * normal()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // Per multi-modal subset: its limit, its number of genuine hits, and the hits no single modality can
+        // carry alone (only those can be missed by raised budgets below the single limits).
+        struct Subset {
+            mask: u32,
+            limit: f64,
+            hits: usize,
+            weak: Vec<usize>,
+        }
+        let subsets: Vec<Subset> = limits
+            .iter()
+            .filter(|&&(m, _)| m.count_ones() >= 2)
+            .map(|&(mask, limit)| {
+                let members: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+                let mut hits = 0;
+                let mut weak = Vec::new();
+                for k in 0..RELAX_DRAWS {
+                    let l = &draws[k * n..(k + 1) * n];
+                    if members.iter().map(|&i| l[i]).sum::<f64>() >= limit {
+                        hits += 1;
+                        if members.iter().all(|&i| l[i] < singles[i]) {
+                            weak.push(k);
+                        }
+                    }
+                }
+                Subset {
+                    mask,
+                    limit,
+                    hits,
+                    weak,
+                }
+            })
+            .collect();
+        let feasible = |b: &[f64]| {
+            if (0..n).any(|i| b[i] > singles[i] + 1e-9) {
+                return false;
+            }
+            subsets.iter().all(|s| {
+                let members = (0..n).filter(|i| s.mask & (1 << i) != 0);
+                if members.clone().map(|i| b[i]).sum::<f64>() <= s.limit + 1e-9 {
+                    return true;
+                }
+                let missed = s
+                    .weak
+                    .iter()
+                    .filter(|&&k| members.clone().all(|i| draws[k * n + i] < b[i]))
+                    .count();
+                missed as f64 <= genuine_miss * s.hits as f64
+            })
+        };
+        let mut best = cost(&b);
+        let mut step = 2.0;
+        while step >= GRID_STEP {
+            let mut pick: Option<(usize, f64)> = None;
+            for i in 0..n {
+                let mut t = b.clone();
+                t[i] = (t[i] + step).min(singles[i]);
+                if t[i] <= b[i] || !feasible(&t) {
+                    continue;
+                }
+                let c = cost(&t);
+                if c < best && pick.is_none_or(|(_, pc)| c < pc) {
+                    pick = Some((i, c));
+                }
+            }
+            match pick {
+                Some((i, c)) => {
+                    b[i] = (b[i] + step).min(singles[i]);
+                    best = c;
+                }
+                None => step /= 2.0,
+            }
+        }
+        b
+    }
+
     /// Per-modality cosine thresholds that keep every pair whose fused score can reach `score_threshold`
     /// (see the module docs). `None` for a modality means no cosine up to 1 can matter on its own.
     ///
@@ -502,6 +618,24 @@ impl Calibration {
     /// a local search picks ones that minimise the expected share of impostor pairs kept, `Σ P(L_m ≥ b_m)`:
     /// weak modalities (fingers) get higher cosine thresholds than an equal split would give them.
     pub fn candidate_cosines(&self, score_threshold: f64) -> Vec<Option<f32>> {
+        self.candidate_cosines_relaxed(score_threshold, 0.0)
+    }
+
+    /// Like [`Calibration::candidate_cosines`], but a multi-modal subset constraint `Σ_{m∈S} b_m ≤ T_S` may
+    /// be exceeded where the *genuine* models say it costs little: after the complete budgets are found,
+    /// budgets are raised greedily (cheapest impostor share first) as long as, for every subset `S` of two
+    /// or more modalities that no longer holds, at most `genuine_miss` of genuine pairs that pass the fused
+    /// threshold within `S` have every `L_m < b_m` (estimated from [`RELAX_DRAWS`] seeded draws of the
+    /// genuine models). Single-modality limits stay hard. `genuine_miss = 0` gives the complete budgets.
+    ///
+    /// Why: with face + two fingers the complete split gives every modality about a third of the fused
+    /// threshold, so each per-modality join runs at a cosine (≈ 0.3) where a large share of the pairs an
+    /// index visits must be rescored, though a genuine pair that weak in *every* modality at once is rare.
+    pub fn candidate_cosines_relaxed(
+        &self,
+        score_threshold: f64,
+        genuine_miss: f64,
+    ) -> Vec<Option<f32>> {
         let fmr = fmr_from_score(score_threshold);
         let n = self.models.len().min(MAX_MODALITIES);
         let masks: Vec<u32> = if n <= 8 {
@@ -575,6 +709,9 @@ impl Calibration {
                     step /= 2.0;
                 }
             }
+        }
+        if genuine_miss > 0.0 && n > 1 && feasible(&b) {
+            b = self.relax_budgets(b, &limits, genuine_miss, &cost);
         }
         // A budget at or below the LLR floor would admit every pair (every cosine has LLR ≥ floor). That
         // happens when the threshold sits at the floor itself (a genuine model far from the impostor tail
@@ -746,6 +883,67 @@ mod tests {
         for ci in c.iter().flatten() {
             assert!(*ci > 0.2, "{c:?}");
         }
+    }
+
+    #[test]
+    fn relaxed_candidate_cosines_miss_few_genuine_hits_and_keep_single_modality_pairs() {
+        let mods = [Modality::Face, Modality::Finger(2), Modality::Finger(7)];
+        let cal = Calibration::defaults(&mods);
+        let thr = threshold_for_fpir(1e-3, 1_000_000).unwrap();
+        let complete = cal.candidate_cosines(thr);
+        assert_eq!(cal.candidate_cosines_relaxed(thr, 0.0), complete);
+        let relaxed = cal.candidate_cosines_relaxed(thr, 1e-4);
+        // Raised (that is the point) but never above what one modality alone needs to pass.
+        for (i, (r, c)) in relaxed.iter().zip(&complete).enumerate() {
+            let (r, c) = (r.unwrap(), c.unwrap());
+            assert!(r >= c, "{relaxed:?} vs {complete:?}");
+            let alone = cal.fuse(&[(i, r)]).score;
+            assert!(
+                alone <= thr + 1e-9,
+                "modality {i} at {r} passes alone ({alone})"
+            );
+        }
+        assert!(
+            relaxed
+                .iter()
+                .zip(&complete)
+                .any(|(r, c)| r.unwrap() > c.unwrap() + 0.02),
+            "{relaxed:?} vs {complete:?}"
+        );
+        // Independent draws of the genuine models (another seed than the relaxation's): of those whose fused
+        // score passes, the share below every relaxed cosine stays near the allowance.
+        let mut state = 12345u64;
+        let mut unif = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (mut hits, mut missed) = (0u32, 0u32);
+        for _ in 0..400_000 {
+            let cos: Vec<f32> = cal
+                .models
+                .iter()
+                .map(|(_, m)| {
+                    let (u1, u2) = (unif(), unif());
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    (m.genuine.mean + m.genuine.sd * z) as f32
+                })
+                .collect();
+            let idx: Vec<(usize, f32)> = cos.iter().copied().enumerate().collect();
+            if cal.fuse(&idx).score >= thr {
+                hits += 1;
+                if cos.iter().zip(&relaxed).all(|(&s, r)| s < r.unwrap()) {
+                    missed += 1;
+                }
+            }
+        }
+        assert!(hits > 300_000, "{hits}");
+        // Allowance 1e-4 of ~400 000 hits ≈ 40; 3× for Monte Carlo noise and grid rounding.
+        assert!(
+            missed <= 120,
+            "{missed} of {hits} genuine hits below every candidate cosine"
+        );
     }
 
     #[test]

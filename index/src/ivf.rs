@@ -58,7 +58,7 @@ use rayon::prelude::*;
 use crate::IndexError;
 use crate::kernels::dot_f32;
 use crate::rng::SplitMix;
-use crate::sketch::{PackedBlock, Sketches, filter_packed};
+use crate::sketch::{PackedBlock, Sketches, StagedCut, filter_packed, hamming};
 use crate::view::RowsF32;
 
 /// GEMM tile: rows of the visitor side.
@@ -484,6 +484,26 @@ impl Ivf {
         true
     }
 
+    /// [`Ivf::canonical`] with the visitor's probe lists as a bitset (`xbits`, over list ids): one scan of
+    /// `y`'s probe lists instead of two.
+    fn canonical_with(&self, xbits: &[u64], j: u32, x: u32, y: u32) -> bool {
+        let (px, hx) = self.row_lists(x);
+        let (py, hy) = self.row_lists(y);
+        let me = (j, x);
+        let in_x = |l: u32| xbits[l as usize / 64] >> (l % 64) & 1 == 1;
+        for &l in &py[..hy] {
+            if (l, x) < me && in_x(l) {
+                return false;
+            }
+        }
+        for &l in &px[..hx] {
+            if (l, y) < me && py.contains(&l) {
+                return false;
+            }
+        }
+        true
+    }
+
     fn check(&self, base: &RowsF32<'_>, t: f32) -> Result<(), IndexError> {
         if base.dim() != self.dim {
             return Err(IndexError::Dim {
@@ -616,7 +636,7 @@ impl Ivf {
         sketches: &Sketches,
         probes: Range<usize>,
         t: f32,
-        cut: u32,
+        cut: StagedCut,
     ) -> Result<Vec<(u32, u32, f32)>, IndexError> {
         self.check(&base, t)?;
         if sketches.rows() != self.rows {
@@ -632,28 +652,53 @@ impl Ivf {
         }
         let units = self.units(lo, hi);
         let words = sketches.words();
+        let prefix = cut.prefix_words.clamp(1, words.max(1));
         let mut pairs: Vec<(u32, u32, f32)> = units
             .par_iter()
             .map_init(
-                || (PackedBlock::default(), Vec::new()),
-                |(ms, hits), &(j, vc, mc)| {
-                    ms.clear(words);
+                || {
+                    (
+                        PackedBlock::default(),
+                        Vec::new(),
+                        vec![0u64; self.lists.div_ceil(64)],
+                    )
+                },
+                |(ms, hits, xbits), &(j, vc, mc)| {
+                    ms.clear(prefix);
                     for &y in mc {
-                        ms.push(sketches.row(y as usize));
+                        ms.push(&sketches.row(y as usize)[..prefix]);
                     }
                     let mut out = Vec::new();
                     for &x in vc {
                         hits.clear();
-                        filter_packed(sketches.row(x as usize), ms, cut, hits);
+                        let sx = sketches.row(x as usize);
+                        filter_packed(&sx[..prefix], ms, cut.prefix_cut, hits);
+                        if hits.is_empty() {
+                            continue;
+                        }
+                        let px = self.row_lists(x).0;
+                        for &l in px {
+                            if l != NONE {
+                                xbits[l as usize / 64] |= 1 << (l % 64);
+                            }
+                        }
                         for &k in hits.iter() {
                             let y = mc[k as usize];
-                            if x == y || !self.canonical(j, x, y) {
+                            if prefix < words && hamming(sx, sketches.row(y as usize)) > cut.cut {
+                                continue;
+                            }
+                            if x == y || !self.canonical_with(xbits, j, x, y) {
                                 continue;
                             }
                             let (a, b) = if x < y { (x, y) } else { (y, x) };
                             let exact = dot_f32(base.row(a as usize), base.row(b as usize));
                             if exact >= t {
                                 out.push((a, b, exact));
+                            }
+                        }
+                        for &l in px {
+                            if l != NONE {
+                                xbits[l as usize / 64] = 0;
                             }
                         }
                     }

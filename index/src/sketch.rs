@@ -142,99 +142,43 @@ pub fn hamming(a: &[u64], b: &[u64]) -> u32 {
     a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum()
 }
 
-#[inline(always)]
-fn filter_fixed<const W: usize>(q: &[u64], block: &[u64], cut: u32, out: &mut Vec<u32>) {
-    let mut qq = [0u64; W];
-    qq.copy_from_slice(&q[..W]);
-    for (k, s) in block.chunks_exact(W).enumerate() {
-        let mut h = 0u32;
-        for w in 0..W {
-            h += (qq[w] ^ s[w]).count_ones();
-        }
-        if h <= cut {
-            out.push(k as u32);
-        }
-    }
+/// A two-stage sketch test: the first `prefix_words` words of each sketch against `prefix_cut` (the packed
+/// SIMD filter over a block of members), then, for the survivors only, the whole sketch against `cut` (one
+/// scalar Hamming distance each). More bits separate a pair near the threshold from impostors better; the
+/// prefix keeps the per-product cost of the first stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StagedCut {
+    /// Words of the first stage (at most the sketch's words).
+    pub prefix_words: usize,
+    /// Hamming cut of the first stage.
+    pub prefix_cut: u32,
+    /// Hamming cut over the whole sketch (unused when the prefix is the whole sketch).
+    pub cut: u32,
 }
 
-#[inline(always)]
-fn filter_any(q: &[u64], block: &[u64], words: usize, cut: u32, out: &mut Vec<u32>) {
-    match words {
-        4 => filter_fixed::<4>(q, block, cut, out),
-        8 => filter_fixed::<8>(q, block, cut, out),
-        16 => filter_fixed::<16>(q, block, cut, out),
-        _ => {
-            for (k, s) in block.chunks_exact(words).enumerate() {
-                if hamming(q, s) <= cut {
-                    out.push(k as u32);
-                }
-            }
+impl StagedCut {
+    /// A single stage over the whole sketch.
+    pub fn single(cut: u32) -> StagedCut {
+        StagedCut {
+            prefix_words: usize::MAX,
+            prefix_cut: cut,
+            cut,
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "popcnt,avx2")]
-fn filter_x86(q: &[u64], block: &[u64], words: usize, cut: u32, out: &mut Vec<u32>) {
-    filter_any(q, block, words, cut, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "popcnt")]
-fn filter_popcnt(q: &[u64], block: &[u64], words: usize, cut: u32, out: &mut Vec<u32>) {
-    filter_any(q, block, words, cut, out);
-}
-
-/// Bench hook: runs the `avx2` (vectorised popcount) or `popcnt` (scalar POPCNT) kernel if the CPU has it.
-#[doc(hidden)]
-pub fn filter_block_variant(variant: &str, q: &[u64], block: &[u64], cut: u32, out: &mut Vec<u32>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if variant == "avx2"
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("popcnt")
-        {
-            // SAFETY: both required target features were detected just above.
-            unsafe { filter_x86(q, block, q.len(), cut, out) };
-            return;
-        }
-        if variant == "popcnt" && std::arch::is_x86_feature_detected!("popcnt") {
-            // SAFETY: the required target feature was detected just above.
-            unsafe { filter_popcnt(q, block, q.len(), cut, out) };
-            return;
-        }
-    }
-    filter_any(q, block, q.len(), cut, out);
-}
-
-/// Appends to `out` the index `k` of every sketch in `block` (consecutive sketches of `q.len()` words)
-/// within Hamming distance `cut` of `q`.
-pub fn filter_block(q: &[u64], block: &[u64], cut: u32, out: &mut Vec<u32>) {
-    let words = q.len();
-    if words == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd_enabled()
-        && std::arch::is_x86_feature_detected!("popcnt")
-        && std::arch::is_x86_feature_detected!("avx2")
-    {
-        // SAFETY: `filter_x86` only requires the `popcnt` and `avx2` target features, detected just above.
-        unsafe { filter_x86(q, block, words, cut, out) };
-        return;
-    }
-    filter_any(q, block, words, cut, out);
-}
-
-/// Sketches regrouped for the AVX2 kernel: groups of 4 sketches stored word-major (`word w` of sketches
-/// `4g..4g+4` are contiguous), zero-padded to a multiple of 4. Built once per block of members and compared
-/// with many queries.
+/// Sketches regrouped for the SIMD kernels: groups of [`GROUP`] sketches stored word-major (word `w` of
+/// sketches `8g..8g+8` are contiguous), zero-padded to a multiple of the group. Built once per block of
+/// members and compared with many queries.
 #[derive(Clone, Debug, Default)]
 pub struct PackedBlock {
     words: usize,
     len: usize,
     data: Vec<u64>,
 }
+
+/// Sketches per group of a [`PackedBlock`]: one AVX-512 register, or two AVX2 registers, per word.
+const GROUP: usize = 8;
 
 impl PackedBlock {
     /// Empties the block for sketches of `words` words.
@@ -246,12 +190,12 @@ impl PackedBlock {
     /// Appends one sketch (`words` words).
     pub fn push(&mut self, sketch: &[u64]) {
         let w = self.words;
-        if self.len.is_multiple_of(4) {
-            self.data.resize(self.data.len() + 4 * w, 0);
+        if self.len.is_multiple_of(GROUP) {
+            self.data.resize(self.data.len() + GROUP * w, 0);
         }
-        let (g, l) = (self.len / 4, self.len % 4);
+        let (g, l) = (self.len / GROUP, self.len % GROUP);
         for (i, &x) in sketch.iter().take(w).enumerate() {
-            self.data[g * 4 * w + i * 4 + l] = x;
+            self.data[g * GROUP * w + i * GROUP + l] = x;
         }
         self.len += 1;
     }
@@ -263,9 +207,9 @@ impl PackedBlock {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Sketch `k` (portable access, for the fallback path).
+    /// Word `w` of sketch `k` (portable access, for the fallback path).
     fn word(&self, k: usize, w: usize) -> u64 {
-        self.data[(k / 4) * 4 * self.words + w * 4 + k % 4]
+        self.data[(k / GROUP) * GROUP * self.words + w * GROUP + k % GROUP]
     }
 }
 
@@ -276,14 +220,53 @@ pub fn filter_packed(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd_enabled()
-        && std::arch::is_x86_feature_detected!("avx2")
-        && q.len() <= 31
-    {
-        // SAFETY: `filter_packed_avx2` requires AVX2 (detected just above); it reads only within
-        // `block.data`, whose length is `4 · words · ⌈len/4⌉` by construction of `PackedBlock`.
-        unsafe { filter_packed_avx2(q, block, cut, out) };
+    if crate::kernels::simd_enabled() {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+        {
+            // SAFETY: `filter_packed_avx512` requires AVX-512F and VPOPCNTDQ (both detected just above); it
+            // reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction).
+            unsafe { filter_packed_avx512(q, block, cut, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && q.len() <= 31 {
+            // SAFETY: `filter_packed_avx2` requires AVX2 (detected just above); it reads only within
+            // `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction of `PackedBlock`).
+            unsafe { filter_packed_avx2(q, block, cut, out) };
+            return;
+        }
+    }
+    filter_packed_portable(q, block, cut, out);
+}
+
+/// One kernel of [`filter_packed`] by name, for benches and tests: "avx512", "avx2", else portable. Falls
+/// back to the portable path when the CPU lacks the named kernel's features.
+#[doc(hidden)]
+pub fn filter_packed_variant(
+    variant: &str,
+    q: &[u64],
+    block: &PackedBlock,
+    cut: u32,
+    out: &mut Vec<u32>,
+) {
+    if q.len() != block.words || block.is_empty() {
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if variant == "avx512"
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+        {
+            // SAFETY: required target features detected just above; reads stay within `block.data`.
+            unsafe { filter_packed_avx512(q, block, cut, out) };
+            return;
+        }
+        if variant == "avx2" && std::arch::is_x86_feature_detected!("avx2") && q.len() <= 31 {
+            // SAFETY: required target feature detected just above; reads stay within `block.data`.
+            unsafe { filter_packed_avx2(q, block, cut, out) };
+            return;
+        }
     }
     filter_packed_portable(q, block, cut, out);
 }
@@ -300,9 +283,46 @@ fn filter_packed_portable(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Ve
     }
 }
 
-/// AVX2 kernel of [`filter_packed`]: per group of 4 sketches, XOR with the broadcast query words, nibble
-/// popcount by `vpshufb` accumulated in bytes (≤ 8 per word, so ≤ 31 words fit a byte), `vpsadbw` to four
-/// 64-bit distances, one compare against the cut.
+/// Appends the members of group `g` whose bit is set in `keep` (and that exist) to `out`.
+#[inline]
+fn push_kept(g: usize, mut keep: u32, len: usize, out: &mut Vec<u32>) {
+    while keep != 0 {
+        let l = keep.trailing_zeros() as usize;
+        keep &= keep - 1;
+        let k = g * GROUP + l;
+        if k < len {
+            out.push(k as u32);
+        }
+    }
+}
+
+/// AVX-512 kernel of [`filter_packed`]: per group of 8 sketches and per word, XOR with the broadcast query
+/// word and `vpopcntq` into eight 64-bit distances; one unsigned compare against the cut gives the mask.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq")]
+unsafe fn filter_packed_avx512(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let w = block.words;
+    let cutv = _mm512_set1_epi64(i64::from(cut));
+    let ptr = block.data.as_ptr();
+    for g in 0..block.len.div_ceil(GROUP) {
+        let mut acc = _mm512_setzero_si512();
+        for (i, &qw) in q.iter().enumerate() {
+            // SAFETY: group g's word i occupies data[(g·w + i)·8 .. +8], within the block's allocation.
+            let v = unsafe { _mm512_loadu_si512(ptr.add((g * w + i) * GROUP).cast()) };
+            let x = _mm512_xor_si512(v, _mm512_set1_epi64(qw as i64));
+            acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
+        }
+        let keep = _mm512_cmple_epu64_mask(acc, cutv);
+        if keep != 0 {
+            push_kept(g, u32::from(keep), block.len, out);
+        }
+    }
+}
+
+/// AVX2 kernel of [`filter_packed`]: per half group of 4 sketches, XOR with the broadcast query words,
+/// nibble popcount by `vpshufb` accumulated in bytes (≤ 8 per word, so ≤ 31 words fit a byte), `vpsadbw` to
+/// four 64-bit distances, one compare against the cut.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
@@ -319,31 +339,34 @@ unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut
     for (b, &x) in qb.iter_mut().zip(q) {
         *b = _mm256_set1_epi64x(x as i64);
     }
-    let groups = block.len.div_ceil(4);
     let ptr = block.data.as_ptr();
-    for g in 0..groups {
-        let mut acc = zero;
+    for g in 0..block.len.div_ceil(GROUP) {
+        let (mut acc0, mut acc1) = (zero, zero);
         for (i, &qv) in qb.iter().take(w).enumerate() {
-            // SAFETY: group g's word i occupies data[(g·w + i)·4 .. +4], within the block's allocation.
-            let v = unsafe { _mm256_loadu_si256(ptr.add((g * w + i) * 4).cast::<__m256i>()) };
-            let v = _mm256_xor_si256(v, qv);
-            let lo = _mm256_and_si256(v, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            acc = _mm256_add_epi8(
-                acc,
-                _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)),
-            );
-        }
-        let dist = _mm256_sad_epu8(acc, zero);
-        let over = _mm256_cmpgt_epi64(dist, cutv);
-        let keep = !_mm256_movemask_pd(_mm256_castsi256_pd(over)) & 0xf;
-        if keep != 0 {
-            for l in 0..4 {
-                let k = g * 4 + l;
-                if keep & (1 << l) != 0 && k < block.len {
-                    out.push(k as u32);
-                }
+            let at = (g * w + i) * GROUP;
+            // SAFETY: group g's word i occupies data[at .. at + 8], within the block's allocation.
+            let (v0, v1) = unsafe {
+                (
+                    _mm256_loadu_si256(ptr.add(at).cast::<__m256i>()),
+                    _mm256_loadu_si256(ptr.add(at + 4).cast::<__m256i>()),
+                )
+            };
+            for (acc, v) in [(&mut acc0, v0), (&mut acc1, v1)] {
+                let v = _mm256_xor_si256(v, qv);
+                let lo = _mm256_and_si256(v, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                *acc = _mm256_add_epi8(
+                    *acc,
+                    _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)),
+                );
             }
+        }
+        let over0 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc0, zero), cutv);
+        let over1 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc1, zero), cutv);
+        let keep = (!_mm256_movemask_pd(_mm256_castsi256_pd(over0)) & 0xf)
+            | ((!_mm256_movemask_pd(_mm256_castsi256_pd(over1)) & 0xf) << 4);
+        if keep != 0 {
+            push_kept(g, keep as u32, block.len, out);
         }
     }
 }
@@ -399,6 +422,9 @@ pub struct CutPolicy {
     pub impostor_budget: f64,
     /// Expected share of genuine pairs above the threshold that the filter may drop.
     pub genuine_drop: f64,
+    /// `genuine_drop` when several modalities generate candidates (a caller's choice: see the engine's
+    /// dedup, where a pair is lost only if every modality that could catch it drops it).
+    pub genuine_drop_multimodal: f64,
 }
 
 impl Default for CutPolicy {
@@ -407,6 +433,7 @@ impl Default for CutPolicy {
             delta_at_threshold: 1e-6,
             impostor_budget: 1e-3,
             genuine_drop: 1e-5,
+            genuine_drop_multimodal: 1e-3,
         }
     }
 }
@@ -611,8 +638,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn simd_and_portable_filters_agree(
-            words in prop::sample::select(vec![1usize, 4, 8, 16, 3]),
+        fn packed_filters_agree_with_hamming(
+            words in prop::sample::select(vec![1usize, 4, 8, 16, 3, 40]),
             seed in any::<u64>(),
             n in 0usize..70,
             cut in 0u32..1024,
@@ -620,16 +647,10 @@ mod tests {
             let mut rng = SplitMix(seed);
             let q: Vec<u64> = (0..words).map(|_| rng.next()).collect();
             let block: Vec<u64> = (0..n * words).map(|_| rng.next()).collect();
-            let mut fast = Vec::new();
-            filter_block(&q, &block, cut, &mut fast);
             let slow: Vec<u32> = (0..n)
                 .filter(|&k| hamming(&q, &block[k * words..(k + 1) * words]) <= cut)
                 .map(|k| k as u32)
                 .collect();
-            let mut portable = Vec::new();
-            filter_any(&q, &block, words, cut, &mut portable);
-            prop_assert_eq!(&fast, &slow);
-            prop_assert_eq!(&portable, &slow);
             let mut packed = PackedBlock::default();
             packed.clear(words);
             for k in 0..n {
@@ -638,6 +659,11 @@ mod tests {
             let mut via_packed = Vec::new();
             filter_packed(&q, &packed, cut, &mut via_packed);
             prop_assert_eq!(&via_packed, &slow);
+            for variant in ["avx512", "avx2"] {
+                let mut v = Vec::new();
+                filter_packed_variant(variant, &q, &packed, cut, &mut v);
+                prop_assert_eq!(&v, &slow, "{}", variant);
+            }
             let mut packed_portable = Vec::new();
             filter_packed_portable(&q, &packed, cut, &mut packed_portable);
             prop_assert_eq!(&packed_portable, &slow);

@@ -11,7 +11,7 @@ use std::time::Instant;
 use pacha_index::exact;
 use pacha_index::ivf::{Ivf, IvfParams};
 use pacha_index::kernels::dot_f32;
-use pacha_index::sketch::{Sketcher, cut_for_cosine};
+use pacha_index::sketch::{Sketcher, StagedCut, cut_for_cosine};
 use pacha_index::view::RowsF32;
 use proptest::prelude::*;
 
@@ -376,7 +376,7 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
     let sketches = sk.sketch_rows(base, &|_| true).unwrap();
     // A cut that lets every pair through gives the GEMM join exactly (both rescore with dot_f32).
     let all = ivf
-        .self_join_rows_sketched(base, &sketches, 0..n, t, 512)
+        .self_join_rows_sketched(base, &sketches, 0..n, t, StagedCut::single(512))
         .unwrap();
     check_output(base, &all, t, &|_| true);
     let sure: HashSet<(u32, u32)> = gemm
@@ -391,7 +391,7 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
     let cut = cut_for_cosine(512, f64::from(t), 1e-6);
     assert!(cut < 256, "cut {cut} filters nothing");
     let cutted = ivf
-        .self_join_rows_sketched(base, &sketches, 0..n, t, cut)
+        .self_join_rows_sketched(base, &sketches, 0..n, t, StagedCut::single(cut))
         .unwrap();
     check_output(base, &cutted, t, &|_| true);
     let got: HashSet<(u32, u32)> = cutted.iter().map(|p| (p.0, p.1)).collect();
@@ -407,12 +407,59 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
     let mut tiled = Vec::new();
     for lo in (0..n).step_by(6_000) {
         tiled.extend(
-            ivf.self_join_rows_sketched(base, &sketches, lo..(lo + 6_000).min(n), t, cut)
-                .unwrap(),
+            ivf.self_join_rows_sketched(
+                base,
+                &sketches,
+                lo..(lo + 6_000).min(n),
+                t,
+                StagedCut::single(cut),
+            )
+            .unwrap(),
         );
     }
     tiled.sort_by_key(|p| (p.0, p.1));
     assert_eq!(tiled, cutted);
+    // Two stages over 1024-bit sketches: a subset of the prefix stage alone, and still complete here.
+    let sk2 = Sketcher::new(d, 1024, 9)
+        .unwrap()
+        .sketch_rows(base, &|_| true)
+        .unwrap();
+    let prefix_only = ivf
+        .self_join_rows_sketched(
+            base,
+            &sk2,
+            0..n,
+            t,
+            StagedCut {
+                prefix_words: 8,
+                prefix_cut: cut,
+                cut: 1024,
+            },
+        )
+        .unwrap();
+    let cut2 = cut_for_cosine(1024, f64::from(t), 1e-6);
+    let staged = ivf
+        .self_join_rows_sketched(
+            base,
+            &sk2,
+            0..n,
+            t,
+            StagedCut {
+                prefix_words: 8,
+                prefix_cut: cut,
+                cut: cut2,
+            },
+        )
+        .unwrap();
+    check_output(base, &staged, t, &|_| true);
+    let pre: HashSet<(u32, u32)> = prefix_only.iter().map(|p| (p.0, p.1)).collect();
+    assert!(staged.iter().all(|p| pre.contains(&(p.0, p.1))));
+    let got2: HashSet<(u32, u32)> = staged.iter().map(|p| (p.0, p.1)).collect();
+    assert_eq!(
+        sure.difference(&got2).count(),
+        0,
+        "two-stage cut {cut2} missed pairs"
+    );
 }
 
 proptest! {
@@ -433,6 +480,10 @@ proptest! {
         let ivf = Ivf::build(base, &present, &params).unwrap();
         let got = ivf_pairs(&ivf, base, t);
         check_output(base, &got, t, &present);
+        // The sketched join with a cut that passes everything finds the same pairs (same canonical rule).
+        let sk = Sketcher::new(d, 64, seed).unwrap().sketch_rows(base, &present).unwrap();
+        let sketched = ivf.self_join_rows_sketched(base, &sk, 0..n, t, StagedCut::single(64)).unwrap();
+        prop_assert_eq!(&sketched, &got);
         // With every list probed nothing can be missed.
         let all = IvfParams { probes: lists.max(assign), ..params };
         let full = Ivf::build(base, &present, &all).unwrap();

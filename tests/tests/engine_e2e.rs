@@ -75,13 +75,42 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
         "{false_hits} false hits at target FPIR 1e-3 over 50 000 probes"
     );
 
+    // The default index run relaxes the multi-modal candidate budgets (genuine_miss 1e-4): it must find every
+    // planted pair the exact pipeline finds (up to 0.1 %), and may give up a few non-planted hits that are
+    // weak in every modality.
+    let planted_index = truth.iter().filter(|p| fi.contains(*p)).count();
+    assert!(
+        planted_index as f64 >= 0.999 * planted_found as f64,
+        "index pipeline found {planted_index} planted pairs, exact {planted_found}"
+    );
     let agreed = fe.iter().filter(|p| fi.contains(*p)).count();
     let rel = agreed as f64 / fe.len().max(1) as f64;
     assert!(
-        rel >= 0.999,
+        rel >= 0.97,
         "index pipeline found {agreed} of the exact pipeline's {} hits ({rel:.5})",
         fe.len()
     );
+    // With the complete budgets the index path reports what exact search does (all hits, planted or not).
+    let complete = e
+        .dedup(
+            &DedupOptions {
+                mode: CandidateMode::Index,
+                genuine_miss: 0.0,
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap();
+    let fc = found(&complete);
+    let agreed = fe.iter().filter(|p| fc.contains(*p)).count();
+    let rel = agreed as f64 / fe.len().max(1) as f64;
+    assert!(
+        rel >= 0.999,
+        "complete-budget index run found {agreed} of the exact pipeline's {} hits ({rel:.5})",
+        fe.len()
+    );
+    assert!(fc.is_subset(&fe));
     // The index path never invents pairs the exact path would not report: same scores, same decisions.
     assert!(
         fi.is_subset(&fe),

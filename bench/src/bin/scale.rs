@@ -26,6 +26,7 @@ use pacha_engine::dedup::{DedupOptions, DedupScope};
 use pacha_engine::engine::CalibrateOptions;
 use pacha_engine::matcher::fused_rows;
 use pacha_engine::store::Schema;
+use pacha_index::sketch::CutPolicy;
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::Write;
@@ -100,6 +101,16 @@ struct Args {
     /// Score every IVF product with f32 GEMM instead of the sign-sketch pre-filter.
     #[arg(long)]
     no_sketch: bool,
+    /// Share of genuine pairs the relaxed multi-modal candidate cosines may leave to chance (0: complete).
+    #[arg(long, default_value_t = DedupOptions::default().genuine_miss)]
+    genuine_miss: f64,
+    /// Share of genuine pairs above the candidate cosine the sketch cut may drop (per modality; with
+    /// several candidate modalities, `--genuine-drop-multimodal`).
+    #[arg(long, default_value_t = CutPolicy::default().genuine_drop)]
+    genuine_drop: f64,
+    /// Per-modality sketch genuine-drop allowance when several modalities generate candidates.
+    #[arg(long, default_value_t = CutPolicy::default().genuine_drop_multimodal)]
+    genuine_drop_multimodal: f64,
     /// Fit the genuine score models from every other planted pair (the labelled-data workflow); the
     /// recall figures still count every planted pair.
     #[arg(long)]
@@ -289,10 +300,15 @@ fn main() -> Result<()> {
     let opts = DedupOptions {
         target_fpir: a.target_fpir,
         mode,
+        genuine_miss: a.genuine_miss,
         sketch: if a.no_sketch {
             None
         } else {
-            DedupOptions::default().sketch
+            Some(CutPolicy {
+                genuine_drop: a.genuine_drop,
+                genuine_drop_multimodal: a.genuine_drop_multimodal,
+                ..CutPolicy::default()
+            })
         },
         ..DedupOptions::default()
     };
@@ -384,7 +400,9 @@ fn main() -> Result<()> {
             "mode": result.summary.mode,
             "threshold": threshold,
             "candidate_cosines": result.summary.candidate_cosines,
+            "genuine_miss": result.summary.genuine_miss,
             "sketch_cuts": result.summary.sketch_cuts,
+            "sketch_full_cuts": result.summary.sketch_full_cuts,
             "candidate_pairs": result.summary.candidate_pairs,
             "candidate_seconds": result.summary.candidate_seconds,
             "scoring_seconds": result.summary.scoring_seconds,
