@@ -268,10 +268,14 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                     policy,
                 )
             };
-            Some((
-                choose(crate::annset::SKETCH_PREFIX_BITS),
-                choose(crate::annset::SKETCH_BITS),
-            ))
+            let prefix = choose(crate::annset::SKETCH_PREFIX_BITS);
+            // One stage when the prefix is the whole sketch: the same choice serves both.
+            let full = if crate::annset::SKETCH_BITS > crate::annset::SKETCH_PREFIX_BITS {
+                choose(crate::annset::SKETCH_BITS)
+            } else {
+                prefix
+            };
+            Some((prefix, full))
         })
         .collect();
     // The summary names the path; the checkpoint key also pins the cuts (a resumed run must filter alike).

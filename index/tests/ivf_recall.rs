@@ -424,33 +424,18 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
         .unwrap()
         .sketch_rows(base, &|_| true)
         .unwrap();
-    let prefix_only = ivf
-        .self_join_rows_sketched(
-            base,
-            &sk2,
-            0..n,
-            t,
-            StagedCut {
-                prefix_words: 8,
-                prefix_cut: cut,
-                cut: 1024,
-            },
-        )
-        .unwrap();
+    let staged_join = |full_cut: u32| {
+        let cuts = StagedCut {
+            prefix_words: 8,
+            prefix_cut: cut,
+            cut: full_cut,
+        };
+        ivf.self_join_rows_sketched(base, &sk2, 0..n, t, cuts)
+            .unwrap()
+    };
+    let prefix_only = staged_join(1024);
     let cut2 = cut_for_cosine(1024, f64::from(t), 1e-6);
-    let staged = ivf
-        .self_join_rows_sketched(
-            base,
-            &sk2,
-            0..n,
-            t,
-            StagedCut {
-                prefix_words: 8,
-                prefix_cut: cut,
-                cut: cut2,
-            },
-        )
-        .unwrap();
+    let staged = staged_join(cut2);
     check_output(base, &staged, t, &|_| true);
     let pre: HashSet<(u32, u32)> = prefix_only.iter().map(|p| (p.0, p.1)).collect();
     assert!(staged.iter().all(|p| pre.contains(&(p.0, p.1))));
