@@ -108,7 +108,7 @@ impl AnnSet {
     }
 
     /// Candidate pairs `(q, p)` with `q < p`, `p` in `probes ∩ 0..rows()`, both indexed, exact cosine ≥ `t`.
-    /// With `sketch_cut`, the IVF's products are pre-filtered by sign sketch (Hamming distance ≤ the cut)
+    /// With `sketch`, the IVF's products are pre-filtered by sign sketch (Hamming distance within the cuts)
     /// instead of scored by f32 GEMM; survivors are still rescored exactly.
     pub fn join_rows(
         &self,

@@ -514,24 +514,12 @@ impl Calibration {
             })
             .collect();
         // Genuine draws of every modality's LLR (seeded: the same calibration gives the same budgets).
-        // SplitMix64 uniforms and Box–Muller normals (no generator crate in the library's dependencies).
-        let mut state = 0x9e1a_u64;
-        let mut unif = || {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let mut normal = || {
-            let (u1, u2) = (unif().max(1e-300), unif());
-            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-        };
+        let mut rng = pacha_index::rng::SplitMix(0x9e1a);
         let draws: Vec<f64> = (0..RELAX_DRAWS)
             .flat_map(|_| {
                 self.models[..n]
                     .iter()
-                    .map(|(_, m)| m.llr(m.genuine.mean + m.genuine.sd * normal()))
+                    .map(|(_, m)| m.llr(m.genuine.mean + m.genuine.sd * rng.normal()))
                     .collect::<Vec<_>>()
             })
             .collect();

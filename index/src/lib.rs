@@ -14,7 +14,7 @@ pub mod hnsw;
 pub mod ivf;
 pub mod kernels;
 pub mod quant;
-mod rng;
+pub mod rng;
 pub mod sketch;
 pub mod view;
 
