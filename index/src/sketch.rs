@@ -645,8 +645,8 @@ mod tests {
             cut in 0u32..1024,
         ) {
             let mut rng = SplitMix(seed);
-            let q: Vec<u64> = (0..words).map(|_| rng.next()).collect();
-            let block: Vec<u64> = (0..n * words).map(|_| rng.next()).collect();
+            let q: Vec<u64> = (0..words).map(|_| rng.next_u64()).collect();
+            let block: Vec<u64> = (0..n * words).map(|_| rng.next_u64()).collect();
             let slow: Vec<u32> = (0..n)
                 .filter(|&k| hamming(&q, &block[k * words..(k + 1) * words]) <= cut)
                 .map(|k| k as u32)
