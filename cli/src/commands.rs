@@ -17,7 +17,7 @@ pub fn run(cmd: Command, ui: Ui) -> Result<(), Failure> {
     match cmd {
         Command::Generate(a) => generate(&a, ui),
         Command::Ingest(a) => ingest(&a, ui),
-        Command::Index(a) => index(&a.store, ui),
+        Command::Index(a) => index(&a, ui),
         Command::Calibrate(a) => calibrate(&a, ui),
         Command::Dedup(a) => dedup(&a, ui),
         Command::Identify(a) => identify(&a, ui),
@@ -177,10 +177,17 @@ pub fn ingest_files(
     Ok(report)
 }
 
-fn index(store: &Path, ui: Ui) -> Result<(), Failure> {
-    let engine = open(store)?;
+fn index(a: &crate::IndexArgs, ui: Ui) -> Result<(), Failure> {
+    let engine = open(&a.store)?;
     let t = Instant::now();
-    build_index(&engine, ui)?;
+    let mut params = pacha_engine::annset::AnnParams::default();
+    params.ivf.lists = a.lists;
+    if let Some(p) = a.probes {
+        params.ivf.probes = p;
+    }
+    params.ivf.wide_share = a.wide_share;
+    params.ivf.wide_probes = a.wide_probes;
+    build_index_with(&engine, &params, ui)?;
     let secs = t.elapsed().as_secs_f64();
     let info = engine.info();
     ui.out(format!(
@@ -191,12 +198,21 @@ fn index(store: &Path, ui: Ui) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Builds the engine's index with a progress bar.
+/// Builds the engine's index (default parameters) with a progress bar.
 pub fn build_index(engine: &Engine, ui: Ui) -> anyhow::Result<()> {
+    build_index_with(engine, &Default::default(), ui)
+}
+
+/// Builds the engine's index with `params` and a progress bar.
+fn build_index_with(
+    engine: &Engine,
+    params: &pacha_engine::annset::AnnParams,
+    ui: Ui,
+) -> anyhow::Result<()> {
     let pb = ui.bar(engine.snapshot().rows() as u64, "index");
     engine
         .build_index(
-            &Default::default(),
+            params,
             Some(&|done, total| {
                 pb.set_length(total as u64);
                 pb.set_position(done as u64);

@@ -39,7 +39,7 @@ pub enum Command {
     /// Ingest templates (.npy / .fvecs) and a subjects CSV into a store (created if absent).
     Ingest(IngestArgs),
     /// Build (or rebuild) the candidate index of a store.
-    Index(StoreArg),
+    Index(IndexArgs),
     /// Fit the score models (impostor tails from the store; genuine models from a truth file).
     Calibrate(CalibrateArgs),
     /// Deduplicate the whole store, or the rows from a given row on, and write hits and clusters.
@@ -68,6 +68,27 @@ pub struct StoreArg {
     /// The store directory.
     #[arg(long, short)]
     pub store: PathBuf,
+}
+
+/// Arguments of `index`.
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// The store directory.
+    #[arg(long, short)]
+    pub store: PathBuf,
+    /// IVF lists per modality (default: 2·√rows).
+    #[arg(long)]
+    pub lists: Option<usize>,
+    /// Lists every row probes in the dedup join (default 48; at a million rows 24 with wide rows is
+    /// faster at higher recall, see BENCHMARKS.md).
+    #[arg(long)]
+    pub probes: Option<usize>,
+    /// Share of rows, those the partition serves worst, that probe `--wide-probes` lists (default 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub wide_share: f64,
+    /// Lists the wide rows probe.
+    #[arg(long, default_value_t = 128)]
+    pub wide_probes: usize,
 }
 
 /// Preset of the generator.

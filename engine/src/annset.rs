@@ -6,7 +6,7 @@
 
 use crate::EngineError;
 use crate::store::Snapshot;
-use pacha_index::ivf::{Ivf, IvfParams};
+use pacha_index::ivf::{Ivf, IvfParams, JoinPair, JoinStats};
 use pacha_index::sketch::{Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -21,11 +21,9 @@ pub struct AnnParams {
 }
 
 /// Bits of the sign sketches kept per row (see `pacha_index::sketch`): the join's first stage compares the
-/// first [`SKETCH_PREFIX_BITS`] of them for every product, the second all of them for the survivors. Equal
-/// here (one stage): 1024-bit sketches with a second stage cut the exact rescorings 2.5× at 100 k
-/// (face + 2 fingers) but the run was no faster (17.5 s vs 15.4 s; the survivors' own sketch reads cost as
-/// much), at twice the memory and sketching time. See BENCHMARKS.md.
-pub const SKETCH_BITS: usize = 512;
+/// first [`SKETCH_PREFIX_BITS`] of them for every product, the second all of them for the survivors only. At
+/// 1 M rows (face + 2 fingers) the second stage cuts the exact rescorings 5× (BENCHMARKS.md).
+pub const SKETCH_BITS: usize = 1024;
 /// Bits of the first (packed SIMD) stage of the sketch test.
 pub const SKETCH_PREFIX_BITS: usize = 512;
 /// Seed of the sketch hyperplanes (fixed: the same store always gets the same sketches).
@@ -109,7 +107,9 @@ impl AnnSet {
 
     /// Candidate pairs `(q, p)` with `q < p`, `p` in `probes ∩ 0..rows()`, both indexed, exact cosine ≥ `t`.
     /// With `sketch`, the IVF's products are pre-filtered by sign sketch (Hamming distance within the cuts)
-    /// instead of scored by f32 GEMM; survivors are still rescored exactly.
+    /// instead of scored by f32 GEMM; survivors are still rescored exactly. A pair reaching `t` is kept only
+    /// if `accept(q, p, cosine)` (the dedup's fused verdict: the sketched join never materialises candidates).
+    /// Also returns the join's work counters (the GEMM path counts only `above`).
     pub fn join_rows(
         &self,
         snap: &Snapshot,
@@ -117,12 +117,13 @@ impl AnnSet {
         probes: Range<usize>,
         t: f32,
         sketch: Option<SketchFilter>,
-    ) -> Result<Vec<(u32, u32, f32)>, EngineError> {
+        accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
+    ) -> Result<(Vec<JoinPair>, JoinStats), EngineError> {
         let (Some(Some(ivf)), Some(view)) = (
             self.ivf.get(mi),
             snap.f32_rows(snap.schema().modalities[mi].modality),
         ) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), JoinStats::default()));
         };
         let end = probes.end.min(self.rows);
         let start = probes.start.min(end);
@@ -130,10 +131,23 @@ impl AnnSet {
         match sketch {
             Some(f) => {
                 let sk = self.sketches(snap, mi)?;
-                Ok(ivf.self_join_rows_sketched(base, sk, start..end, t, f.cut)?)
+                Ok(ivf.self_join_rows_sketched_with(base, sk, start..end, t, f.cut, accept)?)
             }
-            None => Ok(ivf.self_join_rows(base, start..end, t)?),
+            None => {
+                let mut pairs = ivf.self_join_rows(base, start..end, t)?;
+                let stats = JoinStats {
+                    above: pairs.len() as u64,
+                    ..JoinStats::default()
+                };
+                pairs.retain(|&(a, b, s)| accept(a, b, s));
+                Ok((pairs, stats))
+            }
         }
+    }
+
+    /// The IVF of modality `mi` (schema position), if it has one.
+    pub fn ivf(&self, mi: usize) -> Option<&Ivf> {
+        self.ivf.get(mi).and_then(|i| i.as_ref())
     }
 
     /// Sign sketches of modality `mi`'s indexed rows, computed on first use.

@@ -11,6 +11,7 @@ use crate::annset::SketchFilter;
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use pacha_datasets::Modality;
+use pacha_index::ivf::JoinStats;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -48,7 +49,9 @@ pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot, ann: Option<&AnnSet>) 
 
 /// Appends to `out` the candidate pairs `(earlier row, later row)` of modality `m` (schema position `mi`)
 /// whose later row is in `probes`: cosine at least `min_cos`, both templates present. `sketch` turns on the
-/// sign-sketch stages of the IVF join (indexed rows only).
+/// sign-sketch stages of the IVF join (indexed rows only); its pairs are also kept only if `accept`, and its
+/// work counters are added to `stats`. Pairs from the other paths are all returned. Returns how many of the
+/// appended pairs came from the index join.
 #[allow(clippy::too_many_arguments)]
 pub fn pairs_for_tile(
     snap: &Snapshot,
@@ -59,23 +62,25 @@ pub fn pairs_for_tile(
     probes: Range<usize>,
     min_cos: f32,
     sketch: Option<SketchFilter>,
+    accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
+    stats: &mut JoinStats,
     out: &mut Vec<(u32, u32)>,
-) -> Result<(), EngineError> {
+) -> Result<usize, EngineError> {
     let Some(view) = snap.f32_rows(m) else {
-        return Ok(());
+        return Ok(0);
     };
     let absent = |r: u32| !snap.is_present(m, r as usize) || snap.is_deleted(r as usize);
+    let mut joined = 0;
     let indexed = match (mode, ann) {
         (CandidateMode::Index, Some(a)) if a.covers(snap) => a.rows(),
         _ => 0,
     };
     if let (Some(ann), true) = (ann, indexed > 0) {
         // Both rows indexed.
-        out.extend(
-            ann.join_rows(snap, mi, probes.clone(), min_cos, sketch)?
-                .into_iter()
-                .map(|(a, b, _)| (a, b)),
-        );
+        let (pairs, st) = ann.join_rows(snap, mi, probes.clone(), min_cos, sketch, accept)?;
+        *stats = stats.add(&st);
+        joined = pairs.len();
+        out.extend(pairs.into_iter().map(|(a, b, _)| (a, b)));
         // New rows against the indexed ones.
         let new_probes = probes.start.max(indexed)..probes.end;
         let found: Vec<(u32, u32)> = new_probes
@@ -97,7 +102,7 @@ pub fn pairs_for_tile(
     } else {
         exact_pairs(view, probes, 0, min_cos, &absent, out)?;
     }
-    Ok(())
+    Ok(joined)
 }
 
 /// Exact pairs `(q, p)`: `p` in `probes`, `base_start ≤ q < p`, cosine ≥ `t`, neither absent.

@@ -19,6 +19,7 @@ use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
+use pacha_index::ivf::JoinStats;
 use pacha_index::sketch::{CutChoice, CutPolicy, StagedCut, choose_cut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// Most tiles of an index-mode run (see `run`): each tile's join re-reads every list's earlier visitors.
+const INDEX_TILES: usize = 4;
 
 /// Which pairs a run considers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +49,7 @@ pub struct DedupOptions {
     pub scope: DedupScope,
     /// How candidates are generated.
     pub mode: CandidateMode,
-    /// Probe rows per tile.
+    /// Probe rows per tile (index runs: at least a quarter of the probe rows, see `INDEX_TILES`).
     pub block_rows: usize,
     /// Also report pairs down to this calibrated score (for evaluation); `None` = the threshold.
     pub report_floor: Option<f64>,
@@ -132,8 +136,12 @@ pub struct DedupSummary {
     /// `sketch_cuts` while the sketch has one stage, `SKETCH_BITS == SKETCH_PREFIX_BITS`).
     #[serde(default)]
     pub sketch_full_cuts: Vec<(String, Option<CutChoice>)>,
-    /// Candidate pairs (after the union over modalities).
+    /// Candidate pairs: per modality, the pairs whose exact cosine reached its candidate cosine (a pair found
+    /// by two modalities counts twice).
     pub candidate_pairs: u64,
+    /// Per-modality work counters of the sketched index join (zero on other paths).
+    #[serde(default)]
+    pub join_stats: Vec<(String, JoinStats)>,
     /// Pairs at or above the report floor.
     pub reported_pairs: usize,
     /// Pairs at or above the threshold.
@@ -290,9 +298,17 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             .map(|c| c.map(|(p, f)| (p.cut, f.cut)))
             .collect::<Vec<_>>(),
     );
+    // An index-join tile re-reads every list's visitors (those below the tile × its members), so index runs
+    // use at most INDEX_TILES tiles: the join's pairs are verdicts, not candidates, so tiles stay small.
+    let block_rows = match mode {
+        CandidateMode::Index => opts
+            .block_rows
+            .max((rows - first_probe).div_ceil(INDEX_TILES)),
+        _ => opts.block_rows,
+    };
     let tiles: Vec<Range<usize>> = (first_probe..rows)
-        .step_by(opts.block_rows)
-        .map(|s| s..(s + opts.block_rows).min(rows))
+        .step_by(block_rows)
+        .map(|s| s..(s + block_rows).min(rows))
         .collect();
 
     let key = CheckpointKey {
@@ -302,7 +318,7 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         floor_bits: floor.to_bits(),
         scope: opts.scope.clone(),
         mode: key_mode,
-        block_rows: opts.block_rows,
+        block_rows,
     };
     let ckpt = match &opts.checkpoint_dir {
         Some(d) => Some(Checkpoint::open(d, &key)?),
@@ -335,6 +351,12 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             .iter()
             .zip(&cuts)
             .map(|(s, c)| (s.modality.key(), c.map(|c| c.1)))
+            .collect(),
+        join_stats: snap
+            .schema()
+            .modalities
+            .iter()
+            .map(|s| (s.modality.key(), JoinStats::default()))
             .collect(),
         ..DedupSummary::default()
     };
@@ -369,6 +391,9 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             }
         };
         summary.candidate_pairs += out.candidates;
+        for (acc, st) in summary.join_stats.iter_mut().zip(&out.join_stats) {
+            acc.1 = acc.1.add(st);
+        }
         pairs.extend(out.pairs);
         done += tile.len();
         if let Some(p) = ctx.progress {
@@ -413,6 +438,8 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
 #[derive(Serialize, Deserialize)]
 struct TileOutput {
     candidates: u64,
+    #[serde(default)]
+    join_stats: Vec<JoinStats>,
     pairs: Vec<DedupPair>,
 }
 
@@ -427,12 +454,22 @@ fn run_tile(
 ) -> Result<TileOutput, EngineError> {
     let snap = ctx.snapshot;
     let t0 = Instant::now();
+    let cal = ctx.calibration;
+    // The index join applies the fused verdict to its pairs as it finds them (candidates are not stored).
+    let accept = |a: u32, b: u32, _: f32| {
+        !snap.is_deleted(a as usize)
+            && !snap.is_deleted(b as usize)
+            && fused_rows(snap, cal, a as usize, b as usize).score >= floor
+    };
     let mut cand: Vec<(u32, u32)> = Vec::new();
+    let mut candidates = 0u64;
+    let mut join_stats = vec![JoinStats::default(); snap.schema().modalities.len()];
     for (mi, spec) in snap.schema().modalities.iter().enumerate() {
         let Some(c) = cand_cos.get(mi).copied().flatten() else {
             continue;
         };
-        candidates::pairs_for_tile(
+        let before = cand.len();
+        let joined = candidates::pairs_for_tile(
             snap,
             ctx.ann,
             mode,
@@ -447,14 +484,17 @@ fn run_tile(
                     cut: f.cut,
                 },
             }),
+            &accept,
+            &mut join_stats[mi],
             &mut cand,
         )?;
+        // Pairs of the other paths are candidates; the index join counts those it rescored above `c`.
+        candidates += (cand.len() - before - joined) as u64 + join_stats[mi].above;
     }
     cand.par_sort_unstable();
     cand.dedup();
     summary.candidate_seconds += t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let cal = ctx.calibration;
     let pairs: Vec<DedupPair> = cand
         .par_iter()
         .filter(|&&(a, b)| !snap.is_deleted(a as usize) && !snap.is_deleted(b as usize))
@@ -471,7 +511,8 @@ fn run_tile(
         .collect();
     summary.scoring_seconds += t1.elapsed().as_secs_f64();
     Ok(TileOutput {
-        candidates: cand.len() as u64,
+        candidates,
+        join_stats,
         pairs,
     })
 }

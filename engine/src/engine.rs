@@ -236,6 +236,11 @@ impl Engine {
         Ok(report)
     }
 
+    /// The loaded ANN index, if any (for analysis tools such as the scale bench's recall breakdown).
+    pub fn index(&self) -> Option<Arc<AnnSet>> {
+        self.ann()
+    }
+
     /// Builds (or rebuilds) the ANN index over every committed row and saves it.
     pub fn build_index(
         &self,

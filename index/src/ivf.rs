@@ -56,7 +56,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::IndexError;
-use crate::kernels::dot_f32;
+use crate::kernels::{dot_f32, prefetch_row};
 use crate::rng::SplitMix;
 use crate::sketch::{PackedBlock, Sketches, StagedCut, filter_packed, hamming};
 use crate::view::RowsF32;
@@ -72,7 +72,7 @@ const SLACK: f32 = 1e-3;
 /// File magic of a saved index.
 const MAGIC: &[u8; 8] = b"PACHAIVF";
 /// File format version.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Marker of "no list" in the per-row probe table (absent rows).
 const NONE: u32 = u32::MAX;
 
@@ -93,6 +93,17 @@ pub struct IvfParams {
     pub iterations: usize,
     /// Seed of the sampling.
     pub seed: u64,
+    /// One-way visits (needs `assign == 1`): a row visits only those of its probe lists whose id is at least
+    /// its home's. A pair within both rows' probes is then compared once, not twice (the canonical test
+    /// dropped the second), so the join does about half the products for the same probes; a pair is found
+    /// iff the home with the larger id is among the other row's probes.
+    pub one_way: bool,
+    /// Share of present rows (those whose best centroid similarity is lowest: noisy captures, sparse
+    /// regions, where the partition serves a row worst) that probe `wide_probes` lists instead of `probes`.
+    /// The similarity cut is the share's quantile on the training sample, so the share is approximate.
+    pub wide_share: f64,
+    /// Probe lists of the wide rows (≥ `probes`; used only if `wide_share > 0`).
+    pub wide_probes: usize,
 }
 
 impl Default for IvfParams {
@@ -105,6 +116,9 @@ impl Default for IvfParams {
             train_sample: 32_768,
             iterations: 6,
             seed: 0x5eed_51f0,
+            one_way: false,
+            wide_share: 0.0,
+            wide_probes: 0,
         }
     }
 }
@@ -135,6 +149,41 @@ pub struct Ivf {
     vis_off: Vec<usize>,
     /// Visitors of every list, ascending row ids.
     visitors: Vec<u32>,
+    /// Parallel to `visitors`: each visitor's best (first home) list, so that the join's canonical test
+    /// needs no random read of the visitor's probe table when every row has one home.
+    vis_home: Vec<u32>,
+    /// True iff every present row has exactly one home list (`assign == 1` or no margin ties).
+    single_home: bool,
+    /// One-way visits (see [`IvfParams::one_way`]).
+    one_way: bool,
+}
+
+/// A joined pair `(a, b, exact score)`, `a < b`.
+pub type JoinPair = (u32, u32, f32);
+
+/// Work counters of a sketched join (per-stage pair counts, for benchmarks and run summaries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoinStats {
+    /// Visitor × member products compared by sketch.
+    pub products: u64,
+    /// Products within the sketch cut.
+    pub sketch_pass: u64,
+    /// Canonical discoveries rescored exactly with `dot_f32`.
+    pub rescored: u64,
+    /// Rescored pairs whose exact score reached the join threshold.
+    pub above: u64,
+}
+
+impl JoinStats {
+    /// Field-wise sum.
+    pub fn add(&self, o: &JoinStats) -> JoinStats {
+        JoinStats {
+            products: self.products + o.products,
+            sketch_pass: self.sketch_pass + o.sketch_pass,
+            rescored: self.rescored + o.rescored,
+            above: self.above + o.above,
+        }
+    }
 }
 
 /// Copies rows `ids` of `base` into `buf`, densely.
@@ -191,6 +240,19 @@ fn top_p(scores: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
     }
 }
 
+/// The `k` best of `scores` as (score, list), by (score desc, list asc): [`top_p`]'s order, by selection
+/// (for large `k`, where insertion would cost `k` per accepted score).
+fn top_select(scores: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
+    top.clear();
+    top.extend(scores.iter().enumerate().map(|(j, &s)| (s, j as u32)));
+    let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if k < top.len() {
+        top.select_nth_unstable_by(k, order);
+        top.truncate(k);
+    }
+    top.sort_unstable_by(order);
+}
+
 /// Per sample row: index of the best centroid and its score.
 fn assign_best(sample: &[f32], s: usize, cents: &[f32], c: usize, d: usize) -> Vec<(u32, f32)> {
     let blocks: Vec<Vec<(u32, f32)>> = (0..s.div_ceil(ASSIGN_TILE))
@@ -241,10 +303,22 @@ impl Ivf {
                 params.assign
             )));
         }
+        if params.one_way && params.assign != 1 {
+            return Err(IndexError::Shape(format!(
+                "one-way visits need assign 1, not {}",
+                params.assign
+            )));
+        }
         if params.probes < params.assign {
             return Err(IndexError::Shape(format!(
                 "probes {} < assign {}",
                 params.probes, params.assign
+            )));
+        }
+        if !(0.0..=1.0).contains(&params.wide_share) {
+            return Err(IndexError::Shape(format!(
+                "wide_share {} not in [0, 1]",
+                params.wide_share
             )));
         }
         if params.margin.is_nan() || params.margin < 0.0 {
@@ -269,8 +343,15 @@ impl Ivf {
             .lists
             .unwrap_or_else(|| auto_lists(np))
             .clamp(1, np.max(1));
-        let probes = params.probes.min(c);
-        let assign = params.assign.min(probes);
+        let narrow = params.probes.min(c);
+        let wide = params.wide_share > 0.0 && params.wide_probes > narrow;
+        // The table's width; narrow rows pad their tail with NONE.
+        let probes = if wide {
+            params.wide_probes.min(c)
+        } else {
+            narrow
+        };
+        let assign = params.assign.min(narrow);
 
         // Seeded sample of the present rows (partial Fisher–Yates).
         let mut rng = SplitMix(params.seed);
@@ -330,6 +411,40 @@ impl Ivf {
                 }
             }
         }
+        // Wide rows: best centroid similarity below the `wide_share` quantile, estimated on up to
+        // `train_sample` seeded rows held out of training (training rows sit closer to the centroids fitted
+        // on them), so each row is decided as it is assigned.
+        let wide_below = if wide && np > 0 {
+            let held: Vec<u32> = if np > s {
+                // A second seeded partial Fisher–Yates over the rows left out of the training sample.
+                let mut rest = pool[s..].to_vec();
+                let h = s.min(rest.len());
+                let mut rng = SplitMix(params.seed ^ 0x0000_ff5e_ed0f_4e1d);
+                for i in 0..h {
+                    let k = i + rng.below(rest.len() - i);
+                    rest.swap(i, k);
+                }
+                rest.truncate(h);
+                rest.sort_unstable();
+                rest
+            } else {
+                sample_ids.clone()
+            };
+            let mut rows = Vec::new();
+            gather(base, &held, &mut rows);
+            let mut bests: Vec<f32> = assign_best(&rows, held.len(), &cents, c, d)
+                .into_iter()
+                .map(|b| b.1)
+                .collect();
+            bests.sort_by(f32::total_cmp);
+            let k = ((bests.len() as f64) * params.wide_share).round() as usize;
+            bests
+                .get(k.min(bests.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY)
+        } else {
+            f32::NEG_INFINITY
+        };
         drop(sample);
 
         // Assign every present row: its `probes` best lists, and how many of them are homes.
@@ -345,8 +460,12 @@ impl Ivf {
                     gemm(rows, chunk.len(), &cents, c, d, buf);
                     (0..chunk.len())
                         .map(|i| {
-                            top_p(&buf[i * c..(i + 1) * c], probes, top);
+                            let scores = &buf[i * c..(i + 1) * c];
+                            top_p(scores, narrow, top);
                             let best = top.first().map_or(0.0, |t| t.0);
+                            if best < wide_below {
+                                top_select(scores, probes, top);
+                            }
                             let h = top
                                 .iter()
                                 .take(assign)
@@ -376,6 +495,9 @@ impl Ivf {
             members: Vec::new(),
             vis_off: Vec::new(),
             visitors: Vec::new(),
+            vis_home: Vec::new(),
+            single_home: true,
+            one_way: params.one_way,
         };
         ivf.derive_lists();
         Ok(ivf)
@@ -391,8 +513,14 @@ impl Ivf {
             if h == 0 {
                 continue;
             }
+            let best = self.probe[i * p];
             for (r, &j) in self.probe[i * p..(i + 1) * p].iter().enumerate() {
-                vcount[j as usize + 1] += 1;
+                if j == NONE {
+                    break;
+                }
+                if !self.one_way || j >= best {
+                    vcount[j as usize + 1] += 1;
+                }
                 if r < h {
                     mcount[j as usize + 1] += 1;
                 }
@@ -404,16 +532,24 @@ impl Ivf {
         }
         let mut members = vec![0u32; mcount[c]];
         let mut visitors = vec![0u32; vcount[c]];
+        let mut vis_home = vec![0u32; vcount[c]];
         let (mut mpos, mut vpos) = (mcount.clone(), vcount.clone());
         for i in 0..self.rows {
             let h = self.home[i] as usize;
             if h == 0 {
                 continue;
             }
+            let best = self.probe[i * p];
             for (r, &j) in self.probe[i * p..(i + 1) * p].iter().enumerate() {
+                if j == NONE {
+                    break;
+                }
                 let j = j as usize;
-                visitors[vpos[j]] = i as u32;
-                vpos[j] += 1;
+                if !self.one_way || j >= best as usize {
+                    visitors[vpos[j]] = i as u32;
+                    vis_home[vpos[j]] = best;
+                    vpos[j] += 1;
+                }
                 if r < h {
                     members[mpos[j]] = i as u32;
                     mpos[j] += 1;
@@ -424,6 +560,8 @@ impl Ivf {
         self.members = members;
         self.vis_off = vcount;
         self.visitors = visitors;
+        self.vis_home = vis_home;
+        self.single_home = self.home.iter().all(|&h| h <= 1);
     }
 
     /// Number of rows of the base the index was built on.
@@ -466,6 +604,9 @@ impl Ivf {
 
     /// True iff (list `j`, visitor `x`) is the smallest discovery of the pair `{x, y}` (y a member of j).
     fn canonical(&self, j: u32, x: u32, y: u32) -> bool {
+        if self.single_home {
+            return self.canonical_single(j, x, self.probe[x as usize * self.probes], y);
+        }
         let (px, hx) = self.row_lists(x);
         let (py, hy) = self.row_lists(y);
         let me = (j, x);
@@ -502,6 +643,17 @@ impl Ivf {
             }
         }
         true
+    }
+
+    /// [`Ivf::canonical`] when every row has one home: `y`'s home is `j`, `x`'s is `hx`, so the only other
+    /// discovery is (`hx`, `y`), which exists iff `hx` is among `y`'s probes (read only when it would win).
+    /// With one-way visits, `y` visits `hx` only if `hx ≥ j`, and `x` visited `j` so `j ≥ hx`: two
+    /// discoveries only within one list, no probe table read at all.
+    fn canonical_single(&self, j: u32, x: u32, hx: u32, y: u32) -> bool {
+        if self.one_way {
+            return hx != j || x < y;
+        }
+        !((hx, y) < (j, x) && self.row_lists(y).0.contains(&hx))
     }
 
     fn check(&self, base: &RowsF32<'_>, t: f32) -> Result<(), IndexError> {
@@ -565,7 +717,8 @@ impl Ivf {
             .par_iter()
             .map_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
-                |(va, ma, buf), &(j, vc, mc)| {
+                |(va, ma, buf), (j, vr, mc)| {
+                    let (j, vc, mc) = (*j, &self.visitors[vr.clone()], *mc);
                     gather(base, vc, va);
                     gather(base, mc, ma);
                     gemm(va, vc.len(), ma, mc.len(), d, buf);
@@ -593,12 +746,14 @@ impl Ivf {
         Ok(pairs)
     }
 
-    /// Work units of the rows-`lo..hi` join: (list, visitor slice, member slice), tiled. Per list, visitors
-    /// in the range × members below `hi`, and visitors below `lo` × members in the range.
-    fn units(&self, lo: usize, hi: usize) -> Vec<(u32, &[u32], &[u32])> {
+    /// Work units of the rows-`lo..hi` join: (list, visitor range as indices into `self.visitors`, member
+    /// slice), tiled. Per list, visitors in the range × members below `hi`, and visitors below `lo` × members
+    /// in the range.
+    fn units(&self, lo: usize, hi: usize) -> Vec<(u32, Range<usize>, &[u32])> {
         let (lo32, hi32) = (lo as u32, hi as u32);
-        let mut units: Vec<(u32, &[u32], &[u32])> = Vec::new();
+        let mut units: Vec<(u32, Range<usize>, &[u32])> = Vec::new();
         for j in 0..self.lists {
+            let off = self.vis_off[j];
             let vis = self.visitors(j);
             let mem = self.members(j);
             let (v_lo, v_hi) = (
@@ -610,16 +765,14 @@ impl Ivf {
                 mem.partition_point(|&x| x < hi32),
             );
             // Visitors in range × members below hi; visitors below lo × members in range.
-            for (v, m) in [
-                (&vis[v_lo..v_hi], &mem[..m_hi]),
-                (&vis[..v_lo], &mem[m_lo..m_hi]),
-            ] {
+            for (v, m) in [(v_lo..v_hi, &mem[..m_hi]), (0..v_lo, &mem[m_lo..m_hi])] {
                 if v.is_empty() || m.is_empty() {
                     continue;
                 }
-                for vc in v.chunks(VIS_TILE) {
+                for vs in v.clone().step_by(VIS_TILE) {
+                    let ve = (vs + VIS_TILE).min(v.end);
                     for mc in m.chunks(MEM_TILE) {
-                        units.push((j as u32, vc, mc));
+                        units.push((j as u32, off + vs..off + ve, mc));
                     }
                 }
             }
@@ -638,6 +791,23 @@ impl Ivf {
         t: f32,
         cut: StagedCut,
     ) -> Result<Vec<(u32, u32, f32)>, IndexError> {
+        Ok(self
+            .self_join_rows_sketched_with(base, sketches, probes, t, cut, &|_, _, _| true)?
+            .0)
+    }
+
+    /// [`Ivf::self_join_rows_sketched`] with a verdict: a pair whose exact score reaches `t` is kept only if
+    /// `accept(a, b, score)` (e.g. a fused multi-modal score, computed inside the join so that candidates are
+    /// never materialised). Also returns the join's work counters.
+    pub fn self_join_rows_sketched_with(
+        &self,
+        base: RowsF32<'_>,
+        sketches: &Sketches,
+        probes: Range<usize>,
+        t: f32,
+        cut: StagedCut,
+        accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
+    ) -> Result<(Vec<JoinPair>, JoinStats), IndexError> {
         self.check(&base, t)?;
         if sketches.rows() != self.rows {
             return Err(IndexError::Shape(format!(
@@ -648,12 +818,12 @@ impl Ivf {
         }
         let (lo, hi) = (probes.start.min(self.rows), probes.end.min(self.rows));
         if lo >= hi {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), JoinStats::default()));
         }
         let units = self.units(lo, hi);
         let words = sketches.words();
         let prefix = cut.prefix_words.clamp(1, words.max(1));
-        let mut pairs: Vec<(u32, u32, f32)> = units
+        let (pairs, stats): (Vec<Vec<JoinPair>>, Vec<JoinStats>) = units
             .par_iter()
             .map_init(
                 || {
@@ -661,39 +831,72 @@ impl Ivf {
                         PackedBlock::default(),
                         Vec::new(),
                         vec![0u64; self.lists.div_ceil(64)],
+                        Vec::new(),
                     )
                 },
-                |(ms, hits, xbits), &(j, vc, mc)| {
+                |(ms, hits, xbits, surv), (j, vr, mc)| {
+                    let (j, mc) = (*j, *mc);
+                    let (vc, vh) = (&self.visitors[vr.clone()], &self.vis_home[vr.clone()]);
                     ms.clear(prefix);
                     for &y in mc {
                         ms.push(&sketches.row(y as usize)[..prefix]);
                     }
                     let mut out = Vec::new();
-                    for &x in vc {
+                    let mut st = JoinStats {
+                        products: (vc.len() * mc.len()) as u64,
+                        ..JoinStats::default()
+                    };
+                    for (&x, &hx) in vc.iter().zip(vh) {
                         hits.clear();
                         let sx = sketches.row(x as usize);
                         filter_packed(&sx[..prefix], ms, cut.prefix_cut, hits);
                         if hits.is_empty() {
                             continue;
                         }
-                        let px = self.row_lists(x).0;
+                        st.sketch_pass += hits.len() as u64;
+                        // With one home per row, the canonical test needs only `hx` (no bitset).
+                        let px = if self.single_home {
+                            &[][..]
+                        } else {
+                            self.row_lists(x).0
+                        };
                         for &l in px {
                             if l != NONE {
                                 xbits[l as usize / 64] |= 1 << (l % 64);
                             }
                         }
+                        surv.clear();
                         for &k in hits.iter() {
                             let y = mc[k as usize];
                             if prefix < words && hamming(sx, sketches.row(y as usize)) > cut.cut {
                                 continue;
                             }
-                            if x == y || !self.canonical_with(xbits, j, x, y) {
-                                continue;
+                            let canonical = if self.single_home {
+                                self.canonical_single(j, x, hx, y)
+                            } else {
+                                self.canonical_with(xbits, j, x, y)
+                            };
+                            if x != y && canonical {
+                                surv.push(y);
+                            }
+                        }
+                        st.rescored += surv.len() as u64;
+                        // Rescoring reads each survivor's row from memory: start loading the next one
+                        // while the current one is scored.
+                        if let Some(&y) = surv.first() {
+                            prefetch_row(base.row(y as usize));
+                        }
+                        for (i, &y) in surv.iter().enumerate() {
+                            if let Some(&next) = surv.get(i + 1) {
+                                prefetch_row(base.row(next as usize));
                             }
                             let (a, b) = if x < y { (x, y) } else { (y, x) };
                             let exact = dot_f32(base.row(a as usize), base.row(b as usize));
                             if exact >= t {
-                                out.push((a, b, exact));
+                                st.above += 1;
+                                if accept(a, b, exact) {
+                                    out.push((a, b, exact));
+                                }
                             }
                         }
                         for &l in px {
@@ -702,13 +905,16 @@ impl Ivf {
                             }
                         }
                     }
-                    out
+                    (out, st)
                 },
             )
-            .flatten()
-            .collect();
+            .unzip();
+        let stats = stats
+            .into_iter()
+            .fold(JoinStats::default(), |a, b| a.add(&b));
+        let mut pairs: Vec<(u32, u32, f32)> = pairs.into_iter().flatten().collect();
         pairs.sort_unstable_by_key(|p| (p.0, p.1));
-        Ok(pairs)
+        Ok((pairs, stats))
     }
 
     /// 1:N search: rows with exact score ≥ `t` among the members of the query's `nprobe` best lists,
@@ -752,6 +958,55 @@ impl Ivf {
         out
     }
 
+    /// How deep row `a` must probe to reach one of row `b`'s home lists: the best rank (0 = best, ties by
+    /// list id) of `b`'s homes among `a`'s centroid similarities; `None` if either row is absent or out of
+    /// range. With two-way visits the join compares `a` and `b` iff either rank (a→b, b→a) is below
+    /// `probes`; with one-way visits (one home per row) iff the rank towards the home with the larger id is.
+    /// For recall analysis.
+    pub fn probe_rank(&self, base: RowsF32<'_>, a: usize, b: usize) -> Option<usize> {
+        if a >= self.rows || b >= self.rows || self.home[a] == 0 || self.home[b] == 0 {
+            return None;
+        }
+        let q = base.row(a);
+        let scores: Vec<f32> = (0..self.lists)
+            .map(|j| dot_f32(q, &self.centroids[j * self.dim..(j + 1) * self.dim]))
+            .collect();
+        let (pb, hb) = self.row_lists(b as u32);
+        pb[..hb]
+            .iter()
+            .map(|&t| {
+                let (t, st) = (t as usize, scores[t as usize]);
+                scores
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, &s)| s > st || (s == st && j < t))
+                    .count()
+            })
+            .min()
+    }
+
+    /// Number of lists `row` probes (0 if absent or out of range; wide rows probe more).
+    pub fn row_probes(&self, row: usize) -> usize {
+        if row >= self.rows {
+            return 0;
+        }
+        self.row_lists(row as u32)
+            .0
+            .iter()
+            .take_while(|&&l| l != NONE)
+            .count()
+    }
+
+    /// The first home list of `row` (`None` if absent or out of range).
+    pub fn home_list(&self, row: usize) -> Option<u32> {
+        (row < self.rows && self.home[row] > 0).then(|| self.probe[row * self.probes])
+    }
+
+    /// True if rows visit only probe lists with an id at least their home's ([`IvfParams::one_way`]).
+    pub fn one_way(&self) -> bool {
+        self.one_way
+    }
+
     /// Writes the index to `path` (own binary format, CRC-32 checked).
     pub fn save(&self, path: &Path) -> Result<(), IndexError> {
         let io = |source| IndexError::Io {
@@ -768,6 +1023,7 @@ impl Ivf {
             self.rows as u64,
             self.lists as u64,
             self.probes as u64,
+            u64::from(self.one_way),
         ] {
             body.extend_from_slice(&v.to_le_bytes());
         }
@@ -820,10 +1076,19 @@ impl Ivf {
             b.copy_from_slice(&body[o..o + 8]);
             u64::from_le_bytes(b)
         };
+        // Version 1 had no flags word (two-way visits).
         let version = u32_at(8);
-        if version != VERSION {
-            return Err(bad(format!("version {version}, expected {VERSION}")));
+        let head = match version {
+            1 => HEAD,
+            VERSION if body.len() >= HEAD + 8 => HEAD + 8,
+            VERSION => return Err(bad("header is truncated".into())),
+            v => return Err(bad(format!("version {v}, expected {VERSION}"))),
+        };
+        let flags = if version == 1 { 0 } else { u64_at(HEAD) };
+        if flags > 1 {
+            return Err(bad(format!("unknown flags {flags:#x}")));
         }
+        let one_way = flags == 1;
         let to_usize = |v: u64, what: &str| {
             usize::try_from(v).map_err(|_| bad(format!("{what} {v} does not fit in memory")))
         };
@@ -841,14 +1106,14 @@ impl Ivf {
             .and_then(|x| x.checked_mul(4))
             .and_then(|x| x.checked_add(rows))
             .and_then(|x| rows.checked_mul(probes)?.checked_mul(4)?.checked_add(x))
-            .and_then(|x| x.checked_add(HEAD));
+            .and_then(|x| x.checked_add(head));
         if need != Some(body.len()) {
             return Err(bad(format!(
                 "body is {} bytes, the header implies {need:?}",
                 body.len()
             )));
         }
-        let mut o = HEAD;
+        let mut o = head;
         let mut centroids = Vec::with_capacity(lists * dim);
         for _ in 0..lists * dim {
             let x = f32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
@@ -877,7 +1142,12 @@ impl Ivf {
             if h > probes {
                 return Err(bad(format!("row {i}: {h} home lists > {probes} probes")));
             }
-            for (r, &l) in p.iter().enumerate() {
+            // Rows probing fewer lists than the table's width pad the tail with NONE.
+            let used = p.iter().position(|&l| l == NONE).unwrap_or(probes);
+            if used < h.max(1) || p[used..].iter().any(|&l| l != NONE) {
+                return Err(bad(format!("row {i}: bad NONE padding of its probe lists")));
+            }
+            for (r, &l) in p[..used].iter().enumerate() {
                 if l as usize >= lists || p[..r].contains(&l) {
                     return Err(bad(format!("row {i}: invalid or repeated list id {l}")));
                 }
@@ -895,8 +1165,36 @@ impl Ivf {
             members: Vec::new(),
             vis_off: Vec::new(),
             visitors: Vec::new(),
+            vis_home: Vec::new(),
+            single_home: true,
+            one_way,
         };
+        if one_way && ivf.home.iter().any(|&h| h > 1) {
+            return Err(bad("one-way visits with a row of several homes".into()));
+        }
         ivf.derive_lists();
         Ok(ivf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Selection and insertion agree on the top `k` lists, ties included.
+        #[test]
+        fn top_select_matches_top_p(
+            scores in prop::collection::vec(prop::sample::select(vec![-0.5f32, 0.0, 0.1, 0.25, 0.7]), 1..60),
+            k in 1usize..70,
+        ) {
+            let k = k.min(scores.len());
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            top_p(&scores, k, &mut a);
+            top_select(&scores, k, &mut b);
+            prop_assert_eq!(a, b);
+        }
     }
 }

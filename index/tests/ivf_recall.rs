@@ -561,3 +561,117 @@ fn scale() {
         }
     }
 }
+
+/// Every visit rule (two-way, one-way, wide rows, several homes) joins exactly the pairs its definition
+/// reaches (through `probe_rank`, `row_probes` and `home_list`), on both join paths, tile by tile, and
+/// survives a save/load round trip.
+#[test]
+fn visit_rules_join_exactly_the_pairs_they_reach() {
+    let (n, d, t) = (3_000, 64, 0.3f32);
+    let (data, _) = population(Preset::Structured, n, d, 0.6, 11);
+    let base = RowsF32::dense(&data, d).unwrap();
+    let present = |i: usize| i % 50 != 7;
+    let exact_pairs: Vec<(usize, usize)> = (0..n)
+        .filter(|&i| present(i))
+        .flat_map(|a| {
+            ((a + 1)..n)
+                .filter(move |&b| present(b))
+                .filter(move |&b| dot_f32(base.row(a), base.row(b)) >= t)
+                .map(move |b| (a, b))
+        })
+        .collect();
+    let sketches = Sketcher::new(d, 64, 3)
+        .unwrap()
+        .sketch_rows(base, &present)
+        .unwrap();
+    let rules = [
+        IvfParams {
+            lists: Some(40),
+            probes: 6,
+            ..IvfParams::default()
+        },
+        IvfParams {
+            lists: Some(40),
+            probes: 6,
+            one_way: true,
+            ..IvfParams::default()
+        },
+        IvfParams {
+            lists: Some(40),
+            probes: 4,
+            wide_share: 0.2,
+            wide_probes: 12,
+            ..IvfParams::default()
+        },
+        IvfParams {
+            lists: Some(40),
+            probes: 6,
+            assign: 2,
+            margin: 0.05,
+            wide_share: 0.1,
+            wide_probes: 10,
+            ..IvfParams::default()
+        },
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for params in &rules {
+        let ivf = Ivf::build(base, &present, params).unwrap();
+        let reached = |a: usize, b: usize| {
+            let (ra, rb) = (
+                ivf.probe_rank(base, a, b).unwrap(),
+                ivf.probe_rank(base, b, a).unwrap(),
+            );
+            let (ka, kb) = (ivf.row_probes(a), ivf.row_probes(b));
+            if ivf.one_way() {
+                if ivf.home_list(b) >= ivf.home_list(a) {
+                    ra < ka
+                } else {
+                    rb < kb
+                }
+            } else {
+                ra < ka || rb < kb
+            }
+        };
+        let want: Vec<(u32, u32)> = exact_pairs
+            .iter()
+            .filter(|&&(a, b)| reached(a, b))
+            .map(|&(a, b)| (a as u32, b as u32))
+            .collect();
+        assert!(
+            want.len() * 10 > exact_pairs.len(),
+            "{params:?}: {} of {} pairs reached",
+            want.len(),
+            exact_pairs.len()
+        );
+        let pairs = |v: Vec<(u32, u32, f32)>| v.into_iter().map(|p| (p.0, p.1)).collect::<Vec<_>>();
+        assert_eq!(
+            pairs(ivf_pairs(&ivf, base, t)),
+            want,
+            "{params:?}: GEMM join"
+        );
+        let all = StagedCut::single(64);
+        let sketched = ivf
+            .self_join_rows_sketched(base, &sketches, 0..n, t, all)
+            .unwrap();
+        assert_eq!(pairs(sketched), want, "{params:?}: sketched join");
+        let mut tiled = Vec::new();
+        for lo in (0..n).step_by(700) {
+            tiled.extend(pairs(
+                ivf.self_join_rows_sketched(base, &sketches, lo..(lo + 700).min(n), t, all)
+                    .unwrap(),
+            ));
+        }
+        tiled.sort_unstable();
+        assert_eq!(tiled, want, "{params:?}: tiles");
+        let path = dir.path().join("x.ivf");
+        ivf.save(&path).unwrap();
+        assert_eq!(Ivf::load(&path).unwrap(), ivf, "{params:?}: round trip");
+    }
+    // One-way visits need one home per row.
+    let bad = IvfParams {
+        assign: 2,
+        one_way: true,
+        ..IvfParams::default()
+    };
+    assert!(Ivf::build(base, &present, &bad).is_err());
+}

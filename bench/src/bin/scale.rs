@@ -24,7 +24,7 @@ use pacha_engine::Engine;
 use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, DedupScope};
 use pacha_engine::engine::CalibrateOptions;
-use pacha_engine::matcher::fused_rows;
+use pacha_engine::matcher::{compare_rows, fused_rows};
 use pacha_engine::store::Schema;
 use pacha_index::sketch::CutPolicy;
 use serde_json::json;
@@ -44,6 +44,13 @@ enum ModeArg {
     Auto,
     Exact,
     Index,
+}
+
+/// `--visits` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Visits {
+    OneWay,
+    TwoWay,
 }
 
 /// Scale bench of the whole dedup pipeline.
@@ -98,6 +105,26 @@ struct Args {
     /// IVF lists every row probes in the join (default: the engine's).
     #[arg(long)]
     probes: Option<usize>,
+    /// IVF: most home lists per row (default: the engine's).
+    #[arg(long)]
+    assign: Option<usize>,
+    /// IVF: a list of rank < `--assign` is a home if its centroid similarity is within this of the best.
+    #[arg(long)]
+    margin: Option<f32>,
+    /// IVF: share of rows (worst served by the partition) that probe `--wide-probes` lists.
+    #[arg(long)]
+    wide_share: Option<f64>,
+    /// IVF: probe lists of the wide rows.
+    #[arg(long)]
+    wide_probes: Option<usize>,
+    /// IVF visits: "one-way" (a row visits only probe lists with an id ≥ its home's) or "two-way"
+    /// (default: the engine's).
+    #[arg(long)]
+    visits: Option<Visits>,
+    /// Predict recall only: the dedup runs on the last row alone (for its threshold and candidate cosines) and
+    /// the JSON reports `planted.recall_by_probes` from the index; found/recall figures are then meaningless.
+    #[arg(long)]
+    recall_only: bool,
     /// Score every IVF product with f32 GEMM instead of the sign-sketch pre-filter.
     #[arg(long)]
     no_sketch: bool,
@@ -285,6 +312,21 @@ fn main() -> Result<()> {
         if let Some(p) = a.probes {
             params.ivf.probes = p;
         }
+        if let Some(x) = a.assign {
+            params.ivf.assign = x;
+        }
+        if let Some(x) = a.margin {
+            params.ivf.margin = x;
+        }
+        if let Some(x) = a.wide_share {
+            params.ivf.wide_share = x;
+        }
+        if let Some(x) = a.wide_probes {
+            params.ivf.wide_probes = x;
+        }
+        if let Some(v) = a.visits {
+            params.ivf.one_way = matches!(v, Visits::OneWay);
+        }
         st.time("index", || Ok(engine.build_index(&params, None)?))?;
     }
     let labelled: Option<Vec<(String, String)>> = match (&truth, a.calibrate_genuine) {
@@ -309,6 +351,11 @@ fn main() -> Result<()> {
                 genuine_drop_multimodal: a.genuine_drop_multimodal,
                 ..CutPolicy::default()
             })
+        },
+        scope: if a.recall_only {
+            DedupScope::RowsFrom(engine.snapshot().rows().saturating_sub(1))
+        } else {
+            DedupScope::WholeStore
         },
         ..DedupOptions::default()
     };
@@ -340,7 +387,114 @@ fn main() -> Result<()> {
             .collect();
         let found = rows.iter().filter(|p| hits.contains(p)).count();
         let found_findable = findable.iter().filter(|p| hits.contains(p)).count();
+        // Per missed pair: each shared modality's exact cosine and whether it reached that modality's
+        // candidate cosine (a miss with none reached is left by the relaxed budgets, else by the join).
+        let cand: Vec<(String, Option<f32>)> = result.summary.candidate_cosines.clone();
+        let missed: Vec<serde_json::Value> = findable
+            .iter()
+            .filter(|p| !hits.contains(p))
+            .take(40)
+            .map(|&&(r, s)| {
+                let c = compare_rows(&snap, &cal, r as usize, s as usize);
+                let mods: Vec<serde_json::Value> = c
+                    .modalities
+                    .iter()
+                    .map(|m| {
+                        let key = m.modality.key();
+                        let budget = cand.iter().find(|(k, _)| *k == key).and_then(|(_, b)| *b);
+                        json!([key, m.cosine, budget.is_some_and(|b| m.cosine >= b)])
+                    })
+                    .collect();
+                json!({"rows": [r, s], "score": c.fused.score, "cosines": mods})
+            })
+            .collect();
+        // The probes the join would need for each findable planted pair: per shared modality whose exact
+        // cosine reaches its candidate cosine, the rank the visit rule needs (see `Ivf::probe_rank`); the
+        // pair's need is the smallest. Recall by probes follows (sketch drops not modelled).
+        let mut need: Vec<usize> = Vec::new();
+        // Pairs the index's own per-row probe counts reach (wide rows included).
+        let mut reached = 0usize;
+        // Findable planted pairs the index needs ≥ 64 probes for: per modality (cosine, a→b, b→a ranks).
+        let mut hard: Vec<serde_json::Value> = Vec::new();
+        if let Some(ann) = engine.index() {
+            let schema = snap.schema();
+            for &&(r, s) in &findable {
+                let c = compare_rows(&snap, &cal, r as usize, s as usize);
+                let mut best = usize::MAX;
+                let mut hit = false;
+                let mut detail: Vec<serde_json::Value> = Vec::new();
+                for m in &c.modalities {
+                    let Some(mi) = schema
+                        .modalities
+                        .iter()
+                        .position(|x| x.modality == m.modality)
+                    else {
+                        continue;
+                    };
+                    let budget = result.summary.candidate_cosines.get(mi).and_then(|x| x.1);
+                    let (Some(b), Some(ivf), Some(view)) =
+                        (budget, ann.ivf(mi), snap.f32_rows(m.modality))
+                    else {
+                        continue;
+                    };
+                    if m.cosine < b || (s as usize) >= ann.rows() {
+                        continue;
+                    }
+                    let base = view.slice_rows(0, ann.rows());
+                    let (r, s) = (r as usize, s as usize);
+                    let (Some(a2b), Some(b2a)) =
+                        (ivf.probe_rank(base, r, s), ivf.probe_rank(base, s, r))
+                    else {
+                        continue;
+                    };
+                    let rank = if ivf.one_way() {
+                        if ivf.home_list(s) >= ivf.home_list(r) {
+                            a2b
+                        } else {
+                            b2a
+                        }
+                    } else {
+                        a2b.min(b2a)
+                    };
+                    best = best.min(rank);
+                    detail.push(json!([m.modality.key(), m.cosine, a2b, b2a]));
+                    if (a2b < ivf.row_probes(r)
+                        && (!ivf.one_way() || ivf.home_list(s) >= ivf.home_list(r)))
+                        || (b2a < ivf.row_probes(s)
+                            && (!ivf.one_way() || ivf.home_list(r) >= ivf.home_list(s)))
+                    {
+                        hit = true;
+                    }
+                }
+                if best >= 64 && hard.len() < 40 {
+                    let all: Vec<serde_json::Value> = c
+                        .modalities
+                        .iter()
+                        .map(|m| json!([m.modality.key(), m.cosine]))
+                        .collect();
+                    hard.push(json!({"rows": [r, s], "score": c.fused.score, "reachable": detail, "cosines": all}));
+                }
+                need.push(best);
+                reached += usize::from(hit);
+            }
+        }
+        let recall_by_probes: Vec<(usize, f64)> = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+            .iter()
+            .map(|&p| {
+                let ok = need.iter().filter(|&&n| n < p).count();
+                (p, ok as f64 / need.len().max(1) as f64)
+            })
+            .collect();
+        let products: Vec<u64> = engine.index().map_or(Vec::new(), |ann| {
+            (0..snap.schema().modalities.len())
+                .map(|mi| ann.ivf(mi).map_or(0, |i| i.candidate_products()))
+                .collect()
+        });
         planted = json!({
+            "recall_by_probes": recall_by_probes,
+            "join_products": products,
+            "predicted_recall": reached as f64 / need.len().max(1) as f64,
+            "hard": hard,
             "pairs": truth.len(),
             "in_store": rows.len(),
             "exact_would_find": findable.len(),
@@ -348,6 +502,7 @@ fn main() -> Result<()> {
             "planted_recall": found as f64 / rows.len().max(1) as f64,
             "planted_recall_vs_exact": found_findable as f64 / findable.len().max(1) as f64,
             "missed_vs_exact": findable.len() - found_findable,
+            "missed": missed,
         });
     }
 
@@ -404,6 +559,7 @@ fn main() -> Result<()> {
             "sketch_cuts": result.summary.sketch_cuts,
             "sketch_full_cuts": result.summary.sketch_full_cuts,
             "candidate_pairs": result.summary.candidate_pairs,
+            "join_stats": result.summary.join_stats,
             "candidate_seconds": result.summary.candidate_seconds,
             "scoring_seconds": result.summary.scoring_seconds,
             "hits": result.summary.hits,
