@@ -73,6 +73,8 @@ const SLACK: f32 = 1e-3;
 const MAGIC: &[u8; 8] = b"PACHAIVF";
 /// File format version.
 const VERSION: u32 = 2;
+/// Probe counts above this use selection ([`top_select`]) rather than insertion ([`top_p`]).
+const SELECT_ABOVE: usize = 32;
 /// Marker of "no list" in the per-row probe table (absent rows).
 const NONE: u32 = u32::MAX;
 
@@ -461,7 +463,12 @@ impl Ivf {
                     (0..chunk.len())
                         .map(|i| {
                             let scores = &buf[i * c..(i + 1) * c];
-                            top_p(scores, narrow, top);
+                            // Insertion is cheaper for a few lists, selection for many.
+                            if narrow <= SELECT_ABOVE {
+                                top_p(scores, narrow, top);
+                            } else {
+                                top_select(scores, narrow, top);
+                            }
                             let best = top.first().map_or(0.0, |t| t.0);
                             if best < wide_below {
                                 top_select(scores, probes, top);
@@ -846,7 +853,11 @@ impl Ivf {
                         products: (vc.len() * mc.len()) as u64,
                         ..JoinStats::default()
                     };
-                    for (&x, &hx) in vc.iter().zip(vh) {
+                    for (i, (&x, &hx)) in vc.iter().zip(vh).enumerate() {
+                        // Visitors' sketches are scattered rows: start loading the next one.
+                        if let Some(&next) = vc.get(i + 1) {
+                            prefetch_row(&sketches.row(next as usize)[..prefix]);
+                        }
                         hits.clear();
                         let sx = sketches.row(x as usize);
                         filter_packed(&sx[..prefix], ms, cut.prefix_cut, hits);

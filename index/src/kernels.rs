@@ -222,7 +222,7 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
 /// Hints the CPU to start loading `row` into cache; never changes a result (a scan that reads rows at random
 /// prefetches the next row while it scores the current one).
 #[inline]
-pub fn prefetch_row(row: &[f32]) {
+pub fn prefetch_row<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};

@@ -114,7 +114,26 @@ fn full_pipeline_through_the_cli() {
         3
     );
 
-    let idx = ok_json(&["--json", "index", "--store", s(&store)]);
+    // An out-of-range knob is a clear error, and the store keeps working.
+    let bad = run(&["index", "--store", s(&store), "--wide-share", "2"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("wide_share"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let idx = ok_json(&[
+        "--json",
+        "index",
+        "--store",
+        s(&store),
+        "--probes",
+        "12",
+        "--wide-share",
+        "0.2",
+        "--wide-probes",
+        "40",
+    ]);
     assert_eq!(idx["indexed_rows"], 3000);
     let cal = ok_json(&[
         "--json",
@@ -144,6 +163,16 @@ fn full_pipeline_through_the_cli() {
     let cuts = d["summary"]["sketch_cuts"].as_array().unwrap();
     assert_eq!(cuts.len(), 3, "{cuts:?}");
     assert!(cuts.iter().all(|c| c[1]["cut"].as_u64().unwrap() < 512));
+    // Every modality's join compared sketches, and rescored fewer pairs than it compared.
+    let stats = d["summary"]["join_stats"].as_array().unwrap();
+    assert_eq!(stats.len(), 3, "{stats:?}");
+    for st in stats {
+        let (products, rescored) = (
+            st[1]["products"].as_u64().unwrap(),
+            st[1]["rescored"].as_u64().unwrap(),
+        );
+        assert!(products > 0 && rescored < products, "{st:?}");
+    }
     let hits = d["summary"]["hits"].as_u64().unwrap();
     assert!(
         hits >= planted * 95 / 100,
