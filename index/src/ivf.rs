@@ -660,7 +660,14 @@ impl Ivf {
         if self.one_way {
             return hx != j || x < y;
         }
-        !((hx, y) < (j, x) && self.row_lists(y).0.contains(&hx))
+        // y's probe lists are ranked and NONE-padded (wide tables): stop at the padding, not the width.
+        !((hx, y) < (j, x)
+            && self
+                .row_lists(y)
+                .0
+                .iter()
+                .take_while(|&&l| l != NONE)
+                .any(|&l| l == hx))
     }
 
     fn check(&self, base: &RowsF32<'_>, t: f32) -> Result<(), IndexError> {
