@@ -246,13 +246,27 @@ fn top_p(scores: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
 /// (for large `k`, where insertion would cost `k` per accepted score).
 fn top_select(scores: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
     top.clear();
-    top.extend(scores.iter().enumerate().map(|(j, &s)| (s, j as u32)));
-    let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    if k < top.len() {
-        top.select_nth_unstable_by(k, order);
-        top.truncate(k);
+    if k == 0 {
+        return;
     }
-    top.sort_unstable_by(order);
+    // The k-th largest score by selection on a copy of the bare scores, then only the entries at or
+    // above it are paired with their ids and sorted (ties at the cut may add a few; truncation drops them).
+    let cut = if k < scores.len() {
+        let mut v = scores.to_vec();
+        let (_, kth, _) = v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        Some(*kth)
+    } else {
+        None
+    };
+    top.extend(
+        scores
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| cut.is_none_or(|c| s.total_cmp(&c).is_ge()))
+            .map(|(j, &s)| (s, j as u32)),
+    );
+    top.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    top.truncate(k);
 }
 
 /// Per sample row: index of the best centroid and its score.
