@@ -6,13 +6,16 @@
 //! - **Centroids**: spherical k-means (Lloyd iterations on a seeded sample, centroids re-normalised).
 //! - **Per row**: its `probes` best lists by centroid similarity (ranked), of which the first `home`
 //!   (1 ≤ home ≤ `assign`, the margin rule: rank r < `assign` is a home list if its similarity is within
-//!   `margin` of the best) are lists the row is a *member* of. Absent rows have no lists at all.
+//!   `margin` of the best) are lists the row is a *member* of. Absent rows have no lists at all. With
+//!   `wide_share > 0`, the rows the partition serves worst probe `wide_probes` lists; the table is as wide
+//!   as the widest row and shorter rows end in `NONE`.
 //! - **Per list**: its members (rows with the list among their homes) and its visitors (rows with the
-//!   list among their probes), both sorted by row id. Derived from the per-row table; not saved.
+//!   list among their probes — with `one_way`, only lists with an id ≥ the row's home), both sorted by row
+//!   id, plus each visitor's home beside it. Derived from the per-row table; not saved.
 //!
 //! # Join
 //! For every list `j`, a blocked GEMM (faer, `Par::Seq`, rayon across lists) of its visitors × its members.
-//! A pair `{x, y}` is a candidate iff some list is a probe of one and a home of the other. A pair seen
+//! A pair `{x, y}` is a candidate iff some list is visited by one and a home of the other. A pair seen
 //! several times is reported only by its canonical discovery, the lexicographically smallest
 //! (list, visitor row) among all discoveries, which each worker decides locally from the per-row table:
 //! no global dedup is needed. Candidates whose GEMM score is ≥ `t − 1e-3` are rescored with
