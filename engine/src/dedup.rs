@@ -132,8 +132,8 @@ pub struct DedupSummary {
     pub genuine_miss: f64,
     /// Per-modality sign-sketch cuts of the index join's first stage (512-bit prefix; `None`: no filter).
     pub sketch_cuts: Vec<(String, Option<CutChoice>)>,
-    /// Per-modality cuts of the second stage (the whole sketch, survivors of the first only; equal to
-    /// `sketch_cuts` while the sketch has one stage, `SKETCH_BITS == SKETCH_PREFIX_BITS`).
+    /// Per-modality cuts of the second stage (the whole 1024-bit sketch, survivors of the first only; would
+    /// equal `sketch_cuts` if the sketch had one stage, `SKETCH_BITS == SKETCH_PREFIX_BITS`).
     #[serde(default)]
     pub sketch_full_cuts: Vec<(String, Option<CutChoice>)>,
     /// Candidate pairs: per modality, the pairs whose exact cosine reached its candidate cosine (a pair found

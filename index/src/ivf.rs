@@ -105,7 +105,8 @@ pub struct IvfParams {
     pub one_way: bool,
     /// Share of present rows (those whose best centroid similarity is lowest: noisy captures, sparse
     /// regions, where the partition serves a row worst) that probe `wide_probes` lists instead of `probes`.
-    /// The similarity cut is the share's quantile on the training sample, so the share is approximate.
+    /// The similarity cut is the share's quantile on seeded rows held out of training, so the share is
+    /// approximate.
     pub wide_share: f64,
     /// Probe lists of the wide rows (≥ `probes`; used only if `wide_share > 0`).
     pub wide_probes: usize,
@@ -376,10 +377,7 @@ impl Ivf {
         let mut rng = SplitMix(params.seed);
         let mut pool = ids.clone();
         let s = params.train_sample.max(c).min(np);
-        for i in 0..s {
-            let k = i + rng.below(np - i);
-            pool.swap(i, k);
-        }
+        rng.shuffle_prefix(&mut pool, s);
         let mut sample_ids = pool[..s].to_vec();
         sample_ids.sort_unstable();
         let mut sample = Vec::new();
@@ -387,10 +385,7 @@ impl Ivf {
 
         // Initial centroids: c distinct sample rows chosen by the seeded generator.
         let mut order: Vec<usize> = (0..s).collect();
-        for i in 0..c.min(s) {
-            let k = i + rng.below(s - i);
-            order.swap(i, k);
-        }
+        rng.shuffle_prefix(&mut order, c);
         let mut cents = vec![0.0f32; c * d];
         for (j, &r) in order.iter().take(c).enumerate() {
             cents[j * d..(j + 1) * d].copy_from_slice(&sample[r * d..(r + 1) * d]);
@@ -435,14 +430,10 @@ impl Ivf {
         // on them), so each row is decided as it is assigned.
         let wide_below = if wide && np > 0 {
             let held: Vec<u32> = if np > s {
-                // A second seeded partial Fisher–Yates over the rows left out of the training sample.
+                // A second seeded sample, of the rows left out of the training sample.
                 let mut rest = pool[s..].to_vec();
                 let h = s.min(rest.len());
-                let mut rng = SplitMix(params.seed ^ 0x0000_ff5e_ed0f_4e1d);
-                for i in 0..h {
-                    let k = i + rng.below(rest.len() - i);
-                    rest.swap(i, k);
-                }
+                SplitMix(params.seed ^ 0x0000_ff5e_ed0f_4e1d).shuffle_prefix(&mut rest, h);
                 rest.truncate(h);
                 rest.sort_unstable();
                 rest
@@ -529,7 +520,7 @@ impl Ivf {
 
     /// Builds the per-list member and visitor CSR tables from the per-row table.
     fn derive_lists(&mut self) {
-        let (c, p) = (self.lists, self.probes);
+        let c = self.lists;
         let mut mcount = vec![0usize; c + 1];
         let mut vcount = vec![0usize; c + 1];
         for i in 0..self.rows {
@@ -537,11 +528,11 @@ impl Ivf {
             if h == 0 {
                 continue;
             }
-            let best = self.probe[i * p];
-            for (r, &j) in self.probe[i * p..(i + 1) * p].iter().enumerate() {
-                if j == NONE {
-                    break;
-                }
+            let lists = self.row_lists(i as u32).0;
+            let Some(&best) = lists.first() else {
+                continue;
+            };
+            for (r, &j) in lists.iter().enumerate() {
                 if !self.one_way || j >= best {
                     vcount[j as usize + 1] += 1;
                 }
@@ -563,11 +554,11 @@ impl Ivf {
             if h == 0 {
                 continue;
             }
-            let best = self.probe[i * p];
-            for (r, &j) in self.probe[i * p..(i + 1) * p].iter().enumerate() {
-                if j == NONE {
-                    break;
-                }
+            let lists = self.row_lists(i as u32).0;
+            let Some(&best) = lists.first() else {
+                continue;
+            };
+            for (r, &j) in lists.iter().enumerate() {
                 let j = j as usize;
                 if !self.one_way || j >= best as usize {
                     visitors[vpos[j]] = i as u32;
@@ -618,12 +609,13 @@ impl Ivf {
             .sum()
     }
 
+    /// Row `i`'s probe lists (ranked, without the table's NONE padding; empty for absent rows) and its
+    /// number of homes.
     fn row_lists(&self, i: u32) -> (&[u32], usize) {
         let i = i as usize;
-        (
-            &self.probe[i * self.probes..(i + 1) * self.probes],
-            self.home[i] as usize,
-        )
+        let row = &self.probe[i * self.probes..(i + 1) * self.probes];
+        let used = row.iter().position(|&l| l == NONE).unwrap_or(row.len());
+        (&row[..used], self.home[i] as usize)
     }
 
     /// True iff (list `j`, visitor `x`) is the smallest discovery of the pair `{x, y}` (y a member of j).
@@ -677,14 +669,7 @@ impl Ivf {
         if self.one_way {
             return hx != j || x < y;
         }
-        // y's probe lists are ranked and NONE-padded (wide tables): stop at the padding, not the width.
-        !((hx, y) < (j, x)
-            && self
-                .row_lists(y)
-                .0
-                .iter()
-                .take_while(|&&l| l != NONE)
-                .any(|&l| l == hx))
+        !((hx, y) < (j, x) && self.row_lists(y).0.contains(&hx))
     }
 
     fn check(&self, base: &RowsF32<'_>, t: f32) -> Result<(), IndexError> {
@@ -821,7 +806,7 @@ impl Ivf {
         probes: Range<usize>,
         t: f32,
         cut: StagedCut,
-    ) -> Result<Vec<(u32, u32, f32)>, IndexError> {
+    ) -> Result<Vec<JoinPair>, IndexError> {
         Ok(self
             .self_join_rows_sketched_with(base, sketches, probes, t, cut, &|_, _, _| true)?
             .0)
@@ -896,9 +881,7 @@ impl Ivf {
                             self.row_lists(x).0
                         };
                         for &l in px {
-                            if l != NONE {
-                                xbits[l as usize / 64] |= 1 << (l % 64);
-                            }
+                            xbits[l as usize / 64] |= 1 << (l % 64);
                         }
                         surv.clear();
                         for &k in hits.iter() {
@@ -935,9 +918,7 @@ impl Ivf {
                             }
                         }
                         for &l in px {
-                            if l != NONE {
-                                xbits[l as usize / 64] = 0;
-                            }
+                            xbits[l as usize / 64] = 0;
                         }
                     }
                     (out, st)
@@ -947,7 +928,7 @@ impl Ivf {
         let stats = stats
             .into_iter()
             .fold(JoinStats::default(), |a, b| a.add(&b));
-        let mut pairs: Vec<(u32, u32, f32)> = pairs.into_iter().flatten().collect();
+        let mut pairs: Vec<JoinPair> = pairs.into_iter().flatten().collect();
         pairs.sort_unstable_by_key(|p| (p.0, p.1));
         Ok((pairs, stats))
     }
@@ -1020,16 +1001,28 @@ impl Ivf {
             .min()
     }
 
+    /// How the join's visit rule reaches the pair {`a`, `b`}: the probe depth it needs (the smaller
+    /// [`Ivf::probe_rank`] of the directions the rule allows: both two-way; one-way, only the visit towards
+    /// the home with the larger id) and whether this index's own per-row probe counts reach it. `None` if
+    /// either row is absent or out of range. For recall analysis.
+    pub fn pair_reach(&self, base: RowsF32<'_>, a: usize, b: usize) -> Option<(usize, bool)> {
+        let (ra, rb) = (self.probe_rank(base, a, b)?, self.probe_rank(base, b, a)?);
+        let (ka, kb) = (self.row_probes(a), self.row_probes(b));
+        Some(if !self.one_way {
+            (ra.min(rb), ra < ka || rb < kb)
+        } else if self.home_list(b) >= self.home_list(a) {
+            (ra, ra < ka)
+        } else {
+            (rb, rb < kb)
+        })
+    }
+
     /// Number of lists `row` probes (0 if absent or out of range; wide rows probe more).
     pub fn row_probes(&self, row: usize) -> usize {
         if row >= self.rows {
             return 0;
         }
-        self.row_lists(row as u32)
-            .0
-            .iter()
-            .take_while(|&&l| l != NONE)
-            .count()
+        self.row_lists(row as u32).0.len()
     }
 
     /// The first home list of `row` (`None` if absent or out of range).

@@ -18,6 +18,14 @@ impl SplitMix {
         (self.next_u64() % n as u64) as usize
     }
 
+    /// Partial Fisher–Yates: makes `v[..k]` a uniform random sample (in random order) of `v`'s items.
+    pub fn shuffle_prefix<T>(&mut self, v: &mut [T], k: usize) {
+        for i in 0..k.min(v.len()) {
+            let j = i + self.below(v.len() - i);
+            v.swap(i, j);
+        }
+    }
+
     /// Uniform in the open interval (0, 1).
     fn open01(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64

@@ -137,7 +137,7 @@ impl Sketcher {
     }
 }
 
-/// Hamming distance of two sketches (the `popcnt` instruction where the CPU has it, chosen at runtime).
+/// Hamming distance of two sketches (AVX-512 VPOPCNTDQ, else POPCNT, else portable; chosen at runtime).
 pub fn hamming(a: &[u64], b: &[u64]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     if a.len() >= 8

@@ -414,7 +414,8 @@ fn main() -> Result<()> {
         let mut need: Vec<usize> = Vec::new();
         // Pairs the index's own per-row probe counts reach (wide rows included).
         let mut reached = 0usize;
-        // Findable planted pairs the index needs ≥ 64 probes for: per modality (cosine, a→b, b→a ranks).
+        // Findable planted pairs the index needs ≥ 64 probes for: per reachable modality (cosine, probe depth
+        // the visit rule needs, whether this index's probes reach it).
         let mut hard: Vec<serde_json::Value> = Vec::new();
         if let Some(ann) = engine.index() {
             let schema = snap.schema();
@@ -441,30 +442,12 @@ fn main() -> Result<()> {
                         continue;
                     }
                     let base = view.slice_rows(0, ann.rows());
-                    let (r, s) = (r as usize, s as usize);
-                    let (Some(a2b), Some(b2a)) =
-                        (ivf.probe_rank(base, r, s), ivf.probe_rank(base, s, r))
-                    else {
+                    let Some((rank, reached)) = ivf.pair_reach(base, r as usize, s as usize) else {
                         continue;
                     };
-                    let rank = if ivf.one_way() {
-                        if ivf.home_list(s) >= ivf.home_list(r) {
-                            a2b
-                        } else {
-                            b2a
-                        }
-                    } else {
-                        a2b.min(b2a)
-                    };
                     best = best.min(rank);
-                    detail.push(json!([m.modality.key(), m.cosine, a2b, b2a]));
-                    if (a2b < ivf.row_probes(r)
-                        && (!ivf.one_way() || ivf.home_list(s) >= ivf.home_list(r)))
-                        || (b2a < ivf.row_probes(s)
-                            && (!ivf.one_way() || ivf.home_list(r) >= ivf.home_list(s)))
-                    {
-                        hit = true;
-                    }
+                    hit |= reached;
+                    detail.push(json!([m.modality.key(), m.cosine, rank, reached]));
                 }
                 if best >= 64 && hard.len() < 40 {
                     let all: Vec<serde_json::Value> = c
