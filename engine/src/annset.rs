@@ -6,7 +6,8 @@
 
 use crate::EngineError;
 use crate::store::Snapshot;
-use pacha_index::ivf::{Ivf, IvfParams, JoinPair, JoinStats};
+use pacha_index::ivf::{Ivf, IvfParams, JoinPair, JoinStats, QuantStage};
+use pacha_index::quant::l1_bounds;
 use pacha_index::sketch::{Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -55,6 +56,9 @@ pub struct AnnSet {
     /// Sign sketches of the indexed rows per modality, computed on first use (not saved: recomputing is
     /// one GEMM per modality, a few seconds at a million rows).
     sketches: Vec<OnceLock<Sketches>>,
+    /// Per modality, the L1 bounds of the indexed rows' i8 codes (the join's i8 rescoring stage), computed
+    /// on first use.
+    l1: Vec<OnceLock<Vec<f32>>>,
 }
 
 impl AnnSet {
@@ -77,7 +81,14 @@ impl AnnSet {
             let m = spec.modality;
             let present = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
             if (0..snap.rows()).any(present) {
-                ivf.push(Some(Ivf::build(view, &present, &params.ivf)?));
+                // Streamed: each batch's f32 pages leave the resident set once read.
+                let release = |rows: Range<usize>| snap.release_f32(m, rows);
+                ivf.push(Some(Ivf::build_streaming(
+                    view,
+                    &present,
+                    &params.ivf,
+                    &release,
+                )?));
             } else {
                 ivf.push(None);
             }
@@ -89,6 +100,7 @@ impl AnnSet {
             generation: snap.generation(),
             rows: snap.rows(),
             sketches: ivf.iter().map(|_| OnceLock::new()).collect(),
+            l1: ivf.iter().map(|_| OnceLock::new()).collect(),
             ivf,
         })
     }
@@ -131,7 +143,16 @@ impl AnnSet {
         match sketch {
             Some(f) => {
                 let sk = self.sketches(snap, mi)?;
-                Ok(ivf.self_join_rows_sketched_with(base, sk, start..end, t, f.cut, accept)?)
+                let quant = self.quant(snap, mi)?;
+                Ok(ivf.self_join_rows_sketched_with(
+                    base,
+                    sk,
+                    quant,
+                    start..end,
+                    t,
+                    f.cut,
+                    accept,
+                )?)
             }
             None => {
                 let mut pairs = ivf.self_join_rows(base, start..end, t)?;
@@ -163,10 +184,32 @@ impl AnnSet {
             EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
         })?;
         let m = spec.modality;
-        let sk = Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?
-            .sketch_rows(view.slice_rows(0, self.rows), &|r| snap.is_present(m, r))?;
+        let release = |rows: Range<usize>| snap.release_f32(m, rows);
+        let sk = Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
+            view.slice_rows(0, self.rows),
+            &|r| snap.is_present(m, r),
+            &release,
+        )?;
         // Another thread may have won the race; either value is the same deterministic sketch.
         Ok(slot.get_or_init(|| sk))
+    }
+
+    /// The i8 rescoring stage of modality `mi`'s sketched join: the store's codes of the indexed rows and
+    /// their L1 bounds (computed on first use); `None` if the store has no codes for it.
+    fn quant<'s>(
+        &'s self,
+        snap: &'s Snapshot,
+        mi: usize,
+    ) -> Result<Option<QuantStage<'s>>, EngineError> {
+        let (Some(slot), Some(spec)) = (self.l1.get(mi), snap.schema().modalities.get(mi)) else {
+            return Ok(None);
+        };
+        let Some(codes) = snap.i8_rows(spec.modality) else {
+            return Ok(None);
+        };
+        let codes = codes.slice_rows(0, self.rows);
+        let l1 = slot.get_or_init(|| l1_bounds(codes));
+        Ok(Some(QuantStage::new(codes, l1)?))
     }
 
     /// Indexed rows whose exact cosine with `query` is at least `t`, from the query's `nprobe` best lists.
@@ -247,6 +290,7 @@ impl AnnSet {
             generation: meta.generation,
             rows: meta.rows,
             sketches: ivf.iter().map(|_| OnceLock::new()).collect(),
+            l1: ivf.iter().map(|_| OnceLock::new()).collect(),
             ivf,
         }))
     }

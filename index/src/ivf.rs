@@ -59,10 +59,11 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::IndexError;
-use crate::kernels::{dot_f32, prefetch_row};
+use crate::kernels::{dot_f32, dot_i8, prefetch_row};
+use crate::quant::code_error_bound;
 use crate::rng::SplitMix;
 use crate::sketch::{PackedBlock, Sketches, StagedCut, filter_packed, hamming};
-use crate::view::RowsF32;
+use crate::view::{RowsF32, RowsI8};
 
 /// GEMM tile: rows of the visitor side.
 const VIS_TILE: usize = 512;
@@ -70,12 +71,14 @@ const VIS_TILE: usize = 512;
 const MEM_TILE: usize = 1024;
 /// Rows assigned per GEMM block when assigning rows to centroids.
 const ASSIGN_TILE: usize = 256;
+/// Rows per streamed assignment batch (the granularity of [`Ivf::build_streaming`]'s `release`).
+const ASSIGN_BATCH: usize = 1 << 16;
 /// GEMM scores at least `t - SLACK` are rescored with `dot_f32` (GEMM and kernel differ by rounding only).
 const SLACK: f32 = 1e-3;
 /// File magic of a saved index.
 const MAGIC: &[u8; 8] = b"PACHAIVF";
 /// File format version.
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 /// Probe counts above this use selection ([`top_select`]) rather than insertion ([`top_p`]).
 const SELECT_ABOVE: usize = 32;
 /// Marker of "no list" in the per-row probe table (absent rows).
@@ -145,7 +148,9 @@ pub struct Ivf {
     centroids: Vec<f32>,
     /// Per row: number of home lists (0 = absent row).
     home: Vec<u8>,
-    /// Per row: `probes` list ids, best first (all `NONE` for absent rows).
+    /// CSR offsets into `probe` (len `rows + 1`).
+    probe_off: Vec<usize>,
+    /// Every row's probe lists, best first (none for absent rows; wide rows have more).
     probe: Vec<u32>,
     /// CSR offsets into `members` (len `lists + 1`).
     mem_off: Vec<usize>,
@@ -164,6 +169,28 @@ pub struct Ivf {
     one_way: bool,
 }
 
+/// The i8 first stage of a sketched join's rescoring: the base's codes (same rows) and their
+/// [`crate::quant::l1_bounds`].
+#[derive(Clone, Copy, Debug)]
+pub struct QuantStage<'a> {
+    codes: RowsI8<'a>,
+    l1: &'a [f32],
+}
+
+impl<'a> QuantStage<'a> {
+    /// Pairs codes with their L1 bounds; errors if the bounds do not cover every row.
+    pub fn new(codes: RowsI8<'a>, l1: &'a [f32]) -> Result<Self, IndexError> {
+        if l1.len() != codes.rows() {
+            return Err(IndexError::Shape(format!(
+                "{} L1 bounds for {} rows of codes",
+                l1.len(),
+                codes.rows()
+            )));
+        }
+        Ok(Self { codes, l1 })
+    }
+}
+
 /// A joined pair `(a, b, exact score)`, `a < b`.
 pub type JoinPair = (u32, u32, f32);
 
@@ -174,8 +201,12 @@ pub struct JoinStats {
     pub products: u64,
     /// Products within the sketch cut.
     pub sketch_pass: u64,
-    /// Canonical discoveries rescored exactly with `dot_f32`.
+    /// Canonical discoveries rescored (by the i8 stage if the join has one, else with `dot_f32`).
     pub rescored: u64,
+    /// Rescorings read in f32 and scored with `dot_f32`: all of them without an i8 stage, else only those
+    /// the i8 stage's error bound could not reject.
+    #[serde(default)]
+    pub exact_reads: u64,
     /// Rescored pairs whose exact score reached the join threshold.
     pub above: u64,
 }
@@ -187,6 +218,7 @@ impl JoinStats {
             products: self.products + o.products,
             sketch_pass: self.sketch_pass + o.sketch_pass,
             rescored: self.rescored + o.rescored,
+            exact_reads: self.exact_reads + o.exact_reads,
             above: self.above + o.above,
         }
     }
@@ -200,6 +232,29 @@ pub(crate) fn gather(base: RowsF32<'_>, ids: &[u32], buf: &mut Vec<f32>) {
     for &i in ids {
         buf.extend_from_slice(base.row(i as usize));
     }
+}
+
+/// The first of `ids` (rows gathered into `rows`, `d` values each) holding NaN or infinity, as an error.
+fn check_finite(rows: &[f32], ids: &[u32], d: usize) -> Result<(), IndexError> {
+    match rows
+        .chunks_exact(d)
+        .zip(ids)
+        .find(|(r, _)| r.iter().any(|x| !x.is_finite()))
+    {
+        Some((_, &id)) => Err(IndexError::InvalidVector {
+            id: id as usize,
+            problem: "NaN or infinity".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// One assignment tile's output: per row its home count and probe count, and the probe lists in a row.
+#[derive(Default)]
+struct AssignedChunk {
+    homes: Vec<u8>,
+    counts: Vec<usize>,
+    lists: Vec<u32>,
 }
 
 /// `out[i*n + k] = a_i · b_k` for dense row-major `a` (m × d) and `b` (n × d).
@@ -316,6 +371,19 @@ impl Ivf {
         present: &(dyn Fn(usize) -> bool + Sync),
         params: &IvfParams,
     ) -> Result<Ivf, IndexError> {
+        Self::build_streaming(base, present, params, &|_| {})
+    }
+
+    /// [`Ivf::build`] that calls `release(rows)` once it has read every row of `rows` for the last time
+    /// (in ascending batches), so that a caller whose base is a file mapping can drop those pages from its
+    /// resident set: the build then streams a base larger than RAM with bounded memory. Rows of the
+    /// training samples are read first and released as a whole range `0..n`.
+    pub fn build_streaming(
+        base: RowsF32<'_>,
+        present: &(dyn Fn(usize) -> bool + Sync),
+        params: &IvfParams,
+        release: &(dyn Fn(Range<usize>) + Sync),
+    ) -> Result<Ivf, IndexError> {
         check_base(&base)?;
         if params.assign == 0 || params.assign > 255 {
             return Err(IndexError::Shape(format!(
@@ -349,15 +417,6 @@ impl Ivf {
         }
         let (n, d) = (base.rows(), base.dim());
         let ids: Vec<u32> = (0..n).filter(|&i| present(i)).map(|i| i as u32).collect();
-        for &i in &ids {
-            let r = base.row(i as usize);
-            if r.iter().any(|x| !x.is_finite()) {
-                return Err(IndexError::InvalidVector {
-                    id: i as usize,
-                    problem: "NaN or infinity".into(),
-                });
-            }
-        }
         let np = ids.len();
         let c = params
             .lists
@@ -382,6 +441,7 @@ impl Ivf {
         sample_ids.sort_unstable();
         let mut sample = Vec::new();
         gather(base, &sample_ids, &mut sample);
+        check_finite(&sample, &sample_ids, d)?;
 
         // Initial centroids: c distinct sample rows chosen by the seeded generator.
         let mut order: Vec<usize> = (0..s).collect();
@@ -457,19 +517,27 @@ impl Ivf {
         };
         drop(sample);
 
-        // Assign every present row: its `probes` best lists, and how many of them are homes.
+        // The samples' scattered rows are read: let them go before the streamed assignment.
+        release(0..n);
+
+        // Assign every present row, in ascending batches (each released once read): its probe lists, best
+        // first, appended to one flat table, and how many of them are homes. Every row is checked finite
+        // as it is read.
         let mut home = vec![0u8; n];
-        let mut probe = vec![NONE; n * probes];
-        let chunks: Vec<&[u32]> = ids.chunks(ASSIGN_TILE).collect();
-        let results: Vec<Vec<(u8, Vec<u32>)>> = chunks
-            .par_iter()
-            .map_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(rows, buf, top), chunk| {
-                    gather(base, chunk, rows);
-                    gemm(rows, chunk.len(), &cents, c, d, buf);
-                    (0..chunk.len())
-                        .map(|i| {
+        let mut probe_off = vec![0usize; n + 1];
+        let mut probe: Vec<u32> = Vec::new();
+        for batch in ids.chunks(ASSIGN_BATCH) {
+            let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
+            let results: Vec<Result<AssignedChunk, IndexError>> = chunks
+                .par_iter()
+                .map_init(
+                    || (Vec::new(), Vec::new(), Vec::new()),
+                    |(rows, buf, top), chunk| {
+                        gather(base, chunk, rows);
+                        check_finite(rows, chunk, d)?;
+                        gemm(rows, chunk.len(), &cents, c, d, buf);
+                        let mut out = AssignedChunk::default();
+                        for i in 0..chunk.len() {
                             let scores = &buf[i * c..(i + 1) * c];
                             // Insertion is cheaper for a few lists, selection for many.
                             if narrow <= SELECT_ABOVE {
@@ -487,17 +555,30 @@ impl Ivf {
                                 .enumerate()
                                 .take_while(|(r, t)| *r == 0 || t.0 >= best - params.margin)
                                 .count();
-                            (h as u8, top.iter().map(|t| t.1).collect())
-                        })
-                        .collect()
-                },
-            )
-            .collect();
-        for (&i, (h, p)) in ids.iter().zip(results.into_iter().flatten()) {
-            let i = i as usize;
-            home[i] = h;
-            probe[i * probes..i * probes + p.len()].copy_from_slice(&p);
+                            out.homes.push(h as u8);
+                            out.counts.push(top.len());
+                            out.lists.extend(top.iter().map(|t| t.1));
+                        }
+                        Ok(out)
+                    },
+                )
+                .collect();
+            for (chunk, res) in chunks.iter().zip(results) {
+                let res = res?;
+                for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
+                    home[i as usize] = h;
+                    probe_off[i as usize + 1] = k;
+                }
+                probe.extend_from_slice(&res.lists);
+            }
+            if let (Some(&a), Some(&b)) = (batch.first(), batch.last()) {
+                release(a as usize..b as usize + 1);
+            }
         }
+        for i in 0..n {
+            probe_off[i + 1] += probe_off[i];
+        }
+        probe.shrink_to_fit();
         let mut ivf = Ivf {
             dim: d,
             rows: n,
@@ -505,6 +586,7 @@ impl Ivf {
             probes,
             centroids: cents,
             home,
+            probe_off,
             probe,
             mem_off: Vec::new(),
             members: Vec::new(),
@@ -609,19 +691,20 @@ impl Ivf {
             .sum()
     }
 
-    /// Row `i`'s probe lists (ranked, without the table's NONE padding; empty for absent rows) and its
+    /// Row `i`'s probe lists (ranked; empty for absent rows) and its
     /// number of homes.
     fn row_lists(&self, i: u32) -> (&[u32], usize) {
         let i = i as usize;
-        let row = &self.probe[i * self.probes..(i + 1) * self.probes];
-        let used = row.iter().position(|&l| l == NONE).unwrap_or(row.len());
-        (&row[..used], self.home[i] as usize)
+        (
+            &self.probe[self.probe_off[i]..self.probe_off[i + 1]],
+            self.home[i] as usize,
+        )
     }
 
     /// True iff (list `j`, visitor `x`) is the smallest discovery of the pair `{x, y}` (y a member of j).
     fn canonical(&self, j: u32, x: u32, y: u32) -> bool {
         if self.single_home {
-            return self.canonical_single(j, x, self.probe[x as usize * self.probes], y);
+            return self.canonical_single(j, x, self.probe[self.probe_off[x as usize]], y);
         }
         let (px, hx) = self.row_lists(x);
         let (py, hy) = self.row_lists(y);
@@ -808,17 +891,22 @@ impl Ivf {
         cut: StagedCut,
     ) -> Result<Vec<JoinPair>, IndexError> {
         Ok(self
-            .self_join_rows_sketched_with(base, sketches, probes, t, cut, &|_, _, _| true)?
+            .self_join_rows_sketched_with(base, sketches, None, probes, t, cut, &|_, _, _| true)?
             .0)
     }
 
     /// [`Ivf::self_join_rows_sketched`] with a verdict: a pair whose exact score reaches `t` is kept only if
     /// `accept(a, b, score)` (e.g. a fused multi-modal score, computed inside the join so that candidates are
-    /// never materialised). Also returns the join's work counters.
+    /// never materialised). With `quant`, survivors are first scored from their i8 codes, and read in f32
+    /// only if the codes' error bound leaves the pair possibly at or above `t`: the result is the same, but
+    /// the join's random reads go to the 4× smaller codes (a base larger than RAM then need not be resident).
+    /// Also returns the join's work counters.
+    #[allow(clippy::too_many_arguments)]
     pub fn self_join_rows_sketched_with(
         &self,
         base: RowsF32<'_>,
         sketches: &Sketches,
+        quant: Option<QuantStage<'_>>,
         probes: Range<usize>,
         t: f32,
         cut: StagedCut,
@@ -832,12 +920,29 @@ impl Ivf {
                 self.rows
             )));
         }
+        if let Some(q) = quant
+            && (q.codes.rows() != self.rows || q.codes.dim() != self.dim)
+        {
+            return Err(IndexError::Shape(format!(
+                "i8 codes of {} rows × {} for an index of {} rows × {}",
+                q.codes.rows(),
+                q.codes.dim(),
+                self.rows,
+                self.dim
+            )));
+        }
         let (lo, hi) = (probes.start.min(self.rows), probes.end.min(self.rows));
         if lo >= hi {
             return Ok((Vec::new(), JoinStats::default()));
         }
         let units = self.units(lo, hi);
         let words = sketches.words();
+        let d = self.dim;
+        // Starts loading the row a survivor is rescored from.
+        let prefetch = |y: u32| match quant {
+            Some(q) => prefetch_row(q.codes.row(y as usize)),
+            None => prefetch_row(base.row(y as usize)),
+        };
         let prefix = cut.prefix_words.clamp(1, words.max(1));
         let (pairs, stats): (Vec<Vec<JoinPair>>, Vec<JoinStats>) = units
             .par_iter()
@@ -902,14 +1007,24 @@ impl Ivf {
                         // Rescoring reads each survivor's row from memory: start loading the next one
                         // while the current one is scored.
                         if let Some(&y) = surv.first() {
-                            prefetch_row(base.row(y as usize));
+                            prefetch(y);
                         }
                         for (i, &y) in surv.iter().enumerate() {
                             if let Some(&next) = surv.get(i + 1) {
-                                prefetch_row(base.row(next as usize));
+                                prefetch(next);
                             }
                             let (a, b) = if x < y { (x, y) } else { (y, x) };
-                            let exact = dot_f32(base.row(a as usize), base.row(b as usize));
+                            let (a_, b_) = (a as usize, b as usize);
+                            if let Some(q) = quant {
+                                let (sa, sb) = (q.codes.scale(a_), q.codes.scale(b_));
+                                let est = sa * sb * dot_i8(q.codes.row(a_), q.codes.row(b_)) as f32;
+                                let err = code_error_bound(sa, q.l1[a_], sb, q.l1[b_], d);
+                                if est + err < t {
+                                    continue;
+                                }
+                            }
+                            st.exact_reads += 1;
+                            let exact = dot_f32(base.row(a_), base.row(b_));
                             if exact >= t {
                                 st.above += 1;
                                 if accept(a, b, exact) {
@@ -1027,7 +1142,7 @@ impl Ivf {
 
     /// The first home list of `row` (`None` if absent or out of range).
     pub fn home_list(&self, row: usize) -> Option<u32> {
-        (row < self.rows && self.home[row] > 0).then(|| self.probe[row * self.probes])
+        (row < self.rows && self.home[row] > 0).then(|| self.probe[self.probe_off[row]])
     }
 
     /// True if rows visit only probe lists with an id at least their home's ([`IvfParams::one_way`]).
@@ -1035,17 +1150,20 @@ impl Ivf {
         self.one_way
     }
 
-    /// Writes the index to `path` (own binary format, CRC-32 checked).
+    /// Writes the index to `path` (own binary format, CRC-32 checked), streamed through a buffer.
     pub fn save(&self, path: &Path) -> Result<(), IndexError> {
         let io = |source| IndexError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let mut body: Vec<u8> = Vec::with_capacity(
-            64 + self.centroids.len() * 4 + self.home.len() + self.probe.len() * 4,
-        );
-        body.extend_from_slice(MAGIC);
-        body.extend_from_slice(&VERSION.to_le_bytes());
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = CrcWriter {
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+        };
+        w.put(MAGIC).map_err(io)?;
+        w.put(&VERSION.to_le_bytes()).map_err(io)?;
         for v in [
             self.dim as u64,
             self.rows as u64,
@@ -1053,66 +1171,75 @@ impl Ivf {
             self.probes as u64,
             u64::from(self.one_way),
         ] {
-            body.extend_from_slice(&v.to_le_bytes());
+            w.put(&v.to_le_bytes()).map_err(io)?;
         }
-        for &x in &self.centroids {
-            body.extend_from_slice(&x.to_le_bytes());
-        }
-        body.extend_from_slice(&self.home);
-        for &x in &self.probe {
-            body.extend_from_slice(&x.to_le_bytes());
-        }
-        let crc = crc32fast::hash(&body);
-        body.extend_from_slice(&crc.to_le_bytes());
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
+        let mut buf = Vec::with_capacity(1 << 16);
+        let mut put_u32s = |w: &mut CrcWriter, xs: &mut dyn Iterator<Item = u32>| {
+            loop {
+                buf.clear();
+                buf.extend(xs.take(1 << 14).flat_map(u32::to_le_bytes));
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                w.put(&buf)?;
+            }
+        };
+        put_u32s(&mut w, &mut self.centroids.iter().map(|x| x.to_bits())).map_err(io)?;
+        w.put(&self.home).map_err(io)?;
+        put_u32s(
+            &mut w,
+            &mut self.probe_off.windows(2).map(|o| (o[1] - o[0]) as u32),
+        )
+        .map_err(io)?;
+        put_u32s(&mut w, &mut self.probe.iter().copied()).map_err(io)?;
+        let crc = w.crc.clone().finalize();
+        w.out.write_all(&crc.to_le_bytes()).map_err(io)?;
+        let file = w.out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        drop(file);
         std::fs::rename(&tmp, path).map_err(io)
     }
 
-    /// Reads an index written by [`Ivf::save`], validating checksum, shape and every list id.
+    /// Reads an index written by [`Ivf::save`] (this version or the padded-table versions 1 and 2),
+    /// streamed, validating checksum, shape and every list id.
     pub fn load(path: &Path) -> Result<Ivf, IndexError> {
-        let bytes = std::fs::read(path).map_err(|source| IndexError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
         let bad = |problem: String| IndexError::Corrupt {
             path: path.to_path_buf(),
             problem,
         };
-        const HEAD: usize = 8 + 4 + 4 * 8;
-        if bytes.len() < HEAD + 4 {
-            return Err(bad(format!(
-                "{} bytes is too short for a header",
-                bytes.len()
-            )));
+        let io = |source| IndexError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut r = CrcReader {
+            inp: std::io::BufReader::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+            left: len,
+        };
+        const HEAD: u64 = 8 + 4 + 4 * 8;
+        if len < HEAD + 4 {
+            return Err(bad(format!("{len} bytes is too short for a header")));
         }
-        if &bytes[..8] != MAGIC {
+        // Any read past the end is a truncated file.
+        let short = |_| bad("file is truncated".into());
+        let mut magic = [0u8; 8];
+        r.take(&mut magic).map_err(short)?;
+        if &magic != MAGIC {
             return Err(bad("not an IVF index (bad magic)".into()));
         }
-        let (body, tail) = bytes.split_at(bytes.len() - 4);
-        let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-        if crc32fast::hash(body) != stored {
-            return Err(bad("checksum mismatch".into()));
+        let version = r.u32().map_err(short)?;
+        if !(1..=VERSION).contains(&version) {
+            return Err(bad(format!("version {version}, expected {VERSION}")));
         }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&body[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
+        let mut head = [0u64; 5];
         // Version 1 had no flags word (two-way visits).
-        let version = u32_at(8);
-        let head = match version {
-            1 => HEAD,
-            VERSION if body.len() >= HEAD + 8 => HEAD + 8,
-            VERSION => return Err(bad("header is truncated".into())),
-            v => return Err(bad(format!("version {v}, expected {VERSION}"))),
-        };
-        let flags = if version == 1 { 0 } else { u64_at(HEAD) };
+        let words = if version == 1 { 4 } else { 5 };
+        for h in head.iter_mut().take(words) {
+            *h = r.u64().map_err(short)?;
+        }
+        let flags = head[4];
         if flags > 1 {
             return Err(bad(format!("unknown flags {flags:#x}")));
         }
@@ -1120,63 +1247,100 @@ impl Ivf {
         let to_usize = |v: u64, what: &str| {
             usize::try_from(v).map_err(|_| bad(format!("{what} {v} does not fit in memory")))
         };
-        let dim = to_usize(u64_at(12), "dim")?;
-        let rows = to_usize(u64_at(20), "rows")?;
-        let lists = to_usize(u64_at(28), "lists")?;
-        let probes = to_usize(u64_at(36), "probes")?;
+        let dim = to_usize(head[0], "dim")?;
+        let rows = to_usize(head[1], "rows")?;
+        let lists = to_usize(head[2], "lists")?;
+        let probes = to_usize(head[3], "probes")?;
         if dim == 0 || lists == 0 || probes == 0 || probes > lists || rows > u32::MAX as usize {
             return Err(bad(format!(
                 "bad shape: dim {dim}, rows {rows}, lists {lists}, probes {probes}"
             )));
         }
-        let need = lists
-            .checked_mul(dim)
-            .and_then(|x| x.checked_mul(4))
-            .and_then(|x| x.checked_add(rows))
-            .and_then(|x| rows.checked_mul(probes)?.checked_mul(4)?.checked_add(x))
-            .and_then(|x| x.checked_add(head));
-        if need != Some(body.len()) {
+        // Sizes known before the probe lists: centroids, homes, and the padded table or the counts.
+        let fixed = (lists as u64)
+            .checked_mul(dim as u64 * 4)
+            .and_then(|x| x.checked_add(rows as u64))
+            .and_then(|x| {
+                let table = if version < 3 { probes as u64 } else { 1 };
+                x.checked_add((rows as u64).checked_mul(table * 4)?)
+            });
+        if fixed.is_none_or(|f| f > r.left.saturating_sub(4)) {
             return Err(bad(format!(
-                "body is {} bytes, the header implies {need:?}",
-                body.len()
+                "{len} bytes is too short for the shape in the header"
             )));
         }
-        let mut o = head;
-        let mut centroids = Vec::with_capacity(lists * dim);
-        for _ in 0..lists * dim {
-            let x = f32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
-            if !x.is_finite() {
-                return Err(bad(format!("non-finite centroid value at byte {o}")));
-            }
-            centroids.push(x);
-            o += 4;
+        let mut bits = Vec::with_capacity(lists * dim);
+        r.u32s(lists * dim, &mut bits).map_err(short)?;
+        let centroids: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+        if let Some(k) = centroids.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!("non-finite centroid value {k}")));
         }
-        let home = body[o..o + rows].to_vec();
-        o += rows;
-        let mut probe = Vec::with_capacity(rows * probes);
-        for _ in 0..rows * probes {
-            probe.push(u32_at(o));
-            o += 4;
+        let mut home = vec![0u8; rows];
+        r.take(&mut home).map_err(short)?;
+        let mut probe_off = vec![0usize; rows + 1];
+        let mut probe = Vec::new();
+        if version < 3 {
+            // The padded table: rows probing fewer lists than its width end in NONE.
+            let mut row = Vec::with_capacity(probes);
+            for i in 0..rows {
+                row.clear();
+                r.u32s(probes, &mut row).map_err(short)?;
+                let used = row.iter().position(|&l| l == NONE).unwrap_or(probes);
+                if row[used..].iter().any(|&l| l != NONE) {
+                    return Err(bad(format!("row {i}: bad NONE padding of its probe lists")));
+                }
+                probe.extend_from_slice(&row[..used]);
+                probe_off[i + 1] = probe.len();
+            }
+        } else {
+            let mut counts = Vec::with_capacity(rows);
+            r.u32s(rows, &mut counts).map_err(short)?;
+            for (i, &k) in counts.iter().enumerate() {
+                let k = k as usize;
+                if k > probes {
+                    return Err(bad(format!("row {i}: {k} probe lists > {probes}")));
+                }
+                probe_off[i + 1] = probe_off[i] + k;
+            }
+            let total = probe_off[rows];
+            if (total as u64).checked_mul(4) != Some(r.left.saturating_sub(4)) {
+                return Err(bad(format!(
+                    "{} bytes left for {total} probe lists",
+                    r.left.saturating_sub(4)
+                )));
+            }
+            probe.reserve_exact(total);
+            r.u32s(total, &mut probe).map_err(short)?;
+        }
+        if r.left != 4 {
+            return Err(bad(format!(
+                "{} bytes after the body, expected a 4-byte checksum",
+                r.left
+            )));
+        }
+        let computed = r.crc.clone().finalize();
+        let mut tail = [0u8; 4];
+        std::io::Read::read_exact(&mut r.inp, &mut tail).map_err(short)?;
+        if computed != u32::from_le_bytes(tail) {
+            return Err(bad("checksum mismatch".into()));
         }
         for i in 0..rows {
             let h = home[i] as usize;
-            let p = &probe[i * probes..(i + 1) * probes];
+            let p = &probe[probe_off[i]..probe_off[i + 1]];
             if h == 0 {
-                if p.iter().any(|&l| l != NONE) {
+                if !p.is_empty() {
                     return Err(bad(format!("absent row {i} has lists")));
                 }
                 continue;
             }
-            if h > probes {
-                return Err(bad(format!("row {i}: {h} home lists > {probes} probes")));
+            if h > p.len() {
+                return Err(bad(format!(
+                    "row {i}: {h} home lists > {} probe lists",
+                    p.len()
+                )));
             }
-            // Rows probing fewer lists than the table's width pad the tail with NONE.
-            let used = p.iter().position(|&l| l == NONE).unwrap_or(probes);
-            if used < h.max(1) || p[used..].iter().any(|&l| l != NONE) {
-                return Err(bad(format!("row {i}: bad NONE padding of its probe lists")));
-            }
-            for (r, &l) in p[..used].iter().enumerate() {
-                if l as usize >= lists || p[..r].contains(&l) {
+            for (k, &l) in p.iter().enumerate() {
+                if l as usize >= lists || p[..k].contains(&l) {
                     return Err(bad(format!("row {i}: invalid or repeated list id {l}")));
                 }
             }
@@ -1188,6 +1352,7 @@ impl Ivf {
             probes,
             centroids,
             home,
+            probe_off,
             probe,
             mem_off: Vec::new(),
             members: Vec::new(),
@@ -1202,6 +1367,64 @@ impl Ivf {
         }
         ivf.derive_lists();
         Ok(ivf)
+    }
+}
+
+/// A buffered writer that checksums what it writes (CRC-32).
+struct CrcWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    crc: crc32fast::Hasher,
+}
+
+impl CrcWriter {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.crc.update(bytes);
+        self.out.write_all(bytes)
+    }
+}
+
+/// A buffered reader that checksums what it reads (CRC-32) and counts the bytes left in the file.
+struct CrcReader {
+    inp: std::io::BufReader<std::fs::File>,
+    crc: crc32fast::Hasher,
+    left: u64,
+}
+
+impl CrcReader {
+    fn take(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        if (buf.len() as u64) > self.left.saturating_sub(4) {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        std::io::Read::read_exact(&mut self.inp, buf)?;
+        self.crc.update(buf);
+        self.left -= buf.len() as u64;
+        Ok(())
+    }
+    fn u32(&mut self) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.take(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64(&mut self) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.take(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    /// Appends `n` little-endian u32 values to `out`, read in blocks.
+    fn u32s(&mut self, n: usize, out: &mut Vec<u32>) -> std::io::Result<()> {
+        let mut buf = [0u8; 1 << 16];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len() / 4);
+            self.take(&mut buf[..k * 4])?;
+            out.extend(
+                buf[..k * 4]
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            left -= k;
+        }
+        Ok(())
     }
 }
 

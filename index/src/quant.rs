@@ -33,6 +33,30 @@ pub fn dot_error_bound(a: &[f32], sa: f32, b: &[f32], sb: f32) -> f32 {
     0.5 * sa * l1b + 0.5 * sb * l1a + a.len() as f32 * sa * sb * 0.25
 }
 
+/// Upper bound of every row's ‖v‖₁ from its codes alone, `s·(‖q‖₁ + d/2)` (each component is within
+/// `s/2` of `s·q`), so that [`code_error_bound`] needs no f32 read. Computed in parallel (rayon).
+pub fn l1_bounds(rows: crate::RowsI8<'_>) -> Vec<f32> {
+    use rayon::prelude::*;
+    let half = rows.dim() as f32 * 0.5;
+    (0..rows.rows())
+        .into_par_iter()
+        .map(|i| {
+            let l1: i32 = rows.row(i).iter().map(|&c| i32::from(c).abs()).sum();
+            rows.scale(i) * (l1 as f32 + half)
+        })
+        .collect()
+}
+
+/// [`dot_error_bound`] from the scales and the [`l1_bounds`] of two rows of dimension `d`: an upper bound
+/// of `|a·b − sa·sb·(qa·qb)|`, plus a margin for the f32 rounding of the products involved.
+#[inline]
+pub fn code_error_bound(sa: f32, ua: f32, sb: f32, ub: f32, d: usize) -> f32 {
+    0.5 * (sa * ub + sb * ua) + 0.25 * d as f32 * sa * sb + CODE_BOUND_SLACK
+}
+
+/// Absolute margin [`code_error_bound`] adds for rounding (f32 products, the f32 kernel's own error).
+pub const CODE_BOUND_SLACK: f32 = 1e-4;
+
 /// A contiguous, padded buffer of i8-quantised rows with their scales (owned; see [`quantize_rows`]).
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedRows {
@@ -132,6 +156,16 @@ mod tests {
             let bound = f64::from(dot_error_bound(&a, sa, &b, sb));
             prop_assert!((exact - approx).abs() <= bound * (1.0 + 1e-4) + 1e-7,
                 "error {} > bound {bound}", (exact - approx).abs());
+            // The bound from the codes alone holds against the f32 kernel's score too.
+            let view = |q: &[i8], s: f32| (q.to_vec(), vec![s]);
+            let ((ca, cs), (cb, ct)) = (view(&qa, sa), view(&qb, sb));
+            let ua = l1_bounds(crate::RowsI8::new(&ca, &cs, 1, a.len(), a.len()).unwrap())[0];
+            let ub = l1_bounds(crate::RowsI8::new(&cb, &ct, 1, b.len(), b.len()).unwrap())[0];
+            prop_assert!(ua >= a.iter().map(|x| x.abs()).sum::<f32>() * (1.0 - 1e-5));
+            let kernel = f64::from(crate::kernels::dot_f32(&a, &b));
+            let code_bound = f64::from(code_error_bound(sa, ua, sb, ub, a.len()));
+            prop_assert!((kernel - approx).abs() <= code_bound,
+                "kernel error {} > code bound {code_bound}", (kernel - approx).abs());
         }
     }
 

@@ -23,6 +23,8 @@ use crate::view::RowsF32;
 
 /// Rows sketched per GEMM block.
 const SKETCH_TILE: usize = 256;
+/// Rows per streamed batch of [`Sketcher::sketch_rows_streaming`] (a multiple of `SKETCH_TILE`).
+const SKETCH_BATCH: usize = 256 * SKETCH_TILE;
 
 /// Random hyperplanes that turn f32 rows into sign sketches.
 #[derive(Clone, Debug, PartialEq)]
@@ -97,6 +99,17 @@ impl Sketcher {
         base: RowsF32<'_>,
         present: &(dyn Fn(usize) -> bool + Sync),
     ) -> Result<Sketches, IndexError> {
+        self.sketch_rows_streaming(base, present, &|_| {})
+    }
+
+    /// [`Sketcher::sketch_rows`] in ascending batches of rows, calling `release(rows)` after each batch has
+    /// been read (for a base that is a file mapping larger than RAM: see `Ivf::build_streaming`).
+    pub fn sketch_rows_streaming(
+        &self,
+        base: RowsF32<'_>,
+        present: &(dyn Fn(usize) -> bool + Sync),
+        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Result<Sketches, IndexError> {
         if base.dim() != self.dim {
             return Err(IndexError::Dim {
                 expected: self.dim,
@@ -105,34 +118,38 @@ impl Sketcher {
         }
         let (n, words, bits) = (base.rows(), self.bits / 64, self.bits);
         let mut data = vec![0u64; n * words];
-        data.par_chunks_mut(SKETCH_TILE * words)
-            .enumerate()
-            .for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(ids, rows, prod), (b, out)| {
-                    let r0 = b * SKETCH_TILE;
-                    ids.clear();
-                    ids.extend(
-                        (r0..(r0 + SKETCH_TILE).min(n))
-                            .filter(|&r| present(r))
-                            .map(|r| r as u32),
-                    );
-                    if ids.is_empty() {
-                        return;
-                    }
-                    gather(base, ids, rows);
-                    gemm(rows, ids.len(), &self.planes, bits, self.dim, prod);
-                    for (i, &r) in ids.iter().enumerate() {
-                        let o = (r as usize - r0) * words;
-                        let sk = &mut out[o..o + words];
-                        for (k, &s) in prod[i * bits..(i + 1) * bits].iter().enumerate() {
-                            if s > 0.0 {
-                                sk[k / 64] |= 1 << (k % 64);
+        for (batch, part) in data.chunks_mut(SKETCH_BATCH * words).enumerate() {
+            let b0 = batch * SKETCH_BATCH;
+            part.par_chunks_mut(SKETCH_TILE * words)
+                .enumerate()
+                .for_each_init(
+                    || (Vec::new(), Vec::new(), Vec::new()),
+                    |(ids, rows, prod), (b, out)| {
+                        let r0 = b0 + b * SKETCH_TILE;
+                        ids.clear();
+                        ids.extend(
+                            (r0..(r0 + SKETCH_TILE).min(n))
+                                .filter(|&r| present(r))
+                                .map(|r| r as u32),
+                        );
+                        if ids.is_empty() {
+                            return;
+                        }
+                        gather(base, ids, rows);
+                        gemm(rows, ids.len(), &self.planes, bits, self.dim, prod);
+                        for (i, &r) in ids.iter().enumerate() {
+                            let o = (r as usize - r0) * words;
+                            let sk = &mut out[o..o + words];
+                            for (k, &s) in prod[i * bits..(i + 1) * bits].iter().enumerate() {
+                                if s > 0.0 {
+                                    sk[k / 64] |= 1 << (k % 64);
+                                }
                             }
                         }
-                    }
-                },
-            );
+                    },
+                );
+            release(b0..(b0 + SKETCH_BATCH).min(n));
+        }
         Ok(Sketches { words, data })
     }
 }

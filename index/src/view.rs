@@ -166,6 +166,24 @@ impl<'a> RowsI8<'a> {
     pub fn scale(&self, i: usize) -> f32 {
         self.scales[i]
     }
+    /// Rows `start..end` (with their scales) as a view of their own.
+    pub fn slice_rows(&self, start: usize, end: usize) -> RowsI8<'a> {
+        let end = end.min(self.rows);
+        let start = start.min(end);
+        let lo = start * self.stride;
+        let hi = if end > start {
+            (end - 1) * self.stride + self.dim
+        } else {
+            lo
+        };
+        RowsI8 {
+            data: &self.data[lo..hi],
+            scales: &self.scales[start..end],
+            rows: end - start,
+            dim: self.dim,
+            stride: self.stride,
+        }
+    }
 }
 
 fn check_shape(len: usize, rows: usize, dim: usize, stride: usize) -> Result<(), IndexError> {

@@ -9,8 +9,9 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use pacha_index::exact;
-use pacha_index::ivf::{Ivf, IvfParams};
+use pacha_index::ivf::{Ivf, IvfParams, QuantStage};
 use pacha_index::kernels::dot_f32;
+use pacha_index::quant::{l1_bounds, quantize_rows};
 use pacha_index::sketch::{Sketcher, StagedCut, cut_for_cosine};
 use pacha_index::view::RowsF32;
 use proptest::prelude::*;
@@ -275,6 +276,37 @@ fn absent_rows_never_appear_and_tiles_match_full_join() {
     assert!(r >= 0.99, "recall {r}");
 }
 
+/// Rewrites a version-3 index file in version 2's layout (rows' probe lists padded with `u32::MAX` to the
+/// widest row), as an older pacha wrote it.
+fn to_version_2(v3: &[u8]) -> Vec<u8> {
+    let u64_at = |o: usize| u64::from_le_bytes(v3[o..o + 8].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(v3[o..o + 4].try_into().unwrap());
+    assert_eq!(u32_at(8), 3);
+    let (dim, rows, lists, probes) = (u64_at(12), u64_at(20), u64_at(28), u64_at(36));
+    let head = 8 + 4 + 5 * 8;
+    let homes = head + lists * dim * 4;
+    let counts = homes + rows;
+    let mut out = v3[..counts].to_vec();
+    out[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let mut flat = counts + rows * 4;
+    for i in 0..rows {
+        let k = u32_at(counts + i * 4) as usize;
+        for r in 0..probes {
+            let l = if r < k {
+                u32_at(flat + r * 4)
+            } else {
+                u32::MAX
+            };
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+        flat += k * 4;
+    }
+    assert_eq!(flat, v3.len() - 4);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
 #[test]
 fn save_load_round_trip_and_corruption() {
     let (n, d) = (3_000, 64);
@@ -297,6 +329,29 @@ fn save_load_round_trip_and_corruption() {
     assert_eq!(back, ivf);
     assert_eq!(ivf_pairs(&back, base, 0.5), ivf_pairs(&ivf, base, 0.5));
     assert!(!ivf_pairs(&ivf, base, 0.5).is_empty());
+    // The streamed build is the same index, and releases every row once the samples and each batch
+    // have been read.
+    let released = std::sync::Mutex::new(Vec::new());
+    let streamed = Ivf::build_streaming(
+        base,
+        &|i| i != 17,
+        &IvfParams {
+            assign: 2,
+            margin: 0.1,
+            ..IvfParams::default()
+        },
+        &|r| released.lock().unwrap().push(r),
+    )
+    .unwrap();
+    assert_eq!(streamed, ivf);
+    let released = released.into_inner().unwrap();
+    assert_eq!(released.first(), Some(&(0..n)));
+    assert_eq!(released.last().map(|r| r.end), Some(n));
+    // A version-2 file (the padded per-row table) of the same index loads to the same index.
+    let v2 = to_version_2(&std::fs::read(&path).unwrap());
+    let old = dir.path().join("v2.ivf");
+    std::fs::write(&old, &v2).unwrap();
+    assert_eq!(Ivf::load(&old).unwrap(), ivf);
     // Flip one byte: checksum error, not a panic.
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
@@ -424,6 +479,14 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
         .unwrap()
         .sketch_rows(base, &|_| true)
         .unwrap();
+    // Streamed sketching gives the same sketches and releases every row.
+    let released = std::sync::Mutex::new(0usize);
+    let streamed = Sketcher::new(d, 1024, 9)
+        .unwrap()
+        .sketch_rows_streaming(base, &|_| true, &|r| *released.lock().unwrap() += r.len())
+        .unwrap();
+    assert_eq!(*released.lock().unwrap(), n);
+    assert!((0..n).all(|i| streamed.row(i) == sk2.row(i)));
     let staged_join = |full_cut: u32| {
         let cuts = StagedCut {
             prefix_words: 8,
@@ -439,6 +502,37 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
     check_output(base, &staged, t, &|_| true);
     let pre: HashSet<(u32, u32)> = prefix_only.iter().map(|p| (p.0, p.1)).collect();
     assert!(staged.iter().all(|p| pre.contains(&(p.0, p.1))));
+    // The i8 rescoring stage changes nothing in the output (its error bound is rigorous), and reads
+    // only a small share of the survivors in f32.
+    let codes = quantize_rows(base);
+    let l1 = l1_bounds(codes.view());
+    let quant = QuantStage::new(codes.view(), &l1).unwrap();
+    let cuts = StagedCut {
+        prefix_words: 8,
+        prefix_cut: cut,
+        cut: cut2,
+    };
+    let (plain, plain_stats) = ivf
+        .self_join_rows_sketched_with(base, &sk2, None, 0..n, t, cuts, &|_, _, _| true)
+        .unwrap();
+    let (quantised, q_stats) = ivf
+        .self_join_rows_sketched_with(base, &sk2, Some(quant), 0..n, t, cuts, &|_, _, _| true)
+        .unwrap();
+    assert_eq!(quantised, plain);
+    assert_eq!(plain, staged);
+    assert_eq!(plain_stats.exact_reads, plain_stats.rescored);
+    assert_eq!(q_stats.rescored, plain_stats.rescored);
+    assert_eq!(q_stats.above, plain_stats.above);
+    assert!(
+        q_stats.exact_reads >= q_stats.above && q_stats.exact_reads * 10 < q_stats.rescored,
+        "{q_stats:?}"
+    );
+    // Codes of another shape are an error, not a wrong answer.
+    let short = QuantStage::new(codes.view().slice_rows(0, n - 1), &l1[..n - 1]).unwrap();
+    assert!(
+        ivf.self_join_rows_sketched_with(base, &sk2, Some(short), 0..n, t, cuts, &|_, _, _| true)
+            .is_err()
+    );
     let got2: HashSet<(u32, u32)> = staged.iter().map(|p| (p.0, p.1)).collect();
     assert_eq!(
         sure.difference(&got2).count(),

@@ -106,6 +106,35 @@ impl Snapshot {
         RowsF32::new(f32s(&v.f32), self.rows, v.spec.dim, v.stride_f32).ok()
     }
 
+    /// Drops rows `rows` of `m`'s f32 map from this process's resident set (a hint, no-op if unsupported):
+    /// for passes that stream a modality larger than RAM once, such as the index build and the sketches.
+    /// The pages stay in the OS page cache and are read again on the next access, unchanged.
+    pub fn release_f32(&self, m: Modality, rows: std::ops::Range<usize>) {
+        let Some(v) = self.view(m) else {
+            return;
+        };
+        let row_bytes = v.stride_f32 * 4;
+        let lo = HEADER_LEN.saturating_add(rows.start.saturating_mul(row_bytes));
+        let hi = HEADER_LEN
+            .saturating_add(rows.end.min(self.rows).saturating_mul(row_bytes))
+            .min(v.f32.len());
+        if lo >= hi {
+            return;
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is a read-only shared mapping of a store file whose committed bytes are never
+            // rewritten in place (commits append; compaction writes new files). MADV_DONTNEED on such a
+            // mapping only unmaps the pages from this process: a later access (including through slices
+            // borrowed from this map) faults them in again from the page cache or the file, with the same
+            // contents, so no borrowed data changes. `lo..hi` lies within the map.
+            let _ = unsafe {
+                v.f32
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
     /// Zero-copy view of the i8-quantised twin of [`Snapshot::f32_rows`], same row numbers.
     pub fn i8_rows(&self, m: Modality) -> Option<RowsI8<'_>> {
         let v = self.view(m)?;
