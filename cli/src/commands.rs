@@ -240,6 +240,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         impostor_pairs: a.pairs,
         genuine: truth.as_deref(),
         seed: a.seed,
+        ..CalibrateOptions::default()
     };
     let t = Instant::now();
     engine.calibrate(&opts)?;

@@ -81,13 +81,12 @@ impl AnnSet {
             let m = spec.modality;
             let present = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
             if (0..snap.rows()).any(present) {
-                // Streamed: each batch's f32 pages leave the resident set once read.
-                let release = |rows: Range<usize>| snap.release_f32(m, rows);
+                // Streamed: each batch's f32 pages are prefetched, and leave the resident set once read.
                 ivf.push(Some(Ivf::build_streaming(
                     view,
                     &present,
                     &params.ivf,
-                    &release,
+                    &snap.f32_pager(m),
                 )?));
             } else {
                 ivf.push(None);
@@ -184,11 +183,10 @@ impl AnnSet {
             EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
         })?;
         let m = spec.modality;
-        let release = |rows: Range<usize>| snap.release_f32(m, rows);
         let sk = Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
             view.slice_rows(0, self.rows),
             &|r| snap.is_present(m, r),
-            &release,
+            &snap.f32_pager(m),
         )?;
         // Another thread may have won the race; either value is the same deterministic sketch.
         Ok(slot.get_or_init(|| sk))

@@ -63,7 +63,7 @@ use crate::kernels::{dot_f32, dot_i8, prefetch_row};
 use crate::quant::code_error_bound;
 use crate::rng::SplitMix;
 use crate::sketch::{PackedBlock, Sketches, StagedCut, filter_packed, hamming};
-use crate::view::{RowsF32, RowsI8};
+use crate::view::{RowPager, RowsF32, RowsI8};
 
 /// GEMM tile: rows of the visitor side.
 const VIS_TILE: usize = 512;
@@ -113,6 +113,9 @@ pub struct IvfParams {
     pub wide_share: f64,
     /// Probe lists of the wide rows (≥ `probes`; used only if `wide_share > 0`).
     pub wide_probes: usize,
+    /// k-means balance: in every Lloyd iteration but the last, a list holding fewer than this share of the
+    /// mean sample count is re-seeded by splitting the largest list (0: only empty lists are re-seeded).
+    pub split_below: f64,
 }
 
 impl Default for IvfParams {
@@ -128,6 +131,7 @@ impl Default for IvfParams {
             one_way: false,
             wide_share: 0.0,
             wide_probes: 0,
+            split_below: 0.0,
         }
     }
 }
@@ -371,18 +375,19 @@ impl Ivf {
         present: &(dyn Fn(usize) -> bool + Sync),
         params: &IvfParams,
     ) -> Result<Ivf, IndexError> {
-        Self::build_streaming(base, present, params, &|_| {})
+        Self::build_streaming(base, present, params, &())
     }
 
-    /// [`Ivf::build`] that calls `release(rows)` once it has read every row of `rows` for the last time
-    /// (in ascending batches), so that a caller whose base is a file mapping can drop those pages from its
-    /// resident set: the build then streams a base larger than RAM with bounded memory. Rows of the
-    /// training samples are read first and released as a whole range `0..n`.
+    /// [`Ivf::build`] that tells `pager` which rows it reads next and which it has read for the last time
+    /// (the assignment runs in ascending batches), so that a caller whose base is a file mapping can
+    /// prefetch those pages and drop them from its resident set: the build then streams a base larger than
+    /// RAM with bounded memory. Rows of the training samples are read first and released as a whole range
+    /// `0..n`.
     pub fn build_streaming(
         base: RowsF32<'_>,
         present: &(dyn Fn(usize) -> bool + Sync),
         params: &IvfParams,
-        release: &(dyn Fn(Range<usize>) + Sync),
+        pager: &dyn RowPager,
     ) -> Result<Ivf, IndexError> {
         check_base(&base)?;
         if params.assign == 0 || params.assign > 255 {
@@ -452,7 +457,7 @@ impl Ivf {
             normalise(&mut cents[j * d..(j + 1) * d]);
         }
         if np > 0 {
-            for _ in 0..params.iterations {
+            for it in 0..params.iterations {
                 let best = assign_best(&sample, s, &cents, c, d);
                 let mut sums = vec![0.0f64; c * d];
                 let mut counts = vec![0usize; c];
@@ -466,19 +471,47 @@ impl Ivf {
                         *acc += f64::from(x);
                     }
                 }
-                // Empty lists are re-seeded with the sample rows worst served by their centroid.
-                let mut worst: Vec<usize> = (0..s).collect();
-                worst.sort_by(|&a, &b| best[a].1.total_cmp(&best[b].1).then(a.cmp(&b)));
-                let mut next_worst = worst.into_iter();
+                // Lists left empty, and (but in the last iteration) lists with fewer than `split_below` of
+                // the mean sample count, are re-seeded by splitting the largest lists: each takes a member
+                // of the largest list not yet split this iteration (its sample row closest to the median
+                // similarity), and the next iteration shares that list's rows between the two. Without
+                // it, k-means on a population of very uneven density leaves many tiny lists on sparse
+                // rows while dense regions share a few huge ones, whose products dominate the join.
+                let last = it + 1 == params.iterations;
+                let small = if last {
+                    1
+                } else {
+                    ((s as f64 / c as f64) * params.split_below).ceil() as usize
+                };
+                let mut donors: Vec<usize> =
+                    (0..c).filter(|&j| counts[j] >= 2 * small.max(1)).collect();
+                donors.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+                let mut donors = donors.into_iter();
+                let mut members: Vec<Vec<usize>> = Vec::new();
                 for j in 0..c {
                     let cj = &mut cents[j * d..(j + 1) * d];
-                    let ok = counts[j] > 0 && {
+                    let ok = counts[j] >= small.max(1) && {
                         for (x, &acc) in cj.iter_mut().zip(&sums[j * d..(j + 1) * d]) {
                             *x = acc as f32;
                         }
                         normalise(cj)
                     };
-                    if !ok && let Some(r) = next_worst.next() {
+                    if ok {
+                        continue;
+                    }
+                    if members.is_empty() {
+                        members = vec![Vec::new(); c];
+                        for (i, &(l, _)) in best.iter().enumerate() {
+                            members[l as usize].push(i);
+                        }
+                    }
+                    let Some(donor) = donors.next() else {
+                        continue;
+                    };
+                    let mut rows = members[donor].clone();
+                    rows.sort_by(|&a, &b| best[a].1.total_cmp(&best[b].1).then(a.cmp(&b)));
+                    if let Some(&r) = rows.get(rows.len() / 2) {
+                        let cj = &mut cents[j * d..(j + 1) * d];
                         cj.copy_from_slice(&sample[r * d..(r + 1) * d]);
                         normalise(cj);
                     }
@@ -518,7 +551,7 @@ impl Ivf {
         drop(sample);
 
         // The samples' scattered rows are read: let them go before the streamed assignment.
-        release(0..n);
+        pager.release(0..n);
 
         // Assign every present row, in ascending batches (each released once read): its probe lists, best
         // first, appended to one flat table, and how many of them are homes. Every row is checked finite
@@ -526,7 +559,18 @@ impl Ivf {
         let mut home = vec![0u8; n];
         let mut probe_off = vec![0usize; n + 1];
         let mut probe: Vec<u32> = Vec::new();
-        for batch in ids.chunks(ASSIGN_BATCH) {
+        let span = |b: &[u32]| match (b.first(), b.last()) {
+            (Some(&a), Some(&z)) => a as usize..z as usize + 1,
+            _ => 0..0,
+        };
+        let batches: Vec<&[u32]> = ids.chunks(ASSIGN_BATCH).collect();
+        if let Some(b) = batches.first() {
+            pager.will_read(span(b));
+        }
+        for (bi, batch) in batches.iter().enumerate() {
+            if let Some(next) = batches.get(bi + 1) {
+                pager.will_read(span(next));
+            }
             let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
             let results: Vec<Result<AssignedChunk, IndexError>> = chunks
                 .par_iter()
@@ -571,9 +615,7 @@ impl Ivf {
                 }
                 probe.extend_from_slice(&res.lists);
             }
-            if let (Some(&a), Some(&b)) = (batch.first(), batch.last()) {
-                release(a as usize..b as usize + 1);
-            }
+            pager.release(span(batch));
         }
         for i in 0..n {
             probe_off[i + 1] += probe_off[i];
@@ -683,6 +725,13 @@ impl Ivf {
     /// Visitors of list `j` (rows probing it, ascending); empty if `j` is out of range.
     fn visitors(&self, j: usize) -> &[u32] {
         &self.visitors[self.vis_off[j]..self.vis_off[j + 1]]
+    }
+    /// Per list: its number of members and of visitors (for balance analyses: the join's products are
+    /// their products, summed).
+    pub fn list_sizes(&self) -> Vec<(usize, usize)> {
+        (0..self.lists)
+            .map(|j| (self.members(j).len(), self.visitors(j).len()))
+            .collect()
     }
     /// Candidate pairs the self-join scores (ordered visitor × member products, before dedup).
     pub fn candidate_products(&self) -> u64 {

@@ -99,16 +99,17 @@ impl Sketcher {
         base: RowsF32<'_>,
         present: &(dyn Fn(usize) -> bool + Sync),
     ) -> Result<Sketches, IndexError> {
-        self.sketch_rows_streaming(base, present, &|_| {})
+        self.sketch_rows_streaming(base, present, &())
     }
 
-    /// [`Sketcher::sketch_rows`] in ascending batches of rows, calling `release(rows)` after each batch has
-    /// been read (for a base that is a file mapping larger than RAM: see `Ivf::build_streaming`).
+    /// [`Sketcher::sketch_rows`] in ascending batches of rows, announcing each batch to `pager` before it
+    /// is read and releasing it after (for a base that is a file mapping larger than RAM: see
+    /// `Ivf::build_streaming`).
     pub fn sketch_rows_streaming(
         &self,
         base: RowsF32<'_>,
         present: &(dyn Fn(usize) -> bool + Sync),
-        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+        pager: &dyn crate::RowPager,
     ) -> Result<Sketches, IndexError> {
         if base.dim() != self.dim {
             return Err(IndexError::Dim {
@@ -118,8 +119,13 @@ impl Sketcher {
         }
         let (n, words, bits) = (base.rows(), self.bits / 64, self.bits);
         let mut data = vec![0u64; n * words];
+        let span = |b: usize| b * SKETCH_BATCH..((b + 1) * SKETCH_BATCH).min(n);
+        pager.will_read(span(0));
         for (batch, part) in data.chunks_mut(SKETCH_BATCH * words).enumerate() {
             let b0 = batch * SKETCH_BATCH;
+            if b0 + SKETCH_BATCH < n {
+                pager.will_read(span(batch + 1));
+            }
             part.par_chunks_mut(SKETCH_TILE * words)
                 .enumerate()
                 .for_each_init(
@@ -148,7 +154,7 @@ impl Sketcher {
                         }
                     },
                 );
-            release(b0..(b0 + SKETCH_BATCH).min(n));
+            pager.release(span(batch));
         }
         Ok(Sketches { words, data })
     }

@@ -5,6 +5,18 @@
 
 use crate::IndexError;
 
+/// Paging hints a pass that streams a base once (in ascending row batches) gives the owner of the base's
+/// memory, e.g. a file mapping larger than RAM: what it will read next, and what it will not read again.
+/// Both default to doing nothing (`()` is the no-op pager).
+pub trait RowPager: Sync {
+    /// Rows `rows` will be read soon, in ascending order.
+    fn will_read(&self, _rows: std::ops::Range<usize>) {}
+    /// Rows `rows` will not be read again by this pass.
+    fn release(&self, _rows: std::ops::Range<usize>) {}
+}
+
+impl RowPager for () {}
+
 /// Bytes every row starts on: rows are padded so each begins on a 64-byte (cache-line) boundary.
 pub const ROW_ALIGN: usize = 64;
 

@@ -276,6 +276,22 @@ fn absent_rows_never_appear_and_tiles_match_full_join() {
     assert!(r >= 0.99, "recall {r}");
 }
 
+/// Records the paging hints of a streaming pass.
+#[derive(Default)]
+struct Pager {
+    read: std::sync::Mutex<Vec<std::ops::Range<usize>>>,
+    released: std::sync::Mutex<Vec<std::ops::Range<usize>>>,
+}
+
+impl pacha_index::RowPager for Pager {
+    fn will_read(&self, rows: std::ops::Range<usize>) {
+        self.read.lock().unwrap().push(rows);
+    }
+    fn release(&self, rows: std::ops::Range<usize>) {
+        self.released.lock().unwrap().push(rows);
+    }
+}
+
 /// Rewrites a version-3 index file in version 2's layout (rows' probe lists padded with `u32::MAX` to the
 /// widest row), as an older pacha wrote it.
 fn to_version_2(v3: &[u8]) -> Vec<u8> {
@@ -331,7 +347,7 @@ fn save_load_round_trip_and_corruption() {
     assert!(!ivf_pairs(&ivf, base, 0.5).is_empty());
     // The streamed build is the same index, and releases every row once the samples and each batch
     // have been read.
-    let released = std::sync::Mutex::new(Vec::new());
+    let pager = Pager::default();
     let streamed = Ivf::build_streaming(
         base,
         &|i| i != 17,
@@ -340,13 +356,18 @@ fn save_load_round_trip_and_corruption() {
             margin: 0.1,
             ..IvfParams::default()
         },
-        &|r| released.lock().unwrap().push(r),
+        &pager,
     )
     .unwrap();
     assert_eq!(streamed, ivf);
-    let released = released.into_inner().unwrap();
+    let (read, released) = (
+        pager.read.into_inner().unwrap(),
+        pager.released.into_inner().unwrap(),
+    );
     assert_eq!(released.first(), Some(&(0..n)));
     assert_eq!(released.last().map(|r| r.end), Some(n));
+    // Every batch released was announced before, in the same ascending order.
+    assert_eq!(read, released[1..].to_vec());
     // A version-2 file (the padded per-row table) of the same index loads to the same index.
     let v2 = to_version_2(&std::fs::read(&path).unwrap());
     let old = dir.path().join("v2.ivf");
@@ -480,12 +501,17 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
         .sketch_rows(base, &|_| true)
         .unwrap();
     // Streamed sketching gives the same sketches and releases every row.
-    let released = std::sync::Mutex::new(0usize);
+    let pager = Pager::default();
     let streamed = Sketcher::new(d, 1024, 9)
         .unwrap()
-        .sketch_rows_streaming(base, &|_| true, &|r| *released.lock().unwrap() += r.len())
+        .sketch_rows_streaming(base, &|_| true, &pager)
         .unwrap();
-    assert_eq!(*released.lock().unwrap(), n);
+    let (read, released) = (
+        pager.read.into_inner().unwrap(),
+        pager.released.into_inner().unwrap(),
+    );
+    assert_eq!(read, released);
+    assert_eq!(released.iter().map(|r| r.len()).sum::<usize>(), n);
     assert!((0..n).all(|i| streamed.row(i) == sk2.row(i)));
     let staged_join = |full_cut: u32| {
         let cuts = StagedCut {

@@ -139,6 +139,31 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
 
 /// Fusing face and two fingers misses fewer planted duplicates than the face alone at the same FPIR.
 #[test]
+fn calibration_from_a_sampled_row_pool_matches_the_full_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(20_000, 5), None);
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    let full = e.calibration();
+    // A pool of 4 000 of the 20 000 rows is read in one streamed pass (the path of stores past 2²⁰ rows).
+    e.calibrate(&CalibrateOptions {
+        pool_rows: 4_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let sampled = e.calibration();
+    assert_ne!(full.models, sampled.models, "the pool changed nothing");
+    for spec in &e.snapshot().schema().modalities {
+        let (a, b) = (
+            full.model(spec.modality).unwrap().impostor,
+            sampled.model(spec.modality).unwrap().impostor,
+        );
+        assert!((a.mean - b.mean).abs() < 0.01, "{a:?} vs {b:?}");
+        assert!((a.sd / b.sd - 1.0).abs() < 0.15, "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
 fn fusion_beats_face_alone() {
     let cfg = config(20_000, 5);
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

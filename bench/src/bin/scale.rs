@@ -125,6 +125,16 @@ struct Args {
     /// the JSON reports `planted.recall_by_probes` from the index; found/recall figures are then meaningless.
     #[arg(long)]
     recall_only: bool,
+    /// IVF k-means balance: lists under this share of the mean size are re-seeded by splitting the largest
+    #[arg(long)]
+    split_below: Option<f64>,
+    /// IVF lists are trained on this many sampled rows (default: the engine's)
+    #[arg(long)]
+    train_sample: Option<usize>,
+    /// Use the index saved in the store if it covers it (no build: the matching time then excludes the
+    /// index build; for recall analyses of a large store)
+    #[arg(long)]
+    reuse_index: bool,
     /// Score every IVF product with f32 GEMM instead of the sign-sketch pre-filter.
     #[arg(long)]
     no_sketch: bool,
@@ -324,10 +334,21 @@ fn main() -> Result<()> {
         if let Some(x) = a.wide_probes {
             params.ivf.wide_probes = x;
         }
+        if let Some(x) = a.split_below {
+            params.ivf.split_below = x;
+        }
+        if let Some(x) = a.train_sample {
+            params.ivf.train_sample = x;
+        }
         if let Some(v) = a.visits {
             params.ivf.one_way = matches!(v, Visits::OneWay);
         }
-        st.time("index", || Ok(engine.build_index(&params, None)?))?;
+        let saved = a.reuse_index && engine.index().is_some_and(|i| i.covers(&engine.snapshot()));
+        if saved {
+            note("index: reusing the saved index (not timed)");
+        } else {
+            st.time("index", || Ok(engine.build_index(&params, None)?))?;
+        }
     }
     let labelled: Option<Vec<(String, String)>> = match (&truth, a.calibrate_genuine) {
         (Some(t), true) => Some(t.iter().step_by(2).cloned().collect()),
@@ -473,9 +494,30 @@ fn main() -> Result<()> {
                 .map(|mi| ann.ivf(mi).map_or(0, |i| i.candidate_products()))
                 .collect()
         });
+        // List balance: member-count quantiles, and the products against those of equal lists.
+        let balance: Vec<serde_json::Value> = engine.index().map_or(Vec::new(), |ann| {
+            (0..snap.schema().modalities.len())
+                .filter_map(|mi| ann.ivf(mi))
+                .map(|ivf| {
+                    let sizes = ivf.list_sizes();
+                    let mut m: Vec<usize> = sizes.iter().map(|s| s.0).collect();
+                    m.sort_unstable();
+                    let q = |p: f64| m[((m.len() - 1) as f64 * p).round() as usize];
+                    let (tm, tv) = sizes
+                        .iter()
+                        .fold((0u64, 0u64), |a, s| (a.0 + s.0 as u64, a.1 + s.1 as u64));
+                    let even = tm as f64 * tv as f64 / sizes.len() as f64;
+                    let prod: u64 = sizes.iter().map(|s| s.0 as u64 * s.1 as u64).sum();
+                    json!({"lists": sizes.len(), "members_p50": q(0.5), "members_p90": q(0.9),
+                           "members_p99": q(0.99), "members_max": q(1.0),
+                           "products_vs_even_lists": prod as f64 / even.max(1.0)})
+                })
+                .collect()
+        });
         planted = json!({
             "recall_by_probes": recall_by_probes,
             "join_products": products,
+            "list_balance": balance,
             "predicted_recall": reached as f64 / need.len().max(1) as f64,
             "hard": hard,
             "pairs": truth.len(),

@@ -890,7 +890,14 @@ fn map_modalities(
             spec: *spec,
             stride_f32: pacha_index::padded_stride(spec.dim, 4),
             stride_i8: pacha_index::padded_stride(spec.dim, 1),
-            f32: map(0)?,
+            f32: {
+                // Outside the streaming passes (which prefetch, see `Snapshot::prefetch_f32`), f32 rows
+                // are read at random (rescoring, calibration samples): no read-around of 128 KB per fault.
+                let f = map(0)?;
+                #[cfg(unix)]
+                let _ = f.advise(memmap2::Advice::Random);
+                f
+            },
             i8: map(1)?,
             scale: map(2)?,
             qual: map(3)?,

@@ -20,6 +20,22 @@ pub(crate) struct ModView {
     pub qual: Arc<Mmap>,
 }
 
+/// [`pacha_index::RowPager`] over one modality's f32 map: prefetches what a streaming pass will read and
+/// releases what it has read.
+pub struct F32Pager<'a> {
+    snap: &'a Snapshot,
+    m: Modality,
+}
+
+impl pacha_index::RowPager for F32Pager<'_> {
+    fn will_read(&self, rows: std::ops::Range<usize>) {
+        self.snap.prefetch_f32(self.m, rows);
+    }
+    fn release(&self, rows: std::ops::Range<usize>) {
+        self.snap.release_f32(self.m, rows);
+    }
+}
+
 /// Slot of a modality in [`Snapshot::slots`]: face is 0, finger p is p.
 fn slot_of(m: Modality) -> Option<usize> {
     match m {
@@ -106,21 +122,42 @@ impl Snapshot {
         RowsF32::new(f32s(&v.f32), self.rows, v.spec.dim, v.stride_f32).ok()
     }
 
-    /// Drops rows `rows` of `m`'s f32 map from this process's resident set (a hint, no-op if unsupported):
-    /// for passes that stream a modality larger than RAM once, such as the index build and the sketches.
-    /// The pages stay in the OS page cache and are read again on the next access, unchanged.
-    pub fn release_f32(&self, m: Modality, rows: std::ops::Range<usize>) {
-        let Some(v) = self.view(m) else {
-            return;
-        };
+    /// Asks the OS to start reading rows `rows` of `m`'s f32 map into the page cache (a hint: the f32 maps
+    /// are advised for random access, so a streaming pass announces the batch it will read next).
+    pub fn prefetch_f32(&self, m: Modality, rows: std::ops::Range<usize>) {
+        if let Some((v, lo, hi)) = self.f32_byte_range(m, rows) {
+            #[cfg(unix)]
+            let _ = v.f32.advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
+        }
+    }
+
+    /// The byte range of rows `rows` in `m`'s f32 map, if not empty.
+    fn f32_byte_range(
+        &self,
+        m: Modality,
+        rows: std::ops::Range<usize>,
+    ) -> Option<(&ModView, usize, usize)> {
+        let v = self.view(m)?;
         let row_bytes = v.stride_f32 * 4;
         let lo = HEADER_LEN.saturating_add(rows.start.saturating_mul(row_bytes));
         let hi = HEADER_LEN
             .saturating_add(rows.end.min(self.rows).saturating_mul(row_bytes))
             .min(v.f32.len());
-        if lo >= hi {
+        (lo < hi).then_some((v, lo, hi))
+    }
+
+    /// Paging hints for a pass streaming `m`'s f32 rows (see [`pacha_index::RowPager`]).
+    pub fn f32_pager(&self, m: Modality) -> F32Pager<'_> {
+        F32Pager { snap: self, m }
+    }
+
+    /// Drops rows `rows` of `m`'s f32 map from this process's resident set (a hint, no-op if unsupported):
+    /// for passes that stream a modality larger than RAM once, such as the index build and the sketches.
+    /// The pages stay in the OS page cache and are read again on the next access, unchanged.
+    pub fn release_f32(&self, m: Modality, rows: std::ops::Range<usize>) {
+        let Some((v, lo, hi)) = self.f32_byte_range(m, rows) else {
             return;
-        }
+        };
         #[cfg(unix)]
         {
             // SAFETY: the map is a read-only shared mapping of a store file whose committed bytes are never
