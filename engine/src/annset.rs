@@ -142,7 +142,12 @@ impl AnnSet {
         match sketch {
             Some(f) => {
                 let sk = self.sketches(snap, mi)?;
-                let quant = self.quant(snap, mi)?;
+                // Past RAM, survivors are scored from the i8 codes first (the f32 rows stay on disk).
+                let quant = if snap.past_ram() {
+                    self.quant(snap, mi)?
+                } else {
+                    None
+                };
                 Ok(ivf.self_join_rows_sketched_with(
                     base,
                     sk,

@@ -362,12 +362,15 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     };
     let mut pairs: Vec<DedupPair> = Vec::new();
     let mut done = 0usize;
-    // The f32 pages read so far (calibration samples, then each tile's rescorings of pairs the i8 stage
-    // could not reject) are scattered: drop them from the resident set before the join and after each tile,
-    // so that a store larger than RAM is matched with its i8 codes resident, not its f32 rows.
+    // Past RAM, the f32 pages read so far (calibration samples, then each tile's rescorings of pairs the i8
+    // stage could not reject) are scattered: drop them from the resident set before the join and after each
+    // tile, so that a store larger than RAM is matched with its i8 codes resident, not its f32 rows.
+    let past_ram = snap.past_ram();
     let release_f32 = || {
-        for spec in &snap.schema().modalities {
-            snap.release_f32(spec.modality, 0..rows);
+        if past_ram {
+            for spec in &snap.schema().modalities {
+                snap.release_f32(spec.modality, 0..rows);
+            }
         }
     };
     release_f32();

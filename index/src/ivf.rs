@@ -113,9 +113,11 @@ pub struct IvfParams {
     pub wide_share: f64,
     /// Probe lists of the wide rows (≥ `probes`; used only if `wide_share > 0`).
     pub wide_probes: usize,
-    /// k-means balance: in every Lloyd iteration but the last, a list holding fewer than this share of the
-    /// mean sample count is re-seeded by splitting the largest list (0: only empty lists are re-seeded).
-    pub split_below: f64,
+    /// Partition the rows centred on their mean (estimated on the training sample): lists are cells of
+    /// `x − mean` by cosine, against the hub lists that uncentred k-means grows near a population's common
+    /// mean direction. Measured at 1 M rows (structured preset, face): 7 % fewer join products at the same
+    /// recall, so not the default yet (the 10 M figures in BENCHMARKS.md are uncentred).
+    pub centre: bool,
 }
 
 impl Default for IvfParams {
@@ -131,7 +133,7 @@ impl Default for IvfParams {
             one_way: false,
             wide_share: 0.0,
             wide_probes: 0,
-            split_below: 0.0,
+            centre: false,
         }
     }
 }
@@ -148,8 +150,12 @@ pub struct Ivf {
     rows: usize,
     lists: usize,
     probes: usize,
-    /// `lists × dim`, unit-norm rows.
+    /// `lists × dim`, unit-norm rows (directions of `x − mean`).
     centroids: Vec<f32>,
+    /// The mean the rows are centred on (empty: not centred).
+    mean: Vec<f32>,
+    /// Per list, `centroid · mean`: a row's score for list j is `centroid_j · x − bias_j` (empty: not centred).
+    bias: Vec<f32>,
     /// Per row: number of home lists (0 = absent row).
     home: Vec<u8>,
     /// CSR offsets into `probe` (len `rows + 1`).
@@ -250,6 +256,19 @@ fn check_finite(rows: &[f32], ids: &[u32], d: usize) -> Result<(), IndexError> {
             problem: "NaN or infinity".into(),
         }),
         None => Ok(()),
+    }
+}
+
+/// Centres every row of `rows` (`d` values each) on `mean` and re-normalises it; no-op if `mean` is empty.
+fn centre_rows(rows: &mut [f32], mean: &[f32], d: usize) {
+    if mean.is_empty() {
+        return;
+    }
+    for r in rows.chunks_exact_mut(d) {
+        for (x, &m) in r.iter_mut().zip(mean) {
+            *x -= m;
+        }
+        normalise(r);
     }
 }
 
@@ -447,6 +466,18 @@ impl Ivf {
         let mut sample = Vec::new();
         gather(base, &sample_ids, &mut sample);
         check_finite(&sample, &sample_ids, d)?;
+        let mean: Vec<f32> = if params.centre && s > 0 {
+            let mut acc = vec![0f64; d];
+            for r in sample.chunks_exact(d) {
+                for (a, &x) in acc.iter_mut().zip(r) {
+                    *a += f64::from(x);
+                }
+            }
+            acc.iter().map(|&a| (a / s as f64) as f32).collect()
+        } else {
+            Vec::new()
+        };
+        centre_rows(&mut sample, &mean, d);
 
         // Initial centroids: c distinct sample rows chosen by the seeded generator.
         let mut order: Vec<usize> = (0..s).collect();
@@ -457,7 +488,7 @@ impl Ivf {
             normalise(&mut cents[j * d..(j + 1) * d]);
         }
         if np > 0 {
-            for it in 0..params.iterations {
+            for _ in 0..params.iterations {
                 let best = assign_best(&sample, s, &cents, c, d);
                 let mut sums = vec![0.0f64; c * d];
                 let mut counts = vec![0usize; c];
@@ -471,26 +502,19 @@ impl Ivf {
                         *acc += f64::from(x);
                     }
                 }
-                // Lists left empty, and (but in the last iteration) lists with fewer than `split_below` of
-                // the mean sample count, are re-seeded by splitting the largest lists: each takes a member
-                // of the largest list not yet split this iteration (its sample row closest to the median
-                // similarity), and the next iteration shares that list's rows between the two. Without
-                // it, k-means on a population of very uneven density leaves many tiny lists on sparse
-                // rows while dense regions share a few huge ones, whose products dominate the join.
-                let last = it + 1 == params.iterations;
-                let small = if last {
-                    1
-                } else {
-                    ((s as f64 / c as f64) * params.split_below).ceil() as usize
-                };
-                let mut donors: Vec<usize> =
-                    (0..c).filter(|&j| counts[j] >= 2 * small.max(1)).collect();
+                // Lists left empty are re-seeded by splitting the largest lists: each takes a member of the
+                // largest list not yet split this iteration (its sample row at the median similarity), and
+                // the next iteration shares that list's rows between the two (before, they took the sample
+                // rows worst served by their centroid: outliers). Splitting also the lists under a quarter of
+                // the mean size was tried at 1 M rows (structured preset): no better balance, 7 % more
+                // products, so it is not done.
+                let mut donors: Vec<usize> = (0..c).filter(|&j| counts[j] >= 2).collect();
                 donors.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
                 let mut donors = donors.into_iter();
                 let mut members: Vec<Vec<usize>> = Vec::new();
                 for j in 0..c {
                     let cj = &mut cents[j * d..(j + 1) * d];
-                    let ok = counts[j] >= small.max(1) && {
+                    let ok = counts[j] > 0 && {
                         for (x, &acc) in cj.iter_mut().zip(&sums[j * d..(j + 1) * d]) {
                             *x = acc as f32;
                         }
@@ -535,6 +559,7 @@ impl Ivf {
             };
             let mut rows = Vec::new();
             gather(base, &held, &mut rows);
+            centre_rows(&mut rows, &mean, d);
             let mut bests: Vec<f32> = assign_best(&rows, held.len(), &cents, c, d)
                 .into_iter()
                 .map(|b| b.1)
@@ -550,6 +575,16 @@ impl Ivf {
         };
         drop(sample);
 
+        let bias: Vec<f32> = if mean.is_empty() {
+            Vec::new()
+        } else {
+            cents.chunks_exact(d).map(|cj| dot_f32(cj, &mean)).collect()
+        };
+        let mm = if mean.is_empty() {
+            0.0
+        } else {
+            dot_f32(&mean, &mean)
+        };
         // The samples' scattered rows are read: let them go before the streamed assignment.
         pager.release(0..n);
 
@@ -582,6 +617,17 @@ impl Ivf {
                         gemm(rows, chunk.len(), &cents, c, d, buf);
                         let mut out = AssignedChunk::default();
                         for i in 0..chunk.len() {
+                            let scores = &mut buf[i * c..(i + 1) * c];
+                            // Centred: cosines of `x − mean` with the centroids.
+                            if !mean.is_empty() {
+                                let x = &rows[i * d..(i + 1) * d];
+                                let (xx, xm) = (dot_f32(x, x), dot_f32(x, &mean));
+                                let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
+                                let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                                for (v, &b) in scores.iter_mut().zip(&bias) {
+                                    *v = (*v - b) * inv;
+                                }
+                            }
                             let scores = &buf[i * c..(i + 1) * c];
                             // Insertion is cheaper for a few lists, selection for many.
                             if narrow <= SELECT_ABOVE {
@@ -627,6 +673,8 @@ impl Ivf {
             lists: c,
             probes,
             centroids: cents,
+            mean,
+            bias,
             home,
             probe_off,
             probe,
@@ -726,6 +774,12 @@ impl Ivf {
     fn visitors(&self, j: usize) -> &[u32] {
         &self.visitors[self.vis_off[j]..self.vis_off[j + 1]]
     }
+    /// Row or query `x`'s score for list `j` (its ranking key: the centred cosine up to a per-row factor).
+    fn list_score(&self, x: &[f32], j: usize) -> f32 {
+        let s = dot_f32(x, &self.centroids[j * self.dim..(j + 1) * self.dim]);
+        self.bias.get(j).map_or(s, |b| s - b)
+    }
+
     /// Per list: its number of members and of visitors (for balance analyses: the join's products are
     /// their products, summed).
     pub fn list_sizes(&self) -> Vec<(usize, usize)> {
@@ -1113,9 +1167,7 @@ impl Ivf {
         {
             return Vec::new();
         }
-        let scores: Vec<f32> = (0..self.lists)
-            .map(|j| dot_f32(query, &self.centroids[j * self.dim..(j + 1) * self.dim]))
-            .collect();
+        let scores: Vec<f32> = (0..self.lists).map(|j| self.list_score(query, j)).collect();
         if scores.iter().any(|s| s.is_nan()) {
             return Vec::new();
         }
@@ -1148,9 +1200,7 @@ impl Ivf {
             return None;
         }
         let q = base.row(a);
-        let scores: Vec<f32> = (0..self.lists)
-            .map(|j| dot_f32(q, &self.centroids[j * self.dim..(j + 1) * self.dim]))
-            .collect();
+        let scores: Vec<f32> = (0..self.lists).map(|j| self.list_score(q, j)).collect();
         let (pb, hb) = self.row_lists(b as u32);
         pb[..hb]
             .iter()
@@ -1218,7 +1268,7 @@ impl Ivf {
             self.rows as u64,
             self.lists as u64,
             self.probes as u64,
-            u64::from(self.one_way),
+            u64::from(self.one_way) | (u64::from(!self.mean.is_empty()) << 1),
         ] {
             w.put(&v.to_le_bytes()).map_err(io)?;
         }
@@ -1234,6 +1284,7 @@ impl Ivf {
             }
         };
         put_u32s(&mut w, &mut self.centroids.iter().map(|x| x.to_bits())).map_err(io)?;
+        put_u32s(&mut w, &mut self.mean.iter().map(|x| x.to_bits())).map_err(io)?;
         w.put(&self.home).map_err(io)?;
         put_u32s(
             &mut w,
@@ -1289,10 +1340,11 @@ impl Ivf {
             *h = r.u64().map_err(short)?;
         }
         let flags = head[4];
-        if flags > 1 {
+        if flags > 3 || (version < 3 && flags > 1) {
             return Err(bad(format!("unknown flags {flags:#x}")));
         }
-        let one_way = flags == 1;
+        let one_way = flags & 1 == 1;
+        let centred = flags & 2 == 2;
         let to_usize = |v: u64, what: &str| {
             usize::try_from(v).map_err(|_| bad(format!("{what} {v} does not fit in memory")))
         };
@@ -1306,7 +1358,7 @@ impl Ivf {
             )));
         }
         // Sizes known before the probe lists: centroids, homes, and the padded table or the counts.
-        let fixed = (lists as u64)
+        let fixed = (lists as u64 + u64::from(centred))
             .checked_mul(dim as u64 * 4)
             .and_then(|x| x.checked_add(rows as u64))
             .and_then(|x| {
@@ -1324,6 +1376,23 @@ impl Ivf {
         if let Some(k) = centroids.iter().position(|x| !x.is_finite()) {
             return Err(bad(format!("non-finite centroid value {k}")));
         }
+        let mut mean = Vec::new();
+        if centred {
+            let mut bits = Vec::with_capacity(dim);
+            r.u32s(dim, &mut bits).map_err(short)?;
+            mean = bits.into_iter().map(f32::from_bits).collect();
+            if mean.iter().any(|x| !x.is_finite()) {
+                return Err(bad("non-finite mean value".into()));
+            }
+        }
+        let bias: Vec<f32> = if centred {
+            centroids
+                .chunks_exact(dim)
+                .map(|cj| dot_f32(cj, &mean))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut home = vec![0u8; rows];
         r.take(&mut home).map_err(short)?;
         let mut probe_off = vec![0usize; rows + 1];
@@ -1400,6 +1469,8 @@ impl Ivf {
             lists,
             probes,
             centroids,
+            mean,
+            bias,
             home,
             probe_off,
             probe,

@@ -299,6 +299,7 @@ fn to_version_2(v3: &[u8]) -> Vec<u8> {
     let u32_at = |o: usize| u32::from_le_bytes(v3[o..o + 4].try_into().unwrap());
     assert_eq!(u32_at(8), 3);
     let (dim, rows, lists, probes) = (u64_at(12), u64_at(20), u64_at(28), u64_at(36));
+    assert_eq!(u64_at(44) & 2, 0, "a centred index has no version-2 form");
     let head = 8 + 4 + 5 * 8;
     let homes = head + lists * dim * 4;
     let counts = homes + rows;
@@ -334,6 +335,7 @@ fn save_load_round_trip_and_corruption() {
         &IvfParams {
             assign: 2,
             margin: 0.1,
+            centre: true,
             ..IvfParams::default()
         },
     )
@@ -354,6 +356,7 @@ fn save_load_round_trip_and_corruption() {
         &IvfParams {
             assign: 2,
             margin: 0.1,
+            centre: true,
             ..IvfParams::default()
         },
         &pager,
@@ -368,11 +371,26 @@ fn save_load_round_trip_and_corruption() {
     assert_eq!(released.last().map(|r| r.end), Some(n));
     // Every batch released was announced before, in the same ascending order.
     assert_eq!(read, released[1..].to_vec());
-    // A version-2 file (the padded per-row table) of the same index loads to the same index.
-    let v2 = to_version_2(&std::fs::read(&path).unwrap());
+    // A version-2 file (the padded per-row table, no centring) of an uncentred index loads to the same
+    // index.
+    let raw = Ivf::build(
+        base,
+        &|i| i != 17,
+        &IvfParams {
+            assign: 2,
+            margin: 0.1,
+            centre: false,
+            ..IvfParams::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(raw, ivf);
+    let raw_path = dir.path().join("raw.ivf");
+    raw.save(&raw_path).unwrap();
+    let v2 = to_version_2(&std::fs::read(&raw_path).unwrap());
     let old = dir.path().join("v2.ivf");
     std::fs::write(&old, &v2).unwrap();
-    assert_eq!(Ivf::load(&old).unwrap(), ivf);
+    assert_eq!(Ivf::load(&old).unwrap(), raw);
     // Flip one byte: checksum error, not a panic.
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;

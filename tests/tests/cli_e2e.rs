@@ -178,6 +178,54 @@ fn full_pipeline_through_the_cli() {
         hits >= planted * 95 / 100,
         "{hits} hits for {planted} planted pairs"
     );
+    // The past-RAM path (i8 rescoring first, f32 pages released) reports exactly the same pairs, reading
+    // only a small share of its rescorings in f32.
+    let past_dir = dir.path().join("run-past-ram");
+    let out = Command::new(pacha_bin())
+        .env("PACHA_PAST_RAM", "1")
+        .args([
+            "--json",
+            "dedup",
+            "--store",
+            s(&store),
+            "--out",
+            s(&past_dir),
+            "--floor",
+            "40",
+            "--mode",
+            "index",
+        ])
+        .output()
+        .expect("run pacha");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let past = json_of(&out);
+    assert_eq!(past["summary"]["hits"], d["summary"]["hits"]);
+    assert_eq!(
+        std::fs::read_to_string(past_dir.join("hits.csv")).unwrap(),
+        std::fs::read_to_string(run_dir.join("hits.csv")).unwrap()
+    );
+    for (st, resident) in past["summary"]["join_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(stats)
+    {
+        let (reads, rescored) = (
+            st[1]["exact_reads"].as_u64().unwrap(),
+            st[1]["rescored"].as_u64().unwrap(),
+        );
+        assert_eq!(rescored, resident[1]["rescored"].as_u64().unwrap());
+        assert_eq!(
+            resident[1]["exact_reads"].as_u64().unwrap(),
+            rescored,
+            "{resident:?}"
+        );
+        assert!(reads < rescored, "{st:?}");
+    }
     for f in ["hits.csv", "hits.jsonl", "clusters.csv", "summary.json"] {
         assert!(run_dir.join(f).exists(), "dedup did not write {f}");
     }

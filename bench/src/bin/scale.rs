@@ -125,9 +125,9 @@ struct Args {
     /// the JSON reports `planted.recall_by_probes` from the index; found/recall figures are then meaningless.
     #[arg(long)]
     recall_only: bool,
-    /// IVF k-means balance: lists under this share of the mean size are re-seeded by splitting the largest
+    /// IVF: partition the rows centred on their mean (see `IvfParams::centre`)
     #[arg(long)]
-    split_below: Option<f64>,
+    centre: bool,
     /// IVF lists are trained on this many sampled rows (default: the engine's)
     #[arg(long)]
     train_sample: Option<usize>,
@@ -309,6 +309,12 @@ fn main() -> Result<()> {
     let rss_before_dedup_stages = peak_rss();
     let peak_reset = reset_peak_rss();
 
+    if !a.reuse_index {
+        // The index is rebuilt below: a stale saved one would only be loaded by `open` and held in memory
+        // beside the new one.
+        let saved = store.join("engine").join("index");
+        pacha_engine::annset::AnnSet::remove(&saved)?;
+    }
     let engine = st.time("open", || Ok(Engine::open(&store)?))?;
     let n = engine.count();
     let mode = match a.mode {
@@ -334,11 +340,11 @@ fn main() -> Result<()> {
         if let Some(x) = a.wide_probes {
             params.ivf.wide_probes = x;
         }
-        if let Some(x) = a.split_below {
-            params.ivf.split_below = x;
-        }
         if let Some(x) = a.train_sample {
             params.ivf.train_sample = x;
+        }
+        if a.centre {
+            params.ivf.centre = true;
         }
         if let Some(v) = a.visits {
             params.ivf.one_way = matches!(v, Visits::OneWay);

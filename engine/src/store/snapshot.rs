@@ -20,11 +20,13 @@ pub(crate) struct ModView {
     pub qual: Arc<Mmap>,
 }
 
-/// [`pacha_index::RowPager`] over one modality's f32 map: prefetches what a streaming pass will read and
-/// releases what it has read.
+/// [`pacha_index::RowPager`] over one modality's f32 map: prefetches what a streaming pass will read and,
+/// past RAM, releases what it has read.
 pub struct F32Pager<'a> {
     snap: &'a Snapshot,
     m: Modality,
+    /// Release what was read only past RAM ([`Snapshot::past_ram`]); otherwise keep it resident.
+    past_ram: bool,
 }
 
 impl pacha_index::RowPager for F32Pager<'_> {
@@ -32,8 +34,18 @@ impl pacha_index::RowPager for F32Pager<'_> {
         self.snap.prefetch_f32(self.m, rows);
     }
     fn release(&self, rows: std::ops::Range<usize>) {
-        self.snap.release_f32(self.m, rows);
+        if self.past_ram {
+            self.snap.release_f32(self.m, rows);
+        }
     }
+}
+
+/// Physical memory in bytes (Linux `/proc/meminfo` `MemTotal`), if known.
+fn physical_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Slot of a modality in [`Snapshot::slots`]: face is 0, finger p is p.
@@ -146,9 +158,28 @@ impl Snapshot {
         (lo < hi).then_some((v, lo, hi))
     }
 
+    /// True if this snapshot's f32 rows are too large to keep resident: more than half the machine's
+    /// physical memory (Linux `MemTotal`; elsewhere never), or forced either way by the environment variable
+    /// `PACHA_PAST_RAM` (`1` / `0`). Joins then rescore from the i8 codes first and release the f32 pages
+    /// they read; below it they keep the f32 rows resident and rescore with f32 directly (faster while
+    /// everything fits).
+    pub fn past_ram(&self) -> bool {
+        match std::env::var("PACHA_PAST_RAM").as_deref() {
+            Ok("1") => return true,
+            Ok("0") => return false,
+            _ => {}
+        }
+        let f32_bytes: usize = self.mods.iter().map(|v| v.f32.len()).sum();
+        physical_memory().is_some_and(|m| f32_bytes as u64 > m / 2)
+    }
+
     /// Paging hints for a pass streaming `m`'s f32 rows (see [`pacha_index::RowPager`]).
     pub fn f32_pager(&self, m: Modality) -> F32Pager<'_> {
-        F32Pager { snap: self, m }
+        F32Pager {
+            snap: self,
+            m,
+            past_ram: self.past_ram(),
+        }
     }
 
     /// Drops rows `rows` of `m`'s f32 map from this process's resident set (a hint, no-op if unsupported):
