@@ -7,8 +7,10 @@
 //! - **Per row**: its `probes` best lists by centroid similarity (ranked), of which the first `home`
 //!   (1 ≤ home ≤ `assign`, the margin rule: rank r < `assign` is a home list if its similarity is within
 //!   `margin` of the best) are lists the row is a *member* of. Absent rows have no lists at all. With
-//!   `wide_share > 0`, the rows the partition serves worst probe `wide_probes` lists; the table is as wide
-//!   as the widest row and shorter rows end in `NONE`.
+//!   `wide_share > 0`, the rows the partition serves worst probe `wide_probes` lists. The per-row table is CSR
+//!   (offsets + one flat array), so wide rows cost only their own lists.
+//! - **Centring** (optional, `centre`): lists are cells of `x − mean` (mean of the training sample); a row's
+//!   list score is `centroid · x − centroid · mean`, so assignment stays one GEMM.
 //! - **Per list**: its members (rows with the list among their homes) and its visitors (rows with the
 //!   list among their probes — with `one_way`, only lists with an id ≥ the row's home), both sorted by row
 //!   id, plus each visitor's home beside it. Derived from the per-row table; not saved.
@@ -81,7 +83,7 @@ const MAGIC: &[u8; 8] = b"PACHAIVF";
 const VERSION: u32 = 3;
 /// Probe counts above this use selection ([`top_select`]) rather than insertion ([`top_p`]).
 const SELECT_ABOVE: usize = 32;
-/// Marker of "no list" in the per-row probe table (absent rows).
+/// Marker of "no list" in the padded per-row probe table of saved versions 1 and 2.
 const NONE: u32 = u32::MAX;
 
 /// Build parameters of an [`Ivf`].
@@ -448,7 +450,7 @@ impl Ivf {
             .clamp(1, np.max(1));
         let narrow = params.probes.min(c);
         let wide = params.wide_share > 0.0 && params.wide_probes > narrow;
-        // The table's width; narrow rows pad their tail with NONE.
+        // The widest row (wide rows probe more lists than narrow ones).
         let probes = if wide {
             params.wide_probes.min(c)
         } else {
