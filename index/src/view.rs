@@ -87,14 +87,7 @@ impl<'a> RowsF32<'a> {
     }
     /// Rows `start..end` as a view of their own.
     pub fn slice_rows(&self, start: usize, end: usize) -> RowsF32<'a> {
-        let end = end.min(self.rows);
-        let start = start.min(end);
-        let lo = start * self.stride;
-        let hi = if end > start {
-            (end - 1) * self.stride + self.dim
-        } else {
-            lo
-        };
+        let (start, end, lo, hi) = row_span(start, end, self.rows, self.dim, self.stride);
         RowsF32 {
             data: &self.data[lo..hi],
             rows: end - start,
@@ -180,14 +173,7 @@ impl<'a> RowsI8<'a> {
     }
     /// Rows `start..end` (with their scales) as a view of their own.
     pub fn slice_rows(&self, start: usize, end: usize) -> RowsI8<'a> {
-        let end = end.min(self.rows);
-        let start = start.min(end);
-        let lo = start * self.stride;
-        let hi = if end > start {
-            (end - 1) * self.stride + self.dim
-        } else {
-            lo
-        };
+        let (start, end, lo, hi) = row_span(start, end, self.rows, self.dim, self.stride);
         RowsI8 {
             data: &self.data[lo..hi],
             scales: &self.scales[start..end],
@@ -196,6 +182,26 @@ impl<'a> RowsI8<'a> {
             stride: self.stride,
         }
     }
+}
+
+/// Rows `start..end` clamped to `0..rows`, and the element range `lo..hi` they occupy (the last row ends
+/// after `dim` values, not at its padded stride).
+fn row_span(
+    start: usize,
+    end: usize,
+    rows: usize,
+    dim: usize,
+    stride: usize,
+) -> (usize, usize, usize, usize) {
+    let end = end.min(rows);
+    let start = start.min(end);
+    let lo = start * stride;
+    let hi = if end > start {
+        (end - 1) * stride + dim
+    } else {
+        lo
+    };
+    (start, end, lo, hi)
 }
 
 fn check_shape(len: usize, rows: usize, dim: usize, stride: usize) -> Result<(), IndexError> {
@@ -241,5 +247,11 @@ mod tests {
         assert_eq!(s.row(0), v.row(1));
         assert_eq!(s.row(1), v.row(2));
         assert!(RowsF32::dense(&data[..7], 2).is_err());
+        let codes: Vec<i8> = (0..3 * 8).map(|x| x as i8).collect();
+        let scales = [0.5f32, 1.0, 2.0];
+        let q = RowsI8::new(&codes, &scales, 3, 5, 8).unwrap();
+        let qs = q.slice_rows(1, 9);
+        assert_eq!((qs.rows(), qs.row(1), qs.scale(1)), (2, q.row(2), 2.0));
+        assert_eq!(q.slice_rows(2, 1).rows(), 0);
     }
 }
