@@ -512,32 +512,25 @@ fn gather_streamed(
     dim: usize,
     pool: &[usize],
 ) -> (Vec<f32>, Vec<bool>) {
-    use pacha_index::RowPager;
     const BATCH: usize = 8192;
-    let pager = snap.f32_pager(m);
-    let span = |b: &[usize]| match (b.first(), b.last()) {
-        (Some(&a), Some(&z)) => a..z + 1,
-        _ => 0..0,
-    };
     let mut rows = vec![0f32; pool.len() * dim];
     let mut present = vec![false; pool.len()];
-    let batches: Vec<&[usize]> = pool.chunks(BATCH).collect();
-    if let Some(b) = batches.first() {
-        pager.will_read(span(b));
-    }
-    for (bi, batch) in batches.iter().enumerate() {
-        if let Some(next) = batches.get(bi + 1) {
-            pager.will_read(span(next));
-        }
-        for (k, &r) in batch.iter().enumerate() {
-            let at = bi * BATCH + k;
-            if let Some(t) = snap.template(m, r) {
-                rows[at * dim..(at + 1) * dim].copy_from_slice(t);
-                present[at] = true;
+    let Ok(()) = pacha_index::stream_batches::<_, std::convert::Infallible>(
+        pool,
+        BATCH,
+        |r| r,
+        &snap.f32_pager(m),
+        |bi, batch| {
+            for (k, &r) in batch.iter().enumerate() {
+                let at = bi * BATCH + k;
+                if let Some(t) = snap.template(m, r) {
+                    rows[at * dim..(at + 1) * dim].copy_from_slice(t);
+                    present[at] = true;
+                }
             }
-        }
-        pager.release(span(batch));
-    }
+            Ok(())
+        },
+    );
     (rows, present)
 }
 

@@ -65,7 +65,7 @@ use crate::kernels::{dot_f32, dot_i8, prefetch_row};
 use crate::quant::code_error_bound;
 use crate::rng::SplitMix;
 use crate::sketch::{PackedBlock, Sketches, StagedCut, filter_packed, hamming};
-use crate::view::{RowPager, RowsF32, RowsI8};
+use crate::view::{RowPager, RowsF32, RowsI8, stream_batches};
 
 /// GEMM tile: rows of the visitor side.
 const VIS_TILE: usize = 512;
@@ -272,6 +272,17 @@ fn centre_rows(rows: &mut [f32], mean: &[f32], d: usize) {
         }
         normalise(r);
     }
+}
+
+/// Per list, `centroid · mean` (the centred score's offset); empty if `mean` is (not centred).
+fn list_biases(centroids: &[f32], mean: &[f32], d: usize) -> Vec<f32> {
+    if mean.is_empty() {
+        return Vec::new();
+    }
+    centroids
+        .chunks_exact(d)
+        .map(|cj| dot_f32(cj, mean))
+        .collect()
 }
 
 /// One assignment tile's output: per row its home count and probe count, and the probe lists in a row.
@@ -577,11 +588,7 @@ impl Ivf {
         };
         drop(sample);
 
-        let bias: Vec<f32> = if mean.is_empty() {
-            Vec::new()
-        } else {
-            cents.chunks_exact(d).map(|cj| dot_f32(cj, &mean)).collect()
-        };
+        let bias = list_biases(&cents, &mean, d);
         let mm = if mean.is_empty() {
             0.0
         } else {
@@ -596,75 +603,70 @@ impl Ivf {
         let mut home = vec![0u8; n];
         let mut probe_off = vec![0usize; n + 1];
         let mut probe: Vec<u32> = Vec::new();
-        let span = |b: &[u32]| match (b.first(), b.last()) {
-            (Some(&a), Some(&z)) => a as usize..z as usize + 1,
-            _ => 0..0,
-        };
-        let batches: Vec<&[u32]> = ids.chunks(ASSIGN_BATCH).collect();
-        if let Some(b) = batches.first() {
-            pager.will_read(span(b));
-        }
-        for (bi, batch) in batches.iter().enumerate() {
-            if let Some(next) = batches.get(bi + 1) {
-                pager.will_read(span(next));
-            }
-            let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
-            let results: Vec<Result<AssignedChunk, IndexError>> = chunks
-                .par_iter()
-                .map_init(
-                    || (Vec::new(), Vec::new(), Vec::new()),
-                    |(rows, buf, top), chunk| {
-                        gather(base, chunk, rows);
-                        check_finite(rows, chunk, d)?;
-                        gemm(rows, chunk.len(), &cents, c, d, buf);
-                        let mut out = AssignedChunk::default();
-                        for i in 0..chunk.len() {
-                            let scores = &mut buf[i * c..(i + 1) * c];
-                            // Centred: cosines of `x − mean` with the centroids.
-                            if !mean.is_empty() {
-                                let x = &rows[i * d..(i + 1) * d];
-                                let (xx, xm) = (dot_f32(x, x), dot_f32(x, &mean));
-                                let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
-                                let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-                                for (v, &b) in scores.iter_mut().zip(&bias) {
-                                    *v = (*v - b) * inv;
+        stream_batches(
+            &ids,
+            ASSIGN_BATCH,
+            |i| i as usize,
+            pager,
+            |_, batch| {
+                let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
+                let results: Vec<Result<AssignedChunk, IndexError>> = chunks
+                    .par_iter()
+                    .map_init(
+                        || (Vec::new(), Vec::new(), Vec::new()),
+                        |(rows, buf, top), chunk| {
+                            gather(base, chunk, rows);
+                            check_finite(rows, chunk, d)?;
+                            gemm(rows, chunk.len(), &cents, c, d, buf);
+                            let mut out = AssignedChunk::default();
+                            for i in 0..chunk.len() {
+                                let scores = &mut buf[i * c..(i + 1) * c];
+                                // Centred: cosines of `x − mean` with the centroids.
+                                if !mean.is_empty() {
+                                    let x = &rows[i * d..(i + 1) * d];
+                                    let (xx, xm) = (dot_f32(x, x), dot_f32(x, &mean));
+                                    let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
+                                    let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                                    for (v, &b) in scores.iter_mut().zip(&bias) {
+                                        *v = (*v - b) * inv;
+                                    }
                                 }
+                                let scores = &buf[i * c..(i + 1) * c];
+                                // Insertion is cheaper for a few lists, selection for many.
+                                if narrow <= SELECT_ABOVE {
+                                    top_p(scores, narrow, top);
+                                } else {
+                                    top_select(scores, narrow, top);
+                                }
+                                let best = top.first().map_or(0.0, |t| t.0);
+                                if best < wide_below {
+                                    top_select(scores, probes, top);
+                                }
+                                let h = top
+                                    .iter()
+                                    .take(assign)
+                                    .enumerate()
+                                    .take_while(|(r, t)| *r == 0 || t.0 >= best - params.margin)
+                                    .count();
+                                out.homes.push(h as u8);
+                                out.counts.push(top.len());
+                                out.lists.extend(top.iter().map(|t| t.1));
                             }
-                            let scores = &buf[i * c..(i + 1) * c];
-                            // Insertion is cheaper for a few lists, selection for many.
-                            if narrow <= SELECT_ABOVE {
-                                top_p(scores, narrow, top);
-                            } else {
-                                top_select(scores, narrow, top);
-                            }
-                            let best = top.first().map_or(0.0, |t| t.0);
-                            if best < wide_below {
-                                top_select(scores, probes, top);
-                            }
-                            let h = top
-                                .iter()
-                                .take(assign)
-                                .enumerate()
-                                .take_while(|(r, t)| *r == 0 || t.0 >= best - params.margin)
-                                .count();
-                            out.homes.push(h as u8);
-                            out.counts.push(top.len());
-                            out.lists.extend(top.iter().map(|t| t.1));
-                        }
-                        Ok(out)
-                    },
-                )
-                .collect();
-            for (chunk, res) in chunks.iter().zip(results) {
-                let res = res?;
-                for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
-                    home[i as usize] = h;
-                    probe_off[i as usize + 1] = k;
+                            Ok(out)
+                        },
+                    )
+                    .collect();
+                for (chunk, res) in chunks.iter().zip(results) {
+                    let res = res?;
+                    for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
+                        home[i as usize] = h;
+                        probe_off[i as usize + 1] = k;
+                    }
+                    probe.extend_from_slice(&res.lists);
                 }
-                probe.extend_from_slice(&res.lists);
-            }
-            pager.release(span(batch));
-        }
+                Ok(())
+            },
+        )?;
         for i in 0..n {
             probe_off[i + 1] += probe_off[i];
         }
@@ -1324,8 +1326,14 @@ impl Ivf {
         if len < HEAD + 4 {
             return Err(bad(format!("{len} bytes is too short for a header")));
         }
-        // Any read past the end is a truncated file.
-        let short = |_| bad("file is truncated".into());
+        // A read past the end is a truncated file; any other failure is an I/O error.
+        let short = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("file is truncated".into())
+            } else {
+                io(e)
+            }
+        };
         let mut magic = [0u8; 8];
         r.take(&mut magic).map_err(short)?;
         if &magic != MAGIC {
@@ -1387,14 +1395,7 @@ impl Ivf {
                 return Err(bad("non-finite mean value".into()));
             }
         }
-        let bias: Vec<f32> = if centred {
-            centroids
-                .chunks_exact(dim)
-                .map(|cj| dot_f32(cj, &mean))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let bias = list_biases(&centroids, &mean, dim);
         let mut home = vec![0u8; rows];
         r.take(&mut home).map_err(short)?;
         let mut probe_off = vec![0usize; rows + 1];

@@ -24,7 +24,7 @@ pub use exact::{JoinStats, Neighbour, Pair, RowFilter, self_join, threshold_join
 pub use hnsw::{GraphPrecision, HnswIndex, HnswParams};
 pub use kernels::{dot_f16, dot_f32, dot_i8, dot_many, simd_level};
 pub use quant::{QuantizedRows, quantize_i8, quantize_rows};
-pub use view::{RowPager, RowsF32, RowsI8, padded_stride};
+pub use view::{RowPager, RowsF32, RowsI8, padded_stride, stream_batches};
 
 /// Errors of the vector-search layer.
 #[derive(Debug, thiserror::Error)]

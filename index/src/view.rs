@@ -17,6 +17,34 @@ pub trait RowPager: Sync {
 
 impl RowPager for () {}
 
+/// Runs `work(batch index, batch)` over `rows` (ascending row ids, `row` maps one to its index) in batches of
+/// `batch`, telling `pager` about each batch one batch ahead ([`RowPager::will_read`]) and releasing it once
+/// `work` is done with it: the paging pattern of a pass that streams a base once.
+pub fn stream_batches<T: Copy, E>(
+    rows: &[T],
+    batch: usize,
+    row: impl Fn(T) -> usize,
+    pager: &dyn RowPager,
+    mut work: impl FnMut(usize, &[T]) -> Result<(), E>,
+) -> Result<(), E> {
+    let span = |b: &[T]| match (b.first(), b.last()) {
+        (Some(&a), Some(&z)) => row(a)..row(z) + 1,
+        _ => 0..0,
+    };
+    let batches: Vec<&[T]> = rows.chunks(batch.max(1)).collect();
+    if let Some(b) = batches.first() {
+        pager.will_read(span(b));
+    }
+    for (bi, b) in batches.iter().enumerate() {
+        if let Some(next) = batches.get(bi + 1) {
+            pager.will_read(span(next));
+        }
+        work(bi, b)?;
+        pager.release(span(b));
+    }
+    Ok(())
+}
+
 /// Bytes every row starts on: rows are padded so each begins on a 64-byte (cache-line) boundary.
 pub const ROW_ALIGN: usize = 64;
 

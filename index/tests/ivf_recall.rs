@@ -329,17 +329,13 @@ fn save_load_round_trip_and_corruption() {
     let (n, d) = (3_000, 64);
     let (data, _) = population(Preset::Isotropic, n, d, 0.8, 5);
     let base = RowsF32::dense(&data, d).unwrap();
-    let ivf = Ivf::build(
-        base,
-        &|i| i != 17,
-        &IvfParams {
-            assign: 2,
-            margin: 0.1,
-            centre: true,
-            ..IvfParams::default()
-        },
-    )
-    .unwrap();
+    let params = IvfParams {
+        assign: 2,
+        margin: 0.1,
+        centre: true,
+        ..IvfParams::default()
+    };
+    let ivf = Ivf::build(base, &|i| i != 17, &params).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.ivf");
     ivf.save(&path).unwrap();
@@ -350,18 +346,7 @@ fn save_load_round_trip_and_corruption() {
     // The streamed build is the same index, and releases every row once the samples and each batch
     // have been read.
     let pager = Pager::default();
-    let streamed = Ivf::build_streaming(
-        base,
-        &|i| i != 17,
-        &IvfParams {
-            assign: 2,
-            margin: 0.1,
-            centre: true,
-            ..IvfParams::default()
-        },
-        &pager,
-    )
-    .unwrap();
+    let streamed = Ivf::build_streaming(base, &|i| i != 17, &params, &pager).unwrap();
     assert_eq!(streamed, ivf);
     let (read, released) = (
         pager.read.into_inner().unwrap(),
@@ -377,10 +362,8 @@ fn save_load_round_trip_and_corruption() {
         base,
         &|i| i != 17,
         &IvfParams {
-            assign: 2,
-            margin: 0.1,
             centre: false,
-            ..IvfParams::default()
+            ..params.clone()
         },
     )
     .unwrap();

@@ -41,11 +41,15 @@ impl pacha_index::RowPager for F32Pager<'_> {
 }
 
 /// Physical memory in bytes (Linux `/proc/meminfo` `MemTotal`), if known.
+/// Read once per process: it does not change while pacha runs.
 fn physical_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(|| {
+        let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    })
 }
 
 /// Slot of a modality in [`Snapshot::slots`]: face is 0, finger p is p.
