@@ -2,6 +2,7 @@
 
 use crate::ui::Ui;
 use crate::{Command, Failure, ModeArg, PresetArg};
+use pacha_engine::audit::AuditOptions;
 use anyhow::{Context, anyhow, bail};
 use pacha_datasets::Modality;
 use pacha_engine::candidates::CandidateMode;
@@ -279,7 +280,15 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
             DedupOptions::default().sketch
         },
         genuine_miss: a.genuine_miss,
+        audit: AuditOptions {
+            probes: a.audit_probes,
+            seed: a.audit_seed,
+            min_recall: a.min_recall,
+        },
     };
+    if !(0.0..=1.0).contains(&a.min_recall) {
+        return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());
+    }
     let result = run_dedup(&engine, &opts, ui)?;
     runio::write_run(&a.out, &result)
         .with_context(|| format!("writing results to {}", a.out.display()))?;
@@ -295,8 +304,80 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         s.records_per_second,
         a.out.display()
     ));
+    if s.calibration_source.starts_with("fitted from the store at match time") {
+        ui.out(format!("calibration: {}", s.calibration_source));
+    }
+    for line in audit_lines(s) {
+        ui.out(line);
+    }
     ui.json_out(&json!({"command": "dedup", "out": a.out, "summary": s}));
-    Ok(())
+    match &s.audit {
+        Some(audit) if !audit.passed => Err(Failure {
+            code: 3,
+            error: anyhow!(
+                "completeness not proven: recall lower bound {:.5} < --min-recall {} ({}); results were written to {}",
+                audit.lower_bound,
+                audit.min_recall,
+                audit.evidence,
+                a.out.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The audit's summary lines for a terminal (empty without an audit).
+pub fn audit_lines(s: &pacha_engine::dedup::DedupSummary) -> Vec<String> {
+    let Some(a) = &s.audit else {
+        return vec![format!("completeness: {} mode (exact search, complete by construction)", s.mode)];
+    };
+    let mut out = vec![format!(
+        "completeness audit ({} of {} probe rows searched exactly, {:.1} s): recall {}/{} = {:.5} (95 % CI {:.5}–{:.5}) of the pairs at or above the threshold",
+        a.sampled_probes,
+        a.probe_rows,
+        a.seconds,
+        a.contract.found,
+        a.contract.pairs,
+        a.contract.recall,
+        a.contract.lower,
+        a.contract.upper
+    )];
+    if let Some(b) = &a.below_threshold {
+        out.push(format!(
+            "  pairs between the floor {:.1} and the threshold (not held to the contract): {}/{} = {:.5}",
+            a.floor, b.found, b.pairs, b.recall
+        ));
+    }
+    out.push(format!(
+        "  boundary pairs (at the candidate cosines): {}/{} = {:.5} (95 % CI {:.5}–{:.5})",
+        a.boundary_pooled.found,
+        a.boundary_pooled.pairs,
+        a.boundary_pooled.recall,
+        a.boundary_pooled.lower,
+        a.boundary_pooled.upper
+    ));
+    out.push(format!(
+        "  verdict: {} — lower bound {:.5} vs --min-recall {} ({})",
+        if a.passed { "PROVEN" } else { "NOT PROVEN" },
+        a.lower_bound,
+        a.min_recall,
+        a.evidence
+    ));
+    for p in s.plans.iter() {
+        out.push(format!(
+            "  {}: {} path{} at cosine {:.4} (pilot: {} rows, {} natural + {} synthetic pairs)",
+            p.modality,
+            p.path,
+            p.rule
+                .map(|r| format!(" (≥ {} lists, + those within {:.3} of the best, mean {:.1})", r.min, r.margin, p.mean_probes))
+                .unwrap_or_default(),
+            p.cosine,
+            p.pilot_rows,
+            p.natural_pairs,
+            p.synthetic_pairs
+        ));
+    }
+    out
 }
 
 /// Runs a dedup with a progress bar.

@@ -10,6 +10,7 @@ mod report;
 mod ui;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pacha_engine::audit::AuditOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use ui::Ui;
@@ -205,9 +206,19 @@ pub struct DedupArgs {
     #[arg(long)]
     pub no_sketch: bool,
     /// Index mode: share of genuine pairs the multi-modal candidate cosines may leave to chance under the
-    /// calibrated genuine models (0 = complete candidate budgets, slower with several modalities).
-    #[arg(long, default_value_t = 1e-4)]
+    /// calibrated genuine models (0, the default = complete candidate budgets, as the completeness contract
+    /// needs; a relaxed run gives up hits with middling evidence in every modality, and its audit shows it).
+    #[arg(long, default_value_t = 0.0)]
     pub genuine_miss: f64,
+    /// Index mode: probe rows the completeness audit searches exactly (0 turns the audit off).
+    #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_AUDIT_PROBES)]
+    pub audit_probes: usize,
+    /// Seed of the audit's sample.
+    #[arg(long, default_value_t = AuditOptions::default().seed)]
+    pub audit_seed: u64,
+    /// Recall the run must prove: if the audit's 95 % lower bound is below it, the run exits with code 3.
+    #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_MIN_RECALL)]
+    pub min_recall: f64,
 }
 
 /// Arguments of `identify`.
@@ -315,7 +326,8 @@ pub struct DemoArgs {
 
 /// A failure with its exit code.
 pub struct Failure {
-    /// 1: a problem the command was asked to find; 2: usage or input error.
+    /// 1: a problem the command was asked to find; 2: usage or input error; 3: a dedup whose completeness
+    /// audit could not prove `--min-recall` (its results are written all the same).
     pub code: u8,
     /// What went wrong, where, and how to fix it.
     pub error: anyhow::Error,

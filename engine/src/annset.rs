@@ -6,13 +6,12 @@
 
 use crate::EngineError;
 use crate::store::Snapshot;
-use pacha_index::ivf::{Ivf, IvfParams, JoinPair, JoinStats, QuantStage};
-use pacha_index::quant::l1_bounds;
+use crate::policy::{Visits, plan_modality};
+use pacha_index::ivf::{Ivf, IvfParams, ProbeRule};
 use pacha_index::sketch::{Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
-use std::ops::Range;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 /// Build parameters of the engine's index.
 #[derive(Clone, Debug, Default)]
@@ -37,9 +36,6 @@ pub struct SketchFilter {
     pub cut: StagedCut,
 }
 
-/// Probe lists searched per query in identify.
-pub const IDENTIFY_NPROBE: usize = 16;
-
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
 struct SetMeta {
     generation: u64,
@@ -53,12 +49,11 @@ pub struct AnnSet {
     rows: usize,
     /// Index of each schema modality (by schema position); `None` if the modality has no template at all.
     ivf: Vec<Option<Ivf>>,
-    /// Sign sketches of the indexed rows per modality, computed on first use (not saved: recomputing is
-    /// one GEMM per modality, a few seconds at a million rows).
-    sketches: Vec<OnceLock<Sketches>>,
-    /// Per modality, the L1 bounds of the indexed rows' i8 codes (the join's i8 rescoring stage), computed
-    /// on first use.
-    l1: Vec<OnceLock<Vec<f32>>>,
+    /// Sign sketches of every row of the last snapshot sketched, per modality, computed on first use (not
+    /// saved: recomputing is one GEMM per modality, a few seconds at a million rows).
+    sketches: Vec<Mutex<Option<Arc<Sketches>>>>,
+    /// Identify probe rules already chosen, per (modality, candidate cosine bits).
+    identify_rules: Mutex<Vec<(usize, u32, Option<ProbeRule>)>>,
 }
 
 impl AnnSet {
@@ -98,8 +93,8 @@ impl AnnSet {
         Ok(AnnSet {
             generation: snap.generation(),
             rows: snap.rows(),
-            sketches: ivf.iter().map(|_| OnceLock::new()).collect(),
-            l1: ivf.iter().map(|_| OnceLock::new()).collect(),
+            sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
+            identify_rules: Mutex::new(Vec::new()),
             ivf,
         })
     }
@@ -116,123 +111,74 @@ impl AnnSet {
             && self.ivf.len() == snap.schema().modalities.len()
     }
 
-    /// Candidate pairs `(q, p)` with `q < p`, `p` in `probes ∩ 0..rows()`, both indexed, exact cosine ≥ `t`.
-    /// With `sketch`, the IVF's products are pre-filtered by sign sketch (Hamming distance within the cuts)
-    /// instead of scored by f32 GEMM; survivors are still rescored exactly. A pair reaching `t` is kept only
-    /// if `accept(q, p, cosine)` (the dedup's fused verdict: the sketched join never materialises candidates).
-    /// Also returns the join's work counters (the GEMM path counts only `above`).
-    pub fn join_rows(
-        &self,
-        snap: &Snapshot,
-        mi: usize,
-        probes: Range<usize>,
-        t: f32,
-        sketch: Option<SketchFilter>,
-        accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
-    ) -> Result<(Vec<JoinPair>, JoinStats), EngineError> {
-        let (Some(Some(ivf)), Some(view)) = (
-            self.ivf.get(mi),
-            snap.f32_rows(snap.schema().modalities[mi].modality),
-        ) else {
-            return Ok((Vec::new(), JoinStats::default()));
-        };
-        let end = probes.end.min(self.rows);
-        let start = probes.start.min(end);
-        let base = view.slice_rows(0, self.rows);
-        match sketch {
-            Some(f) => {
-                let sk = self.sketches(snap, mi)?;
-                // Past RAM, survivors are scored from the i8 codes first (the f32 rows stay on disk).
-                let quant = if snap.past_ram() {
-                    self.quant(snap, mi)?
-                } else {
-                    None
-                };
-                Ok(ivf.self_join_rows_sketched_with(
-                    base,
-                    sk,
-                    quant,
-                    start..end,
-                    t,
-                    f.cut,
-                    accept,
-                )?)
-            }
-            None => {
-                let mut pairs = ivf.self_join_rows(base, start..end, t)?;
-                let stats = JoinStats {
-                    above: pairs.len() as u64,
-                    ..JoinStats::default()
-                };
-                pairs.retain(|&(a, b, s)| accept(a, b, s));
-                Ok((pairs, stats))
-            }
-        }
-    }
-
     /// The IVF of modality `mi` (schema position), if it has one.
     pub fn ivf(&self, mi: usize) -> Option<&Ivf> {
         self.ivf.get(mi).and_then(|i| i.as_ref())
     }
 
-    /// Sign sketches of modality `mi`'s indexed rows, computed on first use.
-    fn sketches(&self, snap: &Snapshot, mi: usize) -> Result<&Sketches, EngineError> {
+    /// Sign sketches of every row of `snap` in modality `mi`, computed on first use for this row count.
+    pub fn sketches(&self, snap: &Snapshot, mi: usize) -> Result<Arc<Sketches>, EngineError> {
         let slot = self.sketches.get(mi).ok_or_else(|| {
             EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
         })?;
-        if let Some(s) = slot.get() {
-            return Ok(s);
+        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = guard.as_ref().filter(|s| s.rows() == snap.rows()) {
+            return Ok(s.clone());
         }
-        let spec = &snap.schema().modalities[mi];
-        let view = snap.f32_rows(spec.modality).ok_or_else(|| {
-            EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
-        })?;
-        let m = spec.modality;
-        let sk = Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
-            view.slice_rows(0, self.rows),
-            &|r| snap.is_present(m, r),
-            &snap.f32_pager(m),
-        )?;
-        // Another thread may have won the race; either value is the same deterministic sketch.
-        Ok(slot.get_or_init(|| sk))
+        let sk = Arc::new(sketch_rows(snap, mi)?);
+        *guard = Some(sk.clone());
+        Ok(sk)
     }
 
-    /// The i8 rescoring stage of modality `mi`'s sketched join: the store's codes of the indexed rows and
-    /// their L1 bounds (computed on first use); `None` if the store has no codes for it.
-    fn quant<'s>(
-        &'s self,
-        snap: &'s Snapshot,
-        mi: usize,
-    ) -> Result<Option<QuantStage<'s>>, EngineError> {
-        let (Some(slot), Some(spec)) = (self.l1.get(mi), snap.schema().modalities.get(mi)) else {
-            return Ok(None);
-        };
-        let Some(codes) = snap.i8_rows(spec.modality) else {
-            return Ok(None);
-        };
-        let codes = codes.slice_rows(0, self.rows);
-        let l1 = slot.get_or_init(|| l1_bounds(codes));
-        Ok(Some(QuantStage::new(codes, l1)?))
-    }
-
-    /// Indexed rows whose exact cosine with `query` is at least `t`, from the query's `nprobe` best lists.
+    /// Indexed rows whose exact cosine with `query` is at least `t`, from the lists the modality's identify
+    /// probe rule gives the query (chosen by a one-way pilot for this cosine on first use, see
+    /// [`crate::policy`]); every indexed row when the pilot finds the partition no cheaper than a scan.
     pub fn search(
         &self,
         snap: &Snapshot,
         mi: usize,
         query: &[f32],
         t: f32,
-        nprobe: usize,
-    ) -> Vec<(u32, f32)> {
-        match (
+    ) -> Result<Vec<(u32, f32)>, EngineError> {
+        let (Some(Some(ivf)), Some(view)) = (
             self.ivf.get(mi),
             snap.f32_rows(snap.schema().modalities[mi].modality),
-        ) {
-            (Some(Some(ivf)), Some(view)) => {
-                ivf.search(view.slice_rows(0, self.rows), query, t, nprobe)
+        ) else {
+            return Ok(Vec::new());
+        };
+        let base = view.slice_rows(0, self.rows);
+        let rule = self.identify_rule(snap, mi, t)?.unwrap_or(ProbeRule::fixed(ivf.lists()));
+        Ok(ivf.search_rule(base, query, t, rule))
+    }
+
+    /// The identify probe rule of modality `mi` at cosine `t` (`None`: scan every list).
+    pub fn identify_rule(
+        &self,
+        snap: &Snapshot,
+        mi: usize,
+        t: f32,
+    ) -> Result<Option<ProbeRule>, EngineError> {
+        {
+            let cache = self.identify_rules.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(&(_, _, r)) = cache.iter().find(|e| e.0 == mi && e.1 == t.to_bits()) {
+                return Ok(r);
             }
-            _ => Vec::new(),
         }
+        let Some(Some(ivf)) = self.ivf.get(mi) else {
+            return Ok(None);
+        };
+        let plan = plan_modality(snap, ivf, mi, t, Visits::OneWay, None)?;
+        tracing::info!(
+            "identify {}: rule {:?} at cosine {t:.4} ({} natural + {} synthetic pilot pairs, {:.2} s)",
+            plan.modality,
+            plan.rule,
+            plan.natural_pairs,
+            plan.synthetic_pairs,
+            plan.seconds
+        );
+        let mut cache = self.identify_rules.lock().unwrap_or_else(|p| p.into_inner());
+        cache.push((mi, t.to_bits(), plan.rule));
+        Ok(plan.rule)
     }
 
     /// Saves the indexes into `dir` (replacing what was there).
@@ -292,8 +238,8 @@ impl AnnSet {
         Ok(Some(AnnSet {
             generation: meta.generation,
             rows: meta.rows,
-            sketches: ivf.iter().map(|_| OnceLock::new()).collect(),
-            l1: ivf.iter().map(|_| OnceLock::new()).collect(),
+            sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
+            identify_rules: Mutex::new(Vec::new()),
             ivf,
         }))
     }
@@ -306,4 +252,21 @@ impl AnnSet {
             Err(e) => Err(EngineError::io("removing", dir, e)),
         }
     }
+}
+
+/// Sign sketches ([`SKETCH_BITS`]) of every row of `snap` in modality `mi` (absent rows stay zero),
+/// streamed through the store's pager.
+pub fn sketch_rows(snap: &Snapshot, mi: usize) -> Result<Sketches, EngineError> {
+    let spec = snap.schema().modalities.get(mi).ok_or_else(|| {
+        EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
+    })?;
+    let view = snap.f32_rows(spec.modality).ok_or_else(|| {
+        EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
+    })?;
+    let m = spec.modality;
+    Ok(Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
+        view,
+        &|r| snap.is_present(m, r),
+        &snap.f32_pager(m),
+    )?)
 }

@@ -1,18 +1,18 @@
 //! Candidate generation for dedup tiles: which pairs are worth rescoring exactly.
 //!
 //! Two sources, chosen per run ([`CandidateMode`]): exact blocked GEMM threshold joins over the mmap'd f32
-//! rows (complete by construction: the oracle, and the path for small galleries), or the engine's IVF index
-//! ([`crate::annset`]). With the index, a tile's pairs `(q, p)`, `q < p`, `p` in the tile, come from three
-//! places: both rows indexed → the IVF join; `p` newer than the index → an IVF search for `p` (indexed `q`)
-//! plus an exact join against the other new rows. So rows committed after the index was built are never
-//! missed.
+//! rows (complete by construction: the oracle, and the path for small galleries), or the run's candidate
+//! index ([`crate::policy::RunIndex`]): the saved IVF partition re-probed over **every** row of the
+//! snapshot by a rule a pilot chose for this run, or a brute-force sketch join where the partition gives no
+//! leverage. Rows committed after the index was built get a home in the partition like the others, so
+//! they go through the same join (no separate, weaker path for new rows).
 
 use crate::annset::SketchFilter;
+use crate::EngineError;
+use crate::policy::RunIndex;
 use crate::store::Snapshot;
-use crate::{AnnSet, EngineError};
 use pacha_datasets::Modality;
 use pacha_index::ivf::JoinStats;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -22,41 +22,37 @@ use std::ops::Range;
 /// path is kept there.
 pub const AUTO_EXACT_MAX_ROWS: usize = 5_000;
 
-/// Lists probed per new (unindexed) row when searching the IVF index.
-pub const NEW_ROW_NPROBE: usize = 16;
-
 /// How a dedup run generates candidate pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CandidateMode {
-    /// Exact up to [`AUTO_EXACT_MAX_ROWS`] live rows or without an index; the index above.
+    /// Exact up to [`AUTO_EXACT_MAX_ROWS`] live rows; the run's candidate index above.
     Auto,
     /// Exact blocked GEMM threshold joins (complete; the ground-truth path).
     Exact,
-    /// The IVF index (falls back to exact when no index covers the snapshot).
+    /// The run's candidate index: the IVF partition probed by a pilot-chosen rule, or a brute-force sketch
+    /// join (also without a saved index).
     Index,
 }
 
 /// Resolves `Auto` into a concrete mode for this snapshot.
-pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot, ann: Option<&AnnSet>) -> CandidateMode {
-    let usable = ann.is_some_and(|a| a.covers(snap));
+pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot) -> CandidateMode {
     match mode {
-        CandidateMode::Auto if usable && snap.live() > AUTO_EXACT_MAX_ROWS => CandidateMode::Index,
+        CandidateMode::Auto if snap.live() > AUTO_EXACT_MAX_ROWS => CandidateMode::Index,
         CandidateMode::Auto => CandidateMode::Exact,
-        CandidateMode::Index if !usable => CandidateMode::Exact,
         m => m,
     }
 }
 
 /// Appends to `out` the candidate pairs `(earlier row, later row)` of modality `m` (schema position `mi`)
-/// whose later row is in `probes`: cosine at least `min_cos`, both templates present. `sketch` turns on the
-/// sign-sketch stages of the IVF join (indexed rows only); its pairs are also kept only if `accept`, and its
-/// work counters are added to `stats`. Pairs from the other paths are all returned. Returns how many of the
-/// appended pairs came from the index join.
+/// whose later row is in `probes`: cosine at least `min_cos`, both templates present, neither deleted.
+/// With `run` (index mode) they come from the run's candidate index, where `accept` also decides (the
+/// fused verdict inside the join), `sketch` filters products and the work counters go to `stats`;
+/// otherwise from an exact join (all returned). Returns how many of the appended pairs came from the
+/// index join.
 #[allow(clippy::too_many_arguments)]
 pub fn pairs_for_tile(
     snap: &Snapshot,
-    ann: Option<&AnnSet>,
-    mode: CandidateMode,
+    run: Option<&RunIndex>,
     m: Modality,
     mi: usize,
     probes: Range<usize>,
@@ -70,39 +66,15 @@ pub fn pairs_for_tile(
         return Ok(0);
     };
     let absent = |r: u32| !snap.is_present(m, r as usize) || snap.is_deleted(r as usize);
-    let mut joined = 0;
-    let indexed = match (mode, ann) {
-        (CandidateMode::Index, Some(a)) if a.covers(snap) => a.rows(),
-        _ => 0,
-    };
-    if let (Some(ann), true) = (ann, indexed > 0) {
-        // Both rows indexed.
-        let (pairs, st) = ann.join_rows(snap, mi, probes.clone(), min_cos, sketch, accept)?;
+    if let Some(run) = run.filter(|r| r.joins(mi)) {
+        let live_accept = |a: u32, b: u32, c: f32| !absent(a) && !absent(b) && accept(a, b, c);
+        let (pairs, st) = run.join(snap, mi, probes, min_cos, sketch.map(|s| s.cut), &live_accept)?;
         *stats = stats.add(&st);
-        joined = pairs.len();
-        out.extend(pairs.into_iter().map(|(a, b, _)| (a, b)));
-        // New rows against the indexed ones.
-        let new_probes = probes.start.max(indexed)..probes.end;
-        let found: Vec<(u32, u32)> = new_probes
-            .clone()
-            .into_par_iter()
-            .filter(|&p| !absent(p as u32))
-            .flat_map_iter(|p| {
-                ann.search(snap, mi, view.row(p), min_cos, NEW_ROW_NPROBE)
-                    .into_iter()
-                    .filter(|&(q, _)| (q as usize) < indexed && !absent(q))
-                    .map(move |(q, _)| (q, p as u32))
-            })
-            .collect();
-        out.extend(found);
-        // New rows against each other: exact.
-        if !new_probes.is_empty() {
-            exact_pairs(view, new_probes, indexed, min_cos, &absent, out)?;
-        }
-    } else {
-        exact_pairs(view, probes, 0, min_cos, &absent, out)?;
+        out.extend(pairs.iter().map(|&(a, b, _)| (a, b)));
+        return Ok(pairs.len());
     }
-    Ok(joined)
+    exact_pairs(view, probes, 0, min_cos, &absent, out)?;
+    Ok(0)
 }
 
 /// Exact pairs `(q, p)`: `p` in `probes`, `base_start ≤ q < p`, cosine ≥ `t`, neither absent.

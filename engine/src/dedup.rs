@@ -14,7 +14,10 @@
 //! from its last finished tile and produces the same output), and can be scheduled tile by tile elsewhere.
 
 use crate::annset::SketchFilter;
+use crate::audit::{Audit, AuditOptions, Recorder};
 use crate::candidates::{self, CandidateMode};
+use crate::identity::{RunIdentity, run_identity};
+use crate::policy::{FilterModel, ModalityPlan, RunIndex};
 use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
 use crate::store::Snapshot;
@@ -61,9 +64,24 @@ pub struct DedupOptions {
     pub sketch: Option<CutPolicy>,
     /// Index mode only: the share of genuine pairs (under the calibration's genuine models) that the
     /// per-modality candidate cosines may leave to chance, in exchange for higher cosines and a cheaper
-    /// multi-modal join ([`Calibration::candidate_cosines_relaxed`]). 0 keeps the complete budgets; exact
-    /// mode always does.
+    /// multi-modal join ([`Calibration::candidate_cosines_relaxed`]). 0 (the default) keeps the complete
+    /// budgets, which the completeness contract needs; exact mode always does. A relaxed run gives up
+    /// fused hits with middling evidence in every modality — its audit measures how many.
     pub genuine_miss: f64,
+    /// The completeness audit of index-mode runs ([`crate::audit`]).
+    #[serde(default)]
+    pub audit: AuditOptions,
+}
+
+/// The sketch cut policy of the contract: every cut is the complete one (a pair at the candidate cosine is
+/// dropped with probability ≤ 1e-6 per stage), whatever the impostor load.
+pub fn complete_cuts() -> CutPolicy {
+    CutPolicy {
+        impostor_budget: 1.0,
+        genuine_drop: 0.0,
+        genuine_drop_multimodal: 0.0,
+        ..CutPolicy::default()
+    }
 }
 
 impl Default for DedupOptions {
@@ -75,8 +93,9 @@ impl Default for DedupOptions {
             block_rows: 8192,
             report_floor: None,
             checkpoint_dir: None,
-            sketch: Some(CutPolicy::default()),
-            genuine_miss: 1e-4,
+            sketch: Some(complete_cuts()),
+            genuine_miss: 0.0,
+            audit: AuditOptions::default(),
         }
     }
 }
@@ -160,6 +179,21 @@ pub struct DedupSummary {
     pub records_per_second: f64,
     /// Histogram of reported calibrated scores: (bin lower edge, count), bins of 5 points.
     pub score_histogram: Vec<(f64, usize)>,
+    /// Per candidate modality, how the index path was chosen (index mode only).
+    #[serde(default)]
+    pub plans: Vec<ModalityPlan>,
+    /// Seconds spent planning and preparing the candidate index (pilots, re-probing, sketches).
+    #[serde(default)]
+    pub prepare_seconds: f64,
+    /// The completeness audit (index mode with auditing on).
+    #[serde(default)]
+    pub audit: Option<Audit>,
+    /// What the run was derived from.
+    #[serde(default)]
+    pub identity: RunIdentity,
+    /// Where the score models came from (`calibrate`, or fitted from the store for this run).
+    #[serde(default)]
+    pub calibration_source: String,
 }
 
 /// The result of a run: pairs sorted by (row_a, row_b), clusters, and a summary.
@@ -200,6 +234,8 @@ pub struct DedupContext<'a> {
 
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
 struct CheckpointKey {
+    version: String,
+    identity: RunIdentity,
     generation: u64,
     commit_seq: u64,
     threshold_bits: u64,
@@ -207,6 +243,7 @@ struct CheckpointKey {
     scope: DedupScope,
     mode: String,
     block_rows: usize,
+    audit: AuditOptions,
 }
 
 /// Runs a dedup over the snapshot in `ctx`.
@@ -232,7 +269,8 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             r
         }
     };
-    let mode = candidates::resolve_mode(opts.mode, snap, ctx.ann);
+    let mode = candidates::resolve_mode(opts.mode, snap);
+    let ann = ctx.ann.filter(|a| a.covers(snap));
     if !(0.0..1.0).contains(&opts.genuine_miss) {
         return Err(EngineError::InvalidArgument(format!(
             "genuine_miss {} is not in [0, 1)",
@@ -311,7 +349,10 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         .map(|s| s..(s + block_rows).min(rows))
         .collect();
 
+    let identity = run_identity(snap, ctx.calibration, ann);
     let key = CheckpointKey {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        identity: identity.clone(),
         generation: snap.generation(),
         commit_seq: snap.commit_seq(),
         threshold_bits: threshold.to_bits(),
@@ -319,13 +360,47 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         scope: opts.scope.clone(),
         mode: key_mode,
         block_rows,
+        audit: opts.audit.clone(),
     };
     let ckpt = match &opts.checkpoint_dir {
         Some(d) => Some(Checkpoint::open(d, &key)?),
         None => None,
     };
 
+    let filters: Vec<Option<FilterModel>> = cuts
+        .iter()
+        .map(|c| {
+            c.map(|(p, f)| FilterModel {
+                prefix_pass: p.impostor_pass,
+                full_pass: f.impostor_pass,
+            })
+        })
+        .collect();
+    // Index mode: plan each modality's candidate path on this store (pilots) and build the run's index.
+    let t_prep = Instant::now();
+    let run_index = match mode {
+        CandidateMode::Index => Some(RunIndex::prepare(snap, ann, &cand_cos, &filters, &|mi| match ann {
+            Some(a) => a.sketches(snap, mi),
+            None => Ok(std::sync::Arc::new(crate::annset::sketch_rows(snap, mi)?)),
+        })?),
+        _ => None,
+    };
+    let prepare_seconds = t_prep.elapsed().as_secs_f64();
+    // The audit's sample and what the candidate path reaches for it.
+    let audit_sample: Vec<u32> = match (&run_index, opts.audit.probes) {
+        (Some(_), k) if k > 0 => {
+            crate::audit::sample_rows(snap, first_probe..rows, k, opts.audit.seed)
+        }
+        _ => Vec::new(),
+    };
+    let recorder = (!audit_sample.is_empty())
+        .then(|| Recorder::new(&audit_sample, snap.schema().modalities.len()));
+
     let mut summary = DedupSummary {
+        plans: run_index.as_ref().map(RunIndex::plans).unwrap_or_default(),
+        calibration_source: ctx.calibration.source.clone(),
+        prepare_seconds,
+        identity,
         records: snap.live(),
         probes: rows - first_probe,
         mode: mode_label,
@@ -389,9 +464,10 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             None => {
                 let t = run_tile(
                     ctx,
+                    run_index.as_ref(),
+                    recorder.as_ref(),
                     &cand_cos,
                     &cuts,
-                    mode,
                     tile.clone(),
                     floor,
                     &mut summary,
@@ -402,6 +478,11 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                 t
             }
         };
+        if let Some(r) = &recorder {
+            for &(mi, a, b) in &out.reached {
+                r.note(mi as usize, a, b);
+            }
+        }
         summary.candidate_pairs += out.candidates;
         for (acc, st) in summary.join_stats.iter_mut().zip(&out.join_stats) {
             acc.1 = acc.1.add(st);
@@ -431,6 +512,25 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                 .collect()
         })
         .collect();
+    if let Some(rec) = &recorder {
+        // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between them
+        // and the run's cosines are never looked for, and count as missed.
+        let complete = ctx.calibration.candidate_cosines(floor);
+        let exact = crate::audit::exact_sample(snap, ctx.calibration, &audit_sample, floor, &complete)?;
+        let reported: std::collections::HashSet<(u32, u32)> =
+            pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
+        summary.audit = Some(crate::audit::assess(
+            snap,
+            &opts.audit,
+            &audit_sample,
+            rows - first_probe,
+            &exact,
+            &reported,
+            rec,
+            threshold,
+            floor,
+        ));
+    }
     summary.reported_pairs = pairs.len();
     summary.hits = hit_rows.len();
     summary.clusters = clusters.len();
@@ -454,13 +554,18 @@ struct TileOutput {
     #[serde(default)]
     join_stats: Vec<JoinStats>,
     pairs: Vec<DedupPair>,
+    /// Pairs `(modality, a, b)` the candidate path reached whose later row is in the audit sample.
+    #[serde(default)]
+    reached: Vec<(u8, u32, u32)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_tile(
     ctx: &DedupContext<'_>,
+    run: Option<&RunIndex>,
+    recorder: Option<&Recorder>,
     cand_cos: &[Option<f32>],
     cuts: &[Option<(CutChoice, CutChoice)>],
-    mode: CandidateMode,
     probes: Range<usize>,
     floor: f64,
     summary: &mut DedupSummary,
@@ -468,12 +573,7 @@ fn run_tile(
     let snap = ctx.snapshot;
     let t0 = Instant::now();
     let cal = ctx.calibration;
-    // The index join applies the fused verdict to its pairs as it finds them (candidates are not stored).
-    let accept = |a: u32, b: u32, _: f32| {
-        !snap.is_deleted(a as usize)
-            && !snap.is_deleted(b as usize)
-            && fused_rows(snap, cal, a as usize, b as usize).score >= floor
-    };
+    let reached = std::sync::Mutex::new(Vec::new());
     let mut cand: Vec<(u32, u32)> = Vec::new();
     let mut candidates = 0u64;
     let mut join_stats = vec![JoinStats::default(); snap.schema().modalities.len()];
@@ -481,11 +581,21 @@ fn run_tile(
         let Some(c) = cand_cos.get(mi).copied().flatten() else {
             continue;
         };
+        // The index join applies the fused verdict to its pairs as it finds them (candidates are not
+        // stored); every pair it reaches for an audited row is noted first.
+        let accept = |a: u32, b: u32, _: f32| {
+            if recorder.is_some_and(|r| r.sampled(b)) {
+                reached
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((mi as u8, a, b));
+            }
+            fused_rows(snap, cal, a as usize, b as usize).score >= floor
+        };
         let before = cand.len();
         let joined = candidates::pairs_for_tile(
             snap,
-            ctx.ann,
-            mode,
+            run,
             spec.modality,
             mi,
             probes.clone(),
@@ -501,7 +611,19 @@ fn run_tile(
             &mut join_stats[mi],
             &mut cand,
         )?;
-        // Pairs of the other paths are candidates; the index join counts those it rescored above `c`.
+        // The exact path's pairs are all reached candidates (the join noted its own in `accept`).
+        if joined == 0
+            && let Some(r) = recorder
+        {
+            let mut v = reached.lock().unwrap_or_else(|p| p.into_inner());
+            v.extend(
+                cand[before..]
+                    .iter()
+                    .filter(|p| r.sampled(p.1))
+                    .map(|&(a, b)| (mi as u8, a, b)),
+            );
+        }
+        // Pairs of the exact path are candidates; the index join counts those it rescored above `c`.
         candidates += (cand.len() - before - joined) as u64 + join_stats[mi].above;
     }
     cand.par_sort_unstable();
@@ -523,10 +645,13 @@ fn run_tile(
         })
         .collect();
     summary.scoring_seconds += t1.elapsed().as_secs_f64();
+    let mut reached = reached.into_inner().unwrap_or_else(|p| p.into_inner());
+    reached.sort_unstable();
     Ok(TileOutput {
         candidates,
         join_stats,
         pairs,
+        reached,
     })
 }
 

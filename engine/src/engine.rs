@@ -197,6 +197,29 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// The calibration a matching call uses: the saved one, or — on a store never calibrated — impostor
+    /// models fitted from the store itself now (default genuine models; kept in memory, not saved, and
+    /// named as such in the calibration's `source`), never the built-in guesses.
+    pub fn matching_calibration(&self, snap: &Snapshot) -> Result<Arc<Calibration>, EngineError> {
+        let cal = self.calibration();
+        if cal.source != "defaults" || snap.live() < 2 {
+            return Ok(cal);
+        }
+        tracing::warn!(
+            "the store has no calibration: fitting impostor models from the store itself (run `pacha calibrate` to keep them)"
+        );
+        let (mut fitted, _) = fit_calibration(snap, &cal, &CalibrateOptions::default())?;
+        fitted.source = format!(
+            "fitted from the store at match time (uncalibrated store; impostor models from {} live rows, default genuine models)",
+            snap.live()
+        );
+        let fitted = Arc::new(fitted);
+        if let Ok(mut c) = self.calibration.write() {
+            *c = fitted.clone();
+        }
+        Ok(fitted)
+    }
+
     fn ann(&self) -> Option<Arc<AnnSet>> {
         self.ann
             .read()
@@ -267,7 +290,7 @@ impl Engine {
         options: &IdentifyOptions<'_>,
     ) -> Result<IdentifyResult, EngineError> {
         let snap = self.snapshot();
-        let cal = self.calibration();
+        let cal = self.matching_calibration(&snap)?;
         let probe = Probe::new("probe", probe, snap.schema())?;
         if options.max_results == 0 {
             return Err(EngineError::InvalidArgument(
@@ -342,11 +365,7 @@ impl Engine {
             };
             let from = match &ann {
                 Some(a) if snap.live() > candidates::AUTO_EXACT_MAX_ROWS => {
-                    rows.extend(
-                        a.search(snap, mi, q, c, crate::annset::IDENTIFY_NPROBE)
-                            .into_iter()
-                            .map(|(r, _)| r as usize),
-                    );
+                    rows.extend(a.search(snap, mi, q, c)?.into_iter().map(|(r, _)| r as usize));
                     a.rows()
                 }
                 _ => 0,
@@ -420,7 +439,7 @@ impl Engine {
         cancel: Option<&AtomicBool>,
     ) -> Result<DedupResult, EngineError> {
         let snap = self.snapshot();
-        let cal = self.calibration();
+        let cal = self.matching_calibration(&snap)?;
         let ann = self.ann();
         let ctx = DedupContext {
             snapshot: &snap,

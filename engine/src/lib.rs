@@ -20,6 +20,7 @@
 //! ```
 
 pub mod annset;
+pub mod audit;
 pub mod candidates;
 pub mod cluster;
 pub mod dedup;
@@ -29,8 +30,10 @@ pub mod eval;
 pub mod evaluation;
 pub mod fsutil;
 pub mod fusion;
+pub mod identity;
 pub mod ingest;
 pub mod matcher;
+pub mod policy;
 pub mod runio;
 pub mod store;
 

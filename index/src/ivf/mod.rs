@@ -60,6 +60,9 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+mod probe;
+pub use probe::{ProbeRule, Reach};
+
 use crate::IndexError;
 use crate::kernels::{dot_f32, dot_i8, prefetch_row};
 use crate::quant::code_error_bound;
@@ -179,6 +182,8 @@ pub struct Ivf {
     single_home: bool,
     /// One-way visits (see [`IvfParams::one_way`]).
     one_way: bool,
+    /// Brute-force index ([`Ivf::brute`]): one list, a visitor is compared only with the members after it.
+    triangle: bool,
 }
 
 /// The i8 first stage of a sketched join's rescoring: the base's codes (same rows) and their
@@ -689,6 +694,7 @@ impl Ivf {
             vis_home: Vec::new(),
             single_home: true,
             one_way: params.one_way,
+            triangle: false,
         };
         ivf.derive_lists();
         Ok(ivf)
@@ -970,6 +976,18 @@ impl Ivf {
                 mem.partition_point(|&x| x < lo32),
                 mem.partition_point(|&x| x < hi32),
             );
+            if self.triangle {
+                // One list, each pair once: every member chunk in range × the visitors before its last member
+                // (the canonical test keeps visitor < member).
+                for mc in mem[m_lo..m_hi].chunks(MEM_TILE) {
+                    let Some(&last) = mc.last() else { continue };
+                    let v_end = vis.partition_point(|&x| x < last);
+                    for vs in (0..v_end).step_by(VIS_TILE) {
+                        units.push((j as u32, off + vs..off + (vs + VIS_TILE).min(v_end), mc));
+                    }
+                }
+                continue;
+            }
             // Visitors in range × members below hi; visitors below lo × members in range.
             for (v, m) in [(v_lo..v_hi, &mem[..m_hi]), (0..v_lo, &mem[m_lo..m_hi])] {
                 if v.is_empty() || m.is_empty() {
@@ -1484,6 +1502,7 @@ impl Ivf {
             vis_home: Vec::new(),
             single_home: true,
             one_way,
+            triangle: false,
         };
         if one_way && ivf.home.iter().any(|&h| h > 1) {
             return Err(bad("one-way visits with a row of several homes".into()));

@@ -1,0 +1,526 @@
+//! The candidate policy: how a run generates candidates, decided per run from measurements on the store.
+//!
+//! The one place where the engine decides the candidate path. For every modality that generates
+//! candidates at cosine `c` (see [`crate::fusion`]'s budgets), a **pilot** measures on this store what the
+//! IVF partition needs to reach the pairs at or above `c`:
+//! 1. a seeded sample of rows (independent of the audit's sample) is searched exactly (blocked GEMM)
+//!    against every row: the pairs found are *natural* pilot pairs (duplicates, look-alikes, relatives —
+//!    whatever this store holds near `c`);
+//! 2. when they are few (a store with little structure near the threshold, e.g. isotropic embeddings
+//!    where only true mates are close), *synthetic boundary pairs* are added: for a sampled row `x` and
+//!    another sampled store row `z`, `y = c·x + √(1−c²)·w` with `w` the unit part of `z` orthogonal to `x`,
+//!    a pair exactly at `c` whose difference points at real data;
+//! 3. for every pilot pair, [`Ivf::score_rows`] gives each side's rank and score gap of the other side's
+//!    home list ([`Reach`]); a [`ProbeRule`] reaches the pair if it makes either side probe the other's
+//!    home (two-way visits; one-way for identify, where only the query probes);
+//! 4. among rules `(min, margin)` the pilot keeps the cheapest that reaches **every** pilot pair, widened by
+//!    a safety slack, where the cost is the predicted sketch comparisons (each pilot row's probed lists'
+//!    member counts, scaled to the store), and compares it with a brute-force sketch join
+//!    (`N²/2` comparisons, [`Ivf::brute`]), which needs no partition at all. The cheaper wins.
+//!
+//! The pilot is a tuner, not the proof: every run's completeness audit ([`crate::audit`]) measures the
+//! result on an independent sample.
+
+use crate::store::Snapshot;
+use crate::{AnnSet, EngineError};
+use pacha_index::RowsF32;
+use pacha_index::ivf::{Ivf, JoinPair, JoinStats, ProbeRule, QuantStage, Reach};
+use pacha_index::quant::l1_bounds;
+use pacha_index::sketch::{Sketches, StagedCut};
+use std::ops::Range;
+use pacha_index::kernels::dot_f32;
+use pacha_index::rng::SplitMix;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Rows sampled by a pilot.
+pub const PILOT_ROWS: usize = 1500;
+/// Natural pilot pairs below which synthetic boundary pairs are added.
+pub const MIN_NATURAL_PAIRS: usize = 2000;
+/// Most natural pilot pairs kept (a seeded subsample beyond).
+pub const MAX_PILOT_PAIRS: usize = 40_000;
+/// Seed of pilot samples (distinct from the audit's).
+const PILOT_SEED: u64 = 0x9170_7e57;
+/// Relative widening of the margin the pilot pairs need.
+const MARGIN_SLACK: f32 = 0.15;
+/// Absolute widening of that margin.
+const MARGIN_PAD: f32 = 0.01;
+
+/// Seconds per sketch product of the packed first stage, both cores (measured: 1.95 G products/s with
+/// AVX-512, about half that with AVX2; BENCHMARKS.md).
+const SKETCH_PRODUCT_S: f64 = 0.8e-9;
+/// Seconds per second-stage (whole-sketch) test of a first-stage survivor.
+const STAGE2_S: f64 = 3e-9;
+/// Seconds per exact rescoring of a 512-d survivor (scattered f32 read, `dot_f32`, verdict), both cores.
+const RESCORE_S_512: f64 = 40e-9;
+/// Sustained f32 GEMM rate of the exact join on both cores (measured 150–176 GFLOP/s; BENCHMARKS.md).
+const GEMM_FLOPS: f64 = 130e9;
+
+/// The sketch filter of a modality's join: the predicted impostor pass share of each stage.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterModel {
+    /// Share of products passing the first (prefix) stage.
+    pub prefix_pass: f64,
+    /// Share of products passing both stages (rescored).
+    pub full_pass: f64,
+}
+
+/// Predicted seconds of a join of `products` sketch products (or, without a filter, GEMM products) of
+/// `d`-dimensional rows.
+fn join_seconds(products: f64, d: usize, filter: Option<FilterModel>) -> f64 {
+    match filter {
+        Some(f) => {
+            products
+                * (SKETCH_PRODUCT_S
+                    + f.prefix_pass * STAGE2_S
+                    + f.full_pass * RESCORE_S_512 * d as f64 / 512.0)
+        }
+        None => products * 2.0 * d as f64 / GEMM_FLOPS,
+    }
+}
+
+/// Which side of a pair probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Visits {
+    /// Either row may visit the other's home (the dedup self-join).
+    TwoWay,
+    /// Only the first row (a query) visits (identify).
+    OneWay,
+}
+
+/// How one modality's candidates are generated in a run, and the measurements behind the choice.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModalityPlan {
+    /// Modality key.
+    pub modality: String,
+    /// Candidate cosine of the run.
+    pub cosine: f32,
+    /// `"ivf"` (the partition, probed by `rule`), `"brute"` (every pair compared by sketch) or `"exact"`
+    /// (blocked GEMM over every pair: where the candidate cosine is too low for sketches to filter).
+    pub path: String,
+    /// Probe rule of the IVF path.
+    pub rule: Option<ProbeRule>,
+    /// Lists of the partition.
+    pub lists: usize,
+    /// Rows the pilot sampled.
+    pub pilot_rows: usize,
+    /// Pilot pairs found by exact search.
+    pub natural_pairs: usize,
+    /// Synthetic boundary pairs added.
+    pub synthetic_pairs: usize,
+    /// Mean lists probed per row (pilot rows, chosen rule).
+    pub mean_probes: f64,
+    /// Predicted sketch comparisons of the IVF path over the run's rows.
+    pub predicted_products: f64,
+    /// Sketch comparisons of the brute-force path.
+    pub brute_products: f64,
+    /// Predicted seconds of each path considered: `(path, seconds)`.
+    #[serde(default)]
+    pub predicted_seconds: Vec<(String, f64)>,
+    /// Seconds the pilot took.
+    pub seconds: f64,
+}
+
+/// A pilot pair's requirement: the reach of each direction (`None` where that side does not probe).
+struct Need {
+    fwd: Reach,
+    back: Option<Reach>,
+}
+
+/// Plans modality `mi` (schema position) of `snap` for a join at cosine `c` over rows `0..snap.rows()`,
+/// against the partition `ivf` (the saved index's centroids; rows need not be indexed).
+pub fn plan_modality(
+    snap: &Snapshot,
+    ivf: &Ivf,
+    mi: usize,
+    c: f32,
+    visits: Visits,
+    filter: Option<FilterModel>,
+) -> Result<ModalityPlan, EngineError> {
+    let t0 = Instant::now();
+    let spec = &snap.schema().modalities[mi];
+    let m = spec.modality;
+    let d = spec.dim;
+    let view = snap
+        .f32_rows(m)
+        .ok_or_else(|| EngineError::InvalidArgument(format!("no {m} rows in the store")))?;
+    let live = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
+    let present: Vec<u32> = (0..snap.rows())
+        .filter(|&r| live(r))
+        .map(|r| r as u32)
+        .collect();
+    let n = present.len();
+    let lists = ivf.lists();
+    let brute_products = n as f64 * n.saturating_sub(1) as f64 / 2.0;
+    let mut plan = ModalityPlan {
+        modality: m.key(),
+        cosine: c,
+        path: "brute".into(),
+        rule: None,
+        lists,
+        pilot_rows: 0,
+        natural_pairs: 0,
+        synthetic_pairs: 0,
+        mean_probes: 0.0,
+        predicted_products: brute_products,
+        brute_products,
+        predicted_seconds: Vec::new(),
+        seconds: 0.0,
+    };
+    choose_without_partition(&mut plan, d, filter);
+    if n < 2 || lists < 2 {
+        plan.seconds = t0.elapsed().as_secs_f64();
+        return Ok(plan);
+    }
+    // 1. The pilot sample and its exact pairs.
+    let mut pool = present.clone();
+    let k = PILOT_ROWS.min(n);
+    SplitMix(PILOT_SEED ^ mi as u64).shuffle_prefix(&mut pool, k);
+    let mut pilot: Vec<u32> = pool[..k].to_vec();
+    pilot.sort_unstable();
+    let mut dense = Vec::with_capacity(k * d);
+    for &r in &pilot {
+        dense.extend_from_slice(view.row(r as usize));
+    }
+    let probe = RowsF32::dense(&dense, d)?;
+    let skip = |q: u32| !live(q as usize);
+    let mut pairs: Vec<(usize, u32)> =
+        pacha_index::exact::threshold_join(probe, view, c - 1e-4, None, Some(&skip))?
+            .into_iter()
+            .filter(|p| pilot[p.a as usize] != p.b)
+            .filter(|p| dot_f32(view.row(pilot[p.a as usize] as usize), view.row(p.b as usize)) >= c)
+            .map(|p| (p.a as usize, p.b))
+            .collect();
+    if pairs.len() > MAX_PILOT_PAIRS {
+        SplitMix(PILOT_SEED ^ 0x5a5a).shuffle_prefix(&mut pairs, MAX_PILOT_PAIRS);
+        pairs.truncate(MAX_PILOT_PAIRS);
+    }
+    plan.pilot_rows = k;
+    plan.natural_pairs = pairs.len();
+
+    // 2. Scores of the pilot rows against every list.
+    let mut pilot_scores = Vec::new();
+    let pilot_homes = ivf.homes_and_scores(&dense, k, &mut pilot_scores);
+    let srow = |s: &[f32], i: usize| -> Vec<f32> { s[i * lists..(i + 1) * lists].to_vec() };
+
+    // Partner vectors: natural partners, then synthetic boundary points.
+    let mut partner = Vec::with_capacity(pairs.len() * d);
+    for &(_, q) in &pairs {
+        partner.extend_from_slice(view.row(q as usize));
+    }
+    let mut owners: Vec<usize> = pairs.iter().map(|p| p.0).collect();
+    if pairs.len() < MIN_NATURAL_PAIRS {
+        let mut rng = SplitMix(PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64);
+        let s = (1.0 - f64::from(c).powi(2)).max(0.0).sqrt() as f32;
+        for (i, &x) in pilot.iter().enumerate() {
+            let xv = view.row(x as usize);
+            // Another live row, as the direction the synthetic partner leans to.
+            let z = present[(rng.next_u64() % n as u64) as usize];
+            if z == x {
+                continue;
+            }
+            let zv = view.row(z as usize);
+            let proj = dot_f32(xv, zv);
+            let mut w: Vec<f32> = zv.iter().zip(xv).map(|(&a, &b)| a - proj * b).collect();
+            let norm = dot_f32(&w, &w).sqrt();
+            if !(norm > 1e-3) {
+                continue;
+            }
+            for v in &mut w {
+                *v /= norm;
+            }
+            partner.extend(xv.iter().zip(&w).map(|(&a, &b)| c * a + s * b));
+            owners.push(i);
+            plan.synthetic_pairs += 1;
+        }
+    }
+    let np = owners.len();
+    let mut partner_scores = Vec::new();
+    let partner_homes = ivf.homes_and_scores(&partner, np, &mut partner_scores);
+    drop(partner);
+
+    // 3. What each pair needs.
+    let needs: Vec<Need> = (0..np)
+        .map(|p| {
+            let i = owners[p];
+            let xs = &pilot_scores[i * lists..(i + 1) * lists];
+            let ys = &partner_scores[p * lists..(p + 1) * lists];
+            Need {
+                fwd: Reach::of(xs, partner_homes[p] as usize),
+                back: match visits {
+                    Visits::TwoWay => Some(Reach::of(ys, pilot_homes[i] as usize)),
+                    Visits::OneWay => None,
+                },
+            }
+        })
+        .collect();
+    drop(partner_scores);
+
+    // 4. Cost per pilot row as a function of lists probed: cumulative member counts, best list first.
+    let members = ivf.member_counts();
+    let indexed: usize = members.iter().sum();
+    let scale = n as f64 / indexed.max(1) as f64;
+    let sorted_rows: Vec<(Vec<f32>, Vec<f64>)> = (0..k)
+        .map(|i| {
+            let s = srow(&pilot_scores, i);
+            let mut order: Vec<usize> = (0..lists).collect();
+            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+            let mut cum = Vec::with_capacity(lists + 1);
+            cum.push(0.0);
+            let mut acc = 0.0;
+            for &j in &order {
+                acc += members[j] as f64 * scale;
+                cum.push(acc);
+            }
+            (order.iter().map(|&j| s[j]).collect(), cum)
+        })
+        .collect();
+    let cost = |rule: &ProbeRule| -> (f64, f64) {
+        let (mut products, mut probes) = (0.0, 0.0);
+        for (sorted, cum) in &sorted_rows {
+            let cnt = rule.count(sorted);
+            products += cum[cnt];
+            probes += cnt as f64;
+        }
+        (products / k as f64 * n as f64, probes / k as f64)
+    };
+    let reached = |need: &Need, rule: &ProbeRule| {
+        rule.reaches(need.fwd.rank, need.fwd.gap)
+            || need.back.is_some_and(|b| rule.reaches(b.rank, b.gap))
+    };
+    let mut grid: Vec<usize> = [
+        1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384,
+        512, 768, 1024, 1536, 2048, 3072, 4096,
+    ]
+    .into_iter()
+    .filter(|&g| g < lists)
+    .collect();
+    grid.push(lists);
+    let mut best: Option<(f64, f64, ProbeRule)> = None;
+    for &min in &grid {
+        // The margin that reaches every pair `min` alone does not.
+        let need = needs
+            .iter()
+            .filter(|nd| !reached(nd, &ProbeRule::fixed(min)))
+            .map(|nd| {
+                let f = nd.fwd.gap;
+                nd.back.map_or(f, |b| f.min(b.gap))
+            })
+            .fold(None::<f32>, |a, g| Some(a.map_or(g, |a| a.max(g))));
+        let margin = need.map_or(0.0, |g| g * (1.0 + MARGIN_SLACK) + MARGIN_PAD);
+        let rule = ProbeRule {
+            min,
+            margin,
+            max: lists,
+        };
+        let (products, probes) = cost(&rule);
+        if best.as_ref().is_none_or(|b| products < b.0) {
+            best = Some((products, probes, rule));
+        }
+    }
+    if let Some((products, probes, rule)) = best {
+        // The partition's products are nearer pairs than random ones: its survivors are at least as
+        // many per product as a brute-force join's.
+        let secs = join_seconds(products, d, filter);
+        plan.predicted_seconds.push(("ivf".into(), secs));
+        let best_other = plan
+            .predicted_seconds
+            .iter()
+            .filter(|p| p.0 != "ivf")
+            .map(|p| p.1)
+            .fold(f64::INFINITY, f64::min);
+        if secs < best_other {
+            plan.path = "ivf".into();
+            plan.rule = Some(rule);
+            plan.mean_probes = probes;
+            plan.predicted_products = products;
+        }
+    }
+    plan.seconds = t0.elapsed().as_secs_f64();
+    Ok(plan)
+}
+
+/// Sets `plan` to the cheaper of the two paths that need no partition — the brute-force sketch join
+/// (with a filter) and the exact GEMM join — and records both predictions.
+fn choose_without_partition(plan: &mut ModalityPlan, d: usize, filter: Option<FilterModel>) {
+    let pairs = plan.brute_products;
+    let exact = join_seconds(pairs, d, None);
+    plan.predicted_seconds.push(("exact".into(), exact));
+    let brute = filter.map(|f| join_seconds(pairs, d, Some(f)));
+    if let Some(b) = brute {
+        plan.predicted_seconds.push(("brute".into(), b));
+    }
+    plan.path = if brute.is_some_and(|b| b < exact) {
+        "brute".into()
+    } else {
+        "exact".into()
+    };
+    plan.rule = None;
+    plan.predicted_products = pairs;
+}
+
+/// One modality's candidate structure for a run: the partition re-probed over every row of the snapshot
+/// (or the brute-force one-list index), its rows' sign sketches and, past RAM, the i8 rescoring stage.
+pub struct RunModality {
+    /// The run's partition (`None`: the exact path).
+    pub ivf: Option<Ivf>,
+    /// Sign sketches of every row of the snapshot (`None`: the exact path, or no filter).
+    pub sketches: Option<std::sync::Arc<Sketches>>,
+    /// L1 bounds of the rows' i8 codes (past RAM only).
+    pub l1: Option<Vec<f32>>,
+    /// How it was chosen.
+    pub plan: ModalityPlan,
+}
+
+/// The candidate structures of one run, per schema modality (`None`: the modality generates no candidates).
+pub struct RunIndex {
+    /// Per schema position.
+    pub modalities: Vec<Option<RunModality>>,
+}
+
+impl RunIndex {
+    /// Plans and builds the run's candidate structures for joins at `cosines` over every row of `snap`:
+    /// per modality, a pilot against the saved partition (when `ann` has one) picks a probe rule or the
+    /// brute-force sketch join; `sketches` computes (or fetches) every row's sign sketch.
+    pub fn prepare(
+        snap: &Snapshot,
+        ann: Option<&AnnSet>,
+        cosines: &[Option<f32>],
+        filters: &[Option<FilterModel>],
+        sketches: &dyn Fn(usize) -> Result<std::sync::Arc<Sketches>, EngineError>,
+    ) -> Result<RunIndex, EngineError> {
+        let mut out = Vec::with_capacity(cosines.len());
+        for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+            let Some(c) = cosines.get(mi).copied().flatten() else {
+                out.push(None);
+                continue;
+            };
+            let m = spec.modality;
+            let Some(view) = snap.f32_rows(m) else {
+                out.push(None);
+                continue;
+            };
+            let live = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
+            let saved = ann.and_then(|a| a.ivf(mi));
+            let filter = filters.get(mi).copied().flatten();
+            let plan = match saved {
+                Some(ivf) => plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter)?,
+                None => {
+                    let n = (0..snap.rows()).filter(|&r| live(r)).count() as f64;
+                    let mut plan = ModalityPlan {
+                        modality: m.key(),
+                        cosine: c,
+                        path: String::new(),
+                        rule: None,
+                        lists: 1,
+                        pilot_rows: 0,
+                        natural_pairs: 0,
+                        synthetic_pairs: 0,
+                        mean_probes: 1.0,
+                        predicted_products: 0.0,
+                        brute_products: n * (n - 1.0).max(0.0) / 2.0,
+                        predicted_seconds: Vec::new(),
+                        seconds: 0.0,
+                    };
+                    choose_without_partition(&mut plan, spec.dim, filter);
+                    plan
+                }
+            };
+            let ivf = match (saved, plan.rule, plan.path.as_str()) {
+                (Some(saved), Some(rule), "ivf") => {
+                    Some(saved.reprobe(view, &live, rule, &snap.f32_pager(m))?)
+                }
+                (_, _, "brute") => Some(Ivf::brute(snap.rows(), spec.dim, &live)?),
+                _ => None,
+            };
+            let l1 = match (snap.past_ram(), snap.i8_rows(m)) {
+                (true, Some(codes)) => Some(l1_bounds(codes)),
+                _ => None,
+            };
+            tracing::info!(
+                "{}: candidate path {} at cosine {c:.4} (rule {:?}, {:.3e} predicted products, pilot {} natural + {} synthetic pairs, {:.2} s)",
+                plan.modality,
+                plan.path,
+                plan.rule,
+                plan.predicted_products,
+                plan.natural_pairs,
+                plan.synthetic_pairs,
+                plan.seconds
+            );
+            let sketches = match (&ivf, filter) {
+                (Some(_), Some(_)) => Some(sketches(mi)?),
+                _ => None,
+            };
+            out.push(Some(RunModality {
+                ivf,
+                sketches,
+                l1,
+                plan,
+            }));
+        }
+        Ok(RunIndex { modalities: out })
+    }
+
+    /// The plans, per schema modality.
+    pub fn plans(&self) -> Vec<ModalityPlan> {
+        self.modalities
+            .iter()
+            .flatten()
+            .map(|m| m.plan.clone())
+            .collect()
+    }
+
+    /// True iff modality `mi` runs a join of this index (false: the exact path or no candidates).
+    pub fn joins(&self, mi: usize) -> bool {
+        matches!(self.modalities.get(mi), Some(Some(rm)) if rm.ivf.is_some())
+    }
+
+    /// Pairs `(q, p, cosine)`, `q < p`, `p` in `probes`, both live and present, cosine ≥ `t`, that the
+    /// run's candidate path of modality `mi` reaches and `accept` keeps. With `cut`, products are filtered
+    /// by sign sketch (rescored exactly); without, scored by f32 GEMM.
+    pub fn join(
+        &self,
+        snap: &Snapshot,
+        mi: usize,
+        probes: Range<usize>,
+        t: f32,
+        cut: Option<StagedCut>,
+        accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
+    ) -> Result<(Vec<JoinPair>, JoinStats), EngineError> {
+        let (Some(Some(rm)), Some(view)) = (
+            self.modalities.get(mi),
+            snap.f32_rows(snap.schema().modalities[mi].modality),
+        ) else {
+            return Ok((Vec::new(), JoinStats::default()));
+        };
+        let Some(ivf) = &rm.ivf else {
+            return Ok((Vec::new(), JoinStats::default()));
+        };
+        match (cut, &rm.sketches) {
+            (Some(cut), Some(sketches)) => {
+                let quant = match (&rm.l1, snap.i8_rows(snap.schema().modalities[mi].modality)) {
+                    (Some(l1), Some(codes)) => Some(QuantStage::new(codes, l1)?),
+                    _ => None,
+                };
+                Ok(ivf.self_join_rows_sketched_with(
+                    view,
+                    sketches,
+                    quant,
+                    probes,
+                    t,
+                    cut,
+                    accept,
+                )?)
+            }
+            _ => {
+                let mut pairs = ivf.self_join_rows(view, probes, t)?;
+                let stats = JoinStats {
+                    above: pairs.len() as u64,
+                    ..JoinStats::default()
+                };
+                pairs.retain(|&(a, b, s)| accept(a, b, s));
+                Ok((pairs, stats))
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Run-time probing: which lists every row visits in one join, chosen per run from measurements.
+//!
+//! A saved index holds centroids and a build-time probe table of fixed depth. A threshold join needs a
+//! depth that depends on the threshold and on the data (pairs near a low threshold sit in lists far
+//! apart), so a run re-derives the table with a [`ProbeRule`] chosen for it ([`Ivf::reprobe`]): every row
+//! probes its `min` best lists and every further list whose score is within `margin` of its best, up to
+//! `max` — boundary rows (several lists nearly as good as their best) probe more, well-placed rows fewer.
+//! [`Ivf::pair_requirement`] gives, for a pair, what a rule needs to reach it, so that a pilot on sampled
+//! pairs can choose the cheapest rule that reaches all of them. [`Ivf::brute`] is the degenerate index
+//! (one list holding every row) for data that gives a partition no leverage: its join compares every pair
+//! once, by sketch.
+
+use super::{
+    ASSIGN_BATCH, ASSIGN_TILE, AssignedChunk, Ivf, check_base, check_finite, gather, gemm, top_select,
+};
+use crate::IndexError;
+use crate::kernels::dot_f32;
+use crate::view::{RowPager, RowsF32, stream_batches};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How rows choose their probe lists for one join: the `min` best lists, plus every list scoring within
+/// `margin` of the row's best, at most `max` lists.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeRule {
+    /// Lists every row probes (its best first).
+    pub min: usize,
+    /// Score margin below a row's best within which it also probes a list.
+    pub margin: f32,
+    /// Most lists a row probes.
+    pub max: usize,
+}
+
+impl ProbeRule {
+    /// A fixed depth: every row probes its `p` best lists.
+    pub fn fixed(p: usize) -> Self {
+        ProbeRule {
+            min: p,
+            margin: 0.0,
+            max: p,
+        }
+    }
+
+    /// Lists probed by a row whose scores, sorted descending, are `sorted` (all of the index's lists).
+    pub fn count(&self, sorted: &[f32]) -> usize {
+        let Some(&best) = sorted.first() else {
+            return 0;
+        };
+        let within = sorted.partition_point(|&s| s >= best - self.margin);
+        within.max(self.min).min(self.max).min(sorted.len()).max(1)
+    }
+
+    /// True iff a row probes the list it ranks `rank` (0 = best) with a score `gap` below its best.
+    pub fn reaches(&self, rank: usize, gap: f32) -> bool {
+        rank < self.min.min(self.max) || (gap <= self.margin && rank < self.max)
+    }
+}
+
+/// What a probe rule needs to reach a list from a row: the list's rank among the row's lists (0 = best,
+/// ties by list id) and how far its score is below the row's best.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reach {
+    /// Rank of the list.
+    pub rank: usize,
+    /// Best score minus the list's score (≥ 0).
+    pub gap: f32,
+}
+
+impl Reach {
+    /// The reach of list `j` from a row with `scores` (one per list).
+    pub fn of(scores: &[f32], j: usize) -> Reach {
+        let sj = scores[j];
+        let mut rank = 0;
+        let mut best = f32::NEG_INFINITY;
+        for (k, &s) in scores.iter().enumerate() {
+            if s > sj || (s == sj && k < j) {
+                rank += 1;
+            }
+            best = best.max(s);
+        }
+        Reach {
+            rank,
+            gap: best - sj,
+        }
+    }
+}
+
+impl Ivf {
+    /// Scores of `n` dense rows (`rows`, `n × dim`) for every list (`out`, `n × lists`): the cosine of the
+    /// row (centred on the index's mean if it has one) with each centroid — the assignment's ranking key
+    /// on the assignment's scale, so margins are comparable across rows.
+    pub fn score_rows(&self, rows: &[f32], n: usize, out: &mut Vec<f32>) {
+        let (c, d) = (self.lists, self.dim);
+        gemm(rows, n, &self.centroids, c, d, out);
+        if self.mean.is_empty() {
+            return;
+        }
+        let mm = dot_f32(&self.mean, &self.mean);
+        for i in 0..n {
+            let x = &rows[i * d..(i + 1) * d];
+            let (xx, xm) = (dot_f32(x, x), dot_f32(x, &self.mean));
+            let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
+            let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+            for (v, &b) in out[i * c..(i + 1) * c].iter_mut().zip(&self.bias) {
+                *v = (*v - b) * inv;
+            }
+        }
+    }
+
+    /// The centroids (`lists × dim`, row-major): the partition's identity.
+    pub fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+
+    /// Members per list (the join's work per visit).
+    pub fn member_counts(&self) -> Vec<usize> {
+        (0..self.lists).map(|j| self.members(j).len()).collect()
+    }
+
+    /// A copy of this index's partition over every row of `base` (which may hold more rows than the index
+    /// was built on: rows enrolled since get a home in their best list, as the built ones have) in which
+    /// each present row has one home, its best list, and probes the lists `rule` gives it. `pager` streams
+    /// the rows as in [`Ivf::build_streaming`].
+    pub fn reprobe(
+        &self,
+        base: RowsF32<'_>,
+        present: &(dyn Fn(usize) -> bool + Sync),
+        rule: ProbeRule,
+        pager: &dyn RowPager,
+    ) -> Result<Ivf, IndexError> {
+        check_base(&base)?;
+        if base.dim() != self.dim {
+            return Err(IndexError::Dim {
+                expected: self.dim,
+                got: base.dim(),
+            });
+        }
+        if rule.min == 0 || rule.max < rule.min || rule.margin.is_nan() || rule.margin < 0.0 {
+            return Err(IndexError::Shape(format!("invalid probe rule {rule:?}")));
+        }
+        let (n, d, c) = (base.rows(), self.dim, self.lists);
+        let ids: Vec<u32> = (0..n).filter(|&i| present(i)).map(|i| i as u32).collect();
+        let mut home = vec![0u8; n];
+        let mut probe_off = vec![0usize; n + 1];
+        let mut probe: Vec<u32> = Vec::new();
+        let mut widest = 0usize;
+        stream_batches(
+            &ids,
+            ASSIGN_BATCH,
+            |i| i as usize,
+            pager,
+            |_, batch| {
+                let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
+                let results: Vec<Result<AssignedChunk, IndexError>> = chunks
+                    .par_iter()
+                    .map_init(
+                        || (Vec::new(), Vec::new(), Vec::new()),
+                        |(rows, buf, top), chunk| {
+                            gather(base, chunk, rows);
+                            check_finite(rows, chunk, d)?;
+                            self.score_rows(rows, chunk.len(), buf);
+                            let mut out = AssignedChunk::default();
+                            for i in 0..chunk.len() {
+                                let scores = &buf[i * c..(i + 1) * c];
+                                let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                                let within =
+                                    scores.iter().filter(|&&s| s >= best - rule.margin).count();
+                                let k = within.max(rule.min).min(rule.max).clamp(1, c);
+                                top_select(scores, k, top);
+                                out.homes.push(1);
+                                out.counts.push(top.len());
+                                out.lists.extend(top.iter().map(|t| t.1));
+                            }
+                            Ok(out)
+                        },
+                    )
+                    .collect();
+                for (chunk, res) in chunks.iter().zip(results) {
+                    let res = res?;
+                    for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
+                        home[i as usize] = h;
+                        probe_off[i as usize + 1] = k;
+                        widest = widest.max(k);
+                    }
+                    probe.extend_from_slice(&res.lists);
+                }
+                Ok(())
+            },
+        )?;
+        for i in 0..n {
+            probe_off[i + 1] += probe_off[i];
+        }
+        probe.shrink_to_fit();
+        let mut ivf = Ivf {
+            dim: d,
+            rows: n,
+            lists: c,
+            probes: widest,
+            centroids: self.centroids.clone(),
+            mean: self.mean.clone(),
+            bias: self.bias.clone(),
+            home,
+            probe_off,
+            probe,
+            mem_off: Vec::new(),
+            members: Vec::new(),
+            vis_off: Vec::new(),
+            visitors: Vec::new(),
+            vis_home: Vec::new(),
+            single_home: true,
+            one_way: false,
+            triangle: false,
+        };
+        ivf.derive_lists();
+        Ok(ivf)
+    }
+
+    /// The degenerate index over `rows` rows of dimension `dim`: one list holding every present row. Its
+    /// join compares every pair exactly once (a visitor only with the members after it), so with a sketch
+    /// filter it is a brute-force sketch join: complete up to the sketch cut, at `N²/2` products.
+    pub fn brute(
+        rows: usize,
+        dim: usize,
+        present: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Result<Ivf, IndexError> {
+        if rows > u32::MAX as usize {
+            return Err(IndexError::Shape(format!(
+                "{rows} rows exceed the u32 row-id range"
+            )));
+        }
+        let home: Vec<u8> = (0..rows).map(|i| u8::from(present(i))).collect();
+        let mut probe_off = vec![0usize; rows + 1];
+        for i in 0..rows {
+            probe_off[i + 1] = probe_off[i] + usize::from(home[i]);
+        }
+        let probe = vec![0u32; probe_off[rows]];
+        let mut ivf = Ivf {
+            dim,
+            rows,
+            lists: 1,
+            probes: 1,
+            centroids: vec![0.0; dim],
+            mean: Vec::new(),
+            bias: Vec::new(),
+            home,
+            probe_off,
+            probe,
+            mem_off: Vec::new(),
+            members: Vec::new(),
+            vis_off: Vec::new(),
+            visitors: Vec::new(),
+            vis_home: Vec::new(),
+            single_home: true,
+            one_way: false,
+            triangle: true,
+        };
+        ivf.derive_lists();
+        Ok(ivf)
+    }
+
+    /// 1:N search by rule: rows with exact score ≥ `t` among the members of the lists `rule` gives the
+    /// query, sorted by (score desc, row asc). A query of the wrong dimension or with NaN finds nothing.
+    pub fn search_rule(
+        &self,
+        base: RowsF32<'_>,
+        query: &[f32],
+        t: f32,
+        rule: ProbeRule,
+    ) -> Vec<(u32, f32)> {
+        if query.len() != self.dim
+            || base.dim() != self.dim
+            || base.rows() != self.rows
+            || t.is_nan()
+        {
+            return Vec::new();
+        }
+        let mut scores = Vec::new();
+        self.score_rows(query, 1, &mut scores);
+        scores.truncate(self.lists);
+        if scores.iter().any(|s| s.is_nan()) {
+            return Vec::new();
+        }
+        let mut sorted = scores.clone();
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        let k = rule.count(&sorted);
+        let mut top = Vec::new();
+        top_select(&scores, k, &mut top);
+        let mut out: Vec<(u32, f32)> = top
+            .iter()
+            .flat_map(|&(_, j)| self.members(j as usize).iter().copied())
+            .filter_map(|r| {
+                let s = dot_f32(query, base.row(r as usize));
+                (s >= t).then_some((r, s))
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.dedup_by_key(|p| p.0);
+        out
+    }
+
+    /// True for [`Ivf::brute`] indexes.
+    pub fn is_brute(&self) -> bool {
+        self.triangle
+    }
+
+    /// Home list of each of `n` dense rows (`rows`) and the full score vectors (`n × lists`, kept in
+    /// `scores`): for pilots that measure what a rule needs.
+    pub fn homes_and_scores(&self, rows: &[f32], n: usize, scores: &mut Vec<f32>) -> Vec<u32> {
+        let c = self.lists;
+        scores.clear();
+        scores.resize(n * c, 0.0);
+        let d = self.dim;
+        scores
+            .par_chunks_mut(ASSIGN_TILE * c)
+            .zip(rows.par_chunks(ASSIGN_TILE * d))
+            .for_each_init(Vec::new, |buf, (out, rs)| {
+                let m = rs.len() / d;
+                self.score_rows(rs, m, buf);
+                out.copy_from_slice(&buf[..m * c]);
+            });
+        scores
+            .chunks_exact(c)
+            .map(|s| {
+                let mut best = (0u32, f32::NEG_INFINITY);
+                for (j, &v) in s.iter().enumerate() {
+                    if v > best.1 {
+                        best = (j as u32, v);
+                    }
+                }
+                best.0
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_count_and_reach_agree() {
+        let sorted = [0.9f32, 0.88, 0.85, 0.7, 0.6, 0.1];
+        let r = ProbeRule {
+            min: 2,
+            margin: 0.06,
+            max: 5,
+        };
+        assert_eq!(r.count(&sorted), 3);
+        for (rank, &s) in sorted.iter().enumerate() {
+            assert_eq!(r.reaches(rank, 0.9 - s), rank < 3, "rank {rank}");
+        }
+        assert_eq!(ProbeRule::fixed(4).count(&sorted), 4);
+        let wide = ProbeRule {
+            min: 1,
+            margin: 1.0,
+            max: 4,
+        };
+        assert_eq!(wide.count(&sorted), 4);
+        assert!(!wide.reaches(4, 0.3));
+    }
+
+    #[test]
+    fn reach_ranks_ties_by_list_id() {
+        let scores = [0.5f32, 0.7, 0.5, 0.9];
+        assert_eq!(Reach::of(&scores, 3).rank, 0);
+        assert_eq!(Reach::of(&scores, 0).rank, 2);
+        assert_eq!(Reach::of(&scores, 2).rank, 3);
+        assert!((Reach::of(&scores, 2).gap - 0.4).abs() < 1e-6);
+    }
+}
