@@ -228,6 +228,12 @@ fn open(store: &Path) -> anyhow::Result<Engine> {
     Engine::open(store).with_context(|| format!("opening store {}", store.display()))
 }
 
+/// Opens the store for a command that only reads it: no lock, runs beside a writer (see `Store::open_read_only`).
+fn open_read_only(store: &Path) -> anyhow::Result<Engine> {
+    Engine::open_read_only(store)
+        .with_context(|| format!("opening store {} read-only", store.display()))
+}
+
 fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open(&a.store)?;
     let truth = match &a.truth {
@@ -264,7 +270,7 @@ fn mode_of(m: ModeArg) -> CandidateMode {
 }
 
 fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
-    let engine = open(&a.store)?;
+    let engine = open_read_only(&a.store)?;
     let opts = DedupOptions {
         target_fpir: a.target_fpir,
         scope: a
@@ -402,7 +408,7 @@ pub fn run_dedup(
 }
 
 fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
-    let engine = open(&a.store)?;
+    let engine = open_read_only(&a.store)?;
     let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
     let probes = pacha_engine::ingest::read_probes(&files, &a.rows).context("reading probes")?;
     let gallery = (!a.gallery.is_empty()).then_some(a.gallery.as_slice());
@@ -447,7 +453,7 @@ fn cosines(c: &pacha_engine::matcher::Comparison) -> String {
 }
 
 fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
-    let engine = open(&a.store)?;
+    let engine = open_read_only(&a.store)?;
     let r = engine.verify(&a.a, &a.b, Some(a.threshold))?;
     ui.out(format!(
         "{} vs {}: score {:.1} ({}) -> {}",
@@ -486,7 +492,7 @@ fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
 }
 
 fn eval(a: &crate::EvalArgs, ui: Ui) -> Result<(), Failure> {
-    let engine = open(&a.store)?;
+    let engine = open_read_only(&a.store)?;
     let report = evaluate(&engine, &a.run, &a.truth, a.impostor_pairs)?;
     let out = a.out.clone().unwrap_or_else(|| a.run.join("eval.json"));
     let bytes = serde_json::to_vec_pretty(&report)?;
@@ -548,7 +554,7 @@ fn report(a: &crate::ReportArgs, ui: Ui) -> Result<(), Failure> {
 }
 
 fn info(store: &Path, ui: Ui) -> Result<(), Failure> {
-    let engine = open(store)?;
+    let engine = open_read_only(store)?;
     let info = engine.info();
     let size: u64 = walk_size(store);
     ui.out(format!("store       {}", info.dir.display()));

@@ -2,6 +2,10 @@
 //!
 //! Exit codes: 0 success; 1 the command ran and found what it was asked to look for (`check` found
 //! corruption); 2 usage or input error.
+//!
+//! Store access: `info`, `verify`, `identify`, `dedup`, `eval` and `check` only read the store (no lock, nothing
+//! written into it: they run beside each other, beside a writer, and on a read-only mount); `ingest`, `index`,
+//! `calibrate` and `delete` take the store's writer lock and are refused (exit 2) while another writer runs.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod commands;

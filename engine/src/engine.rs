@@ -149,7 +149,19 @@ impl Engine {
 
     /// Opens an existing registry: validates the store, loads the calibration and the ANN index if present.
     pub fn open(dir: &Path) -> Result<Engine, EngineError> {
-        let store = Store::open(dir)?;
+        Engine::with_store(Store::open(dir)?)
+    }
+
+    /// Opens an existing registry read-only ([`Store::open_read_only`]): no lock, nothing written, runs
+    /// beside a writer and other readers on the snapshot of the commit it opened. Inserts, deletes,
+    /// compaction, calibration and index builds return [`EngineError::ReadOnly`].
+    pub fn open_read_only(dir: &Path) -> Result<Engine, EngineError> {
+        Engine::with_store(Store::open_read_only(dir)?)
+    }
+
+    /// Loads the calibration and the ANN index of `store`.
+    fn with_store(store: Store) -> Result<Engine, EngineError> {
+        let dir = store.dir().to_path_buf();
         let mods = store.schema().modality_list();
         let cal_path = dir.join(ENGINE_DIR).join(CALIBRATION_FILE);
         let cal = match std::fs::read(&cal_path) {
@@ -171,7 +183,11 @@ impl Engine {
             Err(e) => return Err(EngineError::io("reading", &cal_path, e)),
         };
         let snap = store.snapshot();
-        let ann = AnnSet::load(&dir.join(ENGINE_DIR).join("index"), &snap)?;
+        // `index.json` is replaced last by a save: a reader running beside `build_index` reloads if it moved.
+        let index_dir = dir.join(ENGINE_DIR).join("index");
+        let ann = fsutil::load_stable(&dir, &index_dir.join("index.json"), || {
+            AnnSet::load(&index_dir, &snap)
+        })?;
         Ok(Engine {
             store,
             calibration: RwLock::new(Arc::new(cal)),
@@ -274,6 +290,7 @@ impl Engine {
         params: &crate::annset::AnnParams,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<(), EngineError> {
+        self.store.ensure_writable("build the index")?;
         let snap = self.snapshot();
         let set = AnnSet::build(&snap, params, progress)?;
         set.save(&self.store.dir().join(ENGINE_DIR).join("index"), &snap)?;
@@ -475,6 +492,7 @@ impl Engine {
         &self,
         options: &CalibrateOptions<'_>,
     ) -> Result<CalibrationSamples, EngineError> {
+        self.store.ensure_writable("calibrate")?;
         let snap = self.snapshot();
         let (cal, samples) = fit_calibration(&snap, &self.calibration(), options)?;
         let dir = self.store.dir().join(ENGINE_DIR);

@@ -34,6 +34,26 @@ pub enum EngineError {
         /// The store directory.
         dir: PathBuf,
     },
+    /// A write (insert, delete, compaction, calibration, index build) was asked of a store or engine opened
+    /// read-only.
+    #[error("store {dir} is open read-only: reopen it for writing to {op}")]
+    ReadOnly {
+        /// The store directory.
+        dir: PathBuf,
+        /// The refused operation.
+        op: &'static str,
+    },
+    /// An open kept racing a concurrent writer that replaced what was being read (a compaction unlinking
+    /// the generation being opened, an index build replacing the index); retrying the open will succeed.
+    #[error(
+        "store {dir} kept changing while being opened ({attempts} attempts; a concurrent compaction or index build); retry"
+    )]
+    StoreChanged {
+        /// The store directory.
+        dir: PathBuf,
+        /// Opens attempted.
+        attempts: usize,
+    },
     /// The MANIFEST is truncated, fails its checksum, or does not decode.
     #[error("manifest {path} is unreadable: {reason}")]
     Manifest {

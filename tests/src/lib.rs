@@ -95,8 +95,12 @@ pub fn filter_rows(b: &pacha_datasets::RecordBatch, keep: &[bool]) -> pacha_data
     }
 }
 
-/// The `pacha` binary built by `cargo test --workspace` (pacha-cli's integration tests make cargo build it).
+/// The `pacha` binary built by `cargo test --workspace` (pacha-cli's integration tests make cargo build it),
+/// or the one `PACHA_BIN` names (e.g. a copy, when several checkouts share one target directory).
 pub fn pacha_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PACHA_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/pacha
     let dir = exe
@@ -133,4 +137,46 @@ pub fn load_first(dir: &Path, cfg: &PopulationConfig, n: u64) -> (Loaded, Genera
         .map(|t| (g.subject_id(t.a), g.subject_id(t.b)))
         .collect();
     (Loaded { engine, truth }, g)
+}
+
+/// Every file under `dir` (recursively) with its size, modification time (ns), inode and a hash of its
+/// content: two equal fingerprints mean nothing in the directory was written, truncated, replaced, created
+/// or removed in between.
+pub fn fingerprint(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u64, i128, u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("list store directory") {
+            let p = e.expect("directory entry").path();
+            let m = std::fs::symlink_metadata(&p).expect("stat");
+            if m.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(&p).expect("read file").hash(&mut h);
+            let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+            out.insert(p, (m.len(), mtime, m.ino(), h.finish()));
+        }
+    }
+    out
+}
+
+/// The process holding an exclusive `flock` on `path` (from `/proc/locks`), if any. Lets a test wait until a
+/// child writer has really taken a store's `LOCK`, without touching the lock itself.
+pub fn exclusive_flock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").expect("read /proc/locks");
+    // e.g. "1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234567 0 EOF"
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let ours = f.len() >= 6
+            && f[1] == "FLOCK"
+            && f[3] == "WRITE"
+            && f[5].rsplit(':').next() == Some(ino.to_string().as_str());
+        if ours { f[4].parse().ok() } else { None }
+    })
 }

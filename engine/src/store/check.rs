@@ -95,9 +95,28 @@ impl Findings {
     }
 }
 
-/// Verifies every checksum and invariant of the store in `dir`; changes nothing. Problems (with the file
-/// concerned) are listed in the report; an `Err` means the directory could not be examined at all.
+/// Verifies every checksum and invariant of the store in `dir`; changes nothing and takes no lock, so it may
+/// run beside a writer (it checks the commit whose manifest it read). Problems (with the file concerned) are
+/// listed in the report; an `Err` means the directory could not be examined at all. If problems are found
+/// and the manifest's generation moved on meanwhile (a concurrent compaction unlinked the files being
+/// checked), the check is repeated on the new generation (at most three runs in all).
 pub fn check(dir: &Path) -> Result<CheckReport, EngineError> {
+    const ATTEMPTS: usize = 3;
+    let mut report = check_once(dir)?;
+    for _ in 1..ATTEMPTS {
+        if report.problems.is_empty() {
+            break;
+        }
+        match Manifest::read(dir) {
+            Ok(m) if m.generation != report.generation => report = check_once(dir)?,
+            _ => break,
+        }
+    }
+    Ok(report)
+}
+
+/// One pass of [`check`] over the manifest as it is now.
+fn check_once(dir: &Path) -> Result<CheckReport, EngineError> {
     let mut report = CheckReport::default();
     let mut fx = Findings {
         problems: Vec::new(),
@@ -150,7 +169,7 @@ pub fn check(dir: &Path) -> Result<CheckReport, EngineError> {
                 report.warnings.push(Problem {
                     file: path.clone(),
                     what: format!(
-                        "{} bytes past the committed length (torn write; open truncates)",
+                        "{} bytes past the committed length (torn write, or a writer's append in progress; a writer's open truncates)",
                         len - st.len
                     ),
                 });
@@ -308,7 +327,7 @@ pub fn check(dir: &Path) -> Result<CheckReport, EngineError> {
             if !ours && (name == MANIFEST_TMP || parse_generation(name).is_some()) {
                 report.warnings.push(Problem {
                     file: entry.path(),
-                    what: "stray file (not in the manifest; open removes it)".into(),
+                    what: "stray file (not in the manifest; a writer's open removes it)".into(),
                 });
             }
         }

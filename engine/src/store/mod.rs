@@ -14,6 +14,31 @@
 //! away. `open` reads the manifest, the headers and the subject table only, never the vectors; [`check`]
 //! verifies everything.
 //!
+//! # Writers and readers
+//!
+//! A store is opened in one of two modes:
+//!
+//! - **Writer** ([`Store::create`], [`Store::open`]): takes a non-blocking exclusive `flock` on the `LOCK`
+//!   file (created if missing) for as long as the `Store` lives. A second writer, in this or another process,
+//!   is refused with [`EngineError::Locked`]. Only a writer repairs: it truncates torn tails and removes
+//!   stray files of other generations.
+//! - **Reader** ([`Store::open_read_only`]): takes no lock at all, opens every file read-only, never writes,
+//!   truncates, creates or removes anything (it works on a read-only mount), and maps exactly the committed
+//!   lengths of the manifest it read. Readers run beside each other and beside a writer; a writer is never
+//!   refused because of readers.
+//!
+//! This is safe without a shared lock because of how the files change: within a generation, data files are
+//! append-only and committed lengths only grow (a writer truncates only bytes past the *latest* committed
+//! length, which is at least the length any reader mapped); the manifest is replaced atomically (rename), so a
+//! reader reads either the old or the new one, whole; compaction writes the next generation's files under new
+//! names and unlinks the old ones only after switching the manifest, and an unlinked file stays readable
+//! through the mappings and handles a reader already holds. A reader therefore sees a consistent snapshot of
+//! one commit (snapshot isolation) and never sees later commits: reopen to see them. The one race is a reader
+//! that reads the manifest of generation g and then finds g's files already unlinked by a compaction:
+//! `open_read_only` notices that the manifest's generation moved on and retries on the new manifest (up to
+//! three attempts, then [`EngineError::StoreChanged`], which is retryable). Every write API of a read-only
+//! store returns [`EngineError::ReadOnly`].
+//!
 //! Readers take an `Arc<Snapshot>`: memory maps covering exactly the committed lengths, the shared ID index
 //! and the tombstone bitset. Publishing a snapshot after a commit costs O(files) (one `mmap` per file) plus
 //! the new rows added to the shared ID index; the bitset is shared until a delete copies it.
@@ -45,7 +70,7 @@ use subjects::{IdIndex, id_hash};
 
 /// Largest accepted vector dimension.
 pub const MAX_DIM: usize = 4096;
-/// Name of the lock file that keeps a second writer out.
+/// Name of the lock file that keeps a second writer out (readers do not touch it).
 const LOCK: &str = "LOCK";
 
 /// One modality of the schema and its fixed vector dimension.
@@ -271,10 +296,12 @@ pub(crate) fn map_committed(file: &File, len: u64, path: &Path) -> Result<Arc<Mm
         reason: format!("length {len}"),
     })?;
     // SAFETY: the map is read-only and covers only committed bytes, which we checked exist. pacha never
-    // rewrites or truncates committed bytes of a store file while a store is open (writers only append past
-    // the committed length under the directory's LOCK, `open` only truncates past it, compaction writes new
-    // files and unlinks old ones, which stay valid while mapped). Modification of the files by a foreign
-    // process is outside the store's contract, as for any database file.
+    // rewrites or truncates committed bytes of a store file (writers only append past the committed length
+    // under the directory's LOCK; a writer's `open` and a failed append truncate only past the latest
+    // committed length, which is at least any length a reader of that generation mapped; readers never
+    // truncate; compaction writes files under the next generation's names and unlinks old ones, which stay
+    // valid while mapped). Modification of the files by a foreign process is outside the store's contract,
+    // as for any database file.
     let map = unsafe { MmapOptions::new().len(len).map(file) };
     map.map(Arc::new)
         .map_err(|e| EngineError::io("memory-mapping", path, e))
@@ -372,16 +399,20 @@ struct Writer {
     index: Arc<IdIndex>,
     /// Set when a commit reached the disk but the in-memory state could not follow.
     poisoned: Option<String>,
-    _lock: File,
+    /// The exclusive lock on `LOCK` (held until drop); `None` when the store is open read-only.
+    _lock: Option<File>,
 }
 
 /// The durable template store. `Send + Sync`: one writer at a time (internal mutex), any number of
-/// concurrent readers through [`Store::snapshot`].
+/// concurrent readers through [`Store::snapshot`]. Opened read-only ([`Store::open_read_only`]), it serves
+/// the snapshot of the commit it opened and refuses every write.
 pub struct Store {
     dir: PathBuf,
     schema: Arc<Schema>,
     current: RwLock<Arc<Snapshot>>,
     writer: Mutex<Writer>,
+    /// Opened with [`Store::open_read_only`]: no lock held, every write refused.
+    read_only: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -470,11 +501,12 @@ impl Store {
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent)?;
         }
-        Store::open_locked(dir, lock)
+        Store::load(dir, Manifest::read(dir)?, Some(lock))
     }
 
-    /// Opens an existing store: validates the manifest, every file header and the subject table, truncates
-    /// torn tails, removes files of other generations; never reads the vectors.
+    /// Opens an existing store for writing (exclusive `LOCK`, see the module docs): validates the manifest,
+    /// every file header and the subject table, truncates torn tails, removes files of other generations;
+    /// never reads the vectors.
     pub fn open(dir: &Path) -> Result<Store, EngineError> {
         if !manifest_path(dir).exists() {
             return Err(EngineError::NotAStore {
@@ -482,11 +514,52 @@ impl Store {
             });
         }
         let lock = lock_dir(dir)?;
-        Store::open_locked(dir, lock)
+        Store::load(dir, Manifest::read(dir)?, Some(lock))
     }
 
-    fn open_locked(dir: &Path, lock: File) -> Result<Store, EngineError> {
-        let m = Manifest::read(dir)?;
+    /// Opens an existing store read-only: no lock, no write of any kind (torn tails and stray files are
+    /// left alone), every file mapped to the committed length of the manifest read; the same validation as
+    /// [`Store::open`]. Runs beside writers and other readers (see the module docs); write APIs return
+    /// [`EngineError::ReadOnly`]. Retries when a concurrent compaction unlinks the generation being opened.
+    pub fn open_read_only(dir: &Path) -> Result<Store, EngineError> {
+        Store::open_read_only_from(dir, Manifest::read(dir)?)
+    }
+
+    /// [`Store::open_read_only`] starting from manifest `m`, read earlier (possibly stale).
+    fn open_read_only_from(dir: &Path, mut m: Manifest) -> Result<Store, EngineError> {
+        /// Opens attempted before giving up with [`EngineError::StoreChanged`].
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let generation = m.generation;
+            match Store::load(dir, m, None) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    // Only a generation switch (compaction) unlinks files a reader may be opening; with the
+                    // same generation the error is the store's real state.
+                    let now = Manifest::read(dir)?;
+                    if now.generation == generation {
+                        return Err(e);
+                    }
+                    tracing::info!(
+                        from = generation,
+                        to = now.generation,
+                        error = %e,
+                        "store compacted while being opened read-only; retrying"
+                    );
+                    m = now;
+                }
+            }
+        }
+        Err(EngineError::StoreChanged {
+            dir: dir.to_path_buf(),
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// Opens the files of manifest `m`: for writing (repairing torn tails and stray files) when `lock` is
+    /// the held writer lock, read-only and changing nothing when it is `None`.
+    fn load(dir: &Path, m: Manifest, lock: Option<File>) -> Result<Store, EngineError> {
+        let writable = lock.is_some();
         let specs = file_specs(&m.schema, m.generation);
         verify_layout(&m, &specs, &manifest_path(dir))?;
         let mut files = Vec::with_capacity(specs.len());
@@ -495,7 +568,7 @@ impl Store {
             let path = dir.join(&st.name);
             let f = OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(writable)
                 .open(&path)
                 .map_err(|e| EngineError::io("opening", &path, e))?;
             let len = f
@@ -516,7 +589,9 @@ impl Store {
                     path: path.clone(),
                     reason,
                 })?;
-            if len > st.len {
+            // A reader leaves bytes past the committed length alone: they may be a writer's append in
+            // progress, and only a writer repairs.
+            if len > st.len && writable {
                 tracing::warn!(file = %path.display(), torn_bytes = len - st.len, "truncating torn write");
                 f.set_len(st.len)
                     .map_err(|e| EngineError::io("truncating torn tail of", &path, e))?;
@@ -547,7 +622,9 @@ impl Store {
             rows,
             &paths[ix + 2],
         )?);
-        remove_strays(dir, m.generation)?;
+        if writable {
+            remove_strays(dir, m.generation)?;
+        }
         let mods = map_modalities(&m, &files, &paths)?;
         let snap = Snapshot {
             generation: m.generation,
@@ -567,6 +644,7 @@ impl Store {
             dir: dir.to_path_buf(),
             schema,
             current: RwLock::new(Arc::new(snap)),
+            read_only: !writable,
             writer: Mutex::new(Writer {
                 manifest: m,
                 files,
@@ -600,7 +678,27 @@ impl Store {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
     }
 
-    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, EngineError> {
+    /// True when the store was opened with [`Store::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// `Ok` on a writable store, [`EngineError::ReadOnly`] naming `op` on a read-only one.
+    pub fn ensure_writable(&self, op: &'static str) -> Result<(), EngineError> {
+        if self.is_read_only() {
+            return Err(EngineError::ReadOnly {
+                dir: self.dir.clone(),
+                op,
+            });
+        }
+        Ok(())
+    }
+
+    fn lock_writer(
+        &self,
+        op: &'static str,
+    ) -> Result<std::sync::MutexGuard<'_, Writer>, EngineError> {
+        self.ensure_writable(op)?;
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(reason) = &w.poisoned {
             return Err(EngineError::Poisoned {
@@ -620,7 +718,7 @@ impl Store {
     /// the records survive power loss. Records already enrolled with identical templates are `unchanged`.
     /// On any validation error nothing is written.
     pub fn insert_batch(&self, batch: &RecordBatch) -> Result<InsertReport, EngineError> {
-        let mut w = self.lock_writer()?;
+        let mut w = self.lock_writer("insert")?;
         let snap = self.snapshot();
         let cols = validate_batch(&self.schema, batch)?;
         let n = batch.len();
@@ -677,7 +775,7 @@ impl Store {
 
     /// Tombstones the live row of `subject_id` durably; `false` if no live row has that ID.
     pub fn delete(&self, subject_id: &str) -> Result<bool, EngineError> {
-        let mut w = self.lock_writer()?;
+        let mut w = self.lock_writer("delete")?;
         let snap = self.snapshot();
         let Some(row) = snap.row_of(subject_id) else {
             return Ok(false);
@@ -712,7 +810,7 @@ impl Store {
     /// atomically through the manifest, then removes the old files. Row numbers change; snapshots taken
     /// before keep reading the old (unlinked) files until dropped.
     pub fn compact(&self) -> Result<CompactReport, EngineError> {
-        let mut w = self.lock_writer()?;
+        let mut w = self.lock_writer("compact")?;
         let snap = self.snapshot();
         let old = w.manifest.clone();
         let gen_new = old.generation + 1;

@@ -588,6 +588,156 @@ fn torn_tails_are_truncated_on_open() {
 }
 
 #[test]
+fn read_only_open_runs_beside_the_writer_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let first = people(0..20);
+    let writer = Store::create(dir, schema()).unwrap();
+    writer.insert(&first).unwrap();
+    assert!(!writer.is_read_only());
+    let before = file_bytes(dir);
+    // Two readers beside the writer; neither blocks the other nor the writer.
+    let r1 = Store::open_read_only(dir).unwrap();
+    let r2 = Store::open_read_only(dir).unwrap();
+    assert!(r1.is_read_only() && r2.is_read_only());
+    assert_eq!(file_bytes(dir), before, "a read-only open writes nothing");
+    for r in [&r1, &r2] {
+        let snap = r.snapshot();
+        assert_eq!((snap.rows(), snap.live()), (20, 20));
+        first.iter().for_each(|e| assert_holds(&snap, e));
+    }
+    // A second writer is still refused.
+    assert!(matches!(
+        Store::open(dir).unwrap_err(),
+        EngineError::Locked { .. }
+    ));
+    // The writer commits beside the readers; a reader keeps its snapshot, a new reader sees the commit.
+    let second = people(20..25);
+    writer.insert(&second).unwrap();
+    assert!(writer.delete(&first[0].subject_id).unwrap());
+    assert_eq!(r1.snapshot().rows(), 20);
+    assert_eq!(r1.snapshot().row_of(&first[0].subject_id), Some(0));
+    let r3 = Store::open_read_only(dir).unwrap();
+    let snap = r3.snapshot();
+    assert_eq!((snap.rows(), snap.live()), (25, 24));
+    second.iter().for_each(|e| assert_holds(&snap, e));
+    // Every write API of a read-only store is a typed error, and the files stay as they are.
+    let now = file_bytes(dir);
+    let ro = |e: EngineError| matches!(e, EngineError::ReadOnly { .. });
+    assert!(ro(r3.insert(&people(30..31)).unwrap_err()));
+    assert!(ro(r3.delete(&first[1].subject_id).unwrap_err()));
+    assert!(ro(r3.compact().unwrap_err()));
+    assert!(ro(r3.ensure_writable("test").unwrap_err()));
+    assert_eq!(file_bytes(dir), now);
+    assert_eq!(r3.snapshot().live(), 24);
+    drop((r1, r2, r3));
+    // Compaction beside a reader: the reader keeps reading the unlinked generation.
+    let r4 = Store::open_read_only(dir).unwrap();
+    writer.compact().unwrap();
+    let old = r4.snapshot();
+    assert_eq!((old.generation(), old.rows()), (0, 25));
+    assert_holds(&old, &first[1]);
+    let r5 = Store::open_read_only(dir).unwrap();
+    assert_eq!((r5.snapshot().generation(), r5.snapshot().rows()), (1, 24));
+}
+
+#[test]
+fn read_only_open_leaves_torn_tails_and_strays_for_the_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let all = people(0..12);
+    Store::create(dir, schema()).unwrap().insert(&all).unwrap();
+    let committed = dir_state(dir);
+    let p = dir.join("face.g0.f32");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend_from_slice(&[0xAB; 37]);
+    std::fs::write(&p, bytes).unwrap();
+    std::fs::write(dir.join("face.g1.f32"), b"left by a crashed compaction").unwrap();
+    let damaged = file_bytes(dir);
+    let reader = Store::open_read_only(dir).unwrap();
+    assert_eq!(file_bytes(dir), damaged, "a reader repairs nothing");
+    let snap = reader.snapshot();
+    assert_eq!(snap.rows(), 12);
+    all.iter().for_each(|e| assert_holds(&snap, e));
+    // The writer repairs, beside the reader, whose snapshot stays valid.
+    let writer = Store::open(dir).unwrap();
+    assert_eq!(dir_state(dir), committed);
+    all.iter().for_each(|e| assert_holds(&snap, e));
+    drop(writer);
+    assert!(matches!(
+        Store::open_read_only(&dir.join("nope")).unwrap_err(),
+        EngineError::NotAStore { .. }
+    ));
+}
+
+#[test]
+fn read_only_open_retries_when_a_compaction_unlinked_its_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let all = people(0..10);
+    let writer = Store::create(dir, schema()).unwrap();
+    writer.insert(&all).unwrap();
+    assert!(writer.delete(&all[0].subject_id).unwrap());
+    // A reader read the manifest of generation 0, then a compaction switched to 1 and unlinked 0's files.
+    let stale = Manifest::read(dir).unwrap();
+    writer.compact().unwrap();
+    assert!(matches!(
+        Store::load(dir, stale.clone(), None).unwrap_err(),
+        EngineError::Io { .. }
+    ));
+    let reader = Store::open_read_only_from(dir, stale).unwrap();
+    let snap = reader.snapshot();
+    assert_eq!((snap.generation(), snap.rows(), snap.live()), (1, 9, 9));
+    all[1..].iter().for_each(|e| assert_holds(&snap, e));
+    // Damage within one generation is reported as such, not retried away.
+    std::fs::remove_file(dir.join("face.g1.qual")).unwrap();
+    assert!(matches!(
+        Store::open_read_only(dir).unwrap_err(),
+        EngineError::Io { .. }
+    ));
+}
+
+#[test]
+fn read_only_opens_survive_concurrent_compactions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let store = Store::create(&dir, schema()).unwrap();
+    store.insert(&people(0..400)).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (opened, raced) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let (mut opened, mut raced) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match Store::open_read_only(&dir) {
+                    Ok(r) => {
+                        let snap = r.snapshot();
+                        assert!(
+                            snap.rows() - snap.live() <= 1,
+                            "one delete between compactions"
+                        );
+                        // Every row is readable (the mapped files exist, even if unlinked since).
+                        let last = snap.rows() - 1;
+                        assert!(!snap.subject_id(last).is_empty());
+                        opened += 1;
+                    }
+                    Err(EngineError::StoreChanged { .. }) => raced += 1,
+                    Err(e) => panic!("read-only open failed beside a compaction: {e}"),
+                }
+            }
+            (opened, raced)
+        });
+        for i in 0..60 {
+            assert!(store.delete(&format!("UPI-{i:06}")).unwrap());
+            store.compact().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    assert!(opened > 0, "{opened} opens, {raced} gave up");
+    assert_eq!(store.snapshot().generation(), 60);
+}
+
+#[test]
 fn create_open_lock_and_schema_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
