@@ -782,8 +782,9 @@ impl Generator {
         self.plan.person_of(record)
     }
     /// The hidden group of `person`, for the test populations that have one: the family (its first person
-    /// number) in `LookalikeFamilies`, the cluster (`0..2048`, 0 the largest) in `SkewedClusters`; `None`
-    /// for every other preset. Persons of one group are different people who look alike.
+    /// number) in `LookalikeFamilies` (face look-alikes), the cluster in the first modality (`0..2048`, 0 the
+    /// most likely) in `SkewedClusters`; `None` for every other preset. Persons of one group are different
+    /// people who look alike.
     pub fn group_of(&self, person: u64) -> Option<u64> {
         self.testpop.as_ref().and_then(|t| t.group_of(person))
     }

@@ -15,8 +15,9 @@
 //! `cos(t, u) ≈ √c`, two captures of one person score `≈ √(c₁c₂)`, and two persons score
 //! `≈ (u₁·u₂)·√(c₁c₂)`. Originals and re-enrolments are captured alike. Unless stated otherwise every modality
 //! listed in the config (face 512-d, fingers 2 and 7 at 256-d by default) gets its own independent draw of the
-//! kind's model, while the person-level structure (family, cluster) is shared by the modalities; templates go
-//! missing at the config's `face_missing_rate` / `finger_missing_rate` (at least one stays).
+//! kind's model (families are a face phenomenon and clusters are drawn per modality, see below, so that
+//! look-alikes in one modality are not look-alikes in all); templates go missing at the config's
+//! `face_missing_rate` / `finger_missing_rate` (at least one stays).
 //!
 //! # Kinds
 //! * **`isotropic-mates`** ([`Preset::IsotropicMates`]): `u = normalise(g)`, `g ~ N(0, I_d)`; quality 1 and
@@ -29,7 +30,8 @@
 //!   `w_i = 0.40 + 0.55·sin²(πU/2)` (arcsine-distributed on [0.40, 0.95]); `c ∈ [0.60, 0.85]`. Two members score
 //!   `≈ √(w_i w_j c_i c_j)`, spread roughly uniformly over 0.30–0.65 (10th–90th percentile ≈ 0.34–0.63, a few
 //!   pairs of near-twins above 0.7), right where dedup candidate cosines sit: it stresses ranking (a person's
-//!   mate competes with several relatives) and lists crowded with near neighbours.
+//!   mate competes with several relatives) and lists crowded with near neighbours. Only the face has the
+//!   family term: relatives' fingerprints are not alike, so finger identities are plain `normalise(g)`.
 //! * **`heavy-tail`** ([`Preset::HeavyTail`]): a Student-t-like scale mixture in an anisotropic space:
 //!   `x = τ·Σ_k √λ_k z_k B_k + g/√d`, with a fixed random basis `B` of rank 16 (entries N(0, 1/d)),
 //!   `λ_k ∝ 1/k`, `z, g` standard normal, and a per-person scale `τ² = κ·ν/χ²_ν` (ν = 3, κ = 0.1: the scale of
@@ -42,9 +44,10 @@
 //!   modality); `u = normalise(x)`, `c ∈ [0.50, 0.90]`. The effective dimension `(Σλ)²/Σλ²` is only ≈ 5–6 for
 //!   any `d`, so identities concentrate around a few directions and impostor scores spread widely (sd ≈ 0.3):
 //!   a hard case for coarse partitions and for score thresholds alike. Costs `d²` per template.
-//! * **`skewed-clusters`** ([`Preset::SkewedClusters`]): 2048 clusters, person `p` in cluster `k` with
-//!   probability `∝ (k+1)^-1.1` (the largest ≈ 17 % of records, the next 8 %, 5 %, …, and hundreds of
-//!   clusters of a handful of records at 1 M). Cluster `k` has a unit centre `C_k` and a weight
+//! * **`skewed-clusters`** ([`Preset::SkewedClusters`]): 2048 clusters per modality, person `p` in cluster `k`
+//!   with probability `∝ (k+1)^-1.1`, drawn independently per modality (the largest ≈ 17 % of records, the
+//!   next 8 %, 5 %, …, and hundreds of clusters of a handful of records at 1 M). Cluster `k` has a unit centre
+//!   `C_k` and a weight
 //!   `w_k ~ U(0.30, 0.65)` (per modality); `u = normalise(√w_k·C_k + √(1-w_k)·g)`, `c ∈ [0.60, 0.90]`. Two
 //!   members of a cluster score `≈ w_k·√(c₁c₂)` ≈ 0.2–0.5. Stresses unbalanced partitions: huge dense lists
 //!   next to near-empty ones.
@@ -226,7 +229,10 @@ impl TestPopulation {
     pub(crate) fn group_of(&self, person: u64) -> Option<u64> {
         match self.kind {
             Preset::LookalikeFamilies => Some(self.family_of(person)),
-            Preset::SkewedClusters => Some(self.cluster_of(person) as u64),
+            Preset::SkewedClusters => self
+                .models
+                .first()
+                .map(|m| self.cluster_of(person, m.code) as u64),
             _ => None,
         }
     }
@@ -260,8 +266,9 @@ impl TestPopulation {
         }
     }
 
-    fn cluster_of(&self, person: u64) -> usize {
-        let u = self.rng(P_CLUSTER, 0, person).random::<f64>();
+    /// `person`'s cluster in the modality with code `code`.
+    fn cluster_of(&self, person: u64, code: u64) -> usize {
+        let u = self.rng(P_CLUSTER, code, person).random::<f64>();
         self.cluster_cdf
             .partition_point(|&c| c <= u)
             .min(CLUSTERS - 1)
@@ -298,13 +305,13 @@ impl TestPopulation {
         present
     }
 
-    /// `person`'s unit identity in modality `m`, written to `out`. `group` is the person's family or cluster.
-    fn identity(&self, m: &Model, person: u64, group: Option<u64>, out: &mut [f32]) {
+    /// `person`'s unit identity in modality `m`, written to `out`.
+    fn identity(&self, m: &Model, person: u64, out: &mut [f32]) {
         let mut rng = self.rng(P_IDENTITY, m.code, person);
         let d = m.dim;
         match self.kind {
-            Preset::LookalikeFamilies => {
-                let mut frng = self.rng(P_FAMILY, m.code, group.unwrap_or(person));
+            Preset::LookalikeFamilies if m.is_face => {
+                let mut frng = self.rng(P_FAMILY, m.code, self.family_of(person));
                 out.iter_mut().for_each(|x| *x = normal(&mut frng));
                 normalise(out);
                 let (lo, hi) = FAMILY_WEIGHT;
@@ -333,7 +340,7 @@ impl TestPopulation {
                 add_rows(&coef, &m.rows, d, out);
             }
             Preset::SkewedClusters => {
-                let k = group.unwrap_or(0) as usize;
+                let k = self.cluster_of(person, m.code);
                 out.iter_mut().for_each(|x| *x = normal(&mut rng));
                 normalise(out);
                 let a = m.coef.get(k).copied().unwrap_or(0.0);
@@ -365,7 +372,6 @@ impl TestPopulation {
     /// Record `record` of `person`.
     pub(crate) fn record(&self, record: u64, person: u64) -> RecordOut {
         let present = self.presence(record);
-        let group = self.group_of(person);
         let mut quality = vec![0.0f32; self.models.len()];
         let mut data = vec![0.0f32; self.total_dim];
         for (mi, m) in self.models.iter().enumerate() {
@@ -373,7 +379,7 @@ impl TestPopulation {
                 continue;
             }
             let out = &mut data[m.offset..m.offset + m.dim];
-            self.identity(m, person, group, out);
+            self.identity(m, person, out);
             let mut rng = self.rng(P_CAPTURE, m.code, record);
             let (q, c) = self.capture(&mut rng);
             let s = ((1.0 / c - 1.0).max(0.0).sqrt() / (m.dim as f64).sqrt()) as f32;

@@ -216,7 +216,7 @@ fn isotropic_mates_score_070() {
 
 #[test]
 fn lookalike_families_cluster_just_around_candidate_cosines() {
-    let g = Generator::new(cfg(Preset::LookalikeFamilies, 3000, 2, 512, &[])).unwrap();
+    let g = Generator::new(cfg(Preset::LookalikeFamilies, 3000, 2, 512, &[(2, 64)])).unwrap();
     let b = all(&g);
     // Family sizes, over the complete 64-person blocks.
     let persons = g.persons();
@@ -263,6 +263,13 @@ fn lookalike_families_cluster_just_around_candidate_cosines() {
     );
     assert!(out_max < 0.3, "unrelated pairs reach {out_max}");
     assert!(g10 > 0.55 && g90 < 0.90, "genuine {g10}..{g90}");
+    // Relatives look alike in the face only: their fingers score like strangers'.
+    let fingers = pair_cosines(block(&b, Modality::Finger(2)), |i, j| {
+        fam[i] == fam[j] && p[i] != p[j]
+    });
+    let (fm, fsd) = mean_sd(&fingers);
+    println!("  within-family finger2 mean={fm:.4} sd={fsd:.4}");
+    assert!(fm.abs() < 0.01 && fsd < 0.15, "family fingers {fm} ± {fsd}");
 }
 
 #[test]
