@@ -80,24 +80,21 @@ pub fn parse_template_files(
     Ok(out)
 }
 
-/// The generator configuration for the command-line options.
+/// The generator configuration for the command-line options (`face_dim` `None`: the preset's default).
 pub fn population_config(
     records: u64,
     seed: u64,
     preset: PresetArg,
-    face_dim: usize,
+    face_dim: Option<usize>,
     fingers: Vec<(u8, usize)>,
     duplicate_rate: f64,
 ) -> pacha_datasets::generate::PopulationConfig {
-    let preset = match preset {
-        PresetArg::Structured => pacha_datasets::generate::Preset::Structured,
-        PresetArg::Isotropic => pacha_datasets::generate::Preset::Isotropic,
-    };
+    let preset = preset.preset();
     pacha_datasets::generate::PopulationConfig {
         records,
         seed,
         preset,
-        face_dim,
+        face_dim: face_dim.unwrap_or(preset.default_face_dim()),
         fingers,
         duplicate_rate,
         ..Default::default()

@@ -48,7 +48,7 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
         a.records,
         a.seed,
         a.preset,
-        512,
+        None,
         vec![(2, 256), (7, 256)],
         0.01,
     );
@@ -60,11 +60,11 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     ));
 
     let t = Instant::now();
-    let files = vec![
-        (Modality::Face, pop.join("face.npy")),
-        (Modality::Finger(2), pop.join("finger2.npy")),
-        (Modality::Finger(7), pop.join("finger7.npy")),
-    ];
+    let files: Vec<(Modality, PathBuf)> = cfg
+        .modalities()
+        .into_iter()
+        .map(|(m, _)| (m, pop.join(format!("{}.npy", m.key()))))
+        .collect();
     let ing = ingest_files(&store, &files, &pop.join("subjects.csv"), 10_000, ui)?;
     stages.push(("ingest".into(), t.elapsed().as_secs_f64()));
     ui.info(format!(
@@ -134,9 +134,17 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     stages.push(("evaluate+report".into(), t.elapsed().as_secs_f64()));
 
     let secs = total.elapsed().as_secs_f64();
+    let layout: Vec<String> = cfg
+        .modalities()
+        .iter()
+        .map(|(m, d)| format!("{m} {d}-d"))
+        .collect();
     ui.out(format!(
-        "pacha demo: {} enrolments, face 512-d + 2 fingers 256-d, {} planted duplicate pairs",
-        a.records, report.truth_pairs
+        "pacha demo: {} enrolments ({}: {}), {} planted duplicate pairs",
+        a.records,
+        cfg.preset.name(),
+        layout.join(" + "),
+        report.truth_pairs
     ));
     ui.out(format!(
         "  found {} of {} duplicate pairs (recall {:.4}), {} false hits (precision {:.4}) at threshold {:.1} (target FPIR 1e-3)",

@@ -103,6 +103,35 @@ pub enum PresetArg {
     Structured,
     /// Pure random unit vectors (the hardest case for ANN indexes).
     Isotropic,
+    /// Test population: uniform random identities, mates at cosine 0.70.
+    IsotropicMates,
+    /// Test population: look-alike families, member cosines ≈ 0.30–0.65.
+    LookalikeFamilies,
+    /// Test population: Student-t scale mixture, heavy impostor upper tail.
+    HeavyTail,
+    /// Test population: power-law spectrum k^-1.5 over the full dimension, rotated.
+    PowerLaw,
+    /// Test population: power-law cluster sizes, tight clusters.
+    SkewedClusters,
+    /// Test population: fingers 2 and 7 only (no face), 5 % miss one finger.
+    FingersOnly,
+}
+
+impl PresetArg {
+    /// The generator preset.
+    pub fn preset(self) -> pacha_datasets::generate::Preset {
+        use pacha_datasets::generate::Preset;
+        match self {
+            PresetArg::Structured => Preset::Structured,
+            PresetArg::Isotropic => Preset::Isotropic,
+            PresetArg::IsotropicMates => Preset::IsotropicMates,
+            PresetArg::LookalikeFamilies => Preset::LookalikeFamilies,
+            PresetArg::HeavyTail => Preset::HeavyTail,
+            PresetArg::PowerLaw => Preset::PowerLaw,
+            PresetArg::SkewedClusters => Preset::SkewedClusters,
+            PresetArg::FingersOnly => Preset::FingersOnly,
+        }
+    }
 }
 
 /// Arguments of `generate`.
@@ -120,9 +149,9 @@ pub struct GenerateArgs {
     /// Population model.
     #[arg(long, value_enum, default_value_t = PresetArg::Structured)]
     pub preset: PresetArg,
-    /// Face dimension (0 = no face).
-    #[arg(long, default_value_t = 512)]
-    pub face_dim: usize,
+    /// Face dimension (0 = no face; default 512, or 0 for `fingers-only`).
+    #[arg(long)]
+    pub face_dim: Option<usize>,
     /// Finger positions and dimensions, e.g. `2:256` (repeatable; default right and left index at 256).
     #[arg(long = "finger", value_name = "POS:DIM")]
     pub fingers: Vec<String>,

@@ -29,6 +29,11 @@
 //! `normalise(u + s·n/√d)` with `s = √(1/c - 1)` for `c = isotropic_genuine_cosine` (≈ 0.7), quality 1: the
 //! stress case for ANN indexes (no cluster structure to exploit). Missing-template rates still apply.
 //!
+//! # Test-population presets
+//! `IsotropicMates`, `LookalikeFamilies`, `HeavyTail`, `PowerLaw`, `SkewedClusters` and `FingersOnly` use the
+//! independent models of [`crate::testpop`] for the templates (identities, captures, missing templates); the
+//! duplicate plan, subject IDs, ground truth and statistics below are shared by every preset.
+//!
 //! # Duplicates and ground truth
 //! `round(records × duplicate_rate)` records are re-enrolments of an earlier person under a new subject ID
 //! (fresh capture noise, same missing/degraded rates, degraded more often). A `chain_share` of duplicated persons
@@ -57,13 +62,98 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Which generative model to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `Structured` and `Isotropic` are this module's models; the other presets are the independent test
+/// populations of [`crate::testpop`] (the candidate index was not tuned on them). In `population.json` a preset
+/// is written by its variant name (`"LookalikeFamilies"`); the kebab-case [`Preset::name`] is accepted too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Preset {
     /// Low-rank-plus-noise identities, families, quality-dependent noise (realistic score distributions).
     #[default]
+    #[serde(alias = "structured")]
     Structured,
     /// Uniform random unit identities with planted mates at a fixed genuine cosine (ANN stress case).
+    #[serde(alias = "isotropic")]
     Isotropic,
+    /// Test population: uniform random identities, captures at cosine `isotropic_genuine_cosine` (≈ 0.70).
+    #[serde(alias = "isotropic-mates")]
+    IsotropicMates,
+    /// Test population: families of 2–12 look-alikes, member-to-member cosines spread over ≈ 0.30–0.65.
+    #[serde(alias = "lookalike-families")]
+    LookalikeFamilies,
+    /// Test population: Student-t (ν = 3) scale mixture, a heavy impostor upper tail.
+    #[serde(alias = "heavy-tail")]
+    HeavyTail,
+    /// Test population: Gaussian with power-law spectrum `λ_k ∝ k^-1.5` over the full dimension, rotated.
+    #[serde(alias = "power-law")]
+    PowerLaw,
+    /// Test population: clusters of power-law sizes with elevated within-cluster cosines.
+    #[serde(alias = "skewed-clusters")]
+    SkewedClusters,
+    /// Test population: no face; each finger its own anisotropic model; 5 % of records miss one finger.
+    #[serde(alias = "fingers-only")]
+    FingersOnly,
+}
+
+impl Preset {
+    /// Every preset, the generator's own first.
+    pub const ALL: [Preset; 8] = [
+        Preset::Structured,
+        Preset::Isotropic,
+        Preset::IsotropicMates,
+        Preset::LookalikeFamilies,
+        Preset::HeavyTail,
+        Preset::PowerLaw,
+        Preset::SkewedClusters,
+        Preset::FingersOnly,
+    ];
+
+    /// The kebab-case name used on the command line (`structured`, `lookalike-families`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Structured => "structured",
+            Preset::Isotropic => "isotropic",
+            Preset::IsotropicMates => "isotropic-mates",
+            Preset::LookalikeFamilies => "lookalike-families",
+            Preset::HeavyTail => "heavy-tail",
+            Preset::PowerLaw => "power-law",
+            Preset::SkewedClusters => "skewed-clusters",
+            Preset::FingersOnly => "fingers-only",
+        }
+    }
+
+    /// Whether this preset is one of the [`crate::testpop`] test populations.
+    pub fn is_test_population(self) -> bool {
+        !matches!(self, Preset::Structured | Preset::Isotropic)
+    }
+
+    /// Whether the preset generates a face (all but `FingersOnly`, which needs `face_dim` 0).
+    pub fn has_face(self) -> bool {
+        self != Preset::FingersOnly
+    }
+
+    /// The face dimension a front end should use when the user gives none: 512, or 0 without a face.
+    pub fn default_face_dim(self) -> usize {
+        if self.has_face() { 512 } else { 0 }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = DatasetError;
+    /// Parses a kebab-case [`Preset::name`] (case-insensitive).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+                DatasetError::Config(format!(
+                    "unknown preset {s:?} (expected one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
 }
 
 /// Parameters of one modality's latent model (see the module docs for the formulas).
@@ -230,6 +320,15 @@ impl PopulationConfig {
         if self.face_dim == 0 && self.fingers.is_empty() {
             return bad("no modalities: face_dim is 0 and fingers is empty".into());
         }
+        if self.preset == Preset::FingersOnly && self.face_dim != 0 {
+            return bad(format!(
+                "preset fingers-only has no face: face_dim must be 0, not {}",
+                self.face_dim
+            ));
+        }
+        if self.preset == Preset::FingersOnly && self.fingers.is_empty() {
+            return bad("preset fingers-only needs at least one finger".into());
+        }
         let mut seen = HashSet::new();
         for &(p, d) in &self.fingers {
             if !(1..=10).contains(&p) {
@@ -290,7 +389,7 @@ impl PopulationConfig {
 // ---------------------------------------------------------------------------------------------------------
 // Seeding
 
-fn splitmix64(x: u64) -> u64 {
+pub(crate) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -307,23 +406,23 @@ const TAG_CAPTURE: u64 = 7;
 const TAG_PRESENCE: u64 = 8;
 const TAG_STATS: u64 = 9;
 
-fn rng_for(seed: u64, tag: u64, a: u64, b: u64) -> Xoshiro256PlusPlus {
+pub(crate) fn rng_for(seed: u64, tag: u64, a: u64, b: u64) -> Xoshiro256PlusPlus {
     let s = splitmix64(splitmix64(splitmix64(seed ^ splitmix64(tag)) ^ a) ^ b);
     Xoshiro256PlusPlus::seed_from_u64(s)
 }
 
-fn modality_code(m: Modality) -> u64 {
+pub(crate) fn modality_code(m: Modality) -> u64 {
     match m {
         Modality::Face => 0,
         Modality::Finger(p) => u64::from(p),
     }
 }
 
-fn normal(rng: &mut Xoshiro256PlusPlus) -> f32 {
+pub(crate) fn normal(rng: &mut Xoshiro256PlusPlus) -> f32 {
     StandardNormal.sample(rng)
 }
 
-fn normalise(v: &mut [f32]) {
+pub(crate) fn normalise(v: &mut [f32]) {
     let n = v
         .iter()
         .map(|x| f64::from(*x) * f64::from(*x))
@@ -570,12 +669,15 @@ impl ModelState {
     }
 }
 
-/// One generated record's templates (all modalities concatenated).
+/// One generated record's templates (all modalities concatenated, in [`PopulationConfig::modalities`] order).
 #[derive(Debug, Clone)]
-struct RecordOut {
-    present: Vec<bool>,
-    quality: Vec<f32>,
-    data: Vec<f32>,
+pub(crate) struct RecordOut {
+    /// Whether each modality's template is present.
+    pub(crate) present: Vec<bool>,
+    /// Capture quality of each modality (0 when absent).
+    pub(crate) quality: Vec<f32>,
+    /// All modalities' templates, concatenated (zeros when absent).
+    pub(crate) data: Vec<f32>,
 }
 
 /// A batch of generated records with the hidden person of each.
@@ -610,6 +712,8 @@ pub struct Generator {
     total_dim: usize,
     id_width: usize,
     quality: [Beta<f64>; 2],
+    /// The test-population model, for the [`crate::testpop`] presets.
+    testpop: Option<crate::testpop::TestPopulation>,
 }
 
 impl Generator {
@@ -641,7 +745,9 @@ impl Generator {
             beta(&cfg.face).map_err(|e| DatasetError::Config(format!("face quality: {e}")))?,
             beta(&cfg.finger).map_err(|e| DatasetError::Config(format!("finger quality: {e}")))?,
         ];
+        let testpop = crate::testpop::TestPopulation::new(&cfg);
         Ok(Generator {
+            testpop,
             id_width: cfg.id_width.max(digits),
             cfg,
             plan,
@@ -674,6 +780,13 @@ impl Generator {
     /// The person of `record`.
     pub fn person_of(&self, record: u64) -> u64 {
         self.plan.person_of(record)
+    }
+    /// The hidden group of `person`, for the test populations that have one: the family (its first person
+    /// number) in `LookalikeFamilies` (face look-alikes), the cluster in the first modality (`0..2048`, 0 the
+    /// most likely) in `SkewedClusters`; `None` for every other preset. Persons of one group are different
+    /// people who look alike.
+    pub fn group_of(&self, person: u64) -> Option<u64> {
+        self.testpop.as_ref().and_then(|t| t.group_of(person))
     }
     /// The subject ID of `record`, e.g. `P000000123`.
     pub fn subject_id(&self, record: u64) -> String {
@@ -718,7 +831,14 @@ impl Generator {
         out.iter_mut().for_each(|x| *x = 0.0);
         let mut rng = rng_for(self.cfg.seed, TAG_IDENTITY, model.code, person);
         match self.cfg.preset {
-            Preset::Isotropic => {
+            // Isotropic (the test-population presets never get here: `record` hands them to testpop).
+            Preset::Isotropic
+            | Preset::IsotropicMates
+            | Preset::LookalikeFamilies
+            | Preset::HeavyTail
+            | Preset::PowerLaw
+            | Preset::SkewedClusters
+            | Preset::FingersOnly => {
                 out.iter_mut().for_each(|x| *x = normal(&mut rng));
             }
             Preset::Structured => {
@@ -740,6 +860,9 @@ impl Generator {
 
     fn record(&self, record: u64) -> RecordOut {
         let person = self.plan.person_of(record);
+        if let Some(t) = &self.testpop {
+            return t.record(record, person);
+        }
         let is_dup = self.plan.duplicate_index(record).is_some();
         let k = self.models.len();
         let mut present = Vec::with_capacity(k);
@@ -765,7 +888,14 @@ impl Generator {
             self.identity(m, person, out);
             let mut rng = rng_for(self.cfg.seed, TAG_CAPTURE, m.code, record);
             let (q, s) = match self.cfg.preset {
-                Preset::Isotropic => (
+                // As in `identity`: the test-population presets never get here.
+                Preset::Isotropic
+                | Preset::IsotropicMates
+                | Preset::LookalikeFamilies
+                | Preset::HeavyTail
+                | Preset::PowerLaw
+                | Preset::SkewedClusters
+                | Preset::FingersOnly => (
                     1.0,
                     (1.0 / self.cfg.isotropic_genuine_cosine - 1.0)
                         .max(0.0)

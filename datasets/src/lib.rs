@@ -9,7 +9,9 @@
 //! degrade at configurable rates. The defaults give ArcFace-like face scores (genuine ≈ 0.65 ± 0.1, impostor
 //! ≈ 0.03 ± 0.08) and lower, more variable finger scores; the `Isotropic` preset gives uniform random identities
 //! (the ANN stress case). Output is deterministic by seed for any thread count, and streams in bounded
-//! memory. [`write_population`] writes `face.npy`, `finger<N>.npy`, `subjects.csv`, `truth.csv`,
+//! memory. The [`testpop`] presets (`isotropic-mates`, `lookalike-families`, `heavy-tail`, `power-law`,
+//! `skewed-clusters`, `fingers-only`) are independently built test populations for measuring candidate recall
+//! on geometry the index was not tuned on. [`write_population`] writes `face.npy`, `finger<N>.npy`, `subjects.csv`, `truth.csv`,
 //! `clusters.csv` and `population.json` (config + measured genuine/impostor statistics).
 //!
 //! # Formats
@@ -30,6 +32,7 @@ pub mod ingest;
 pub mod modality;
 pub mod npy;
 pub mod subjects;
+pub mod testpop;
 
 pub use error::{DatasetError, Result};
 pub use fvecs::{FvecsMatrix, write_fvecs};

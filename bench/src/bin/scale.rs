@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p pacha-bench --bin scale -- --records 100000 --preset isotropic
+//! cargo run --release -p pacha-bench --bin scale -- --records 1000000 --preset lookalike-families --direct
 //! cargo run --release -p pacha-bench --bin scale -- --records 1000000 --fingers 2:256,7:256
 //! cargo run --release -p pacha-bench --bin scale -- --face-npy face.npy --subjects subjects.csv --truth truth.csv
 //! ```
@@ -33,10 +34,32 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// `--preset` values: the generator's presets by their kebab-case names.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PresetArg {
     Structured,
     Isotropic,
+    IsotropicMates,
+    LookalikeFamilies,
+    HeavyTail,
+    PowerLaw,
+    SkewedClusters,
+    FingersOnly,
+}
+
+impl PresetArg {
+    fn preset(self) -> Preset {
+        match self {
+            PresetArg::Structured => Preset::Structured,
+            PresetArg::Isotropic => Preset::Isotropic,
+            PresetArg::IsotropicMates => Preset::IsotropicMates,
+            PresetArg::LookalikeFamilies => Preset::LookalikeFamilies,
+            PresetArg::HeavyTail => Preset::HeavyTail,
+            PresetArg::PowerLaw => Preset::PowerLaw,
+            PresetArg::SkewedClusters => Preset::SkewedClusters,
+            PresetArg::FingersOnly => Preset::FingersOnly,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -60,13 +83,14 @@ struct Args {
     /// Enrolments to generate.
     #[arg(long, default_value_t = 100_000)]
     records: u64,
-    /// Population model of the generator.
+    /// Population model of the generator (`structured`, `isotropic`, or a test population:
+    /// `isotropic-mates`, `lookalike-families`, `heavy-tail`, `power-law`, `skewed-clusters`, `fingers-only`).
     #[arg(long, value_enum, default_value = "structured")]
     preset: PresetArg,
-    /// Face dimension (0 = no face).
-    #[arg(long, default_value_t = 512)]
-    face_dim: usize,
-    /// Fingers `POS:DIM,...` (e.g. `2:256,7:256`), or `none`.
+    /// Face dimension (0 = no face; default 512, or 0 for `fingers-only`).
+    #[arg(long)]
+    face_dim: Option<usize>,
+    /// Fingers `POS:DIM,...` (e.g. `2:256,7:256`), or `none` (`fingers-only` then uses `2:256,7:256`).
     #[arg(long, default_value = "none")]
     fingers: String,
     /// Generator seed.
@@ -222,18 +246,17 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (pop, store) = (dir.join("population"), dir.join("store"));
     let mut st = Stages(Vec::new());
-    let fingers = parse_fingers(&a.fingers)?;
-
-    let preset = match a.preset {
-        PresetArg::Structured => Preset::Structured,
-        PresetArg::Isotropic => Preset::Isotropic,
-    };
+    let preset = a.preset.preset();
+    let mut fingers = parse_fingers(&a.fingers)?;
+    if fingers.is_empty() && !preset.has_face() {
+        fingers = vec![(2, 256), (7, 256)];
+    }
     let cfg = PopulationConfig {
         records: a.records,
         seed: a.seed,
         preset,
-        face_dim: a.face_dim,
-        fingers: fingers.clone(),
+        face_dim: a.face_dim.unwrap_or(preset.default_face_dim()),
+        fingers,
         duplicate_rate: a.duplicate_rate,
         ..PopulationConfig::default()
     };
@@ -274,14 +297,11 @@ fn main() -> Result<()> {
                     (vec![(Modality::Face, f.clone())], subj, a.truth.clone())
                 }
                 None => {
-                    let mut files = Vec::new();
-                    if a.face_dim > 0 {
-                        files.push((Modality::Face, pop.join("face.npy")));
-                    }
-                    for &(p, _) in &fingers {
-                        let m = Modality::finger(p)?;
-                        files.push((m, pop.join(format!("{}.npy", m.key()))));
-                    }
+                    let files = cfg
+                        .modalities()
+                        .into_iter()
+                        .map(|(m, _)| (m, pop.join(format!("{}.npy", m.key()))))
+                        .collect();
                     if !a.reuse {
                         st.time("generate", || {
                             Ok(write_population(&cfg, &pop, &mut |_, _| {})?)
@@ -576,7 +596,7 @@ fn main() -> Result<()> {
     let line = json!({
         "bench": "scale",
         "records": n,
-        "preset": if a.face_npy.is_some() { "npy".to_string() } else { format!("{:?}", a.preset).to_lowercase() },
+        "preset": if a.face_npy.is_some() { "npy".to_string() } else { preset.name().to_string() },
         "dims": dims,
         "threads": rayon::current_num_threads(),
         "stages": st.0,
