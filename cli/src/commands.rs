@@ -2,9 +2,9 @@
 
 use crate::ui::Ui;
 use crate::{Command, Failure, ModeArg, PresetArg};
-use pacha_engine::audit::AuditOptions;
 use anyhow::{Context, anyhow, bail};
 use pacha_datasets::Modality;
+use pacha_engine::audit::AuditOptions;
 use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, DedupScope};
 use pacha_engine::engine::{CalibrateOptions, IdentifyOptions};
@@ -288,6 +288,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
             seed: a.audit_seed,
             min_recall: a.min_recall,
         },
+        force_path: a.force_path.clone(),
     };
     if !(0.0..=1.0).contains(&a.min_recall) {
         return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());
@@ -307,7 +308,9 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         s.records_per_second,
         a.out.display()
     ));
-    if s.calibration_source.starts_with("fitted from the store at match time") {
+    if s.calibration_source
+        .starts_with("fitted from the store at match time")
+    {
         ui.out(format!("calibration: {}", s.calibration_source));
     }
     for line in audit_lines(s) {
@@ -332,7 +335,10 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
 /// The audit's summary lines for a terminal (empty without an audit).
 pub fn audit_lines(s: &pacha_engine::dedup::DedupSummary) -> Vec<String> {
     let Some(a) = &s.audit else {
-        return vec![format!("completeness: {} mode (exact search, complete by construction)", s.mode)];
+        return vec![format!(
+            "completeness: {} mode (exact search, complete by construction)",
+            s.mode
+        )];
     };
     let mut out = vec![format!(
         "completeness audit ({} of {} probe rows searched exactly, {:.1} s): recall {}/{} = {:.5} (95 % CI {:.5}–{:.5}) of the pairs at or above the threshold",
@@ -359,6 +365,12 @@ pub fn audit_lines(s: &pacha_engine::dedup::DedupSummary) -> Vec<String> {
         a.boundary_pooled.lower,
         a.boundary_pooled.upper
     ));
+    for (m, f) in &a.synthetic {
+        out.push(format!(
+            "  {m}: synthetic boundary pairs reached by the probe rule: {}/{} = {:.5}",
+            f.found, f.pairs, f.recall
+        ));
+    }
     out.push(format!(
         "  verdict: {} — lower bound {:.5} vs --min-recall {} ({})",
         if a.passed { "PROVEN" } else { "NOT PROVEN" },
@@ -372,7 +384,10 @@ pub fn audit_lines(s: &pacha_engine::dedup::DedupSummary) -> Vec<String> {
             p.modality,
             p.path,
             p.rule
-                .map(|r| format!(" (≥ {} lists, + those within {:.3} of the best, mean {:.1})", r.min, r.margin, p.mean_probes))
+                .map(|r| format!(
+                    " (≥ {} lists, + those within {:.3} of the best, mean {:.1})",
+                    r.min, r.margin, p.mean_probes
+                ))
                 .unwrap_or_default(),
             p.cosine,
             p.pilot_rows,

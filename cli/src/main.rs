@@ -249,6 +249,9 @@ pub struct DedupArgs {
     /// Seed of the audit's sample.
     #[arg(long, default_value_t = AuditOptions::default().seed)]
     pub audit_seed: u64,
+    /// Index mode: force every candidate modality onto one path (ivf, brute or exact) instead of the plan.
+    #[arg(long)]
+    pub force_path: Option<String>,
     /// Recall the run must prove: if the audit's 95 % lower bound is below it, the run exits with code 3.
     #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_MIN_RECALL)]
     pub min_recall: f64,

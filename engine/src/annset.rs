@@ -5,8 +5,8 @@
 //! started. Compaction renumbers rows, so an index of another generation is ignored and removed.
 
 use crate::EngineError;
-use crate::store::Snapshot;
 use crate::policy::{Visits, plan_modality};
+use crate::store::Snapshot;
 use pacha_index::ivf::{Ivf, IvfParams, ProbeRule};
 use pacha_index::sketch::{Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
@@ -147,7 +147,9 @@ impl AnnSet {
             return Ok(Vec::new());
         };
         let base = view.slice_rows(0, self.rows);
-        let rule = self.identify_rule(snap, mi, t)?.unwrap_or(ProbeRule::fixed(ivf.lists()));
+        let rule = self
+            .identify_rule(snap, mi, t)?
+            .unwrap_or(ProbeRule::fixed(ivf.lists()));
         Ok(ivf.search_rule(base, query, t, rule))
     }
 
@@ -159,7 +161,10 @@ impl AnnSet {
         t: f32,
     ) -> Result<Option<ProbeRule>, EngineError> {
         {
-            let cache = self.identify_rules.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = self
+                .identify_rules
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(&(_, _, r)) = cache.iter().find(|e| e.0 == mi && e.1 == t.to_bits()) {
                 return Ok(r);
             }
@@ -176,7 +181,10 @@ impl AnnSet {
             plan.synthetic_pairs,
             plan.seconds
         );
-        let mut cache = self.identify_rules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self
+            .identify_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         cache.push((mi, t.to_bits(), plan.rule));
         Ok(plan.rule)
     }
@@ -264,9 +272,11 @@ pub fn sketch_rows(snap: &Snapshot, mi: usize) -> Result<Sketches, EngineError> 
         EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
     })?;
     let m = spec.modality;
-    Ok(Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
-        view,
-        &|r| snap.is_present(m, r),
-        &snap.f32_pager(m),
-    )?)
+    Ok(
+        Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
+            view,
+            &|r| snap.is_present(m, r),
+            &snap.f32_pager(m),
+        )?,
+    )
 }

@@ -7,8 +7,8 @@
 //! leverage. Rows committed after the index was built get a home in the partition like the others, so
 //! they go through the same join (no separate, weaker path for new rows).
 
-use crate::annset::SketchFilter;
 use crate::EngineError;
+use crate::annset::SketchFilter;
 use crate::policy::RunIndex;
 use crate::store::Snapshot;
 use pacha_datasets::Modality;
@@ -68,7 +68,14 @@ pub fn pairs_for_tile(
     let absent = |r: u32| !snap.is_present(m, r as usize) || snap.is_deleted(r as usize);
     if let Some(run) = run.filter(|r| r.joins(mi)) {
         let live_accept = |a: u32, b: u32, c: f32| !absent(a) && !absent(b) && accept(a, b, c);
-        let (pairs, st) = run.join(snap, mi, probes, min_cos, sketch.map(|s| s.cut), &live_accept)?;
+        let (pairs, st) = run.join(
+            snap,
+            mi,
+            probes,
+            min_cos,
+            sketch.map(|s| s.cut),
+            &live_accept,
+        )?;
         *stats = stats.add(&st);
         out.extend(pairs.iter().map(|&(a, b, _)| (a, b)));
         return Ok(pairs.len());

@@ -16,10 +16,10 @@
 use crate::annset::SketchFilter;
 use crate::audit::{Audit, AuditOptions, Recorder};
 use crate::candidates::{self, CandidateMode};
-use crate::identity::{RunIdentity, run_identity};
-use crate::policy::{FilterModel, ModalityPlan, RunIndex};
 use crate::fusion::{Calibration, threshold_for_fpir};
+use crate::identity::{RunIdentity, run_identity};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
+use crate::policy::{FilterModel, ModalityPlan, RunIndex};
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use pacha_index::ivf::JoinStats;
@@ -71,6 +71,10 @@ pub struct DedupOptions {
     /// The completeness audit of index-mode runs ([`crate::audit`]).
     #[serde(default)]
     pub audit: AuditOptions,
+    /// Index mode: force every candidate modality onto one path (`"ivf"`, `"brute"` or `"exact"`) instead
+    /// of the planner's choice (for tests and measurements; `"ivf"` needs a saved index).
+    #[serde(default)]
+    pub force_path: Option<String>,
 }
 
 /// The sketch cut policy of the contract: every cut is the complete one (a pair at the candidate cosine is
@@ -96,6 +100,7 @@ impl Default for DedupOptions {
             sketch: Some(complete_cuts()),
             genuine_miss: 0.0,
             audit: AuditOptions::default(),
+            force_path: None,
         }
     }
 }
@@ -209,6 +214,22 @@ pub struct DedupResult {
     pub summary: DedupSummary,
 }
 
+impl DedupSummary {
+    /// Per schema modality: true iff its plan is the brute-force sketch join.
+    fn plans_by_modality(&self, snap: &Snapshot) -> Vec<bool> {
+        snap.schema()
+            .modalities
+            .iter()
+            .map(|s| {
+                let key = s.modality.key();
+                self.plans
+                    .iter()
+                    .any(|p| p.modality == key && p.path == "brute")
+            })
+            .collect()
+    }
+}
+
 impl DedupResult {
     /// The pairs at or above the threshold.
     pub fn hits(&self) -> impl Iterator<Item = &DedupPair> {
@@ -244,6 +265,7 @@ struct CheckpointKey {
     mode: String,
     block_rows: usize,
     audit: AuditOptions,
+    force_path: Option<String>,
 }
 
 /// Runs a dedup over the snapshot in `ctx`.
@@ -361,6 +383,7 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         mode: key_mode,
         block_rows,
         audit: opts.audit.clone(),
+        force_path: opts.force_path.clone(),
     };
     let ckpt = match &opts.checkpoint_dir {
         Some(d) => Some(Checkpoint::open(d, &key)?),
@@ -379,10 +402,17 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
     // Index mode: plan each modality's candidate path on this store (pilots) and build the run's index.
     let t_prep = Instant::now();
     let run_index = match mode {
-        CandidateMode::Index => Some(RunIndex::prepare(snap, ann, &cand_cos, &filters, &|mi| match ann {
-            Some(a) => a.sketches(snap, mi),
-            None => Ok(std::sync::Arc::new(crate::annset::sketch_rows(snap, mi)?)),
-        })?),
+        CandidateMode::Index => Some(RunIndex::prepare(
+            snap,
+            ann,
+            &cand_cos,
+            &filters,
+            opts.force_path.as_deref(),
+            &|mi| match ann {
+                Some(a) => a.sketches(snap, mi),
+                None => Ok(std::sync::Arc::new(crate::annset::sketch_rows(snap, mi)?)),
+            },
+        )?),
         _ => None,
     };
     let prepare_seconds = t_prep.elapsed().as_secs_f64();
@@ -516,9 +546,60 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between them
         // and the run's cosines are never looked for, and count as missed.
         let complete = ctx.calibration.candidate_cosines(floor);
-        let exact = crate::audit::exact_sample(snap, ctx.calibration, &audit_sample, floor, &complete)?;
+        let exact =
+            crate::audit::exact_sample(snap, ctx.calibration, &audit_sample, floor, &complete)?;
         let reported: std::collections::HashSet<(u32, u32)> =
             pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
+        // With complete budgets and no partition, completeness follows from the sketch model alone.
+        let construction = match &run_index {
+            Some(ri) if genuine_miss == 0.0 && ri.plans().iter().all(|p| p.path != "ivf") => {
+                let drop: f64 = snap
+                    .schema()
+                    .modalities
+                    .iter()
+                    .zip(&cuts)
+                    .zip(&summary.plans_by_modality(snap))
+                    .filter(|(_, brute)| **brute)
+                    .filter_map(|((_, c), _)| {
+                        c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold)
+                    })
+                    .sum();
+                Some((
+                    1.0 - drop,
+                    format!(
+                        "every candidate modality searched without a partition (exact GEMM or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        // Synthetic boundary pairs for the IVF paths (several per sampled row, an independent seed).
+        let mut synthetic = Vec::new();
+        if let Some(ri) = &run_index {
+            let rows4: Vec<u32> = audit_sample
+                .iter()
+                .flat_map(|&r| std::iter::repeat_n(r, crate::audit::SYNTHETIC_PER_ROW))
+                .collect();
+            for (mi, rm) in ri.modalities.iter().enumerate() {
+                let Some(rm) = rm else { continue };
+                let (Some(ivf), Some(rule)) = (&rm.ivf, rm.plan.rule) else {
+                    continue;
+                };
+                if rm.plan.path != "ivf" {
+                    continue;
+                }
+                let (f, n) = crate::policy::synthetic_reach(
+                    snap,
+                    ivf,
+                    mi,
+                    rm.plan.cosine,
+                    rule,
+                    &rows4,
+                    opts.audit.seed ^ 0x5e1f ^ mi as u64,
+                );
+                synthetic.push((rm.plan.modality.clone(), f, n));
+            }
+        }
         summary.audit = Some(crate::audit::assess(
             snap,
             &opts.audit,
@@ -529,6 +610,8 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             rec,
             threshold,
             floor,
+            construction,
+            synthetic,
         ));
     }
     summary.reported_pairs = pairs.len();

@@ -382,7 +382,11 @@ impl Engine {
             };
             let from = match &ann {
                 Some(a) if snap.live() > candidates::AUTO_EXACT_MAX_ROWS => {
-                    rows.extend(a.search(snap, mi, q, c)?.into_iter().map(|(r, _)| r as usize));
+                    rows.extend(
+                        a.search(snap, mi, q, c)?
+                            .into_iter()
+                            .map(|(r, _)| r as usize),
+                    );
                     a.rows()
                 }
                 _ => 0,

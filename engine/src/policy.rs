@@ -14,7 +14,7 @@
 //!    home list ([`Reach`]); a [`ProbeRule`] reaches the pair if it makes either side probe the other's
 //!    home (two-way visits; one-way for identify, where only the query probes);
 //! 4. among rules `(min, margin)` the pilot keeps the cheapest that reaches **every** pilot pair, widened by
-//!    a safety slack, where the cost is the predicted sketch comparisons (each pilot row's probed lists'
+//!    a safety slack (depth × 1.25, margin × 1.15 + 0.01), where the cost is the predicted sketch comparisons (each pilot row's probed lists'
 //!    member counts, scaled to the store), and compares it with a brute-force sketch join
 //!    (`N²/2` comparisons, [`Ivf::brute`]), which needs no partition at all. The cheaper wins.
 //!
@@ -25,12 +25,12 @@ use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use pacha_index::RowsF32;
 use pacha_index::ivf::{Ivf, JoinPair, JoinStats, ProbeRule, QuantStage, Reach};
-use pacha_index::quant::l1_bounds;
-use pacha_index::sketch::{Sketches, StagedCut};
-use std::ops::Range;
 use pacha_index::kernels::dot_f32;
+use pacha_index::quant::l1_bounds;
 use pacha_index::rng::SplitMix;
+use pacha_index::sketch::{Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::time::Instant;
 
 /// Rows sampled by a pilot.
@@ -41,6 +41,10 @@ pub const MIN_NATURAL_PAIRS: usize = 2000;
 pub const MAX_PILOT_PAIRS: usize = 40_000;
 /// Seed of pilot samples (distinct from the audit's).
 const PILOT_SEED: u64 = 0x9170_7e57;
+/// Synthetic boundary partners per pilot row (when natural pairs are few).
+const SYNTHETIC_PER_PILOT_ROW: usize = 4;
+/// Relative widening of the fixed depth the pilot pairs need.
+const MIN_SLACK: f64 = 1.25;
 /// Relative widening of the margin the pilot pairs need.
 const MARGIN_SLACK: f32 = 0.15;
 /// Absolute widening of that margin.
@@ -52,7 +56,12 @@ const SKETCH_PRODUCT_S: f64 = 0.8e-9;
 /// Seconds per second-stage (whole-sketch) test of a first-stage survivor.
 const STAGE2_S: f64 = 3e-9;
 /// Seconds per exact rescoring of a 512-d survivor (scattered f32 read, `dot_f32`, verdict), both cores.
-const RESCORE_S_512: f64 = 40e-9;
+/// Measured at 100 k rows (face + 2 fingers, complete cuts): 845 M rescorings in about 140 s.
+const RESCORE_S_512: f64 = 150e-9;
+/// How much more often a partition's products pass the sketch stages than random pairs (the impostor
+/// model's share): visited pairs are nearer. Measured at 100 k rows (structured face, cosine 0.33): 0.84
+/// vs 0.47 predicted at the first stage, 0.29 vs 0.17 at the second.
+const IVF_PASS_FACTOR: f64 = 1.8;
 /// Sustained f32 GEMM rate of the exact join on both cores (measured 150–176 GFLOP/s; BENCHMARKS.md).
 const GEMM_FLOPS: f64 = 130e9;
 
@@ -188,7 +197,12 @@ pub fn plan_modality(
         pacha_index::exact::threshold_join(probe, view, c - 1e-4, None, Some(&skip))?
             .into_iter()
             .filter(|p| pilot[p.a as usize] != p.b)
-            .filter(|p| dot_f32(view.row(pilot[p.a as usize] as usize), view.row(p.b as usize)) >= c)
+            .filter(|p| {
+                dot_f32(
+                    view.row(pilot[p.a as usize] as usize),
+                    view.row(p.b as usize),
+                ) >= c
+            })
             .map(|p| (p.a as usize, p.b))
             .collect();
     if pairs.len() > MAX_PILOT_PAIRS {
@@ -210,29 +224,21 @@ pub fn plan_modality(
     }
     let mut owners: Vec<usize> = pairs.iter().map(|p| p.0).collect();
     if pairs.len() < MIN_NATURAL_PAIRS {
-        let mut rng = SplitMix(PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64);
-        let s = (1.0 - f64::from(c).powi(2)).max(0.0).sqrt() as f32;
-        for (i, &x) in pilot.iter().enumerate() {
-            let xv = view.row(x as usize);
-            // Another live row, as the direction the synthetic partner leans to.
-            let z = present[(rng.next_u64() % n as u64) as usize];
-            if z == x {
-                continue;
-            }
-            let zv = view.row(z as usize);
-            let proj = dot_f32(xv, zv);
-            let mut w: Vec<f32> = zv.iter().zip(xv).map(|(&a, &b)| a - proj * b).collect();
-            let norm = dot_f32(&w, &w).sqrt();
-            if !(norm > 1e-3) {
-                continue;
-            }
-            for v in &mut w {
-                *v /= norm;
-            }
-            partner.extend(xv.iter().zip(&w).map(|(&a, &b)| c * a + s * b));
-            owners.push(i);
-            plan.synthetic_pairs += 1;
-        }
+        // Several partners per pilot row (each leaning towards another store row).
+        let reps: Vec<u32> = pilot
+            .iter()
+            .flat_map(|&r| std::iter::repeat_n(r, SYNTHETIC_PER_PILOT_ROW))
+            .collect();
+        let (syn, syn_owners) = synthetic_partners(
+            view,
+            &reps,
+            &present,
+            c,
+            PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64,
+        );
+        plan.synthetic_pairs = syn_owners.len();
+        partner.extend_from_slice(&syn);
+        owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
     }
     let np = owners.len();
     let mut partner_scores = Vec::new();
@@ -289,8 +295,8 @@ pub fn plan_modality(
             || need.back.is_some_and(|b| rule.reaches(b.rank, b.gap))
     };
     let mut grid: Vec<usize> = [
-        1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384,
-        512, 768, 1024, 1536, 2048, 3072, 4096,
+        1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320,
+        384, 512, 768, 1024, 1536, 2048, 3072, 4096,
     ]
     .into_iter()
     .filter(|&g| g < lists)
@@ -309,7 +315,7 @@ pub fn plan_modality(
             .fold(None::<f32>, |a, g| Some(a.map_or(g, |a| a.max(g))));
         let margin = need.map_or(0.0, |g| g * (1.0 + MARGIN_SLACK) + MARGIN_PAD);
         let rule = ProbeRule {
-            min,
+            min: ((min as f64 * MIN_SLACK).ceil() as usize).min(lists),
             margin,
             max: lists,
         };
@@ -321,7 +327,11 @@ pub fn plan_modality(
     if let Some((products, probes, rule)) = best {
         // The partition's products are nearer pairs than random ones: its survivors are at least as
         // many per product as a brute-force join's.
-        let secs = join_seconds(products, d, filter);
+        let nearer = filter.map(|f| FilterModel {
+            prefix_pass: (f.prefix_pass * IVF_PASS_FACTOR).min(1.0),
+            full_pass: (f.full_pass * IVF_PASS_FACTOR).min(1.0),
+        });
+        let secs = join_seconds(products, d, nearer);
         plan.predicted_seconds.push(("ivf".into(), secs));
         let best_other = plan
             .predicted_seconds
@@ -359,6 +369,94 @@ fn choose_without_partition(plan: &mut ModalityPlan, d: usize, filter: Option<Fi
     plan.predicted_products = pairs;
 }
 
+/// Synthetic boundary partners of `rows` (see the module docs): for each row `x`, `y = c·x + √(1−c²)·w`,
+/// `w` the unit part orthogonal to `x` of a seeded random row of `pool`. Returns the partners (dense) and,
+/// for each, the index into `rows` of its row.
+pub fn synthetic_partners(
+    view: RowsF32<'_>,
+    rows: &[u32],
+    pool: &[u32],
+    c: f32,
+    seed: u64,
+) -> (Vec<f32>, Vec<usize>) {
+    let d = view.dim();
+    let mut out = Vec::with_capacity(rows.len() * d);
+    let mut owners = Vec::with_capacity(rows.len());
+    if pool.is_empty() {
+        return (out, owners);
+    }
+    let mut rng = SplitMix(seed);
+    let s = (1.0 - f64::from(c).powi(2)).max(0.0).sqrt() as f32;
+    for (i, &x) in rows.iter().enumerate() {
+        let xv = view.row(x as usize);
+        let z = pool[(rng.next_u64() % pool.len() as u64) as usize];
+        if z == x {
+            continue;
+        }
+        let zv = view.row(z as usize);
+        let proj = dot_f32(xv, zv);
+        let mut w: Vec<f32> = zv.iter().zip(xv).map(|(&a, &b)| a - proj * b).collect();
+        let norm = dot_f32(&w, &w).sqrt();
+        if norm.is_nan() || norm <= 1e-3 {
+            continue;
+        }
+        for v in &mut w {
+            *v /= norm;
+        }
+        out.extend(xv.iter().zip(&w).map(|(&a, &b)| c * a + s * b));
+        owners.push(i);
+    }
+    (out, owners)
+}
+
+/// Synthetic boundary evidence for a run's IVF path: of synthetic partners at cosine `c` of `rows`
+/// (an independent seed from the pilot's), how many the run's rule reaches (two-way), and how many there
+/// were. The join compares a pair iff one side probes the other's home, so this is the path's reach of
+/// such pairs; the sketch stage's drop is bounded separately by its binomial model.
+pub fn synthetic_reach(
+    snap: &Snapshot,
+    ivf: &Ivf,
+    mi: usize,
+    c: f32,
+    rule: ProbeRule,
+    rows: &[u32],
+    seed: u64,
+) -> (u64, u64) {
+    let spec = &snap.schema().modalities[mi];
+    let m = spec.modality;
+    let Some(view) = snap.f32_rows(m) else {
+        return (0, 0);
+    };
+    let rows: Vec<u32> = rows
+        .iter()
+        .copied()
+        .filter(|&r| snap.is_present(m, r as usize) && !snap.is_deleted(r as usize))
+        .collect();
+    let pool: Vec<u32> = (0..snap.rows())
+        .filter(|&r| snap.is_present(m, r) && !snap.is_deleted(r))
+        .map(|r| r as u32)
+        .collect();
+    let (partners, owners) = synthetic_partners(view, &rows, &pool, c, seed);
+    let lists = ivf.lists();
+    let mut dense = Vec::with_capacity(rows.len() * spec.dim);
+    for &r in &rows {
+        dense.extend_from_slice(view.row(r as usize));
+    }
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    let xh = ivf.homes_and_scores(&dense, rows.len(), &mut xs);
+    let yh = ivf.homes_and_scores(&partners, owners.len(), &mut ys);
+    let reached = owners
+        .iter()
+        .enumerate()
+        .filter(|&(p, &i)| {
+            let f = Reach::of(&xs[i * lists..(i + 1) * lists], yh[p] as usize);
+            let b = Reach::of(&ys[p * lists..(p + 1) * lists], xh[i] as usize);
+            rule.reaches(f.rank, f.gap) || rule.reaches(b.rank, b.gap)
+        })
+        .count();
+    (reached as u64, owners.len() as u64)
+}
+
 /// One modality's candidate structure for a run: the partition re-probed over every row of the snapshot
 /// (or the brute-force one-list index), its rows' sign sketches and, past RAM, the i8 rescoring stage.
 pub struct RunModality {
@@ -387,6 +485,7 @@ impl RunIndex {
         ann: Option<&AnnSet>,
         cosines: &[Option<f32>],
         filters: &[Option<FilterModel>],
+        force: Option<&str>,
         sketches: &dyn Fn(usize) -> Result<std::sync::Arc<Sketches>, EngineError>,
     ) -> Result<RunIndex, EngineError> {
         let mut out = Vec::with_capacity(cosines.len());
@@ -426,6 +525,22 @@ impl RunIndex {
                     plan
                 }
             };
+            let mut plan = plan;
+            match force {
+                Some("ivf") if plan.rule.is_none() => {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "{}: the ivf path needs a saved index and a rule",
+                        plan.modality
+                    )));
+                }
+                Some(p @ ("ivf" | "brute" | "exact")) => plan.path = p.to_string(),
+                Some(p) => {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "unknown candidate path {p:?} (ivf, brute or exact)"
+                    )));
+                }
+                None => {}
+            }
             let ivf = match (saved, plan.rule, plan.path.as_str()) {
                 (Some(saved), Some(rule), "ivf") => {
                     Some(saved.reprobe(view, &live, rule, &snap.f32_pager(m))?)
@@ -502,15 +617,8 @@ impl RunIndex {
                     (Some(l1), Some(codes)) => Some(QuantStage::new(codes, l1)?),
                     _ => None,
                 };
-                Ok(ivf.self_join_rows_sketched_with(
-                    view,
-                    sketches,
-                    quant,
-                    probes,
-                    t,
-                    cut,
-                    accept,
-                )?)
+                Ok(ivf
+                    .self_join_rows_sketched_with(view, sketches, quant, probes, t, cut, accept)?)
             }
             _ => {
                 let mut pairs = ivf.self_join_rows(view, probes, t)?;

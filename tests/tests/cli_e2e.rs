@@ -158,6 +158,8 @@ fn full_pipeline_through_the_cli() {
         "40",
         "--mode",
         "index",
+        "--force-path",
+        "brute",
     ]);
     assert_eq!(d["summary"]["mode"], "Index+sketch");
     let cuts = d["summary"]["sketch_cuts"].as_array().unwrap();
@@ -194,6 +196,8 @@ fn full_pipeline_through_the_cli() {
             "40",
             "--mode",
             "index",
+            "--force-path",
+            "brute",
         ])
         .output()
         .expect("run pacha");

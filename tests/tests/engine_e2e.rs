@@ -45,10 +45,13 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
             None,
         )
         .unwrap();
+    // The relaxed (opt-in) index run: multi-modal budgets relaxed (genuine_miss 1e-4), impostor-budget cuts.
     let index = e
         .dedup(
             &DedupOptions {
                 mode: CandidateMode::Index,
+                genuine_miss: 1e-4,
+                sketch: Some(pacha_index::sketch::CutPolicy::default()),
                 ..DedupOptions::default()
             },
             None,
@@ -75,7 +78,7 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
         "{false_hits} false hits at target FPIR 1e-3 over 50 000 probes"
     );
 
-    // The default index run relaxes the multi-modal candidate budgets (genuine_miss 1e-4): it must find every
+    // The relaxed index run (genuine_miss 1e-4): it must find every
     // planted pair the exact pipeline finds (up to 0.1 %), and may give up a few non-planted hits that are
     // weak in every modality.
     let planted_index = truth.iter().filter(|p| fi.contains(*p)).count();
@@ -90,12 +93,12 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
         "index pipeline found {agreed} of the exact pipeline's {} hits ({rel:.5})",
         fe.len()
     );
-    // With the complete budgets the index path reports what exact search does (all hits, planted or not).
+    // The default index run (complete budgets and cuts) reports what exact search does (all hits, planted
+    // or not), and its audit proves it.
     let complete = e
         .dedup(
             &DedupOptions {
                 mode: CandidateMode::Index,
-                genuine_miss: 0.0,
                 ..DedupOptions::default()
             },
             None,
@@ -111,6 +114,12 @@ fn dedup_50k_finds_planted_duplicates_and_index_matches_exact() {
         fe.len()
     );
     assert!(fc.is_subset(&fe));
+    let audit = complete
+        .summary
+        .audit
+        .as_ref()
+        .expect("index runs are audited");
+    assert!(audit.passed, "{audit:?}");
     // The index path never invents pairs the exact path would not report: same scores, same decisions.
     assert!(
         fi.is_subset(&fe),

@@ -123,6 +123,13 @@ struct Args {
     /// Probe rows (the last ones) compared with an exact dedup; 0 skips the exact comparison.
     #[arg(long, default_value_t = 2000)]
     exact_sample: usize,
+    /// Probe rows of the run's own completeness audit (recall vs exact on all pairs, with its interval).
+    #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_AUDIT_PROBES)]
+    audit_probes: usize,
+    /// Impostor-budget sketch cuts (the pre-contract policy: `--genuine-drop*` bound the drops) instead of
+    /// the complete cuts.
+    #[arg(long)]
+    budget_cuts: bool,
     /// IVF lists (default: automatic, 2·√N).
     #[arg(long)]
     lists: Option<usize>,
@@ -392,12 +399,18 @@ fn main() -> Result<()> {
         genuine_miss: a.genuine_miss,
         sketch: if a.no_sketch {
             None
-        } else {
+        } else if a.budget_cuts {
             Some(CutPolicy {
                 genuine_drop: a.genuine_drop,
                 genuine_drop_multimodal: a.genuine_drop_multimodal,
                 ..CutPolicy::default()
             })
+        } else {
+            Some(pacha_engine::dedup::complete_cuts())
+        },
+        audit: pacha_engine::audit::AuditOptions {
+            probes: a.audit_probes,
+            ..Default::default()
         },
         scope: if a.recall_only {
             DedupScope::RowsFrom(engine.snapshot().rows().saturating_sub(1))
@@ -604,6 +617,9 @@ fn main() -> Result<()> {
         "dedup_records_per_second": n as f64 / matching_seconds.max(1e-9),
         "dedup": {
             "mode": result.summary.mode,
+            "audit": result.summary.audit,
+            "plans": result.summary.plans,
+            "prepare_seconds": result.summary.prepare_seconds,
             "threshold": threshold,
             "candidate_cosines": result.summary.candidate_cosines,
             "genuine_miss": result.summary.genuine_miss,

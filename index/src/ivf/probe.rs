@@ -11,7 +11,8 @@
 //! once, by sketch.
 
 use super::{
-    ASSIGN_BATCH, ASSIGN_TILE, AssignedChunk, Ivf, check_base, check_finite, gather, gemm, top_select,
+    ASSIGN_BATCH, ASSIGN_TILE, AssignedChunk, Ivf, check_base, check_finite, gather, gemm,
+    top_select,
 };
 use crate::IndexError;
 use crate::kernels::dot_f32;

@@ -1,0 +1,288 @@
+//! The completeness contract, end to end: on populations the candidate path was not tuned on, an index-mode
+//! dedup (whole store and a daily batch) and an indexed identify report what an exact search reports, and
+//! every index-mode run carries an audit that agrees with the truth. A checkpoint never serves another
+//! store's or another calibration's tiles.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pacha_datasets::generate::{PopulationConfig, Preset};
+use pacha_engine::Modality;
+use pacha_engine::candidates::CandidateMode;
+use pacha_engine::dedup::{DedupOptions, DedupResult, DedupScope};
+use pacha_engine::engine::{CalibrateOptions, IdentifyOptions};
+use pacha_engine::store::Template;
+use pacha_tests::{load, load_first, ordered};
+use std::collections::HashSet;
+
+fn hits(r: &DedupResult) -> HashSet<(String, String)> {
+    r.hits().map(|p| ordered(&p.a, &p.b)).collect()
+}
+
+fn reported(r: &DedupResult) -> HashSet<(String, String)> {
+    r.pairs.iter().map(|p| ordered(&p.a, &p.b)).collect()
+}
+
+/// Report floor of the population tests: FMR 1e-5, well below the threshold (≈ 73 at 20 k rows), so that
+/// populations whose duplicates score under the threshold on one modality still give many pairs (the
+/// power-law population, whose impostor cosines spread widest, uses 40).
+const FLOOR: f64 = 50.0;
+
+fn cfg(preset: Preset, records: u64) -> PopulationConfig {
+    PopulationConfig {
+        records,
+        seed: 7,
+        preset,
+        face_dim: if preset.has_face() { 512 } else { 0 },
+        fingers: if preset == Preset::FingersOnly {
+            vec![(2, 256), (7, 256)]
+        } else {
+            PopulationConfig::default().fingers
+        },
+        ..PopulationConfig::default()
+    }
+}
+
+/// Index-mode dedup vs exact dedup on one population, both reporting down to [`FLOOR`]: recall vs exact
+/// ≥ 0.999 of all pairs at or above the floor (planted or not), every hit at the threshold found, and the
+/// audit's sample agrees.
+fn index_matches_exact(preset: Preset, records: u64, floor: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let keep: &[Modality] = if preset.has_face() {
+        &[Modality::Face]
+    } else {
+        &[Modality::Finger(2), Modality::Finger(7)]
+    };
+    let pop = load(dir.path(), &cfg(preset, records), Some(keep));
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    e.build_index(&Default::default(), None).unwrap();
+    let run = |mode| {
+        e.dedup(
+            &DedupOptions {
+                mode,
+                report_floor: Some(floor),
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let (exact, index) = (run(CandidateMode::Exact), run(CandidateMode::Index));
+    assert!(
+        hits(&exact).is_subset(&hits(&index)),
+        "{preset:?}: a hit was missed"
+    );
+    let (he, hi) = (reported(&exact), reported(&index));
+    assert!(
+        he.len() >= 20,
+        "{preset:?}: only {} pairs reach the floor",
+        he.len()
+    );
+    let found = he.intersection(&hi).count();
+    let recall = found as f64 / he.len().max(1) as f64;
+    assert!(
+        recall >= 0.999,
+        "{preset:?}: index run found {found} of the {} pairs exact search reports ({recall:.5}); plans {:?}",
+        he.len(),
+        index.summary.plans
+    );
+    // Every index hit is a true hit (exact scores: the index path only decides what is compared).
+    assert!(
+        hi.is_subset(&he),
+        "{preset:?}: index reported a pair exact search does not"
+    );
+    let audit = index
+        .summary
+        .audit
+        .as_ref()
+        .expect("index runs carry an audit");
+    assert_eq!(
+        audit.contract.found, audit.contract.pairs,
+        "{preset:?}: audit saw misses though exact search found none: {audit:?}"
+    );
+    let below = audit
+        .below_threshold
+        .expect("the floor is below the threshold");
+    assert_eq!(below.found, below.pairs, "{preset:?}: {audit:?}");
+    assert_eq!(
+        audit.boundary_pooled.found, audit.boundary_pooled.pairs,
+        "{preset:?}: {audit:?}"
+    );
+    assert!(audit.sampled_probes > 0 && !index.summary.plans.is_empty());
+    assert!(
+        exact.summary.audit.is_none(),
+        "exact runs are complete by construction"
+    );
+}
+
+#[test]
+fn isotropic_mates_index_matches_exact() {
+    index_matches_exact(Preset::IsotropicMates, 20_000, FLOOR);
+}
+
+#[test]
+fn lookalike_families_index_matches_exact() {
+    index_matches_exact(Preset::LookalikeFamilies, 20_000, FLOOR);
+}
+
+#[test]
+fn heavy_tail_index_matches_exact() {
+    index_matches_exact(Preset::HeavyTail, 20_000, FLOOR);
+}
+
+#[test]
+fn power_law_index_matches_exact() {
+    index_matches_exact(Preset::PowerLaw, 20_000, 40.0);
+}
+
+#[test]
+fn skewed_clusters_index_matches_exact() {
+    index_matches_exact(Preset::SkewedClusters, 20_000, FLOOR);
+}
+
+#[test]
+fn fingers_only_index_matches_exact() {
+    index_matches_exact(Preset::FingersOnly, 20_000, FLOOR);
+}
+
+#[test]
+fn structured_face_index_matches_exact() {
+    index_matches_exact(Preset::Structured, 30_000, FLOOR);
+}
+
+/// The registry's daily batch: rows newer than the index, deduplicated against the indexed store and each
+/// other, find what exact search finds; and an indexed identify returns what an exact scan returns.
+#[test]
+fn daily_batch_and_identify_with_an_index_match_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PopulationConfig {
+        duplicate_rate: 0.03,
+        ..cfg(Preset::Structured, 24_000)
+    };
+    let (pop, g) = load_first(dir.path(), &c, 20_000);
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    e.build_index(&Default::default(), None).unwrap();
+    e.insert_records(&g.generate(20_000, 4_000).records)
+        .unwrap();
+    let run = |mode| {
+        e.dedup(
+            &DedupOptions {
+                mode,
+                scope: DedupScope::RowsFrom(20_000),
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let (exact, index) = (run(CandidateMode::Exact), run(CandidateMode::Index));
+    let (he, hi) = (hits(&exact), hits(&index));
+    assert!(
+        he.len() > 50,
+        "the batch should hold duplicates: {}",
+        he.len()
+    );
+    assert_eq!(hi, he, "daily batch: index vs exact");
+    assert!(
+        index
+            .summary
+            .audit
+            .as_ref()
+            .is_some_and(|a| a.contract.found == a.contract.pairs)
+    );
+
+    // Identify: probes are the batch's own templates; the indexed search vs an exact scan of every subject.
+    let snap = e.snapshot();
+    let all: Vec<String> = (0..snap.rows())
+        .map(|r| snap.subject_id(r).to_string())
+        .collect();
+    let mut compared = 0;
+    for r in (20_000..24_000).step_by(40) {
+        let probe: Vec<Template> = snap
+            .schema()
+            .modalities
+            .iter()
+            .filter_map(|s| {
+                snap.template(s.modality, r).map(|v| Template {
+                    modality: s.modality,
+                    vector: v.to_vec(),
+                    quality: 0.9,
+                })
+            })
+            .collect();
+        let indexed = e.identify(&probe, &IdentifyOptions::default()).unwrap();
+        let exact = e
+            .identify(
+                &probe,
+                &IdentifyOptions {
+                    gallery: Some(&all),
+                    ..IdentifyOptions::default()
+                },
+            )
+            .unwrap();
+        let ids = |r: &pacha_engine::engine::IdentifyResult| -> Vec<String> {
+            r.candidates.iter().map(|c| c.subject_id.clone()).collect()
+        };
+        assert_eq!(ids(&indexed), ids(&exact), "identify of row {r}");
+        compared += 1;
+    }
+    assert_eq!(compared, 100);
+}
+
+/// A checkpoint made on one store, or under another calibration, is never reused.
+#[test]
+fn checkpoints_are_keyed_by_store_and_calibration_identity() {
+    let (da, db, ck) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = load(da.path(), &cfg(Preset::Structured, 8_000), None);
+    let b = load(
+        db.path(),
+        &PopulationConfig {
+            seed: 99,
+            ..cfg(Preset::Structured, 8_000)
+        },
+        None,
+    );
+    let opts = DedupOptions {
+        mode: CandidateMode::Exact,
+        block_rows: 2_000,
+        checkpoint_dir: Some(ck.path().to_path_buf()),
+        ..DedupOptions::default()
+    };
+    let ra = a.engine.dedup(&opts, None, None).unwrap();
+    assert_eq!(ra.summary.tiles_resumed, 0);
+    // The same store resumes every tile.
+    let again = a.engine.dedup(&opts, None, None).unwrap();
+    assert_eq!(again.summary.tiles_resumed, 4);
+    assert_eq!(again.pairs, ra.pairs);
+    // Another store with the same shape (same generation, commit count and rows): nothing is reused.
+    let rb = b.engine.dedup(&opts, None, None).unwrap();
+    assert_eq!(rb.summary.tiles_resumed, 0);
+    let fresh_b = b
+        .engine
+        .dedup(
+            &DedupOptions {
+                checkpoint_dir: None,
+                ..opts.clone()
+            },
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!(rb.pairs, fresh_b.pairs);
+    // A new calibration of store A: nothing is reused either.
+    a.engine
+        .calibrate(&CalibrateOptions {
+            seed: 4242,
+            impostor_pairs: 200_000,
+            ..CalibrateOptions::default()
+        })
+        .unwrap();
+    let recal = a.engine.dedup(&opts, None, None).unwrap();
+    assert_eq!(recal.summary.tiles_resumed, 0);
+}
