@@ -385,7 +385,7 @@ fn dedup_resumes_from_checkpoint_with_identical_output() {
             err,
             EngineError::Cancelled {
                 finished_tiles: 2,
-                total_tiles: 6
+                total_tiles: 4
             }
         ),
         "{err}"

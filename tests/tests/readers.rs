@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Records of the store the dedup runs over.
 const N1: u64 = 20_000;
 /// Records of the second batch ingested beside it.
-const N2: u64 = 12_000;
+const N2: u64 = 24_000;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
