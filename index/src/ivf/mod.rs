@@ -298,6 +298,107 @@ struct AssignedChunk {
     lists: Vec<u32>,
 }
 
+/// A per-row table: each row's number of home lists (0 = absent row) and its probe lists, best first
+/// (CSR offsets, `rows + 1` of them, into one flat array).
+struct ProbeTable {
+    home: Vec<u8>,
+    probe_off: Vec<usize>,
+    probe: Vec<u32>,
+}
+
+/// Scores of `n` dense rows (`n × d`) for each of the `c` unit `centroids` (`out`, `n × c`): their cosines,
+/// of the rows centred on `mean` when it is not empty (`bias[j] = centroid_j · mean`).
+#[allow(clippy::too_many_arguments)]
+fn score_against(
+    rows: &[f32],
+    n: usize,
+    centroids: &[f32],
+    c: usize,
+    d: usize,
+    mean: &[f32],
+    bias: &[f32],
+    out: &mut Vec<f32>,
+) {
+    gemm(rows, n, centroids, c, d, out);
+    if mean.is_empty() {
+        return;
+    }
+    let mm = dot_f32(mean, mean);
+    for i in 0..n {
+        let x = &rows[i * d..(i + 1) * d];
+        let (xx, xm) = (dot_f32(x, x), dot_f32(x, mean));
+        let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
+        let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+        for (v, &b) in out[i * c..(i + 1) * c].iter_mut().zip(bias) {
+            *v = (*v - b) * inv;
+        }
+    }
+}
+
+/// Assigns every row of `ids` (ascending) of `base` in streamed batches announced to and released from
+/// `pager`: `score` fills a tile's list scores (`rows × lists`, from the tile's dense rows), `pick` puts a
+/// row's probe lists in `top` (best first) and returns its number of homes. Rows are checked finite as
+/// they are read. Rows not in `ids` get no lists.
+fn assign_streaming(
+    base: RowsF32<'_>,
+    ids: &[u32],
+    lists: usize,
+    pager: &dyn RowPager,
+    score: &(dyn Fn(&[f32], usize, &mut Vec<f32>) + Sync),
+    pick: &(dyn Fn(&[f32], &mut Vec<(f32, u32)>) -> u8 + Sync),
+) -> Result<ProbeTable, IndexError> {
+    let (n, d, c) = (base.rows(), base.dim(), lists);
+    let mut home = vec![0u8; n];
+    let mut probe_off = vec![0usize; n + 1];
+    let mut probe: Vec<u32> = Vec::new();
+    stream_batches(
+        ids,
+        ASSIGN_BATCH,
+        |i| i as usize,
+        pager,
+        |_, batch| {
+            let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
+            let results: Vec<Result<AssignedChunk, IndexError>> = chunks
+                .par_iter()
+                .map_init(
+                    || (Vec::new(), Vec::new(), Vec::new()),
+                    |(rows, buf, top), chunk| {
+                        gather(base, chunk, rows);
+                        check_finite(rows, chunk, d)?;
+                        score(rows, chunk.len(), buf);
+                        let mut out = AssignedChunk::default();
+                        for i in 0..chunk.len() {
+                            let h = pick(&buf[i * c..(i + 1) * c], top);
+                            out.homes.push(h);
+                            out.counts.push(top.len());
+                            out.lists.extend(top.iter().map(|t| t.1));
+                        }
+                        Ok(out)
+                    },
+                )
+                .collect();
+            for (chunk, res) in chunks.iter().zip(results) {
+                let res = res?;
+                for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
+                    home[i as usize] = h;
+                    probe_off[i as usize + 1] = k;
+                }
+                probe.extend_from_slice(&res.lists);
+            }
+            Ok(())
+        },
+    )?;
+    for i in 0..n {
+        probe_off[i + 1] += probe_off[i];
+    }
+    probe.shrink_to_fit();
+    Ok(ProbeTable {
+        home,
+        probe_off,
+        probe,
+    })
+}
+
 /// `out[i*n + k] = a_i · b_k` for dense row-major `a` (m × d) and `b` (n × d).
 pub(crate) fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
     if out.len() < m * n {
@@ -594,110 +695,78 @@ impl Ivf {
         drop(sample);
 
         let bias = list_biases(&cents, &mean, d);
-        let mm = if mean.is_empty() {
-            0.0
-        } else {
-            dot_f32(&mean, &mean)
-        };
         // The samples' scattered rows are read: let them go before the streamed assignment.
         pager.release(0..n);
 
-        // Assign every present row, in ascending batches (each released once read): its probe lists, best
-        // first, appended to one flat table, and how many of them are homes. Every row is checked finite
-        // as it is read.
-        let mut home = vec![0u8; n];
-        let mut probe_off = vec![0usize; n + 1];
-        let mut probe: Vec<u32> = Vec::new();
-        stream_batches(
+        // Assign every present row: its probe lists, best first, and how many of them are homes.
+        let table = assign_streaming(
+            base,
             &ids,
-            ASSIGN_BATCH,
-            |i| i as usize,
+            c,
             pager,
-            |_, batch| {
-                let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
-                let results: Vec<Result<AssignedChunk, IndexError>> = chunks
-                    .par_iter()
-                    .map_init(
-                        || (Vec::new(), Vec::new(), Vec::new()),
-                        |(rows, buf, top), chunk| {
-                            gather(base, chunk, rows);
-                            check_finite(rows, chunk, d)?;
-                            gemm(rows, chunk.len(), &cents, c, d, buf);
-                            let mut out = AssignedChunk::default();
-                            for i in 0..chunk.len() {
-                                let scores = &mut buf[i * c..(i + 1) * c];
-                                // Centred: cosines of `x − mean` with the centroids.
-                                if !mean.is_empty() {
-                                    let x = &rows[i * d..(i + 1) * d];
-                                    let (xx, xm) = (dot_f32(x, x), dot_f32(x, &mean));
-                                    let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
-                                    let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-                                    for (v, &b) in scores.iter_mut().zip(&bias) {
-                                        *v = (*v - b) * inv;
-                                    }
-                                }
-                                let scores = &buf[i * c..(i + 1) * c];
-                                // Insertion is cheaper for a few lists, selection for many.
-                                if narrow <= SELECT_ABOVE {
-                                    top_p(scores, narrow, top);
-                                } else {
-                                    top_select(scores, narrow, top);
-                                }
-                                let best = top.first().map_or(0.0, |t| t.0);
-                                if best < wide_below {
-                                    top_select(scores, probes, top);
-                                }
-                                let h = top
-                                    .iter()
-                                    .take(assign)
-                                    .enumerate()
-                                    .take_while(|(r, t)| *r == 0 || t.0 >= best - params.margin)
-                                    .count();
-                                out.homes.push(h as u8);
-                                out.counts.push(top.len());
-                                out.lists.extend(top.iter().map(|t| t.1));
-                            }
-                            Ok(out)
-                        },
-                    )
-                    .collect();
-                for (chunk, res) in chunks.iter().zip(results) {
-                    let res = res?;
-                    for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
-                        home[i as usize] = h;
-                        probe_off[i as usize + 1] = k;
-                    }
-                    probe.extend_from_slice(&res.lists);
+            &|rows, m, buf| score_against(rows, m, &cents, c, d, &mean, &bias, buf),
+            &|scores, top| {
+                // Insertion is cheaper for a few lists, selection for many.
+                if narrow <= SELECT_ABOVE {
+                    top_p(scores, narrow, top);
+                } else {
+                    top_select(scores, narrow, top);
                 }
-                Ok(())
+                let best = top.first().map_or(0.0, |t| t.0);
+                if best < wide_below {
+                    top_select(scores, probes, top);
+                }
+                top.iter()
+                    .take(assign)
+                    .enumerate()
+                    .take_while(|(r, t)| *r == 0 || t.0 >= best - params.margin)
+                    .count() as u8
             },
         )?;
-        for i in 0..n {
-            probe_off[i + 1] += probe_off[i];
-        }
-        probe.shrink_to_fit();
-        let mut ivf = Ivf {
-            dim: d,
-            rows: n,
-            lists: c,
+        Ok(Ivf::assemble(
+            d,
+            c,
             probes,
-            centroids: cents,
+            (cents, mean, bias),
+            table,
+            params.one_way,
+            false,
+        ))
+    }
+
+    /// An index from its partition (`(centroids, mean, bias)`, the last two empty when not centred) and
+    /// per-row table, with the per-list tables derived. `probes`: the widest row's probe count.
+    fn assemble(
+        dim: usize,
+        lists: usize,
+        probes: usize,
+        (centroids, mean, bias): (Vec<f32>, Vec<f32>, Vec<f32>),
+        table: ProbeTable,
+        one_way: bool,
+        triangle: bool,
+    ) -> Ivf {
+        let mut ivf = Ivf {
+            dim,
+            rows: table.home.len(),
+            lists,
+            probes,
+            centroids,
             mean,
             bias,
-            home,
-            probe_off,
-            probe,
+            home: table.home,
+            probe_off: table.probe_off,
+            probe: table.probe,
             mem_off: Vec::new(),
             members: Vec::new(),
             vis_off: Vec::new(),
             visitors: Vec::new(),
             vis_home: Vec::new(),
             single_home: true,
-            one_way: params.one_way,
-            triangle: false,
+            one_way,
+            triangle,
         };
         ivf.derive_lists();
-        Ok(ivf)
+        ivf
     }
 
     /// Builds the per-list member and visitor CSR tables from the per-row table.
@@ -1484,31 +1553,22 @@ impl Ivf {
                 }
             }
         }
-        let mut ivf = Ivf {
-            dim,
-            rows,
-            lists,
-            probes,
-            centroids,
-            mean,
-            bias,
-            home,
-            probe_off,
-            probe,
-            mem_off: Vec::new(),
-            members: Vec::new(),
-            vis_off: Vec::new(),
-            visitors: Vec::new(),
-            vis_home: Vec::new(),
-            single_home: true,
-            one_way,
-            triangle: false,
-        };
-        if one_way && ivf.home.iter().any(|&h| h > 1) {
+        if one_way && home.iter().any(|&h| h > 1) {
             return Err(bad("one-way visits with a row of several homes".into()));
         }
-        ivf.derive_lists();
-        Ok(ivf)
+        Ok(Ivf::assemble(
+            dim,
+            lists,
+            probes,
+            (centroids, mean, bias),
+            ProbeTable {
+                home,
+                probe_off,
+                probe,
+            },
+            one_way,
+            false,
+        ))
     }
 }
 

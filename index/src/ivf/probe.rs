@@ -11,12 +11,11 @@
 //! once, by sketch.
 
 use super::{
-    ASSIGN_BATCH, ASSIGN_TILE, AssignedChunk, Ivf, check_base, check_finite, gather, gemm,
-    top_select,
+    ASSIGN_TILE, Ivf, ProbeTable, assign_streaming, check_base, score_against, top_select,
 };
 use crate::IndexError;
 use crate::kernels::dot_f32;
-use crate::view::{RowPager, RowsF32, stream_batches};
+use crate::view::{RowPager, RowsF32};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -91,21 +90,16 @@ impl Ivf {
     /// row (centred on the index's mean if it has one) with each centroid — the assignment's ranking key
     /// on the assignment's scale, so margins are comparable across rows.
     pub fn score_rows(&self, rows: &[f32], n: usize, out: &mut Vec<f32>) {
-        let (c, d) = (self.lists, self.dim);
-        gemm(rows, n, &self.centroids, c, d, out);
-        if self.mean.is_empty() {
-            return;
-        }
-        let mm = dot_f32(&self.mean, &self.mean);
-        for i in 0..n {
-            let x = &rows[i * d..(i + 1) * d];
-            let (xx, xm) = (dot_f32(x, x), dot_f32(x, &self.mean));
-            let norm = (xx - 2.0 * xm + mm).max(0.0).sqrt();
-            let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-            for (v, &b) in out[i * c..(i + 1) * c].iter_mut().zip(&self.bias) {
-                *v = (*v - b) * inv;
-            }
-        }
+        score_against(
+            rows,
+            n,
+            &self.centroids,
+            self.lists,
+            self.dim,
+            &self.mean,
+            &self.bias,
+            out,
+        );
     }
 
     /// The centroids (`lists × dim`, row-major): the partition's identity.
@@ -139,81 +133,39 @@ impl Ivf {
         if rule.min == 0 || rule.max < rule.min || rule.margin.is_nan() || rule.margin < 0.0 {
             return Err(IndexError::Shape(format!("invalid probe rule {rule:?}")));
         }
-        let (n, d, c) = (base.rows(), self.dim, self.lists);
-        let ids: Vec<u32> = (0..n).filter(|&i| present(i)).map(|i| i as u32).collect();
-        let mut home = vec![0u8; n];
-        let mut probe_off = vec![0usize; n + 1];
-        let mut probe: Vec<u32> = Vec::new();
-        let mut widest = 0usize;
-        stream_batches(
+        let c = self.lists;
+        let ids: Vec<u32> = (0..base.rows())
+            .filter(|&i| present(i))
+            .map(|i| i as u32)
+            .collect();
+        let table = assign_streaming(
+            base,
             &ids,
-            ASSIGN_BATCH,
-            |i| i as usize,
+            c,
             pager,
-            |_, batch| {
-                let chunks: Vec<&[u32]> = batch.chunks(ASSIGN_TILE).collect();
-                let results: Vec<Result<AssignedChunk, IndexError>> = chunks
-                    .par_iter()
-                    .map_init(
-                        || (Vec::new(), Vec::new(), Vec::new()),
-                        |(rows, buf, top), chunk| {
-                            gather(base, chunk, rows);
-                            check_finite(rows, chunk, d)?;
-                            self.score_rows(rows, chunk.len(), buf);
-                            let mut out = AssignedChunk::default();
-                            for i in 0..chunk.len() {
-                                let scores = &buf[i * c..(i + 1) * c];
-                                let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                                let within =
-                                    scores.iter().filter(|&&s| s >= best - rule.margin).count();
-                                let k = within.max(rule.min).min(rule.max).clamp(1, c);
-                                top_select(scores, k, top);
-                                out.homes.push(1);
-                                out.counts.push(top.len());
-                                out.lists.extend(top.iter().map(|t| t.1));
-                            }
-                            Ok(out)
-                        },
-                    )
-                    .collect();
-                for (chunk, res) in chunks.iter().zip(results) {
-                    let res = res?;
-                    for ((&i, &h), &k) in chunk.iter().zip(&res.homes).zip(&res.counts) {
-                        home[i as usize] = h;
-                        probe_off[i as usize + 1] = k;
-                        widest = widest.max(k);
-                    }
-                    probe.extend_from_slice(&res.lists);
-                }
-                Ok(())
+            &|rows, m, buf| self.score_rows(rows, m, buf),
+            &|scores, top| {
+                let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let within = scores.iter().filter(|&&s| s >= best - rule.margin).count();
+                top_select(scores, within.max(rule.min).min(rule.max).clamp(1, c), top);
+                1
             },
         )?;
-        for i in 0..n {
-            probe_off[i + 1] += probe_off[i];
-        }
-        probe.shrink_to_fit();
-        let mut ivf = Ivf {
-            dim: d,
-            rows: n,
-            lists: c,
-            probes: widest,
-            centroids: self.centroids.clone(),
-            mean: self.mean.clone(),
-            bias: self.bias.clone(),
-            home,
-            probe_off,
-            probe,
-            mem_off: Vec::new(),
-            members: Vec::new(),
-            vis_off: Vec::new(),
-            visitors: Vec::new(),
-            vis_home: Vec::new(),
-            single_home: true,
-            one_way: false,
-            triangle: false,
-        };
-        ivf.derive_lists();
-        Ok(ivf)
+        let widest = table
+            .probe_off
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0);
+        Ok(Ivf::assemble(
+            self.dim,
+            c,
+            widest,
+            (self.centroids.clone(), self.mean.clone(), self.bias.clone()),
+            table,
+            false,
+            false,
+        ))
     }
 
     /// The degenerate index over `rows` rows of dimension `dim`: one list holding every present row. Its
@@ -235,28 +187,19 @@ impl Ivf {
             probe_off[i + 1] = probe_off[i] + usize::from(home[i]);
         }
         let probe = vec![0u32; probe_off[rows]];
-        let mut ivf = Ivf {
+        Ok(Ivf::assemble(
             dim,
-            rows,
-            lists: 1,
-            probes: 1,
-            centroids: vec![0.0; dim],
-            mean: Vec::new(),
-            bias: Vec::new(),
-            home,
-            probe_off,
-            probe,
-            mem_off: Vec::new(),
-            members: Vec::new(),
-            vis_off: Vec::new(),
-            visitors: Vec::new(),
-            vis_home: Vec::new(),
-            single_home: true,
-            one_way: false,
-            triangle: true,
-        };
-        ivf.derive_lists();
-        Ok(ivf)
+            1,
+            1,
+            (vec![0.0; dim], Vec::new(), Vec::new()),
+            ProbeTable {
+                home,
+                probe_off,
+                probe,
+            },
+            false,
+            true,
+        ))
     }
 
     /// 1:N search by rule: rows with exact score ≥ `t` among the members of the lists `rule` gives the
