@@ -335,6 +335,11 @@ fn score_against(
     }
 }
 
+/// Fills a tile's list scores from its dense rows: `(rows, row count, out)`.
+type ScoreFn<'a> = dyn Fn(&[f32], usize, &mut Vec<f32>) + Sync + 'a;
+/// Puts a row's probe lists (best first) in `top` from its list scores; returns its number of homes.
+type PickFn<'a> = dyn Fn(&[f32], &mut Vec<(f32, u32)>) -> u8 + Sync + 'a;
+
 /// Assigns every row of `ids` (ascending) of `base` in streamed batches announced to and released from
 /// `pager`: `score` fills a tile's list scores (`rows × lists`, from the tile's dense rows), `pick` puts a
 /// row's probe lists in `top` (best first) and returns its number of homes. Rows are checked finite as
@@ -344,8 +349,8 @@ fn assign_streaming(
     ids: &[u32],
     lists: usize,
     pager: &dyn RowPager,
-    score: &(dyn Fn(&[f32], usize, &mut Vec<f32>) + Sync),
-    pick: &(dyn Fn(&[f32], &mut Vec<(f32, u32)>) -> u8 + Sync),
+    score: &ScoreFn<'_>,
+    pick: &PickFn<'_>,
 ) -> Result<ProbeTable, IndexError> {
     let (n, d, c) = (base.rows(), base.dim(), lists);
     let mut home = vec![0u8; n];
