@@ -80,31 +80,25 @@ pub fn pairs_for_tile(
         out.extend(pairs.iter().map(|&(a, b, _)| (a, b)));
         return Ok(pairs.len());
     }
-    exact_pairs(view, probes, 0, min_cos, &absent, out)?;
+    exact_pairs(view, probes, min_cos, &absent, out)?;
     Ok(0)
 }
 
-/// Exact pairs `(q, p)`: `p` in `probes`, `base_start ≤ q < p`, cosine ≥ `t`, neither absent.
+/// Exact pairs `(q, p)`: `p` in `probes`, `q < p`, cosine ≥ `t`, neither absent.
 fn exact_pairs(
     view: pacha_index::RowsF32<'_>,
     probes: Range<usize>,
-    base_start: usize,
     t: f32,
     absent: &(dyn Fn(u32) -> bool + Sync),
     out: &mut Vec<(u32, u32)>,
 ) -> Result<(), EngineError> {
     let probe_view = view.slice_rows(probes.start, probes.end);
-    let base = view.slice_rows(base_start, probes.end);
+    let base = view.slice_rows(0, probes.end);
     let skip_probe = |i: u32| absent(probes.start as u32 + i);
-    let skip_base = |i: u32| absent(base_start as u32 + i);
-    for pair in pacha_index::exact::threshold_join(
-        probe_view,
-        base,
-        t,
-        Some(&skip_probe),
-        Some(&skip_base),
-    )? {
-        let (p, q) = (probes.start + pair.a as usize, base_start + pair.b as usize);
+    for pair in
+        pacha_index::exact::threshold_join(probe_view, base, t, Some(&skip_probe), Some(absent))?
+    {
+        let (p, q) = (probes.start + pair.a as usize, pair.b as usize);
         if q < p {
             out.push((q as u32, p as u32));
         }

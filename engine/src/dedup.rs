@@ -214,22 +214,6 @@ pub struct DedupResult {
     pub summary: DedupSummary,
 }
 
-impl DedupSummary {
-    /// Per schema modality: true iff its plan is the brute-force sketch join.
-    fn plans_by_modality(&self, snap: &Snapshot) -> Vec<bool> {
-        snap.schema()
-            .modalities
-            .iter()
-            .map(|s| {
-                let key = s.modality.key();
-                self.plans
-                    .iter()
-                    .any(|p| p.modality == key && p.path == "brute")
-            })
-            .collect()
-    }
-}
-
 impl DedupResult {
     /// The pairs at or above the threshold.
     pub fn hits(&self) -> impl Iterator<Item = &DedupPair> {
@@ -553,16 +537,13 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         // With complete budgets and no partition, completeness follows from the sketch model alone.
         let construction = match &run_index {
             Some(ri) if genuine_miss == 0.0 && ri.plans().iter().all(|p| p.path != "ivf") => {
-                let drop: f64 = snap
-                    .schema()
+                // Only brute-force sketch joins can drop a pair; exact joins drop none.
+                let drop: f64 = ri
                     .modalities
                     .iter()
                     .zip(&cuts)
-                    .zip(&summary.plans_by_modality(snap))
-                    .filter(|(_, brute)| **brute)
-                    .filter_map(|((_, c), _)| {
-                        c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold)
-                    })
+                    .filter(|(rm, _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
+                    .filter_map(|(_, c)| c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold))
                     .sum();
                 Some((
                     1.0 - drop,
@@ -576,10 +557,6 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         // Synthetic boundary pairs for the IVF paths (several per sampled row, an independent seed).
         let mut synthetic = Vec::new();
         if let Some(ri) = &run_index {
-            let rows4: Vec<u32> = audit_sample
-                .iter()
-                .flat_map(|&r| std::iter::repeat_n(r, crate::audit::SYNTHETIC_PER_ROW))
-                .collect();
             for (mi, rm) in ri.modalities.iter().enumerate() {
                 let Some(rm) = rm else { continue };
                 let (Some(ivf), Some(rule)) = (&rm.ivf, rm.plan.rule) else {
@@ -594,7 +571,8 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                     mi,
                     rm.plan.cosine,
                     rule,
-                    &rows4,
+                    &audit_sample,
+                    crate::audit::SYNTHETIC_PER_ROW,
                     opts.audit.seed ^ 0x5e1f ^ mi as u64,
                 );
                 synthetic.push((rm.plan.modality.clone(), f, n));
@@ -695,7 +673,7 @@ fn run_tile(
             &mut cand,
         )?;
         // The exact path's pairs are all reached candidates (the join noted its own in `accept`).
-        if joined == 0
+        if !run.is_some_and(|r| r.joins(mi))
             && let Some(r) = recorder
         {
             let mut v = reached.lock().unwrap_or_else(|p| p.into_inner());

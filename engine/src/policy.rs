@@ -136,6 +136,46 @@ struct Need {
     back: Option<Reach>,
 }
 
+impl Need {
+    /// True iff `rule` makes one side probe the other's home list.
+    fn reached_by(&self, rule: &ProbeRule) -> bool {
+        rule.reaches(self.fwd.rank, self.fwd.gap)
+            || self.back.is_some_and(|b| rule.reaches(b.rank, b.gap))
+    }
+}
+
+/// What each pair needs from a probe rule: pair `p` joins row `owners[p]` (whose list scores and home are
+/// in `row_scores`, `row_homes`) and partner `p` of `partners` (dense vectors).
+fn pair_needs(
+    ivf: &Ivf,
+    row_scores: &[f32],
+    row_homes: &[u32],
+    partners: &[f32],
+    owners: &[usize],
+    visits: Visits,
+) -> Vec<Need> {
+    let lists = ivf.lists();
+    let mut partner_scores = Vec::new();
+    let partner_homes = ivf.homes_and_scores(partners, owners.len(), &mut partner_scores);
+    owners
+        .iter()
+        .enumerate()
+        .map(|(p, &i)| Need {
+            fwd: Reach::of(
+                &row_scores[i * lists..(i + 1) * lists],
+                partner_homes[p] as usize,
+            ),
+            back: match visits {
+                Visits::TwoWay => Some(Reach::of(
+                    &partner_scores[p * lists..(p + 1) * lists],
+                    row_homes[i] as usize,
+                )),
+                Visits::OneWay => None,
+            },
+        })
+        .collect()
+}
+
 /// Plans modality `mi` (schema position) of `snap` for a join at cosine `c` over rows `0..snap.rows()`,
 /// against the partition `ivf` (the saved index's centroids; rows need not be indexed).
 pub fn plan_modality(
@@ -215,7 +255,6 @@ pub fn plan_modality(
     // 2. Scores of the pilot rows against every list.
     let mut pilot_scores = Vec::new();
     let pilot_homes = ivf.homes_and_scores(&dense, k, &mut pilot_scores);
-    let srow = |s: &[f32], i: usize| -> Vec<f32> { s[i * lists..(i + 1) * lists].to_vec() };
 
     // Partner vectors: natural partners, then synthetic boundary points.
     let mut partner = Vec::with_capacity(pairs.len() * d);
@@ -240,27 +279,9 @@ pub fn plan_modality(
         partner.extend_from_slice(&syn);
         owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
     }
-    let np = owners.len();
-    let mut partner_scores = Vec::new();
-    let partner_homes = ivf.homes_and_scores(&partner, np, &mut partner_scores);
-    drop(partner);
-
     // 3. What each pair needs.
-    let needs: Vec<Need> = (0..np)
-        .map(|p| {
-            let i = owners[p];
-            let xs = &pilot_scores[i * lists..(i + 1) * lists];
-            let ys = &partner_scores[p * lists..(p + 1) * lists];
-            Need {
-                fwd: Reach::of(xs, partner_homes[p] as usize),
-                back: match visits {
-                    Visits::TwoWay => Some(Reach::of(ys, pilot_homes[i] as usize)),
-                    Visits::OneWay => None,
-                },
-            }
-        })
-        .collect();
-    drop(partner_scores);
+    let needs = pair_needs(ivf, &pilot_scores, &pilot_homes, &partner, &owners, visits);
+    drop(partner);
 
     // 4. Cost per pilot row as a function of lists probed: cumulative member counts, best list first.
     let members = ivf.member_counts();
@@ -268,7 +289,7 @@ pub fn plan_modality(
     let scale = n as f64 / indexed.max(1) as f64;
     let sorted_rows: Vec<(Vec<f32>, Vec<f64>)> = (0..k)
         .map(|i| {
-            let s = srow(&pilot_scores, i);
+            let s = &pilot_scores[i * lists..(i + 1) * lists];
             let mut order: Vec<usize> = (0..lists).collect();
             order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
             let mut cum = Vec::with_capacity(lists + 1);
@@ -290,10 +311,6 @@ pub fn plan_modality(
         }
         (products / k as f64 * n as f64, probes / k as f64)
     };
-    let reached = |need: &Need, rule: &ProbeRule| {
-        rule.reaches(need.fwd.rank, need.fwd.gap)
-            || need.back.is_some_and(|b| rule.reaches(b.rank, b.gap))
-    };
     let mut grid: Vec<usize> = [
         1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320,
         384, 512, 768, 1024, 1536, 2048, 3072, 4096,
@@ -307,7 +324,7 @@ pub fn plan_modality(
         // The margin that reaches every pair `min` alone does not.
         let need = needs
             .iter()
-            .filter(|nd| !reached(nd, &ProbeRule::fixed(min)))
+            .filter(|nd| !nd.reached_by(&ProbeRule::fixed(min)))
             .map(|nd| {
                 let f = nd.fwd.gap;
                 nd.back.map_or(f, |b| f.min(b.gap))
@@ -409,10 +426,11 @@ pub fn synthetic_partners(
     (out, owners)
 }
 
-/// Synthetic boundary evidence for a run's IVF path: of synthetic partners at cosine `c` of `rows`
-/// (an independent seed from the pilot's), how many the run's rule reaches (two-way), and how many there
-/// were. The join compares a pair iff one side probes the other's home, so this is the path's reach of
-/// such pairs; the sketch stage's drop is bounded separately by its binomial model.
+/// Synthetic boundary evidence for a run's IVF path: of `per_row` synthetic partners at cosine `c` of each
+/// of `rows` (an independent seed from the pilot's), how many the run's rule reaches (two-way), and how
+/// many there were. The join compares a pair iff one side probes the other's home, so this is the path's
+/// reach of such pairs; the sketch stage's drop is bounded separately by its binomial model.
+#[allow(clippy::too_many_arguments)]
 pub fn synthetic_reach(
     snap: &Snapshot,
     ivf: &Ivf,
@@ -420,6 +438,7 @@ pub fn synthetic_reach(
     c: f32,
     rule: ProbeRule,
     rows: &[u32],
+    per_row: usize,
     seed: u64,
 ) -> (u64, u64) {
     let spec = &snap.schema().modalities[mi];
@@ -427,34 +446,35 @@ pub fn synthetic_reach(
     let Some(view) = snap.f32_rows(m) else {
         return (0, 0);
     };
-    let rows: Vec<u32> = rows
-        .iter()
-        .copied()
-        .filter(|&r| snap.is_present(m, r as usize) && !snap.is_deleted(r as usize))
-        .collect();
+    let live = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
+    let rows: Vec<u32> = rows.iter().copied().filter(|&r| live(r as usize)).collect();
     let pool: Vec<u32> = (0..snap.rows())
-        .filter(|&r| snap.is_present(m, r) && !snap.is_deleted(r))
+        .filter(|&r| live(r))
         .map(|r| r as u32)
         .collect();
-    let (partners, owners) = synthetic_partners(view, &rows, &pool, c, seed);
-    let lists = ivf.lists();
+    let per_row = per_row.max(1);
+    let reps: Vec<u32> = rows
+        .iter()
+        .flat_map(|&r| std::iter::repeat_n(r, per_row))
+        .collect();
+    let (partners, owners) = synthetic_partners(view, &reps, &pool, c, seed);
+    let owners: Vec<usize> = owners.into_iter().map(|i| i / per_row).collect();
     let mut dense = Vec::with_capacity(rows.len() * spec.dim);
     for &r in &rows {
         dense.extend_from_slice(view.row(r as usize));
     }
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
-    let xh = ivf.homes_and_scores(&dense, rows.len(), &mut xs);
-    let yh = ivf.homes_and_scores(&partners, owners.len(), &mut ys);
-    let reached = owners
-        .iter()
-        .enumerate()
-        .filter(|&(p, &i)| {
-            let f = Reach::of(&xs[i * lists..(i + 1) * lists], yh[p] as usize);
-            let b = Reach::of(&ys[p * lists..(p + 1) * lists], xh[i] as usize);
-            rule.reaches(f.rank, f.gap) || rule.reaches(b.rank, b.gap)
-        })
-        .count();
-    (reached as u64, owners.len() as u64)
+    let mut row_scores = Vec::new();
+    let row_homes = ivf.homes_and_scores(&dense, rows.len(), &mut row_scores);
+    let needs = pair_needs(
+        ivf,
+        &row_scores,
+        &row_homes,
+        &partners,
+        &owners,
+        Visits::TwoWay,
+    );
+    let reached = needs.iter().filter(|n| n.reached_by(&rule)).count();
+    (reached as u64, needs.len() as u64)
 }
 
 /// One modality's candidate structure for a run: the partition re-probed over every row of the snapshot
