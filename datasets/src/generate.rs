@@ -651,20 +651,7 @@ impl ModelState {
             .iter()
             .map(|wk| lr * wk * normal(rng))
             .collect();
-        let mut rows = self.basis.chunks_exact(4 * d);
-        let mut cs = coef.chunks_exact(4);
-        for (b4, c) in rows.by_ref().zip(cs.by_ref()) {
-            let (b0, rest) = b4.split_at(d);
-            let (b1, rest) = rest.split_at(d);
-            let (b2, b3) = rest.split_at(d);
-            let (c0, c1, c2, c3) = (c[0], c[1], c[2], c[3]);
-            for ((((o, x0), x1), x2), x3) in out.iter_mut().zip(b0).zip(b1).zip(b2).zip(b3) {
-                *o += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3;
-            }
-        }
-        for (b, c) in rows.remainder().chunks_exact(d).zip(cs.remainder()) {
-            out.iter_mut().zip(b).for_each(|(o, x)| *o += c * x);
-        }
+        crate::testpop::add_rows(&coef, &self.basis, d, out);
         out.iter_mut().for_each(|o| *o += iso * normal(rng));
     }
 }

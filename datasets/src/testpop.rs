@@ -420,7 +420,7 @@ fn spectrum(n: usize, lambda: impl Fn(usize) -> f64) -> Vec<f32> {
 }
 
 /// `out += Σ_k coef_k · row_k` over the `dim`-long rows of `rows`, four rows per pass over `out`.
-fn add_rows(coef: &[f32], rows: &[f32], dim: usize, out: &mut [f32]) {
+pub(crate) fn add_rows(coef: &[f32], rows: &[f32], dim: usize, out: &mut [f32]) {
     if dim == 0 {
         return;
     }

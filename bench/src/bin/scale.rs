@@ -35,31 +35,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// `--preset` values: the generator's presets by their kebab-case names.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum PresetArg {
-    Structured,
-    Isotropic,
-    IsotropicMates,
-    LookalikeFamilies,
-    HeavyTail,
-    PowerLaw,
-    SkewedClusters,
-    FingersOnly,
-}
-
-impl PresetArg {
-    fn preset(self) -> Preset {
-        match self {
-            PresetArg::Structured => Preset::Structured,
-            PresetArg::Isotropic => Preset::Isotropic,
-            PresetArg::IsotropicMates => Preset::IsotropicMates,
-            PresetArg::LookalikeFamilies => Preset::LookalikeFamilies,
-            PresetArg::HeavyTail => Preset::HeavyTail,
-            PresetArg::PowerLaw => Preset::PowerLaw,
-            PresetArg::SkewedClusters => Preset::SkewedClusters,
-            PresetArg::FingersOnly => Preset::FingersOnly,
-        }
-    }
+/// `--preset`: a generator preset by its name ([`Preset::name`]), parsed by [`Preset`]'s own `FromStr`.
+fn preset_parser() -> impl clap::builder::TypedValueParser<Value = Preset> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Preset::ALL.map(Preset::name))
+        .try_map(|s| s.parse::<Preset>())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -85,8 +65,8 @@ struct Args {
     records: u64,
     /// Population model of the generator (`structured`, `isotropic`, or a test population:
     /// `isotropic-mates`, `lookalike-families`, `heavy-tail`, `power-law`, `skewed-clusters`, `fingers-only`).
-    #[arg(long, value_enum, default_value = "structured")]
-    preset: PresetArg,
+    #[arg(long, default_value = "structured", value_parser = preset_parser())]
+    preset: Preset,
     /// Face dimension (0 = no face; default 512, or 0 for `fingers-only`).
     #[arg(long)]
     face_dim: Option<usize>,
@@ -253,7 +233,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (pop, store) = (dir.join("population"), dir.join("store"));
     let mut st = Stages(Vec::new());
-    let preset = a.preset.preset();
+    let preset = a.preset;
     let mut fingers = parse_fingers(&a.fingers)?;
     if fingers.is_empty() && !preset.has_face() {
         fingers = vec![(2, 256), (7, 256)];
