@@ -116,6 +116,43 @@ pub fn pacha_bin() -> PathBuf {
     bin
 }
 
+/// Runs the `pacha` binary ([`pacha_bin`]) with `args` and waits for it.
+pub fn run_pacha(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(pacha_bin())
+        .args(args)
+        .output()
+        .expect("run pacha")
+}
+
+/// The JSON object a `--json` command printed as its last stdout line (panics, with its stderr, if none).
+pub fn json_of(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no stdout; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
+}
+
+/// Runs `pacha args`, asserts that it succeeded, and returns its JSON line.
+pub fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = run_pacha(args);
+    assert!(
+        out.status.success(),
+        "pacha {args:?} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out)
+}
+
+/// A path as a command-line argument.
+pub fn path_arg(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
 /// Loads only the first `n` records of `cfg`'s population (all modalities) and returns the generator, so a
 /// test can insert later records of the same population itself.
 pub fn load_first(dir: &Path, cfg: &PopulationConfig, n: u64) -> (Loaded, Generator) {

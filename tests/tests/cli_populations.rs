@@ -2,30 +2,9 @@
 //! files it wrote (only `--finger` files for `fingers-only`), and the whole pipeline on the face-less kind.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
-use pacha_tests::pacha_bin;
+use pacha_tests::{ok_json, path_arg as s};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
-
-fn ok_json(args: &[&str]) -> Value {
-    let out = Command::new(pacha_bin())
-        .args(args)
-        .output()
-        .expect("run pacha");
-    assert!(
-        out.status.success(),
-        "pacha {args:?} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().expect("stdout");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `pacha ingest` of every vector file listed in the population's `population.json`.
 fn ingest(store: &Path, pop: &Path) -> Value {

@@ -4,7 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use pacha_datasets::generate::{Generator, PopulationConfig, write_population};
-use pacha_tests::{config, exclusive_flock_holder, fingerprint, load, pacha_bin};
+use pacha_tests::{
+    config, exclusive_flock_holder, fingerprint, load, ok_json, pacha_bin, path_arg as s,
+    run_pacha as run,
+};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -14,17 +17,6 @@ use std::time::{Duration, Instant};
 const N1: u64 = 20_000;
 /// Records of the second batch ingested beside it.
 const N2: u64 = 24_000;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(pacha_bin())
-        .args(args)
-        .output()
-        .expect("run pacha")
-}
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(pacha_bin())
@@ -54,10 +46,6 @@ fn json_ok(out: &Output, what: &str) -> Value {
         .unwrap_or_else(|| panic!("{what}: no stdout"));
     serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {text}"))
-}
-
-fn ok_json(args: &[&str]) -> Value {
-    json_ok(&run(args), &format!("pacha {args:?}"))
 }
 
 /// The modality files of a written population, as `ingest`/`identify` arguments.
