@@ -100,6 +100,9 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
         "  deduped     {:>8.1} s  ({:.0} records/s, {} candidate pairs)",
         stages[4].1, result.summary.records_per_second, result.summary.candidate_pairs
     ));
+    for line in crate::commands::audit_lines(&result.summary) {
+        ui.info(format!("  {line}"));
+    }
 
     let t = Instant::now();
     let report = evaluate(&engine, &run_dir, &pop.join("truth.csv"), 200_000)?;

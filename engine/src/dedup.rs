@@ -545,12 +545,14 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                     .filter(|(rm, _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
                     .filter_map(|(_, c)| c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold))
                     .sum();
-                Some((
-                    1.0 - drop,
+                let how = if drop > 0.0 {
                     format!(
                         "every candidate modality searched without a partition (exact GEMM or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
-                    ),
-                ))
+                    )
+                } else {
+                    "every candidate modality searched by exact GEMM".to_string()
+                };
+                Some((1.0 - drop, how))
             }
             _ => None,
         };
