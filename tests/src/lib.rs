@@ -116,6 +116,16 @@ pub fn pacha_bin() -> PathBuf {
     bin
 }
 
+/// A test part that cannot run on this machine (`why`): skipped with a message on a developer's machine, a
+/// failure under CI (`CI=true`), where `.ci/run` installs what the tests need.
+#[allow(clippy::print_stderr)]
+pub fn cannot_run(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}, and CI=true: CI must run every test");
+    }
+    eprintln!("skipped: {why}");
+}
+
 /// Runs the `pacha` binary ([`pacha_bin`]) with `args` and waits for it.
 pub fn run_pacha(args: &[&str]) -> std::process::Output {
     std::process::Command::new(pacha_bin())

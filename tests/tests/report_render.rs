@@ -183,7 +183,7 @@ fn synthetic_report() -> EvalReport {
 #[test]
 fn report_renders_in_headless_chromium() {
     let Some(bin) = chromium() else {
-        println!("skipped: chromium not installed (run .ci/run to install)");
+        pacha_tests::cannot_run("chromium is not installed (run .ci/run to install it)");
         return;
     };
     let report = synthetic_report();
