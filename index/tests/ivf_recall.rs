@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use pacha_index::exact;
-use pacha_index::ivf::{Ivf, IvfParams, QuantStage};
+use pacha_index::ivf::{Ivf, IvfParams, ProbeRule, QuantStage};
 use pacha_index::kernels::dot_f32;
 use pacha_index::quant::{l1_bounds, quantize_rows};
 use pacha_index::sketch::{Sketcher, StagedCut, cut_for_cosine};
@@ -424,7 +424,7 @@ fn search_finds_planted_mates() {
     let ivf = Ivf::build(base, &|_| true, &IvfParams::default()).unwrap();
     let mut found = 0;
     for &(a, b) in &planted {
-        let hits = ivf.search(base, base.row(a), 0.4, 16);
+        let hits = ivf.search_rule(base, base.row(a), 0.4, ProbeRule::fixed(16));
         for w in hits.windows(2) {
             assert!(w[0].1 >= w[1].1);
         }
@@ -439,7 +439,10 @@ fn search_finds_planted_mates() {
         "search found {found} of {} mates",
         planted.len()
     );
-    assert!(ivf.search(base, &[0.0; 3], 0.4, 4).is_empty());
+    assert!(
+        ivf.search_rule(base, &[0.0; 3], 0.4, ProbeRule::fixed(4))
+            .is_empty()
+    );
 }
 
 #[test]

@@ -1247,45 +1247,6 @@ impl Ivf {
         Ok((pairs, stats))
     }
 
-    /// 1:N search: rows with exact score ≥ `t` among the members of the query's `nprobe` best lists,
-    /// sorted by (score desc, row asc). A query of the wrong dimension or with NaN finds nothing.
-    pub fn search(
-        &self,
-        base: RowsF32<'_>,
-        query: &[f32],
-        t: f32,
-        nprobe: usize,
-    ) -> Vec<(u32, f32)> {
-        if query.len() != self.dim
-            || base.dim() != self.dim
-            || base.rows() != self.rows
-            || t.is_nan()
-        {
-            return Vec::new();
-        }
-        let scores: Vec<f32> = (0..self.lists).map(|j| self.list_score(query, j)).collect();
-        if scores.iter().any(|s| s.is_nan()) {
-            return Vec::new();
-        }
-        let mut top = Vec::new();
-        top_p(&scores, nprobe.min(self.lists), &mut top);
-        let mut rows: Vec<u32> = top
-            .iter()
-            .flat_map(|&(_, j)| self.members(j as usize).iter().copied())
-            .collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let mut out: Vec<(u32, f32)> = rows
-            .into_iter()
-            .filter_map(|r| {
-                let s = dot_f32(query, base.row(r as usize));
-                (s >= t).then_some((r, s))
-            })
-            .collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out
-    }
-
     /// How deep row `a` must probe to reach one of row `b`'s home lists: the best rank (0 = best, ties by
     /// list id) of `b`'s homes among `a`'s centroid similarities; `None` if either row is absent or out of
     /// range. With two-way visits the join compares `a` and `b` iff either rank (a→b, b→a) is below

@@ -229,22 +229,22 @@ impl Ivf {
         let k = rule.count(&sorted);
         let mut top = Vec::new();
         top_select(&scores, k, &mut top);
-        let mut out: Vec<(u32, f32)> = top
+        // A row with several homes is a member of several probed lists: score it once.
+        let mut rows: Vec<u32> = top
             .iter()
             .flat_map(|&(_, j)| self.members(j as usize).iter().copied())
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let mut out: Vec<(u32, f32)> = rows
+            .into_iter()
             .filter_map(|r| {
                 let s = dot_f32(query, base.row(r as usize));
                 (s >= t).then_some((r, s))
             })
             .collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out.dedup_by_key(|p| p.0);
         out
-    }
-
-    /// True for [`Ivf::brute`] indexes.
-    pub fn is_brute(&self) -> bool {
-        self.triangle
     }
 
     /// Home list of each of `n` dense rows (`rows`) and the full score vectors (`n × lists`, kept in
