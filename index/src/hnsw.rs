@@ -22,8 +22,8 @@
 //! vector memory (512 B instead of 2 KiB per 512-d row) and its distance kernel is cheaper; the price is
 //! approximate navigation scores, which does not matter because every candidate is rescored exactly in
 //! f32 ([`crate::search_rescored`]). Measured on the tests' structured population (20 200 × 512-d,
-//! M = 16, ef_construction = 64, k = 10, k' = 50, ef = 100; `PACHA_HNSW_COMPARE=1 cargo test -p pacha-index
-//! --test ann compare -- --nocapture`, a shared 2-core machine, so rates are indicative): f32 graph
+//! M = 16, ef_construction = 64, k = 10, k' = 50, ef = 100; `cargo test -p pacha-index --test ann --
+//! --ignored --nocapture compare`, a shared 2-core machine, so rates are indicative): f32 graph
 //! 396 inserts/s, recall@10 0.9913, dump 56.4 MB; i8 graph 439 inserts/s, recall@10 0.9927, dump 25.3 MB.
 //! Same recall after rescoring, slightly faster, less than half the memory: i8 it is.
 //!
