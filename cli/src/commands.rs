@@ -21,6 +21,7 @@ pub fn run(cmd: Command, ui: Ui) -> Result<(), Failure> {
         Command::Index(a) => index(&a, ui),
         Command::Calibrate(a) => calibrate(&a, ui),
         Command::Dedup(a) => dedup(&a, ui),
+        Command::Merge(a) => merge(&a, ui),
         Command::Identify(a) => identify(&a, ui),
         Command::Verify(a) => verify(&a, ui),
         Command::Delete(a) => delete(&a, ui),
@@ -267,7 +268,14 @@ fn mode_of(m: ModeArg) -> CandidateMode {
 }
 
 fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
+    let started = pacha_engine::tiles::unix_now();
     let engine = open_read_only(&a.store)?;
+    // A tile checkpoints into its own directory by default, so a requeued task resumes where it stopped.
+    let checkpoint = match (&a.checkpoint, a.tile) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(_)) => Some(a.out.join("checkpoint")),
+        (None, None) => None,
+    };
     let opts = DedupOptions {
         target_fpir: a.target_fpir,
         scope: a
@@ -276,7 +284,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         mode: mode_of(a.mode),
         block_rows: a.block_rows,
         report_floor: a.floor,
-        checkpoint_dir: a.checkpoint.clone(),
+        checkpoint_dir: checkpoint.clone(),
         sketch: if a.no_sketch {
             None
         } else {
@@ -289,14 +297,100 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
             min_recall: a.min_recall,
         },
         force_path: a.force_path.clone(),
+        tile: a.tile,
     };
     if !(0.0..=1.0).contains(&a.min_recall) {
         return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());
     }
+    if let Some(tile) = a.tile {
+        let pb = ui.bar(0, "dedup tile");
+        let part = engine
+            .dedup_part(
+                &opts,
+                Some(&|p: pacha_engine::dedup::DedupProgress| {
+                    pb.set_length(p.total as u64);
+                    pb.set_position(p.done as u64);
+                }),
+                None,
+            )
+            .context("deduplicating")?;
+        pb.finish_and_clear();
+        let m = pacha_engine::tiles::write_tile(&a.out, &part, started)
+            .with_context(|| format!("writing tile {tile} to {}", a.out.display()))?;
+        if a.checkpoint.is_none()
+            && let Some(c) = &checkpoint
+        {
+            std::fs::remove_dir_all(c).with_context(|| {
+                format!("removing the finished tile's checkpoint {}", c.display())
+            })?;
+        }
+        ui.out(format!(
+            "tile {tile}: probe rows {}..{}, {} pairs at or above the floor, {} candidate pairs, {:.1} s; tile directory {} (merge the {} tiles with `pacha merge`)",
+            part.probe_rows.0,
+            part.probe_rows.1,
+            part.pair_count,
+            part.candidate_pairs,
+            part.timings.total_seconds,
+            a.out.display(),
+            tile.count
+        ));
+        ui.json_out(
+            &json!({"command": "dedup", "tile": tile.to_string(), "out": a.out, "manifest": m,
+            "probe_rows": part.probe_rows, "pairs": part.pair_count, "timings": part.timings}),
+        );
+        return Ok(());
+    }
     let result = run_dedup(&engine, &opts, ui)?;
-    runio::write_run(&a.out, &result)
-        .with_context(|| format!("writing results to {}", a.out.display()))?;
-    let s = &result.summary;
+    pacha_engine::tiles::write_whole_run(
+        &a.out,
+        &result,
+        pacha_engine::dedup::RunParameters::of(&opts),
+        started,
+        &[],
+    )
+    .with_context(|| format!("writing results to {}", a.out.display()))?;
+    report_run(&result.summary, &a.out, ui, "dedup")
+}
+
+fn merge(a: &crate::MergeArgs, ui: Ui) -> Result<(), Failure> {
+    let started = pacha_engine::tiles::unix_now();
+    let merged = pacha_engine::tiles::merge_tiles(&a.tiles).context("merging tiles")?;
+    let mut result = merged.result;
+    if let (Some(min), Some(audit)) = (a.min_recall, result.summary.audit.as_mut()) {
+        if !(0.0..=1.0).contains(&min) {
+            return Err(anyhow!("--min-recall {min} is not in [0, 1]").into());
+        }
+        audit.min_recall = min;
+        audit.passed = audit.lower_bound >= min;
+    }
+    let params = merged
+        .tiles
+        .first()
+        .map(|m| m.parameters.clone())
+        .context("no tiles")?;
+    pacha_engine::tiles::write_whole_run(&a.out, &result, params, started, &merged.tiles)
+        .with_context(|| format!("writing the merged run to {}", a.out.display()))?;
+    ui.out(format!(
+        "merged {} tiles ({} pairs) from {}",
+        merged.tiles.len(),
+        result.pairs.len(),
+        merged
+            .dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    report_run(&result.summary, &a.out, ui, "merge")
+}
+
+/// Prints a whole run's summary and audit; exit code 3 when the audit did not prove its recall.
+fn report_run(
+    s: &pacha_engine::dedup::DedupSummary,
+    out: &std::path::Path,
+    ui: Ui,
+    command: &str,
+) -> Result<(), Failure> {
     ui.out(format!(
         "{} records, {} hits in {} duplicate groups (threshold {:.1}), {} candidate pairs, {:.1} s ({:.0} records/s); results in {}",
         s.records,
@@ -306,7 +400,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         s.candidate_pairs,
         s.total_seconds,
         s.records_per_second,
-        a.out.display()
+        out.display()
     ));
     if s.calibration_source
         .starts_with("fitted from the store at match time")
@@ -316,7 +410,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
     for line in audit_lines(s) {
         ui.out(line);
     }
-    ui.json_out(&json!({"command": "dedup", "out": a.out, "summary": s}));
+    ui.json_out(&json!({"command": command, "out": out, "summary": s}));
     match &s.audit {
         Some(audit) if !audit.passed => Err(Failure {
             code: 3,
@@ -325,7 +419,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
                 audit.lower_bound,
                 audit.min_recall,
                 audit.evidence,
-                a.out.display()
+                out.display()
             ),
         }),
         _ => Ok(()),

@@ -47,8 +47,11 @@ pub enum Command {
     Index(IndexArgs),
     /// Fit the score models (impostor tails from the store; genuine models from a truth file).
     Calibrate(CalibrateArgs),
-    /// Deduplicate the whole store, or the rows from a given row on, and write hits and clusters.
+    /// Deduplicate the whole store, or the rows from a given row on, and write hits and clusters (or, with
+    /// `--tile I/N`, one tile of the run, for `merge`).
     Dedup(DedupArgs),
+    /// Merge the tile directories of one tiled dedup run into the run's hits, clusters and summary.
+    Merge(MergeArgs),
     /// Identify probes (rows of template files) against the store.
     Identify(IdentifyArgs),
     /// Verify two enrolled subjects against each other (1:1).
@@ -255,6 +258,24 @@ pub struct DedupArgs {
     /// Recall the run must prove: if the audit's 95 % lower bound is below it, the run exits with code 3.
     #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_MIN_RECALL)]
     pub min_recall: f64,
+    /// Run only tile I of N (0-based, e.g. `3/16`) of the probe rows and write a tile directory to `--out`
+    /// (checkpointed in `--out/checkpoint` unless `--checkpoint` says otherwise); `pacha merge` joins them.
+    #[arg(long, value_name = "I/N")]
+    pub tile: Option<pacha_engine::dedup::TileSpec>,
+}
+
+/// Arguments of `merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Output directory of the merged run (hits.csv, hits.jsonl, clusters.csv, summary.json, manifest.json).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// The tile directories, every tile 0..N of one run exactly once (any order).
+    #[arg(required = true)]
+    pub tiles: Vec<PathBuf>,
+    /// Recall the merged run must prove (as for `dedup`): exit code 3 below it.
+    #[arg(long)]
+    pub min_recall: Option<f64>,
 }
 
 /// Arguments of `identify`.

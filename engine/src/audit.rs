@@ -55,10 +55,49 @@ pub const SYNTHETIC_PER_ROW: usize = 4;
 /// Default recall a run must prove (the lower end of its 95 % interval).
 pub const DEFAULT_MIN_RECALL: f64 = 0.999;
 
+/// Most probe rows an audit samples when it grows its sample, as a multiple of the requested probes.
+pub const MAX_SAMPLE_GROWTH: usize = 4;
+
+/// Pairs needed for a sample with no miss to bound recall at `min_recall` (two-sided 95 %:
+/// `0.025^(1/n) ≥ min_recall`).
+pub fn pairs_needed(min_recall: f64) -> u64 {
+    (0.025f64.ln() / min_recall.clamp(1e-9, 1.0 - 1e-12).ln()).ceil() as u64
+}
+
+/// Probe rows an audit samples: the requested `probes`, grown (up to [`MAX_SAMPLE_GROWTH`] times) when a
+/// candidate modality takes a partition path and the pilots predict fewer boundary pairs than the sample
+/// needs to bound recall at `min_recall` on its own (with a 1.5× margin). The prediction uses only the
+/// plans (the same in every tile of a run), so every tile draws the same sample. A pilot row's pairs
+/// reach every other row; a probe row's pairs only earlier ones, on average `(first + rows) / 2rows` of
+/// them.
+pub fn sample_size(
+    probes: usize,
+    min_recall: f64,
+    plans: &[crate::policy::ModalityPlan],
+    first_probe: usize,
+    rows: usize,
+) -> usize {
+    if probes == 0 || !plans.iter().any(|p| p.path == "ivf") || rows == 0 {
+        return probes;
+    }
+    let earlier = (first_probe + rows) as f64 / (2.0 * rows as f64);
+    let per_row: f64 = plans
+        .iter()
+        .filter(|p| p.pilot_rows > 0)
+        .map(|p| p.natural_pairs as f64 / p.pilot_rows as f64 * earlier)
+        .sum();
+    if per_row <= 0.0 {
+        return probes;
+    }
+    let want = (1.5 * pairs_needed(min_recall) as f64 / per_row).ceil() as usize;
+    want.clamp(probes, probes.saturating_mul(MAX_SAMPLE_GROWTH))
+}
+
 /// How a run audits its candidate path.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditOptions {
-    /// Probe rows sampled (0 turns the audit off; capped at the run's probe rows).
+    /// Probe rows sampled (0 turns the audit off; capped at the run's probe rows; grown by [`sample_size`]
+    /// when the pilots predict too few boundary pairs for the sample to bound recall).
     pub probes: usize,
     /// Seed of the sample.
     pub seed: u64,
@@ -420,22 +459,41 @@ impl Recorder {
     }
 }
 
-/// Builds the audit from the exact sample, the run's reported pairs (`(row_a, row_b, score)`) and what
-/// the candidate path reached.
-#[allow(clippy::too_many_arguments)]
-pub fn assess(
+/// One share of a run's audit evidence: what the exact search found for the sampled rows of one part of
+/// the run (see [`crate::dedup::TileSpec`]) and how much of it that part reported or reached. Parts hold
+/// only counts and the first missed pairs, so they add up to the evidence of the whole run in any split.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditPart {
+    /// Sampled probe rows in this part.
+    pub sampled: usize,
+    /// Pairs at or above the threshold: (reported, all).
+    pub contract: (u64, u64),
+    /// Pairs in `[floor, threshold)`: (reported, all).
+    pub below: (u64, u64),
+    /// Per modality (schema order): boundary pairs (reached, all).
+    pub boundary: Vec<(u64, u64)>,
+    /// Per IVF-path modality: synthetic boundary pairs (reached, all).
+    pub synthetic: Vec<(String, u64, u64)>,
+    /// Up to [`MISSED_SHOWN`] missed contract pairs, in (sampled row, earlier row) order.
+    pub missed: Vec<MissedPair>,
+    /// Seconds of exact search.
+    pub seconds: f64,
+}
+
+/// Missed contract pairs an audit lists for inspection.
+pub const MISSED_SHOWN: usize = 20;
+
+/// The audit evidence of one part: `exact` (the exact search of the part's `sampled` rows) against the
+/// part's reported pairs and what its candidate path reached (`recorder`).
+pub fn audit_part(
     snap: &Snapshot,
-    opts: &AuditOptions,
-    sample: &[u32],
-    probe_rows: usize,
+    sampled: usize,
     exact: &ExactSample,
     reported: &HashSet<(u32, u32)>,
     recorder: &Recorder,
     threshold: f64,
-    floor: f64,
-    construction: Option<(f64, String)>,
     synthetic: Vec<(String, u64, u64)>,
-) -> Audit {
+) -> AuditPart {
     let mut contract = (0u64, 0u64);
     let mut below = (0u64, 0u64);
     let mut missed = Vec::new();
@@ -448,7 +506,7 @@ pub fn assess(
         };
         slot.1 += 1;
         slot.0 += u64::from(found);
-        if !found && score >= threshold && missed.len() < 20 {
+        if !found && score >= threshold && missed.len() < MISSED_SHOWN {
             missed.push(MissedPair {
                 row_a: a,
                 row_b: b,
@@ -471,33 +529,98 @@ pub fn assess(
             });
         }
     }
-    let mut pooled = (0u64, 0u64);
-    let boundary: Vec<(String, Option<RecallFigure>)> = snap
-        .schema()
-        .modalities
-        .iter()
-        .enumerate()
-        .map(|(mi, s)| {
+    let boundary = (0..snap.schema().modalities.len())
+        .map(|mi| {
             let pairs = exact.boundary.get(mi).map_or(&[][..], |v| &v[..]);
             let reached = recorder.reached(mi);
             let found = pairs.iter().filter(|p| reached.contains(p)).count() as u64;
+            (found, pairs.len() as u64)
+        })
+        .collect();
+    AuditPart {
+        sampled,
+        contract,
+        below,
+        boundary,
+        synthetic,
+        missed,
+        seconds: exact.seconds,
+    }
+}
+
+/// What the verdict of a run's audit needs besides its parts' evidence.
+pub struct AuditFrame<'a> {
+    /// The audit's options.
+    pub opts: &'a AuditOptions,
+    /// Modality keys in schema order.
+    pub modalities: &'a [String],
+    /// Probe rows of the whole run.
+    pub probe_rows: usize,
+    /// The run's decision threshold.
+    pub threshold: f64,
+    /// The run's report floor.
+    pub floor: f64,
+    /// The construction bound, when no candidate modality uses a partition: (bound, why).
+    pub construction: Option<(f64, String)>,
+}
+
+/// Builds the audit of a run from its parts' evidence (in probe-row order); the result does not depend on
+/// how the run was split.
+pub fn assess(frame: &AuditFrame<'_>, parts: &[AuditPart]) -> Audit {
+    let opts = frame.opts;
+    let mut contract = (0u64, 0u64);
+    let mut below = (0u64, 0u64);
+    let mut bnd = vec![(0u64, 0u64); frame.modalities.len()];
+    let mut synthetic: Vec<(String, u64, u64)> = Vec::new();
+    let mut missed = Vec::new();
+    let mut sampled = 0usize;
+    let mut seconds = 0.0;
+    for p in parts {
+        sampled += p.sampled;
+        seconds += p.seconds;
+        contract = (contract.0 + p.contract.0, contract.1 + p.contract.1);
+        below = (below.0 + p.below.0, below.1 + p.below.1);
+        for (acc, b) in bnd.iter_mut().zip(&p.boundary) {
+            *acc = (acc.0 + b.0, acc.1 + b.1);
+        }
+        for (k, f, n) in &p.synthetic {
+            match synthetic.iter_mut().find(|s| &s.0 == k) {
+                Some(s) => {
+                    s.1 += f;
+                    s.2 += n;
+                }
+                None => synthetic.push((k.clone(), *f, *n)),
+            }
+        }
+        missed.extend(
+            p.missed
+                .iter()
+                .take(MISSED_SHOWN.saturating_sub(missed.len()))
+                .cloned(),
+        );
+    }
+    let mut pooled = (0u64, 0u64);
+    let boundary: Vec<(String, Option<RecallFigure>)> = frame
+        .modalities
+        .iter()
+        .zip(&bnd)
+        .map(|(k, &(found, pairs))| {
             pooled.0 += found;
-            pooled.1 += pairs.len() as u64;
+            pooled.1 += pairs;
             (
-                s.modality.key(),
-                (!pairs.is_empty()).then(|| RecallFigure::new(found, pairs.len() as u64)),
+                k.clone(),
+                (pairs > 0).then(|| RecallFigure::new(found, pairs)),
             )
         })
         .collect();
     let contract = RecallFigure::new(contract.0, contract.1);
     let pooled = RecallFigure::new(pooled.0, pooled.1);
-    // Pairs needed for 0 misses to bound recall at `min_recall` (two-sided 95 %: 0.025^(1/n)).
-    let needed = (0.025f64.ln() / opts.min_recall.clamp(1e-9, 1.0 - 1e-12).ln()).ceil() as u64;
+    let needed = pairs_needed(opts.min_recall);
     let clean = contract.found == contract.pairs && pooled.found == pooled.pairs;
     let syn = synthetic
         .iter()
         .fold((0u64, 0u64), |a, s| (a.0 + s.1, a.1 + s.2));
-    let (lower_bound, evidence) = if let (Some((bound, why)), true) = (&construction, clean) {
+    let (lower_bound, evidence) = if let (Some((bound, why)), true) = (&frame.construction, clean) {
         (
             *bound,
             format!(
@@ -543,13 +666,14 @@ pub fn assess(
         )
     };
     Audit {
-        sampled_probes: sample.len(),
-        probe_rows,
+        sampled_probes: sampled,
+        probe_rows: frame.probe_rows,
         seed: opts.seed,
-        threshold,
-        floor,
+        threshold: frame.threshold,
+        floor: frame.floor,
         contract,
-        below_threshold: (floor < threshold).then(|| RecallFigure::new(below.0, below.1)),
+        below_threshold: (frame.floor < frame.threshold)
+            .then(|| RecallFigure::new(below.0, below.1)),
         boundary,
         boundary_pooled: pooled,
         synthetic: synthetic
@@ -561,7 +685,7 @@ pub fn assess(
         min_recall: opts.min_recall,
         passed: lower_bound >= opts.min_recall,
         missed,
-        seconds: exact.seconds,
+        seconds,
     }
 }
 

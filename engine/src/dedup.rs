@@ -14,7 +14,7 @@
 //! from its last finished tile and produces the same output), and can be scheduled tile by tile elsewhere.
 
 use crate::annset::SketchFilter;
-use crate::audit::{Audit, AuditOptions, Recorder};
+use crate::audit::{Audit, AuditOptions, AuditPart, Recorder};
 use crate::candidates::{self, CandidateMode};
 use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::identity::{RunIdentity, run_identity};
@@ -75,6 +75,9 @@ pub struct DedupOptions {
     /// of the planner's choice (for tests and measurements; `"ivf"` needs a saved index).
     #[serde(default)]
     pub force_path: Option<String>,
+    /// Run only this tile of the probe rows ([`run_part`]; `None`: the whole run).
+    #[serde(default)]
+    pub tile: Option<TileSpec>,
 }
 
 /// The sketch cut policy of the contract: every cut is the complete one (a pair at the candidate cosine is
@@ -101,6 +104,7 @@ impl Default for DedupOptions {
             genuine_miss: 0.0,
             audit: AuditOptions::default(),
             force_path: None,
+            tile: None,
         }
     }
 }
@@ -250,12 +254,214 @@ struct CheckpointKey {
     block_rows: usize,
     audit: AuditOptions,
     force_path: Option<String>,
+    tile: TileSpec,
 }
 
-/// Runs a dedup over the snapshot in `ctx`.
+/// A deterministic share of a run's probe rows: tile `index` of `count` (0-based). A run split into `count`
+/// tiles runs as `count` independent processes (any machines that can read the store), each writing a
+/// [`RunPart`]; [`assemble`] merges the parts into the result a single process gives, whatever `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TileSpec {
+    /// This tile, `0..count`.
+    pub index: usize,
+    /// Tiles the run is split into.
+    pub count: usize,
+}
+
+/// Most tiles a run may be split into.
+pub const MAX_TILES: usize = 1 << 20;
+
+impl TileSpec {
+    /// The whole run as one tile.
+    pub const WHOLE: TileSpec = TileSpec { index: 0, count: 1 };
+
+    /// Tile `index` of `count`; an error unless `index < count ≤ MAX_TILES`.
+    pub fn new(index: usize, count: usize) -> Result<TileSpec, EngineError> {
+        if count == 0 || count > MAX_TILES || index >= count {
+            return Err(EngineError::InvalidArgument(format!(
+                "tile {index}/{count}: need 0 <= I < N <= {MAX_TILES} (tiles are numbered from 0)"
+            )));
+        }
+        Ok(TileSpec { index, count })
+    }
+
+    /// This tile's probe rows within `range`: contiguous shares of equal pair work. A probe row `r` is
+    /// compared with the `r` rows before it, so the work up to row `x` grows as `x²` and the boundaries
+    /// follow its square root.
+    pub fn rows(&self, range: Range<usize>) -> Range<usize> {
+        let edge = |i: usize| -> usize {
+            if i == 0 {
+                return range.start;
+            }
+            if i >= self.count {
+                return range.end;
+            }
+            let (s, e) = (range.start as f64, range.end as f64);
+            let x = (s * s + (e * e - s * s) * i as f64 / self.count as f64).sqrt();
+            (x.round() as usize).clamp(range.start, range.end)
+        };
+        edge(self.index)..edge(self.index + 1)
+    }
+}
+
+impl std::fmt::Display for TileSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for TileSpec {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            EngineError::InvalidArgument(format!(
+                "tile {s:?} is not I/N (tile I of N, numbered from 0, e.g. 0/4)"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let i = i.trim().parse::<usize>().map_err(|_| bad())?;
+        let n = n.trim().parse::<usize>().map_err(|_| bad())?;
+        TileSpec::new(i, n)
+    }
+}
+
+/// What every part of one run shares: the run's inputs, parameters and everything derived from them before
+/// any tile starts. Parts of one run have equal setups; [`assemble`] refuses parts whose setups differ.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSetup {
+    /// pacha version that ran the part.
+    pub version: String,
+    /// What the run was derived from.
+    pub identity: RunIdentity,
+    /// Where the score models came from.
+    pub calibration_source: String,
+    /// The run's parameters (everything of [`DedupOptions`] that shapes its output).
+    pub parameters: RunParameters,
+    /// Rows of the snapshot.
+    pub rows: usize,
+    /// Live records of the snapshot.
+    pub records: usize,
+    /// First probe row of the run.
+    pub first_probe: usize,
+    /// Decision threshold.
+    pub threshold: f64,
+    /// Report floor.
+    pub floor: f64,
+    /// Candidate generation used (with `+sketch` when a filter runs).
+    pub mode: String,
+    /// Genuine-miss allowance used.
+    pub genuine_miss: f64,
+    /// Per-modality candidate cosines.
+    pub candidate_cosines: Vec<(String, Option<f32>)>,
+    /// Per-modality first-stage sketch cuts.
+    pub sketch_cuts: Vec<(String, Option<CutChoice>)>,
+    /// Per-modality second-stage sketch cuts.
+    pub sketch_full_cuts: Vec<(String, Option<CutChoice>)>,
+    /// Audit: the construction bound (no partition on any candidate modality): (bound, why).
+    pub construction: Option<(f64, String)>,
+    /// Audit: rows sampled over the whole run (0: no audit).
+    pub audit_sampled: usize,
+}
+
+/// The parameters of a run that shape its output (not where it checkpoints or which tile it runs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunParameters {
+    /// See [`DedupOptions::target_fpir`].
+    pub target_fpir: f64,
+    /// See [`DedupOptions::scope`].
+    pub scope: DedupScope,
+    /// See [`DedupOptions::mode`] (as requested).
+    pub mode: CandidateMode,
+    /// See [`DedupOptions::block_rows`].
+    pub block_rows: usize,
+    /// See [`DedupOptions::report_floor`].
+    pub report_floor: Option<f64>,
+    /// See [`DedupOptions::sketch`].
+    pub sketch: Option<CutPolicy>,
+    /// See [`DedupOptions::genuine_miss`].
+    pub genuine_miss: f64,
+    /// See [`DedupOptions::audit`].
+    pub audit: AuditOptions,
+    /// See [`DedupOptions::force_path`].
+    pub force_path: Option<String>,
+}
+
+impl RunParameters {
+    /// The output-shaping parameters of `opts`.
+    pub fn of(opts: &DedupOptions) -> RunParameters {
+        RunParameters {
+            target_fpir: opts.target_fpir,
+            scope: opts.scope.clone(),
+            mode: opts.mode,
+            block_rows: opts.block_rows,
+            report_floor: opts.report_floor,
+            sketch: opts.sketch,
+            genuine_miss: opts.genuine_miss,
+            audit: opts.audit.clone(),
+            force_path: opts.force_path.clone(),
+        }
+    }
+}
+
+/// Timings of one part (never compared between parts).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartTimings {
+    /// Planning and preparing the candidate index.
+    pub prepare_seconds: f64,
+    /// Generating candidates.
+    pub candidate_seconds: f64,
+    /// Rescoring and fusing.
+    pub scoring_seconds: f64,
+    /// The whole part.
+    pub total_seconds: f64,
+}
+
+/// One tile's share of a run: its pairs, counters, audit evidence and the setup it ran under.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunPart {
+    /// Which tile.
+    pub tile: TileSpec,
+    /// Its probe rows `[start, end)`.
+    pub probe_rows: (usize, usize),
+    /// The run's shared setup.
+    pub setup: RunSetup,
+    /// Per candidate modality, how its path was chosen (equal in every part but for the pilot's seconds).
+    pub plans: Vec<ModalityPlan>,
+    /// Pairs at or above the floor whose later row is one of this part's probe rows, sorted by rows.
+    #[serde(skip)]
+    pub pairs: Vec<DedupPair>,
+    /// `pairs.len()` (kept when the pairs travel in another file).
+    pub pair_count: usize,
+    /// Candidate pairs (see [`DedupSummary::candidate_pairs`]).
+    pub candidate_pairs: u64,
+    /// Per-modality work counters of the index join.
+    pub join_stats: Vec<(String, JoinStats)>,
+    /// Checkpointed blocks reused.
+    pub tiles_resumed: usize,
+    /// Timings.
+    pub timings: PartTimings,
+    /// Audit evidence of the sampled rows among this part's probes (`None`: no audit).
+    pub audit: Option<AuditPart>,
+}
+
+/// Runs a dedup over the snapshot in `ctx`: the whole run in one process ([`run_part`] of
+/// [`TileSpec::WHOLE`], then [`assemble`]; `opts.tile` must be unset or `0/1`).
 pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, EngineError> {
+    if opts.tile.is_some_and(|t| t.count != 1) {
+        return Err(EngineError::InvalidArgument(
+            "a tiled run's parts come from run_part and merge with assemble".into(),
+        ));
+    }
+    assemble(vec![run_part(ctx, opts)?])
+}
+
+/// Runs tile `opts.tile` (default: the whole run) of a dedup over the snapshot in `ctx`.
+pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, EngineError> {
     let start = Instant::now();
     let snap = ctx.snapshot;
+    let tile = opts.tile.unwrap_or(TileSpec::WHOLE);
+    TileSpec::new(tile.index, tile.count)?;
     if opts.block_rows == 0 {
         return Err(EngineError::InvalidArgument(
             "block_rows must be at least 1".into(),
@@ -275,6 +481,7 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             r
         }
     };
+    let part_rows = tile.rows(first_probe..rows);
     let mode = candidates::resolve_mode(opts.mode, snap);
     let ann = ctx.ann.filter(|a| a.covers(snap));
     if !(0.0..1.0).contains(&opts.genuine_miss) {
@@ -342,17 +549,17 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
             .map(|c| c.map(|(p, f)| (p.cut, f.cut)))
             .collect::<Vec<_>>(),
     );
-    // An index-join tile re-reads every list's visitors (those below the tile × its members), so index runs
-    // use at most INDEX_TILES tiles: the join's pairs are verdicts, not candidates, so tiles stay small.
+    // An index-join block re-reads every list's visitors (those below the block × its members), so index
+    // runs use at most INDEX_TILES blocks per part: the join's pairs are verdicts, not candidates, so blocks
+    // stay small.
     let block_rows = match mode {
-        CandidateMode::Index => opts
-            .block_rows
-            .max((rows - first_probe).div_ceil(INDEX_TILES)),
+        CandidateMode::Index => opts.block_rows.max(part_rows.len().div_ceil(INDEX_TILES)),
         _ => opts.block_rows,
     };
-    let tiles: Vec<Range<usize>> = (first_probe..rows)
-        .step_by(block_rows)
-        .map(|s| s..(s + block_rows).min(rows))
+    let blocks: Vec<Range<usize>> = part_rows
+        .clone()
+        .step_by(block_rows.max(1))
+        .map(|s| s..(s + block_rows).min(part_rows.end))
         .collect();
 
     let identity = run_identity(snap, ctx.calibration, ann);
@@ -368,6 +575,7 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         block_rows,
         audit: opts.audit.clone(),
         force_path: opts.force_path.clone(),
+        tile,
     };
     let ckpt = match &opts.checkpoint_dir {
         Some(d) => Some(Checkpoint::open(d, &key)?),
@@ -400,60 +608,89 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         _ => None,
     };
     let prepare_seconds = t_prep.elapsed().as_secs_f64();
-    // The audit's sample and what the candidate path reaches for it.
+    // The audit's sample is drawn over the whole run; each part audits the sampled rows among its probes.
     let audit_sample: Vec<u32> = match (&run_index, opts.audit.probes) {
-        (Some(_), k) if k > 0 => {
+        (Some(ri), k) if k > 0 => {
+            let k =
+                crate::audit::sample_size(k, opts.audit.min_recall, &ri.plans(), first_probe, rows);
             crate::audit::sample_rows(snap, first_probe..rows, k, opts.audit.seed)
         }
         _ => Vec::new(),
     };
+    let part_sample: Vec<u32> = audit_sample
+        .iter()
+        .copied()
+        .filter(|&r| part_rows.contains(&(r as usize)))
+        .collect();
     let recorder = (!audit_sample.is_empty())
-        .then(|| Recorder::new(&audit_sample, snap.schema().modalities.len()));
+        .then(|| Recorder::new(&part_sample, snap.schema().modalities.len()));
+    // With complete budgets and no partition, completeness follows from the sketch model alone.
+    let construction = match &run_index {
+        Some(ri) if genuine_miss == 0.0 && ri.plans().iter().all(|p| p.path != "ivf") => {
+            // Only brute-force sketch joins can drop a pair; exact joins drop none.
+            let drop: f64 = ri
+                .modalities
+                .iter()
+                .zip(&cuts)
+                .filter(|(rm, _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
+                .filter_map(|(_, c)| c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold))
+                .sum();
+            let how = if drop > 0.0 {
+                format!(
+                    "every candidate modality searched without a partition (exact GEMM or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
+                )
+            } else {
+                "every candidate modality searched by exact GEMM".to_string()
+            };
+            Some((1.0 - drop, how))
+        }
+        _ => None,
+    };
+    let keys: Vec<String> = snap
+        .schema()
+        .modalities
+        .iter()
+        .map(|s| s.modality.key())
+        .collect();
+    let setup = RunSetup {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        identity,
+        calibration_source: ctx.calibration.source.clone(),
+        parameters: RunParameters::of(opts),
+        rows,
+        records: snap.live(),
+        first_probe,
+        threshold,
+        floor,
+        mode: mode_label,
+        genuine_miss,
+        candidate_cosines: keys.iter().cloned().zip(cand_cos.iter().copied()).collect(),
+        sketch_cuts: keys
+            .iter()
+            .cloned()
+            .zip(cuts.iter().map(|c| c.map(|c| c.0)))
+            .collect(),
+        sketch_full_cuts: keys
+            .iter()
+            .cloned()
+            .zip(cuts.iter().map(|c| c.map(|c| c.1)))
+            .collect(),
+        construction,
+        audit_sampled: audit_sample.len(),
+    };
 
     let mut summary = DedupSummary {
-        plans: run_index.as_ref().map(RunIndex::plans).unwrap_or_default(),
-        calibration_source: ctx.calibration.source.clone(),
-        prepare_seconds,
-        identity,
-        records: snap.live(),
-        probes: rows - first_probe,
-        mode: mode_label,
-        threshold,
-        genuine_miss,
-        candidate_cosines: snap
-            .schema()
-            .modalities
+        join_stats: keys
             .iter()
-            .zip(&cand_cos)
-            .map(|(s, c)| (s.modality.key(), *c))
-            .collect(),
-        sketch_cuts: snap
-            .schema()
-            .modalities
-            .iter()
-            .zip(&cuts)
-            .map(|(s, c)| (s.modality.key(), c.map(|c| c.0)))
-            .collect(),
-        sketch_full_cuts: snap
-            .schema()
-            .modalities
-            .iter()
-            .zip(&cuts)
-            .map(|(s, c)| (s.modality.key(), c.map(|c| c.1)))
-            .collect(),
-        join_stats: snap
-            .schema()
-            .modalities
-            .iter()
-            .map(|s| (s.modality.key(), JoinStats::default()))
+            .map(|k| (k.clone(), JoinStats::default()))
             .collect(),
         ..DedupSummary::default()
     };
     let mut pairs: Vec<DedupPair> = Vec::new();
     let mut done = 0usize;
-    // Past RAM, the f32 pages read so far (calibration samples, then each tile's rescorings of pairs the i8
+    // Past RAM, the f32 pages read so far (calibration samples, then each block's rescorings of pairs the i8
     // stage could not reject) are scattered: drop them from the resident set before the join and after each
-    // tile, so that a store larger than RAM is matched with its i8 codes resident, not its f32 rows.
+    // block, so that a store larger than RAM is matched with its i8 codes resident, not its f32 rows.
     let past_ram = snap.past_ram();
     let release_f32 = || {
         if past_ram {
@@ -463,14 +700,14 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         }
     };
     release_f32();
-    for (ti, tile) in tiles.iter().enumerate() {
+    for (bi, block) in blocks.iter().enumerate() {
         if ctx.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(EngineError::Cancelled {
-                finished_tiles: ti,
-                total_tiles: tiles.len(),
+                finished_tiles: bi,
+                total_tiles: blocks.len(),
             });
         }
-        let out = match ckpt.as_ref().map(|c| c.load(ti)).transpose()?.flatten() {
+        let out = match ckpt.as_ref().map(|c| c.load(bi)).transpose()?.flatten() {
             Some(t) => {
                 summary.tiles_resumed += 1;
                 t
@@ -482,12 +719,12 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
                     recorder.as_ref(),
                     &cand_cos,
                     &cuts,
-                    tile.clone(),
+                    block.clone(),
                     floor,
                     &mut summary,
                 )?;
                 if let Some(c) = &ckpt {
-                    c.save(ti, &t)?;
+                    c.save(bi, &t)?;
                 }
                 t
             }
@@ -503,106 +740,328 @@ pub fn run(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<DedupResult, E
         }
         pairs.extend(out.pairs);
         release_f32();
-        done += tile.len();
+        done += block.len();
         if let Some(p) = ctx.progress {
             p(DedupProgress {
                 done,
-                total: summary.probes,
+                total: part_rows.len(),
                 pairs: pairs.len(),
             });
         }
     }
     pairs.sort_by_key(|p| (p.row_a, p.row_b));
+    let audit = match &recorder {
+        Some(rec) => {
+            // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between
+            // them and the run's cosines are never looked for, and count as missed.
+            let complete = ctx.calibration.candidate_cosines(floor);
+            let exact =
+                crate::audit::exact_sample(snap, ctx.calibration, &part_sample, floor, &complete)?;
+            let reported: std::collections::HashSet<(u32, u32)> =
+                pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
+            // Synthetic boundary pairs for the IVF paths (several per sampled row, an independent seed).
+            let mut synthetic = Vec::new();
+            if let Some(ri) = &run_index {
+                for (mi, rm) in ri.modalities.iter().enumerate() {
+                    let Some(rm) = rm else { continue };
+                    let (Some(ivf), Some(rule)) = (&rm.ivf, rm.plan.rule) else {
+                        continue;
+                    };
+                    if rm.plan.path != "ivf" {
+                        continue;
+                    }
+                    let (f, n) = crate::policy::synthetic_reach(
+                        snap,
+                        ivf,
+                        mi,
+                        rm.plan.cosine,
+                        rule,
+                        &part_sample,
+                        crate::audit::SYNTHETIC_PER_ROW,
+                        opts.audit.seed ^ 0x5e1f ^ mi as u64,
+                    );
+                    synthetic.push((rm.plan.modality.clone(), f, n));
+                }
+            }
+            Some(crate::audit::audit_part(
+                snap,
+                part_sample.len(),
+                &exact,
+                &reported,
+                rec,
+                threshold,
+                synthetic,
+            ))
+        }
+        None => None,
+    };
+    if let Some(c) = ckpt {
+        c.finish()?;
+    }
+    Ok(RunPart {
+        tile,
+        probe_rows: (part_rows.start, part_rows.end),
+        setup,
+        plans: run_index.as_ref().map(RunIndex::plans).unwrap_or_default(),
+        pair_count: pairs.len(),
+        pairs,
+        candidate_pairs: summary.candidate_pairs,
+        join_stats: summary.join_stats,
+        tiles_resumed: summary.tiles_resumed,
+        timings: PartTimings {
+            prepare_seconds,
+            candidate_seconds: summary.candidate_seconds,
+            scoring_seconds: summary.scoring_seconds,
+            total_seconds: start.elapsed().as_secs_f64(),
+        },
+        audit,
+    })
+}
+
+/// Why parts of a run do not merge.
+fn refuse(reason: String) -> EngineError {
+    EngineError::Tiles(reason)
+}
+
+/// The fields in which two setups differ, by name.
+fn setup_differences(a: &RunSetup, b: &RunSetup) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(x)), Ok(serde_json::Value::Object(y))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return vec!["(unserialisable setup)".into()];
+    };
+    let mut out: Vec<String> = Vec::new();
+    for (k, v) in &x {
+        match (v, y.get(k)) {
+            (serde_json::Value::Object(vo), Some(serde_json::Value::Object(wo))) => {
+                for (k2, v2) in vo {
+                    if wo.get(k2) != Some(v2) {
+                        out.push(format!("{k}.{k2}"));
+                    }
+                }
+            }
+            (v, w) if w != Some(v) => out.push(k.clone()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A plan without its timing, for comparing parts.
+fn untimed(p: &ModalityPlan) -> ModalityPlan {
+    ModalityPlan {
+        seconds: 0.0,
+        ..p.clone()
+    }
+}
+
+/// Merges the parts of one run — every tile `0..N` exactly once, all of the same setup — into its result:
+/// pairs sorted by rows, clusters over all hits, one summary and one audit. The result is the same for any
+/// split of the run (timings aside); a single process's run is the one-part case.
+pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
+    let Some(first) = parts.first() else {
+        return Err(refuse("no tiles given".into()));
+    };
+    let count = first.tile.count;
+    let mut seen = vec![0usize; count];
+    for p in &parts {
+        if p.tile.count != count {
+            return Err(refuse(format!(
+                "tile {} belongs to a run of {} tiles, tile {} to a run of {count}",
+                p.tile, p.tile.count, first.tile
+            )));
+        }
+        if let Some(s) = seen.get_mut(p.tile.index) {
+            *s += 1;
+        }
+    }
+    let missing: Vec<usize> = (0..count).filter(|&i| seen[i] == 0).collect();
+    if !missing.is_empty() {
+        return Err(refuse(format!(
+            "tile(s) {missing:?} of {count} missing: run them (pacha dedup --tile I/{count}) before merging"
+        )));
+    }
+    let twice: Vec<usize> = (0..count).filter(|&i| seen[i] > 1).collect();
+    if !twice.is_empty() {
+        return Err(refuse(format!(
+            "tile(s) {twice:?} of {count} given more than once"
+        )));
+    }
+    parts.sort_by_key(|p| p.tile.index);
+    let setup = parts[0].setup.clone();
+    let plans = parts[0].plans.clone();
+    let range = setup.first_probe..setup.rows;
+    for p in &parts {
+        let diff = setup_differences(&setup, &p.setup);
+        if !diff.is_empty() {
+            return Err(refuse(format!(
+                "tile {} ran on other inputs or parameters than tile {}: {} differ",
+                p.tile,
+                parts[0].tile,
+                diff.join(", ")
+            )));
+        }
+        if p.plans.iter().map(untimed).ne(plans.iter().map(untimed)) {
+            return Err(refuse(format!(
+                "tile {} planned its candidate paths differently from tile {}",
+                p.tile, parts[0].tile
+            )));
+        }
+        let want = p.tile.rows(range.clone());
+        if p.probe_rows != (want.start, want.end) {
+            return Err(refuse(format!(
+                "tile {} covers probe rows {:?}, but tile {} of this run covers {want:?}",
+                p.tile, p.probe_rows, p.tile
+            )));
+        }
+        if p.pairs.len() != p.pair_count {
+            return Err(refuse(format!(
+                "tile {} holds {} pairs but says {}",
+                p.tile,
+                p.pairs.len(),
+                p.pair_count
+            )));
+        }
+        if let Some(bad) = p.pairs.iter().find(|q| {
+            q.row_a >= q.row_b || !want.contains(&(q.row_b as usize)) || q.score() < setup.floor
+        }) {
+            return Err(refuse(format!(
+                "tile {} holds pair ({}, {}) (rows {}, {}, score {:.3}), which is not one of its pairs",
+                p.tile,
+                bad.a,
+                bad.b,
+                bad.row_a,
+                bad.row_b,
+                bad.score()
+            )));
+        }
+        if p.audit.is_some() != (setup.audit_sampled > 0) {
+            return Err(refuse(format!(
+                "tile {} has {} audit evidence, the run {}",
+                p.tile,
+                if p.audit.is_some() { "" } else { "no" },
+                if setup.audit_sampled > 0 {
+                    "audits"
+                } else {
+                    "does not audit"
+                }
+            )));
+        }
+    }
+    let audit_parts: Vec<AuditPart> = parts.iter().filter_map(|p| p.audit.clone()).collect();
+    if !audit_parts.is_empty() {
+        let sampled: usize = audit_parts.iter().map(|a| a.sampled).sum();
+        if sampled != setup.audit_sampled {
+            return Err(refuse(format!(
+                "the tiles' audit evidence covers {sampled} sampled rows, the run sampled {}",
+                setup.audit_sampled
+            )));
+        }
+    }
+    let mut summary = DedupSummary {
+        records: setup.records,
+        probes: setup.rows - setup.first_probe,
+        mode: setup.mode.clone(),
+        threshold: setup.threshold,
+        candidate_cosines: setup.candidate_cosines.clone(),
+        genuine_miss: setup.genuine_miss,
+        sketch_cuts: setup.sketch_cuts.clone(),
+        sketch_full_cuts: setup.sketch_full_cuts.clone(),
+        join_stats: setup
+            .candidate_cosines
+            .iter()
+            .map(|(k, _)| (k.clone(), JoinStats::default()))
+            .collect(),
+        plans,
+        identity: setup.identity.clone(),
+        calibration_source: setup.calibration_source.clone(),
+        ..DedupSummary::default()
+    };
+    let mut pairs: Vec<DedupPair> = Vec::with_capacity(parts.iter().map(|p| p.pairs.len()).sum());
+    let mut wall = 0.0f64;
+    for p in parts {
+        summary.candidate_pairs += p.candidate_pairs;
+        for (acc, (k, st)) in summary.join_stats.iter_mut().zip(&p.join_stats) {
+            if &acc.0 != k {
+                return Err(refuse(format!(
+                    "tile {} counts the join of {k} where the run has {}",
+                    p.tile, acc.0
+                )));
+            }
+            acc.1 = acc.1.add(st);
+        }
+        summary.tiles_resumed += p.tiles_resumed;
+        summary.prepare_seconds += p.timings.prepare_seconds;
+        summary.candidate_seconds += p.timings.candidate_seconds;
+        summary.scoring_seconds += p.timings.scoring_seconds;
+        wall += p.timings.total_seconds;
+        pairs.extend(p.pairs);
+    }
+    pairs.sort_by_key(|p| (p.row_a, p.row_b));
+    if let Some(w) = pairs
+        .windows(2)
+        .find(|w| w[0].row_a == w[1].row_a && w[0].row_b == w[1].row_b)
+    {
+        return Err(refuse(format!(
+            "pair ({}, {}) appears twice among the tiles",
+            w[0].a, w[0].b
+        )));
+    }
+    let threshold = setup.threshold;
     let hit_rows: Vec<(usize, usize)> = pairs
         .iter()
         .filter(|p| p.score() >= threshold)
         .map(|p| (p.row_a as usize, p.row_b as usize))
         .collect();
-    let clusters: Vec<Vec<String>> = crate::cluster::union_find(rows, &hit_rows)
+    // Clusters over the hits' rows (union-find over the rows that occur, each group sorted by row and
+    // the groups by first row), named by the subject IDs the pairs carry.
+    let mut ids: std::collections::BTreeMap<usize, &str> = std::collections::BTreeMap::new();
+    for p in pairs.iter().filter(|p| p.score() >= threshold) {
+        ids.insert(p.row_a as usize, &p.a);
+        ids.insert(p.row_b as usize, &p.b);
+    }
+    let dense: Vec<usize> = ids.keys().copied().collect();
+    let local: Vec<(usize, usize)> = hit_rows
+        .iter()
+        .map(|&(a, b)| {
+            (
+                dense.binary_search(&a).unwrap_or_default(),
+                dense.binary_search(&b).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let clusters: Vec<Vec<String>> = crate::cluster::union_find(dense.len(), &local)
         .into_iter()
         .map(|c| {
             c.into_iter()
-                .map(|r| snap.subject_id(r).to_string())
+                .map(|i| ids.get(&dense[i]).copied().unwrap_or_default().to_string())
                 .collect()
         })
         .collect();
-    if let Some(rec) = &recorder {
-        // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between them
-        // and the run's cosines are never looked for, and count as missed.
-        let complete = ctx.calibration.candidate_cosines(floor);
-        let exact =
-            crate::audit::exact_sample(snap, ctx.calibration, &audit_sample, floor, &complete)?;
-        let reported: std::collections::HashSet<(u32, u32)> =
-            pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
-        // With complete budgets and no partition, completeness follows from the sketch model alone.
-        let construction = match &run_index {
-            Some(ri) if genuine_miss == 0.0 && ri.plans().iter().all(|p| p.path != "ivf") => {
-                // Only brute-force sketch joins can drop a pair; exact joins drop none.
-                let drop: f64 = ri
-                    .modalities
-                    .iter()
-                    .zip(&cuts)
-                    .filter(|(rm, _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
-                    .filter_map(|(_, c)| c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold))
-                    .sum();
-                let how = if drop > 0.0 {
-                    format!(
-                        "every candidate modality searched without a partition (exact GEMM or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
-                    )
-                } else {
-                    "every candidate modality searched by exact GEMM".to_string()
-                };
-                Some((1.0 - drop, how))
-            }
-            _ => None,
-        };
-        // Synthetic boundary pairs for the IVF paths (several per sampled row, an independent seed).
-        let mut synthetic = Vec::new();
-        if let Some(ri) = &run_index {
-            for (mi, rm) in ri.modalities.iter().enumerate() {
-                let Some(rm) = rm else { continue };
-                let (Some(ivf), Some(rule)) = (&rm.ivf, rm.plan.rule) else {
-                    continue;
-                };
-                if rm.plan.path != "ivf" {
-                    continue;
-                }
-                let (f, n) = crate::policy::synthetic_reach(
-                    snap,
-                    ivf,
-                    mi,
-                    rm.plan.cosine,
-                    rule,
-                    &audit_sample,
-                    crate::audit::SYNTHETIC_PER_ROW,
-                    opts.audit.seed ^ 0x5e1f ^ mi as u64,
-                );
-                synthetic.push((rm.plan.modality.clone(), f, n));
-            }
-        }
+    if !audit_parts.is_empty() {
+        let keys: Vec<String> = setup
+            .candidate_cosines
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
         summary.audit = Some(crate::audit::assess(
-            snap,
-            &opts.audit,
-            &audit_sample,
-            rows - first_probe,
-            &exact,
-            &reported,
-            rec,
-            threshold,
-            floor,
-            construction,
-            synthetic,
+            &crate::audit::AuditFrame {
+                opts: &setup.parameters.audit,
+                modalities: &keys,
+                probe_rows: summary.probes,
+                threshold,
+                floor: setup.floor,
+                construction: setup.construction.clone(),
+            },
+            &audit_parts,
         ));
     }
     summary.reported_pairs = pairs.len();
     summary.hits = hit_rows.len();
     summary.clusters = clusters.len();
-    summary.total_seconds = start.elapsed().as_secs_f64();
+    summary.total_seconds = wall;
     summary.records_per_second = summary.probes as f64 / summary.total_seconds.max(1e-9);
     summary.score_histogram = histogram(pairs.iter().map(DedupPair::score), 5.0);
-    if let Some(c) = ckpt {
-        c.finish()?;
-    }
     Ok(DedupResult {
         threshold,
         pairs,
@@ -787,5 +1246,61 @@ impl Checkpoint {
     fn finish(self) -> Result<(), EngineError> {
         std::fs::write(self.dir.join("complete"), b"ok")
             .map_err(|e| EngineError::io("writing", &self.dir, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_probe_rows_once_in_shares_of_equal_work() {
+        for (range, n) in [
+            (0..100_000usize, 7usize),
+            (90_000..100_000, 4),
+            (0..5, 8),
+            (3..3, 2),
+        ] {
+            let mut next = range.start;
+            let mut work = Vec::new();
+            for i in 0..n {
+                let r = TileSpec::new(i, n).unwrap().rows(range.clone());
+                assert_eq!(r.start, next, "tile {i}/{n} of {range:?} leaves a gap");
+                assert!(r.end >= r.start);
+                next = r.end;
+                work.push(r.map(|x| x as f64).sum::<f64>());
+            }
+            assert_eq!(next, range.end, "tiles of {range:?} stop short");
+            if range.len() >= 10_000 {
+                let mean = work.iter().sum::<f64>() / n as f64;
+                for w in &work {
+                    assert!((w / mean - 1.0).abs() < 0.01, "{work:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile_specs_parse_and_refuse_nonsense() {
+        assert_eq!(
+            "3/16".parse::<TileSpec>().unwrap(),
+            TileSpec {
+                index: 3,
+                count: 16
+            }
+        );
+        assert_eq!(TileSpec::new(0, 1).unwrap(), TileSpec::WHOLE);
+        for bad in [
+            "",
+            "3",
+            "16/16",
+            "-1/4",
+            "a/b",
+            "1/0",
+            "0/2/3",
+            "1/99999999",
+        ] {
+            assert!(bad.parse::<TileSpec>().is_err(), "{bad:?} parsed");
+        }
     }
 }

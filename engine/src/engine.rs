@@ -472,6 +472,28 @@ impl Engine {
         dedup::run(&ctx, options)
     }
 
+    /// Runs tile `options.tile` of a dedup ([`dedup::run_part`]): one share of the probe rows, for runs split
+    /// over processes or machines; [`dedup::assemble`] (or [`crate::tiles::merge_tiles`] on tile
+    /// directories) merges the parts.
+    pub fn dedup_part(
+        &self,
+        options: &DedupOptions,
+        progress: Option<&(dyn Fn(DedupProgress) + Sync)>,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<dedup::RunPart, EngineError> {
+        let snap = self.snapshot();
+        let cal = self.matching_calibration(&snap)?;
+        let ann = self.ann();
+        let ctx = DedupContext {
+            snapshot: &snap,
+            calibration: &cal,
+            ann: ann.as_deref(),
+            progress,
+            cancel,
+        };
+        dedup::run_part(&ctx, options)
+    }
+
     /// Enrols a batch and deduplicates it against the registry and against itself (MOSIP-style batch
     /// insert + identify). The batch is durable before matching starts.
     pub fn dedup_batch(

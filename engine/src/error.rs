@@ -245,6 +245,9 @@ pub enum EngineError {
     /// Reading a dataset file failed.
     #[error(transparent)]
     Dataset(#[from] pacha_datasets::DatasetError),
+    /// Tiles of a dedup run cannot be merged: one is missing, given twice, foreign, or damaged.
+    #[error("tiles do not merge: {0}")]
+    Tiles(String),
 }
 
 impl EngineError {

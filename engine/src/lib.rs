@@ -36,6 +36,7 @@ pub mod matcher;
 pub mod policy;
 pub mod runio;
 pub mod store;
+pub mod tiles;
 
 pub use annset::AnnSet;
 pub use engine::Engine;

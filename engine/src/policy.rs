@@ -126,6 +126,10 @@ pub struct ModalityPlan {
     /// Predicted seconds of each path considered: `(path, seconds)`.
     #[serde(default)]
     pub predicted_seconds: Vec<(String, f64)>,
+    /// The cheapest probe rule the pilot found for the partition, also when another path was chosen
+    /// (what `--force-path ivf` runs).
+    #[serde(default)]
+    pub ivf_rule: Option<ProbeRule>,
     /// Seconds the pilot took.
     pub seconds: f64,
 }
@@ -214,6 +218,7 @@ pub fn plan_modality(
         predicted_products: brute_products,
         brute_products,
         predicted_seconds: Vec::new(),
+        ivf_rule: None,
         seconds: 0.0,
     };
     choose_without_partition(&mut plan, d, filter);
@@ -350,6 +355,7 @@ pub fn plan_modality(
         });
         let secs = join_seconds(products, d, nearer);
         plan.predicted_seconds.push(("ivf".into(), secs));
+        plan.ivf_rule = Some(rule);
         let best_other = plan
             .predicted_seconds
             .iter()
@@ -453,12 +459,15 @@ pub fn synthetic_reach(
         .map(|r| r as u32)
         .collect();
     let per_row = per_row.max(1);
-    let reps: Vec<u32> = rows
-        .iter()
-        .flat_map(|&r| std::iter::repeat_n(r, per_row))
-        .collect();
-    let (partners, owners) = synthetic_partners(view, &reps, &pool, c, seed);
-    let owners: Vec<usize> = owners.into_iter().map(|i| i / per_row).collect();
+    // Each row's partners come from a seed of its own, so its evidence is the same in any split of the run.
+    let mut partners = Vec::new();
+    let mut owners: Vec<usize> = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        let row_seed = seed ^ u64::from(r).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let (p, o) = synthetic_partners(view, &vec![r; per_row], &pool, c, row_seed);
+        partners.extend(p);
+        owners.extend(o.into_iter().map(|_| i));
+    }
     let mut dense = Vec::with_capacity(rows.len() * spec.dim);
     for &r in &rows {
         dense.extend_from_slice(view.row(r as usize));
@@ -539,6 +548,7 @@ impl RunIndex {
                         predicted_products: 0.0,
                         brute_products: n * (n - 1.0).max(0.0) / 2.0,
                         predicted_seconds: Vec::new(),
+                        ivf_rule: None,
                         seconds: 0.0,
                     };
                     choose_without_partition(&mut plan, spec.dim, filter);
@@ -547,13 +557,22 @@ impl RunIndex {
             };
             let mut plan = plan;
             match force {
-                Some("ivf") if plan.rule.is_none() => {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "{}: the ivf path needs a saved index and a rule",
-                        plan.modality
-                    )));
+                Some("ivf") => match plan.ivf_rule {
+                    Some(rule) => {
+                        plan.path = "ivf".into();
+                        plan.rule = Some(rule);
+                    }
+                    None => {
+                        return Err(EngineError::InvalidArgument(format!(
+                            "{}: the ivf path needs a saved index (run `pacha index`)",
+                            plan.modality
+                        )));
+                    }
+                },
+                Some(p @ ("brute" | "exact")) => {
+                    plan.path = p.to_string();
+                    plan.rule = None;
                 }
-                Some(p @ ("ivf" | "brute" | "exact")) => plan.path = p.to_string(),
                 Some(p) => {
                     return Err(EngineError::InvalidArgument(format!(
                         "unknown candidate path {p:?} (ivf, brute or exact)"
