@@ -227,3 +227,49 @@ pub fn exclusive_flock_holder(path: &Path) -> Option<u32> {
         if ours { f[4].parse().ok() } else { None }
     })
 }
+
+/// Removes what measures one execution rather than the run's result from a summary: timings (`*seconds`,
+/// `records_per_second`) and the join's execution counters `products` and `sketch_pass` (comparisons made
+/// inside each block, which depend on how the probe rows were blocked and tiled; the canonical counters
+/// `rescored`, `exact_reads` and `above` do not).
+pub fn strip_timings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|k, _| {
+                !k.ends_with("seconds")
+                    && !["records_per_second", "products", "sketch_pass"].contains(&k.as_str())
+            });
+            m.values_mut().for_each(strip_timings);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_timings),
+        _ => {}
+    }
+}
+
+/// Asserts that two run directories hold the same results: the three output files byte for byte, the
+/// summary equal but for what [`strip_timings`] removes.
+pub fn assert_same_run(a: &Path, b: &Path) {
+    for f in ["hits.csv", "hits.jsonl", "clusters.csv"] {
+        let (x, y) = (
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+        );
+        assert!(
+            x == y,
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+    let summary = |d: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("summary.json")).unwrap()).unwrap();
+        strip_timings(&mut v);
+        v
+    };
+    assert_eq!(
+        summary(a),
+        summary(b),
+        "summary.json differs beyond timings"
+    );
+}

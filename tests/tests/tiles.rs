@@ -8,7 +8,7 @@ use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, TileSpec};
 use pacha_engine::engine::CalibrateOptions;
 use pacha_engine::{Engine, Modality};
-use pacha_tests::{config, load, pacha_bin, path_arg as s, run_pacha};
+use pacha_tests::{assert_same_run, config, load, pacha_bin, path_arg as s, run_pacha};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,46 +54,6 @@ fn dedup_args<'a>(store: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a 
     ];
     v.extend_from_slice(extra);
     v
-}
-
-/// Removes every timing (`*seconds`, `records_per_second`) from a JSON value.
-fn strip_timings(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            m.retain(|k, _| !k.ends_with("seconds") && k != "records_per_second");
-            m.values_mut().for_each(strip_timings);
-        }
-        Value::Array(a) => a.iter_mut().for_each(strip_timings),
-        _ => {}
-    }
-}
-
-/// Asserts that two run directories hold the same results: the three output files byte for byte, the
-/// summary equal but for timings.
-fn assert_same_run(a: &Path, b: &Path) {
-    for f in ["hits.csv", "hits.jsonl", "clusters.csv"] {
-        let (x, y) = (
-            std::fs::read(a.join(f)).unwrap(),
-            std::fs::read(b.join(f)).unwrap(),
-        );
-        assert!(
-            x == y,
-            "{f} differs between {} and {}",
-            a.display(),
-            b.display()
-        );
-    }
-    let summary = |d: &Path| {
-        let mut v: Value =
-            serde_json::from_slice(&std::fs::read(d.join("summary.json")).unwrap()).unwrap();
-        strip_timings(&mut v);
-        v
-    };
-    assert_eq!(
-        summary(a),
-        summary(b),
-        "summary.json differs beyond timings"
-    );
 }
 
 /// Runs the `n` tiles of a run with `extra` flags into `tiles/0..n`, `parallel` at a time under `xargs -P`,
