@@ -524,11 +524,24 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
         gallery,
         min_score: a.min_score,
     };
+    if !(0.0..=1.0).contains(&a.min_recall) {
+        return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());
+    }
+    let (rows, templates): (Vec<u64>, Vec<Vec<pacha_engine::store::Template>>) =
+        probes.into_iter().unzip();
+    let batch = engine
+        .identify_batch(
+            &templates,
+            &opts,
+            &AuditOptions {
+                probes: a.audit_probes,
+                seed: a.audit_seed,
+                min_recall: a.min_recall,
+            },
+        )
+        .context("identifying (probe N counts the probes from 0, in file or --rows order)")?;
     let mut all = Vec::new();
-    for (row, templates) in probes {
-        let r = engine
-            .identify(&templates, &opts)
-            .with_context(|| format!("identifying probe row {row}"))?;
+    for (row, r) in rows.iter().zip(&batch.results) {
         ui.out(format!(
             "probe {row}: {} candidate(s) at threshold {:.1}",
             r.candidates.len(),
@@ -544,8 +557,35 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
         }
         all.push(json!({"probe_row": row, "result": r}));
     }
-    ui.json_out(&json!({"command": "identify", "probes": all}));
-    Ok(())
+    if let Some(au) = &batch.audit {
+        ui.out(format!(
+            "completeness audit ({} of {} probes searched exactly, {:.1} s): {}/{} candidates at or above the threshold found; boundary {}/{}; verdict: {} — lower bound {:.5} vs --min-recall {} ({})",
+            au.sampled_probes,
+            au.probes,
+            au.seconds,
+            au.contract.found,
+            au.contract.pairs,
+            au.boundary_pooled.found,
+            au.boundary_pooled.pairs,
+            if au.passed { "PROVEN" } else { "NOT PROVEN" },
+            au.lower_bound,
+            au.min_recall,
+            au.evidence
+        ));
+    }
+    ui.json_out(&json!({"command": "identify", "probes": all, "audit": batch.audit}));
+    match &batch.audit {
+        Some(au) if !au.passed => Err(Failure {
+            code: 3,
+            error: anyhow!(
+                "completeness not proven: recall lower bound {:.5} < --min-recall {} ({})",
+                au.lower_bound,
+                au.min_recall,
+                au.evidence
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Per-modality cosines of a comparison, e.g. `face=0.712 finger2=0.455`.

@@ -305,6 +305,15 @@ pub struct IdentifyArgs {
     /// Report candidates down to this calibrated score instead of the FPIR threshold.
     #[arg(long)]
     pub min_score: Option<f64>,
+    /// Probes the completeness audit searches exactly against the whole store (0 turns it off).
+    #[arg(long, default_value_t = pacha_engine::identify::DEFAULT_IDENTIFY_AUDIT_PROBES)]
+    pub audit_probes: usize,
+    /// Seed of the audit's sample.
+    #[arg(long, default_value_t = AuditOptions::default().seed)]
+    pub audit_seed: u64,
+    /// Recall the batch must prove: if the audit's 95 % lower bound is below it, exit code 3.
+    #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_MIN_RECALL)]
+    pub min_recall: f64,
 }
 
 /// Arguments of `verify`.

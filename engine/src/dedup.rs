@@ -1,17 +1,19 @@
 //! Batch deduplication: every pair of enrolments whose fused score passes the threshold, clustered.
 //!
 //! ## How a run works
-//! The work is a grid of **tiles**: a probe block of rows `[p0, p1)` against the gallery rows `[0, p1)` that
-//! come before each probe (each unordered pair is compared once, from its later row). For every tile:
+//! The work is a list of **blocks**: probe rows `[p0, p1)` against the gallery rows `[0, p1)` that come
+//! before each probe (each unordered pair is compared once, from its later row). For every block:
 //! 1. *candidates*, per modality: all pairs whose cosine reaches that modality's candidate cosine (derived
 //!    from the fused threshold by pigeonhole, so no pair that can pass is dropped — see [`crate::fusion`]),
 //!    from exact blocked GEMM or from the ANN index plus an exact scan of rows the index does not cover;
 //! 2. *scoring*: the union of candidates is rescored exactly in f32 on every modality both records have,
 //!    fused, and kept when its calibrated score reaches the report floor (default: the threshold).
 //!
-//! Tiles are independent and their outputs merge by concatenation and sorting, so a run is deterministic
-//! regardless of thread count, can be checkpointed after every tile (resumable: an interrupted run restarts
-//! from its last finished tile and produces the same output), and can be scheduled tile by tile elsewhere.
+//! A run may be split into **tiles** ([`TileSpec`], contiguous probe-row shares of equal pair work) run as
+//! independent processes ([`run_part`]) and merged ([`assemble`]); a single process is the one-tile case of
+//! the same code, so the result is the same for any split and thread count. Inside a part, probe rows are
+//! taken in **blocks** (`block_rows`), each checkpointed when finished (resumable: an interrupted part
+//! restarts from its last finished block and produces the same output).
 
 use crate::annset::SketchFilter;
 use crate::audit::{Audit, AuditOptions, AuditPart, Recorder};

@@ -236,7 +236,7 @@ impl Engine {
         Ok(fitted)
     }
 
-    fn ann(&self) -> Option<Arc<AnnSet>> {
+    pub(crate) fn ann(&self) -> Option<Arc<AnnSet>> {
         self.ann
             .read()
             .map(|a| a.clone())
@@ -330,7 +330,16 @@ impl Engine {
         let floor = options.min_score.unwrap_or(threshold);
         let rows: Vec<usize> = match gallery_rows {
             Some(r) => r,
-            None => self.identify_candidates(&snap, &cal, &probe, floor)?,
+            None => {
+                let mut rows: Vec<usize> = self
+                    .identify_candidates(&snap, &cal, &probe, floor)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                rows.sort_unstable();
+                rows.dedup();
+                rows
+            }
         };
         let compared = rows.len();
         let mut cands: Vec<(usize, Comparison)> = rows
@@ -361,18 +370,20 @@ impl Engine {
         })
     }
 
-    /// Rows worth comparing exactly with `probe`: per modality, rows whose cosine can matter for `floor`.
-    fn identify_candidates(
+    /// Rows worth comparing exactly with `probe`, per modality (schema order): rows whose cosine can matter
+    /// for `floor`, from the index and an exact scan of the rows it does not cover.
+    pub(crate) fn identify_candidates(
         &self,
         snap: &Snapshot,
         cal: &Calibration,
         probe: &Probe,
         floor: f64,
-    ) -> Result<Vec<usize>, EngineError> {
+    ) -> Result<Vec<Vec<usize>>, EngineError> {
         let cand_cos = cal.candidate_cosines(floor);
         let ann = self.ann().filter(|a| a.covers(snap));
-        let mut rows = Vec::new();
+        let mut per = vec![Vec::new(); snap.schema().modalities.len()];
         for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+            let rows = &mut per[mi];
             let (Some(q), Some(view), Some(c)) = (
                 &probe.templates[mi],
                 snap.f32_rows(spec.modality),
@@ -401,9 +412,7 @@ impl Engine {
                 .collect();
             rows.extend(fresh);
         }
-        rows.sort_unstable();
-        rows.dedup();
-        Ok(rows)
+        Ok(per)
     }
 
     /// 1:1 verification of two enrolled subjects. `threshold` is a calibrated score (default 50: FMR 1e-5).

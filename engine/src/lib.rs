@@ -30,6 +30,7 @@ pub mod eval;
 pub mod evaluation;
 pub mod fsutil;
 pub mod fusion;
+pub mod identify;
 pub mod identity;
 pub mod ingest;
 pub mod matcher;

@@ -199,6 +199,9 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
         .map(|r| snap.subject_id(r).to_string())
         .collect();
     let mut compared = 0;
+    let mut probes = Vec::new();
+    let mut exact_hits = 0u64;
+    let mut indexed_answers = Vec::new();
     for r in (20_000..24_000).step_by(40) {
         let probe: Vec<Template> = snap
             .schema()
@@ -226,9 +229,49 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
             r.candidates.iter().map(|c| c.subject_id.clone()).collect()
         };
         assert_eq!(ids(&indexed), ids(&exact), "identify of row {r}");
+        exact_hits += exact
+            .candidates
+            .iter()
+            .filter(|c| c.comparison.fused.score >= exact.threshold)
+            .count() as u64;
+        indexed_answers.push(indexed);
+        probes.push(probe);
         compared += 1;
     }
     assert_eq!(compared, 100);
+
+    // The same probes as one audited batch: the same answers, and an audit whose exact oracle counts what
+    // the gallery scans above found.
+    let batch = e
+        .identify_batch(
+            &probes,
+            &IdentifyOptions::default(),
+            &pacha_engine::audit::AuditOptions {
+                probes: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(batch.results, indexed_answers);
+    let audit = batch.audit.expect("an indexed batch is audited");
+    assert_eq!(audit.sampled_probes, 100);
+    assert_eq!(audit.contract.pairs, exact_hits, "{audit:?}");
+    assert_eq!(audit.contract.found, audit.contract.pairs, "{audit:?}");
+    assert!(audit.boundary_pooled.pairs >= audit.contract.pairs);
+    assert_eq!(audit.boundary_pooled.found, audit.boundary_pooled.pairs);
+    // A named gallery is compared exhaustively: complete by construction, no sample needed.
+    let gallery = e
+        .identify_batch(
+            &probes[..3],
+            &IdentifyOptions {
+                gallery: Some(&all),
+                ..IdentifyOptions::default()
+            },
+            &pacha_engine::audit::AuditOptions::default(),
+        )
+        .unwrap();
+    let ga = gallery.audit.unwrap();
+    assert!(ga.passed && ga.evidence.starts_with("complete by construction"));
 }
 
 /// A checkpoint made on one store, or under another calibration, is never reused.

@@ -1,0 +1,256 @@
+//! Identify batches with a completeness audit: [`Engine::identify_batch`] answers many probes and proves,
+//! on a seeded sample of them, how much of what an exact search of the gallery reports the candidate path
+//! found (the contract of [`crate::audit`], for 1:N search).
+//!
+//! For each sampled probe the oracle is an exact blocked-GEMM threshold join of the probe against every
+//! enrolment, per modality at the complete candidate cosine of the run's floor
+//! ([`pacha_index::exact::threshold_join`], none of the IVF code), fused. The audit reports:
+//! - **contract recall**: the exact search's candidates at or above the threshold, cut to `max_results` by the
+//!   same order as the answer (score, then subject ID), and how many the answer holds;
+//! - **boundary recall** per modality: the enrolments whose cosine reaches the candidate cosine and how many
+//!   the candidate path reached (the hardest rows for the index: the hits sit above them).
+//!
+//! The verdict follows the dedup audit: complete by construction when no index is used (an exact scan of every
+//! enrolment, or of a named gallery), else the contract figure when the sample holds enough pairs to bound
+//! recall at `min_recall` (or shows a miss), else the boundary figure.
+
+use crate::audit::{AuditOptions, RecallFigure, pairs_needed};
+use crate::engine::{IdentifyOptions, IdentifyResult};
+use crate::fusion::threshold_for_fpir;
+use crate::matcher::{Probe, compare_probe};
+use crate::store::Template;
+use crate::{Engine, EngineError};
+use pacha_index::RowsF32;
+use pacha_index::kernels::dot_f32;
+use pacha_index::rng::SplitMix;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::time::Instant;
+
+/// Default probes an identify batch audits.
+pub const DEFAULT_IDENTIFY_AUDIT_PROBES: usize = 200;
+
+/// The answers to a batch of probes and the batch's completeness audit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdentifyBatch {
+    /// One answer per probe, in order.
+    pub results: Vec<IdentifyResult>,
+    /// The audit (`None` when turned off).
+    pub audit: Option<IdentifyAudit>,
+}
+
+/// How complete an identify batch's answers are, measured against exact search on sampled probes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IdentifyAudit {
+    /// Probes searched exactly.
+    pub sampled_probes: usize,
+    /// Probes in the batch.
+    pub probes: usize,
+    /// Seed of the sample.
+    pub seed: u64,
+    /// The decision threshold.
+    pub threshold: f64,
+    /// Exact search's candidates at or above the threshold (top `max_results`) that the answers hold.
+    pub contract: RecallFigure,
+    /// Per modality: enrolments at or above the candidate cosine that the candidate path reached.
+    pub boundary: Vec<(String, Option<RecallFigure>)>,
+    /// All modalities' boundary figures pooled.
+    pub boundary_pooled: RecallFigure,
+    /// The recall the verdict rests on (a 95 % lower bound).
+    pub lower_bound: f64,
+    /// Which evidence `lower_bound` comes from, in words.
+    pub evidence: String,
+    /// The recall the batch had to prove.
+    pub min_recall: f64,
+    /// True iff `lower_bound ≥ min_recall`.
+    pub passed: bool,
+    /// Seconds of exact search.
+    pub seconds: f64,
+}
+
+impl Engine {
+    /// Identifies every probe of `probes` ([`Engine::identify`], one answer each) and audits the batch on a
+    /// seeded sample of `audit.probes` probes (0 turns the audit off). Every probe is validated before any is
+    /// searched; an invalid one is named by its position (`probe 7`).
+    pub fn identify_batch(
+        &self,
+        probes: &[Vec<Template>],
+        options: &IdentifyOptions<'_>,
+        audit: &AuditOptions,
+    ) -> Result<IdentifyBatch, EngineError> {
+        let snap = self.snapshot();
+        let valid: Vec<Probe> = probes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Probe::new(&format!("probe {i}"), p, snap.schema()))
+            .collect::<Result<_, _>>()?;
+        let results = probes
+            .iter()
+            .map(|p| self.identify(p, options))
+            .collect::<Result<Vec<_>, _>>()?;
+        if audit.probes == 0 || probes.is_empty() {
+            return Ok(IdentifyBatch {
+                results,
+                audit: None,
+            });
+        }
+        let t0 = Instant::now();
+        let cal = self.matching_calibration(&snap)?;
+        let n = options.gallery.map_or(snap.live(), |g| g.len());
+        let threshold = threshold_for_fpir(options.target_fpir, n)?;
+        let floor = options.min_score.unwrap_or(threshold);
+        let keys: Vec<String> = snap
+            .schema()
+            .modalities
+            .iter()
+            .map(|s| s.modality.key())
+            .collect();
+        let indexed = options.gallery.is_none()
+            && snap.live() > crate::candidates::AUTO_EXACT_MAX_ROWS
+            && self.ann().is_some_and(|a| a.covers(&snap));
+        let mut pool: Vec<usize> = (0..probes.len()).collect();
+        let k = audit.probes.min(pool.len());
+        SplitMix(audit.seed).shuffle_prefix(&mut pool, k);
+        pool.truncate(k);
+        pool.sort_unstable();
+        let needed = pairs_needed(audit.min_recall);
+        if !indexed {
+            let why = if options.gallery.is_some() {
+                "every enrolment of the named gallery compared exactly"
+            } else {
+                "every enrolment scanned exactly (no index in use)"
+            };
+            return Ok(IdentifyBatch {
+                results,
+                audit: Some(IdentifyAudit {
+                    sampled_probes: 0,
+                    probes: probes.len(),
+                    seed: audit.seed,
+                    threshold,
+                    contract: RecallFigure::default(),
+                    boundary: keys.iter().map(|k| (k.clone(), None)).collect(),
+                    boundary_pooled: RecallFigure::default(),
+                    lower_bound: 1.0,
+                    evidence: format!("complete by construction: {why}"),
+                    min_recall: audit.min_recall,
+                    passed: true,
+                    seconds: 0.0,
+                }),
+            });
+        }
+        let cand_cos = cal.candidate_cosines(floor);
+        // Exact boundary rows of each sampled probe, per modality (independent of the candidate path).
+        let mut exact: Vec<Vec<HashSet<usize>>> = vec![vec![HashSet::new(); keys.len()]; k];
+        for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+            let (Some(view), Some(c)) = (
+                snap.f32_rows(spec.modality),
+                cand_cos.get(mi).copied().flatten(),
+            ) else {
+                continue;
+            };
+            let with: Vec<usize> = (0..k)
+                .filter(|&i| valid[pool[i]].templates[mi].is_some())
+                .collect();
+            if with.is_empty() {
+                continue;
+            }
+            let mut dense = Vec::with_capacity(with.len() * spec.dim);
+            for &i in &with {
+                if let Some(t) = &valid[pool[i]].templates[mi] {
+                    dense.extend_from_slice(t);
+                }
+            }
+            let probe = RowsF32::dense(&dense, spec.dim)?;
+            let m = spec.modality;
+            let skip = |q: u32| !snap.is_present(m, q as usize) || snap.is_deleted(q as usize);
+            // GEMM and the scoring kernel differ by rounding: search a hair lower, decide on `dot_f32`.
+            for p in pacha_index::exact::threshold_join(probe, view, c - 1e-4, None, Some(&skip))? {
+                let i = with[p.a as usize];
+                if let Some(q) = &valid[pool[i]].templates[mi]
+                    && dot_f32(q, view.row(p.b as usize)) >= c
+                {
+                    exact[i][mi].insert(p.b as usize);
+                }
+            }
+        }
+        let mut contract = (0u64, 0u64);
+        let mut bnd = vec![(0u64, 0u64); keys.len()];
+        for (i, &pi) in pool.iter().enumerate() {
+            let reached = self.identify_candidates(&snap, &cal, &valid[pi], floor)?;
+            for (mi, rows) in exact[i].iter().enumerate() {
+                let got: HashSet<usize> = reached.get(mi).into_iter().flatten().copied().collect();
+                bnd[mi].0 += rows.iter().filter(|r| got.contains(r)).count() as u64;
+                bnd[mi].1 += rows.len() as u64;
+            }
+            let union: HashSet<usize> = exact[i].iter().flatten().copied().collect();
+            let mut top: Vec<(f64, &str)> = union
+                .into_iter()
+                .map(|r| {
+                    (
+                        compare_probe(&snap, &cal, &valid[pi], r).fused.score,
+                        snap.subject_id(r),
+                    )
+                })
+                .filter(|&(s, _)| s >= floor)
+                .collect();
+            top.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+            top.truncate(options.max_results);
+            let answered: HashSet<&str> = results[pi]
+                .candidates
+                .iter()
+                .map(|c| c.subject_id.as_str())
+                .collect();
+            for (_, id) in top.into_iter().filter(|&(s, _)| s >= threshold) {
+                contract.1 += 1;
+                contract.0 += u64::from(answered.contains(id));
+            }
+        }
+        let mut pooled = (0u64, 0u64);
+        let boundary: Vec<(String, Option<RecallFigure>)> = keys
+            .iter()
+            .zip(&bnd)
+            .map(|(key, &(f, n))| {
+                pooled = (pooled.0 + f, pooled.1 + n);
+                (key.clone(), (n > 0).then(|| RecallFigure::new(f, n)))
+            })
+            .collect();
+        let contract = RecallFigure::new(contract.0, contract.1);
+        let pooled = RecallFigure::new(pooled.0, pooled.1);
+        let (lower_bound, evidence) = if contract.pairs >= needed || contract.found < contract.pairs
+        {
+            (
+                contract.lower,
+                format!(
+                    "contract pairs: {} of {} candidates at or above the threshold found",
+                    contract.found, contract.pairs
+                ),
+            )
+        } else {
+            (
+                pooled.lower,
+                format!(
+                    "boundary pairs: {} contract pairs (all found) cannot bound recall at {} (needs {needed}); {} of {} \
+                     enrolments at the candidate cosines reached — the hardest rows for the candidate path",
+                    contract.pairs, audit.min_recall, pooled.found, pooled.pairs
+                ),
+            )
+        };
+        Ok(IdentifyBatch {
+            results,
+            audit: Some(IdentifyAudit {
+                sampled_probes: k,
+                probes: probes.len(),
+                seed: audit.seed,
+                threshold,
+                contract,
+                boundary,
+                boundary_pooled: pooled,
+                lower_bound,
+                evidence,
+                min_recall: audit.min_recall,
+                passed: lower_bound >= audit.min_recall,
+                seconds: t0.elapsed().as_secs_f64(),
+            }),
+        })
+    }
+}
