@@ -119,10 +119,49 @@ fn metrics_section(h: &mut String, r: &EvalReport) {
             esc(&opt(f.fnir, 6)),
             esc(&opt(f.threshold, 3)),
             esc(&opt(f.achieved_fpir, 6)),
-            esc(f.note.as_deref().unwrap_or(""))
+            esc(&match (f.incomplete, f.note.as_deref()) {
+                (true, Some(n)) => format!("incomplete pairs (see notes); {n}"),
+                (true, None) => "incomplete pairs (see notes)".to_string(),
+                (false, n) => n.unwrap_or("").to_string(),
+            })
         );
     }
     h.push_str("</table>\n");
+
+    if let Some(a) = &r.run_audit {
+        h.push_str("<h3>Completeness audit</h3>\n<table class=\"kv\" id=\"audit\">\n");
+        let fig = |f: &pacha_engine::audit::RecallFigure| {
+            format!(
+                "{} of {} ({:.5}; 95 % CI {:.5}–{:.5})",
+                f.found, f.pairs, f.recall, f.lower, f.upper
+            )
+        };
+        let mut rows = vec![
+            (
+                "verdict",
+                format!(
+                    "{} — lower bound {:.5} vs min recall {}",
+                    if a.passed { "PROVEN" } else { "NOT PROVEN" },
+                    a.lower_bound,
+                    a.min_recall
+                ),
+            ),
+            ("evidence", a.evidence.clone()),
+            (
+                "sampled probes",
+                format!("{} of {}", a.sampled_probes, a.probe_rows),
+            ),
+            ("pairs at or above the threshold", fig(&a.contract)),
+            ("boundary pairs", fig(&a.boundary_pooled)),
+        ];
+        if let Some(b) = &a.below_threshold {
+            rows.push(("pairs between floor and threshold", fig(b)));
+        }
+        for (k, v) in rows {
+            let _ = writeln!(h, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(&v));
+        }
+        h.push_str("</table>\n");
+    }
 
     if !r.notes.is_empty() {
         h.push_str("<h3>Notes</h3>\n<ul>\n");
@@ -605,6 +644,7 @@ mod tests {
                     threshold: t,
                     fpir: (-t / 10.0).exp().max(0.0),
                     fnir: (1.0 - (-t / 40.0).exp()).max(0.0),
+                    incomplete: t < 40.0,
                 }
             })
             .collect();
@@ -642,6 +682,7 @@ mod tests {
                     threshold: Some(46.1),
                     achieved_fpir: Some(0.01),
                     note: None,
+                    incomplete: true,
                 },
                 FnirAtFpir {
                     target_fpir: 1e-3,
@@ -649,6 +690,7 @@ mod tests {
                     threshold: None,
                     achieved_fpir: None,
                     note: Some("needs at least 1000 non-mated probes to estimate, have 800".into()),
+                    incomplete: false,
                 },
             ],
             det,
@@ -670,6 +712,24 @@ mod tests {
             ignored_pairs: 0,
             ignored_truth: 0,
             notes: vec!["1 scored pair(s) ignored <odd>".into()],
+            run_audit: Some(pacha_engine::audit::Audit {
+                sampled_probes: 1000,
+                probe_rows: 100_000,
+                seed: 7,
+                threshold: 40.0,
+                floor: 30.0,
+                contract: pacha_engine::audit::RecallFigure::new(12, 12),
+                below_threshold: Some(pacha_engine::audit::RecallFigure::new(40, 41)),
+                boundary: Vec::new(),
+                boundary_pooled: pacha_engine::audit::RecallFigure::new(5000, 5000),
+                synthetic: Vec::new(),
+                lower_bound: 0.99926,
+                evidence: "boundary pairs <all found>".into(),
+                min_recall: 0.999,
+                passed: true,
+                missed: Vec::new(),
+                seconds: 0.5,
+            }),
         }
     }
 
@@ -759,6 +819,19 @@ mod tests {
         // The odd label is escaped in its title and not present raw anywhere.
         assert!(html.contains("<title>Genuine / impostor scores: &lt;b&gt;x&lt;/b&gt;</title>"));
         assert!(!html.contains("<b>x</b>"));
+    }
+
+    #[test]
+    fn the_run_audit_and_incomplete_figures_are_shown() {
+        let html = render_html("t", &[], &sample());
+        let audit = &html[html.find("id=\"audit\"").expect("audit table")..];
+        assert!(audit.contains("PROVEN — lower bound 0.99926"));
+        assert!(audit.contains("boundary pairs &lt;all found&gt;"));
+        assert!(audit.contains("40 of 41"));
+        assert!(html.contains("incomplete pairs (see notes)"));
+        let mut r = sample();
+        r.run_audit = None;
+        assert!(!render_html("t", &[], &r).contains("id=\"audit\""));
     }
 
     #[test]

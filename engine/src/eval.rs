@@ -100,6 +100,10 @@ pub struct FnirAtFpir {
     pub achieved_fpir: Option<f64>,
     /// Why `fnir` is `None`.
     pub note: Option<String>,
+    /// True when the threshold lies below the run's decision threshold in an index-mode run whose pairs
+    /// there are not proven complete (see [`EvalReport::notes`]).
+    #[serde(default)]
+    pub incomplete: bool,
 }
 
 impl std::fmt::Display for FnirAtFpir {
@@ -132,6 +136,9 @@ pub struct DetPoint {
     pub fpir: f64,
     /// FNIR at that threshold.
     pub fnir: f64,
+    /// True when computed from pairs the run does not prove complete (below its threshold in index mode).
+    #[serde(default)]
+    pub incomplete: bool,
 }
 
 /// Genuine and impostor score counts of one label on common bins.
@@ -217,8 +224,12 @@ pub struct EvalReport {
     pub ignored_pairs: usize,
     /// Truth pairs ignored: record not in the store, or a record paired with itself.
     pub ignored_truth: usize,
-    /// Human-readable remarks about the input (ignored entries, duplicated subject IDs).
+    /// Human-readable remarks about the input (ignored entries, duplicated subject IDs) and the limits of
+    /// the figures (pairs the run does not prove complete).
     pub notes: Vec<String>,
+    /// The evaluated run's completeness audit (index-mode runs).
+    #[serde(default)]
+    pub run_audit: Option<crate::audit::Audit>,
 }
 
 /// Serialises non-finite `f64` as `null` and reads `null` back as `NaN` (JSON has no NaN).
@@ -283,6 +294,7 @@ impl IdentScores {
             threshold: None,
             achieved_fpir: None,
             note: Some(note),
+            incomplete: false,
         };
         let (m, n) = (self.mate.len(), self.nonmated_top.len());
         if m == 0 {
@@ -333,6 +345,7 @@ impl IdentScores {
             threshold: Some(t),
             achieved_fpir: Some(self.fpir(t)),
             note: None,
+            incomplete: false,
         }
     }
 
@@ -359,6 +372,7 @@ impl IdentScores {
                 threshold: t,
                 fpir: self.fpir(t),
                 fnir: self.fnir(t),
+                incomplete: false,
             })
             .collect();
         let floor_x = 0.5 / self.nonmated_top.len() as f64;
@@ -694,6 +708,7 @@ pub fn evaluate(input: &EvalInput) -> EvalReport {
         ignored_pairs,
         ignored_truth,
         notes,
+        run_audit: None,
     }
 }
 

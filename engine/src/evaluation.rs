@@ -104,5 +104,147 @@ pub fn evaluate_run(
         predicted_fmr: &predicted,
         impostor_fused: &imp_fused,
     };
-    Ok(crate::eval::evaluate(&input))
+    let mut report = crate::eval::evaluate(&input);
+    mark_incomplete(&mut report, &run.summary, run.threshold);
+    Ok(report)
+}
+
+/// Marks what an evaluation computed from pairs the run does not prove complete: in an index-mode run with a
+/// report floor under the threshold, the pairs between them are searched like the hits but the audit can
+/// bound their recall only when the run is complete by construction; DET points and FNIR-at-FPIR figures
+/// at thresholds below the run's then rest on them and are flagged, with a note naming the audit's figure.
+pub fn mark_incomplete(
+    report: &mut EvalReport,
+    summary: &crate::dedup::DedupSummary,
+    threshold: f64,
+) {
+    report.run_audit = summary.audit.clone();
+    let Some(audit) = &summary.audit else {
+        return;
+    };
+    let Some(below) = &audit.below_threshold else {
+        return;
+    };
+    if audit.evidence.starts_with("complete by construction") && below.found == below.pairs {
+        report.notes.push(format!(
+            "pairs between the floor {:.1} and the threshold {threshold:.1}: complete by construction, as the hits \
+             (the audit found {} of {} sampled ones)",
+            audit.floor, below.found, below.pairs
+        ));
+        return;
+    }
+    let mut flagged = 0;
+    for p in report.det.iter_mut().filter(|p| p.threshold < threshold) {
+        p.incomplete = true;
+        flagged += 1;
+    }
+    for f in report
+        .fnir_at_fpir
+        .iter_mut()
+        .filter(|f| f.threshold.is_some_and(|t| t < threshold))
+    {
+        f.incomplete = true;
+        flagged += 1;
+    }
+    report.notes.push(format!(
+        "pairs between the floor {:.1} and the threshold {threshold:.1} come from an index-mode run, held to the \
+         completeness contract only at the threshold: its audit found {} of {} sampled ones (recall {:.4}, 95 % CI \
+         {:.4}–{:.4}); {flagged} DET point(s) and FNIR-at-FPIR figure(s) below the threshold are marked incomplete \
+         and may understate false matches (rerun with --mode exact to measure them exactly)",
+        audit.floor, below.found, below.pairs, below.recall, below.lower, below.upper
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Audit, RecallFigure};
+    use crate::eval::{EvalInput, ScoredPair, evaluate};
+
+    /// An evaluation of 40 probes: 20 mated pairs scored 20..58, non-mated tops 10..29.
+    fn report() -> EvalReport {
+        let subjects: Vec<String> = (0..80).map(|i| format!("s{i}")).collect();
+        let mut pairs = Vec::new();
+        let mut truth = Vec::new();
+        for i in 0..20 {
+            pairs.push(ScoredPair {
+                a: format!("s{}", 2 * i),
+                b: format!("s{}", 2 * i + 1),
+                score: 20.0 + 2.0 * i as f64,
+            });
+            truth.push((format!("s{}", 2 * i), format!("s{}", 2 * i + 1)));
+            pairs.push(ScoredPair {
+                a: format!("s{}", 40 + i),
+                b: format!("s{}", 60 + i),
+                score: 10.0 + i as f64,
+            });
+        }
+        evaluate(&EvalInput {
+            subjects: &subjects,
+            pairs: &pairs,
+            truth: &truth,
+            threshold: 40.0,
+            genuine: &[],
+            impostor: &[],
+            predicted_fmr: &[],
+            impostor_fused: &[],
+        })
+    }
+
+    fn summary(evidence: &str, below: RecallFigure) -> crate::dedup::DedupSummary {
+        crate::dedup::DedupSummary {
+            audit: Some(Audit {
+                sampled_probes: 10,
+                probe_rows: 80,
+                seed: 1,
+                threshold: 40.0,
+                floor: 10.0,
+                contract: RecallFigure::new(5, 5),
+                below_threshold: Some(below),
+                boundary: Vec::new(),
+                boundary_pooled: RecallFigure::new(50, 50),
+                synthetic: Vec::new(),
+                lower_bound: 0.9993,
+                evidence: evidence.into(),
+                min_recall: 0.999,
+                passed: true,
+                missed: Vec::new(),
+                seconds: 0.0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn figures_below_an_index_runs_threshold_are_flagged_unless_complete_by_construction() {
+        let mut r = report();
+        assert!(r.det.iter().any(|p| p.threshold < 40.0));
+        mark_incomplete(
+            &mut r,
+            &summary("boundary pairs: …", RecallFigure::new(30, 31)),
+            40.0,
+        );
+        assert!(r.det.iter().all(|p| p.incomplete == (p.threshold < 40.0)));
+        assert!(r.run_audit.is_some());
+        let note = r.notes.last().unwrap();
+        assert!(
+            note.contains("30 of 31") && note.contains("marked incomplete"),
+            "{note}"
+        );
+
+        let mut r = report();
+        mark_incomplete(
+            &mut r,
+            &summary("complete by construction: exact", RecallFigure::new(31, 31)),
+            40.0,
+        );
+        assert!(r.det.iter().all(|p| !p.incomplete));
+        assert!(r.notes.last().unwrap().contains("complete by construction"));
+
+        // Exact mode (no audit): nothing to flag, no note.
+        let mut r = report();
+        let n = r.notes.len();
+        mark_incomplete(&mut r, &crate::dedup::DedupSummary::default(), 40.0);
+        assert!(r.det.iter().all(|p| !p.incomplete) && r.notes.len() == n);
+    }
 }

@@ -218,6 +218,18 @@ fn full_pipeline_through_the_cli() {
     let recall = e["eval"]["pair_recall"].as_f64().unwrap();
     assert!(recall >= 0.95, "pair recall {recall}");
     assert_eq!(e["eval"]["fnir_at_fpir"].as_array().unwrap().len(), 3);
+    // The run's audit travels into the evaluation; the brute-force path is complete by construction down to
+    // the floor, and the notes say so.
+    assert!(e["eval"]["run_audit"]["passed"].as_bool().unwrap());
+    assert!(
+        e["eval"]["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("complete by construction")),
+        "{}",
+        e["eval"]["notes"]
+    );
 
     let html = dir.path().join("report.html");
     ok_json(&[
@@ -233,6 +245,7 @@ fn full_pipeline_through_the_cli() {
         page.contains("id=\"det\"") && page.contains("<svg"),
         "report lacks the DET plot"
     );
+    assert!(page.contains("id=\"audit\""), "report lacks the audit");
 
     // verify: a planted pair matches.
     let truth = std::fs::read_to_string(pop.join("truth.csv")).unwrap();
