@@ -549,6 +549,23 @@ fn calibration_svg(r: &EvalReport) -> String {
                     PathElement::new(vec![(x, y), (x + 16, y)], GENUINE.stroke_width(2))
                 });
         }
+        // 95 % intervals of the measured FMRs (clipped to the plot), as vertical bars.
+        let bars: Vec<(f64, f64, f64)> = usable
+            .iter()
+            .filter_map(|c| {
+                let (lo, hi) = c.measured_ci?;
+                Some((c.threshold, lo.max(y0), hi.clamp(y0, 1.0)))
+            })
+            .filter(|b| b.2 > b.1)
+            .collect();
+        if !bars.is_empty() {
+            chart
+                .draw_series(bars.iter().map(|&(x, lo, hi)| {
+                    PathElement::new(vec![(x, lo), (x, hi)], MARK.stroke_width(1))
+                }))?
+                .label("95 % interval of the measurement")
+                .legend(|(x, y)| PathElement::new(vec![(x + 8, y - 6), (x + 8, y + 6)], MARK));
+        }
         if !measured.is_empty() {
             chart
                 .draw_series(measured.iter().map(|&p| Circle::new(p, 4, MARK.filled())))?
@@ -706,6 +723,11 @@ mod tests {
                     measured_fmr: Some(if i < 5 { 1.3 * 10f64.powi(-i) } else { 0.0 }),
                     false_matches: if i < 5 { 10 } else { 0 },
                     impostor_samples: 100_000,
+                    measured_ci: Some(pacha_engine::audit::clopper_pearson(
+                        if i < 5 { 10 } else { 0 },
+                        100_000,
+                        0.95,
+                    )),
                 })
                 .collect(),
             cluster_sizes: vec![(2, 80), (3, 4), (7, 1)],
@@ -829,6 +851,7 @@ mod tests {
         assert!(audit.contains("boundary pairs &lt;all found&gt;"));
         assert!(audit.contains("40 of 41"));
         assert!(html.contains("incomplete pairs (see notes)"));
+        assert!(html.contains("95 % interval of the measurement"));
         let mut r = sample();
         r.run_audit = None;
         assert!(!render_html("t", &[], &r).contains("id=\"audit\""));

@@ -176,6 +176,10 @@ pub struct CalibrationPoint {
     pub false_matches: usize,
     /// Number of (finite) impostor samples the measurement used.
     pub impostor_samples: usize,
+    /// Two-sided 95 % Clopper–Pearson interval of the measured FMR (`None` without impostor samples): with
+    /// few false matches the measurement cannot tell predicted from measured, and the interval says how far.
+    #[serde(default)]
+    pub measured_ci: Option<(f64, f64)>,
 }
 
 /// The result of [`evaluate`].
@@ -518,6 +522,8 @@ fn calibration(predicted: &[(f64, f64)], impostor_fused: &[f64]) -> Vec<Calibrat
                 measured_fmr: (n > 0).then(|| false_matches as f64 / n as f64),
                 false_matches,
                 impostor_samples: n,
+                measured_ci: (n > 0)
+                    .then(|| crate::audit::clopper_pearson(false_matches as u64, n as u64, 0.95)),
             }
         })
         .collect()

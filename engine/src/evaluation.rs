@@ -106,8 +106,28 @@ pub fn evaluate_run(
     };
     let mut report = crate::eval::evaluate(&input);
     mark_incomplete(&mut report, &run.summary, run.threshold);
+    // The calibration check resolves only FMRs its impostor sample can see.
+    let unresolved: Vec<String> = report
+        .calibration
+        .iter()
+        .filter(|c| c.false_matches < MIN_RESOLVED_EVENTS && c.impostor_samples > 0)
+        .map(|c| format!("{:.0}", c.threshold))
+        .collect();
+    if !unresolved.is_empty() {
+        report.notes.push(format!(
+            "calibration check: {} impostor pairs sampled; at thresholds {} fewer than {MIN_RESOLVED_EVENTS} false \
+             matches were counted, so the measured FMR there is only bounded by its 95 % interval (measured_ci), \
+             not resolved: it cannot confirm the model's prediction (`pacha calibrate` counts far more pairs)",
+            impostor_pairs,
+            unresolved.join(", ")
+        ));
+    }
     Ok(report)
 }
+
+/// False matches a calibration point needs before its measured FMR counts as resolved (relative standard
+/// error about 1/√50 ≈ 14 %).
+pub const MIN_RESOLVED_EVENTS: usize = 50;
 
 /// Marks what an evaluation computed from pairs the run does not prove complete: in an index-mode run with a
 /// report floor under the threshold, the pairs between them are searched like the hits but the audit can
