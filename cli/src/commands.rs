@@ -716,12 +716,9 @@ fn info(store: &Path, ui: Ui) -> Result<(), Failure> {
         info.live, info.rows, info.generation
     ));
     ui.out(format!("size        {:.1} MB", size as f64 / 1e6));
-    ui.out(format!(
-        "index       {}",
-        info.indexed_rows
-            .map_or("none".to_string(), |r| format!("{r} rows"))
-    ));
-    ui.out(format!("calibration {}", info.calibration));
+    ui.out(format!("index       {}", info.index_state));
+    ui.out(format!("calibration {}", info.calibration_state));
+    ui.out(format!("            models: {}", info.calibration));
     ui.out(format!("simd        {}", info.simd));
     ui.json_out(&json!({"command": "info", "info": info, "bytes": size}));
     Ok(())
@@ -741,28 +738,39 @@ fn walk_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// `check`: the store files, then every file under `engine/` (index and calibration checksums and
+/// identities, listed files missing, stray files). Exit 1 on any problem; an unindexed or uncalibrated store is
+/// reported (warnings, `index` / `calibration` states) but is not a problem.
 fn check(store: &Path, ui: Ui) -> Result<(), Failure> {
-    let report = pacha_engine::store::check(store)
+    let report = pacha_engine::check_store_dir(store)
         .with_context(|| format!("checking {}", store.display()))?;
-    let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+    let problems: Vec<String> = report.problems().iter().map(ToString::to_string).collect();
+    let warnings: Vec<String> = report
+        .store
+        .warnings
+        .iter()
+        .chain(&report.derived.warnings)
+        .map(ToString::to_string)
+        .collect();
     ui.json_out(&json!({
-        "command": "check", "ok": problems.is_empty(), "rows": report.rows, "live": report.live,
-        "generation": report.generation, "files_checked": report.files_checked, "problems": problems,
+        "command": "check", "ok": problems.is_empty(), "rows": report.store.rows, "live": report.store.live,
+        "generation": report.store.generation,
+        "files_checked": report.store.files_checked + report.derived.files_checked,
+        "index": report.derived.index, "calibration": report.derived.calibration,
+        "problems": problems, "warnings": warnings,
     }));
-    if report.problems.is_empty() {
+    ui.out(format!("index       {}", report.derived.index));
+    ui.out(format!("calibration {}", report.derived.calibration));
+    if problems.is_empty() {
         ui.out(format!("{}: ok", store.display()));
         Ok(())
     } else {
-        for p in &report.problems {
+        for p in &problems {
             ui.out(format!("problem: {p}"));
         }
         Err(Failure {
             code: 1,
-            error: anyhow!(
-                "{} problem(s) found in {}",
-                report.problems.len(),
-                store.display()
-            ),
+            error: anyhow!("{} problem(s) found in {}", problems.len(), store.display()),
         })
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! The index covers rows `0..rows()` of one store generation; rows committed after it was built (the second
 //! tier) are always compared exactly, so a search or dedup sees every enrolment that was committed before it
-//! started. Compaction renumbers rows, so an index of another generation is ignored and removed.
+//! started. Compaction renumbers rows, so the engine removes the index when it compacts. A saved index
+//! carries its identity and checksums ([`crate::derived`]); a reader refuses one that fails either.
 
 use crate::EngineError;
+use crate::derived::{Artefact, DerivedIdentity, DerivedProblem, INDEX_META, seal, unseal};
 use crate::policy::{Visits, plan_modality};
 use crate::store::Snapshot;
 use pacha_index::ivf::{Ivf, IvfParams, ProbeRule};
@@ -36,12 +38,26 @@ pub struct SketchFilter {
     pub cut: StagedCut,
 }
 
+/// `index.json`: what the index was built on, and each modality's `.ivf` file with its length and checksum.
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
 struct SetMeta {
-    generation: u64,
-    rows: usize,
+    identity: DerivedIdentity,
     modalities: Vec<String>,
+    /// Per schema modality: its file, or `None` if the modality had no template when the index was built.
+    files: Vec<Option<IvfEntry>>,
 }
+
+/// One `.ivf` file of a saved index.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct IvfEntry {
+    file: String,
+    len: u64,
+    /// CRC-32 of the file's body (its last four bytes), 8 hex digits.
+    crc32: String,
+}
+
+/// Kind of the sealed `index.json`.
+const META_KIND: &str = "index";
 
 /// Per-modality IVF indexes over rows `0..rows` of one store generation.
 pub struct AnnSet {
@@ -54,6 +70,8 @@ pub struct AnnSet {
     sketches: Vec<Mutex<Option<Arc<Sketches>>>>,
     /// Identify probe rules already chosen, per (modality, candidate cosine bits).
     identify_rules: Mutex<Vec<(usize, u32, Option<ProbeRule>)>>,
+    /// What the index was built on (saved in `index.json`).
+    identity: DerivedIdentity,
 }
 
 impl AnnSet {
@@ -95,8 +113,14 @@ impl AnnSet {
             rows: snap.rows(),
             sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
             identify_rules: Mutex::new(Vec::new()),
+            identity: DerivedIdentity::of(snap, format!("{:?}", params.ivf)),
             ivf,
         })
+    }
+
+    /// What the index was built on.
+    pub fn identity(&self) -> &DerivedIdentity {
+        &self.identity
     }
 
     /// Rows covered.
@@ -189,67 +213,63 @@ impl AnnSet {
         Ok(plan.rule)
     }
 
-    /// Saves the indexes into `dir` (replacing what was there).
+    /// Saves the indexes into `dir` (replacing what was there): one `.ivf` per indexed modality, then the
+    /// sealed `index.json` naming the identity and each file's length and checksum (written last: an index
+    /// directory without it is an interrupted build, ignored by readers and reported by `check`).
     pub fn save(&self, dir: &Path, snap: &Snapshot) -> Result<(), EngineError> {
         Self::remove(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
         let mods: Vec<String> = snap.schema().keys();
+        let mut files = Vec::with_capacity(mods.len());
         for (ivf, key) in self.ivf.iter().zip(&mods) {
-            if let Some(ivf) = ivf {
-                ivf.save(&dir.join(format!("{key}.ivf")))?;
-            }
-        }
-        let meta = SetMeta {
-            generation: self.generation,
-            rows: self.rows,
-            modalities: mods,
-        };
-        let p = dir.join("index.json");
-        let bytes = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| EngineError::io("writing", &p, e.into()))?;
-        // The meta file is written last: an index without it is incomplete and ignored.
-        crate::fsutil::write_atomic(&p, &bytes)
-    }
-
-    /// Loads a saved index if it exists and belongs to `snap`'s generation; `None` otherwise.
-    pub fn load(dir: &Path, snap: &Snapshot) -> Result<Option<AnnSet>, EngineError> {
-        let p = dir.join("index.json");
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(EngineError::io("reading", &p, e)),
-        };
-        let meta: SetMeta = serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
-        let mods: Vec<String> = snap.schema().keys();
-        if meta.generation != snap.generation()
-            || meta.rows > snap.rows()
-            || meta.modalities != mods
-        {
-            tracing::info!(
-                "ignoring index in {} built for another store generation",
-                dir.display()
-            );
-            return Ok(None);
-        }
-        let mut ivf = Vec::with_capacity(mods.len());
-        for key in &mods {
-            let f = dir.join(format!("{key}.ivf"));
-            ivf.push(if f.exists() {
-                Some(Ivf::load(&f)?)
-            } else {
-                None
+            files.push(match ivf {
+                Some(ivf) => {
+                    let file = format!("{key}.ivf");
+                    let path = dir.join(&file);
+                    let crc = ivf.save(&path)?;
+                    let len = std::fs::metadata(&path)
+                        .map_err(|e| EngineError::io("reading", &path, e))?
+                        .len();
+                    Some(IvfEntry {
+                        file,
+                        len,
+                        crc32: format!("{crc:08x}"),
+                    })
+                }
+                None => None,
             });
         }
-        Ok(Some(AnnSet {
-            generation: meta.generation,
-            rows: meta.rows,
-            sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
-            identify_rules: Mutex::new(Vec::new()),
-            ivf,
-        }))
+        let meta = SetMeta {
+            identity: self.identity.clone(),
+            modalities: mods,
+            files,
+        };
+        let p = dir.join(INDEX_META);
+        let bytes = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| EngineError::io("writing", &p, e.into()))?;
+        crate::fsutil::write_atomic(&p, &seal(META_KIND, &bytes))
+    }
+
+    /// Loads the index saved in `dir` (`<store_dir>/engine/index`): `None` if there is none (no
+    /// `index.json`); [`EngineError::Derived`] if it is corrupt, of an old format, has a listed file
+    /// missing or altered, or was built on another generation, store or pacha version.
+    pub fn load(
+        store_dir: &Path,
+        dir: &Path,
+        snap: &Snapshot,
+    ) -> Result<Option<AnnSet>, EngineError> {
+        match read_saved(store_dir, dir, Some(snap), true) {
+            Ok(None) => Ok(None),
+            Ok(Some((meta, ivf))) => Ok(Some(AnnSet {
+                generation: meta.identity.generation,
+                rows: meta.identity.rows,
+                sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
+                identify_rules: Mutex::new(Vec::new()),
+                identity: meta.identity,
+                ivf,
+            })),
+            Err((p, _)) => Err(p.to_error()),
+        }
     }
 
     /// Removes a saved index directory.
@@ -260,6 +280,150 @@ impl AnnSet {
             Err(e) => Err(EngineError::io("removing", dir, e)),
         }
     }
+}
+
+/// Verifies the index saved in `dir` for `check`: `None` if there is none; else its identity and the files
+/// `index.json` lists; or the problem and the files it lists (as far as it could be read).
+#[allow(clippy::type_complexity)]
+pub(crate) fn verify_saved(
+    store_dir: &Path,
+    dir: &Path,
+    snap: Option<&Snapshot>,
+) -> Result<Option<(DerivedIdentity, Vec<String>)>, (DerivedProblem, Vec<String>)> {
+    Ok(read_saved(store_dir, dir, snap, false)?.map(|(meta, _)| {
+        let files = meta.files.into_iter().flatten().map(|f| f.file).collect();
+        (meta.identity, files)
+    }))
+}
+
+/// Reads and verifies the saved index in `dir`: the sealed `index.json`, the identity (against `snap` when
+/// given) and every listed `.ivf` (length, body checksum, and that checksum against the listed one). With
+/// `newer_is_absent`, an index of the snapshot's generation covering more rows than the snapshot has (built
+/// after a reader took its snapshot: a benign race) is no index for that reader rather than an error.
+#[allow(clippy::type_complexity)]
+fn read_saved(
+    store_dir: &Path,
+    dir: &Path,
+    snap: Option<&Snapshot>,
+    newer_is_absent: bool,
+) -> Result<Option<(SetMeta, Vec<Option<Ivf>>)>, (DerivedProblem, Vec<String>)> {
+    let p = dir.join(INDEX_META);
+    let problem = |path: &Path, what: String, listed: &[String]| {
+        (
+            DerivedProblem::new(Artefact::Index, store_dir, path, what),
+            listed.to_vec(),
+        )
+    };
+    let bytes = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(problem(&p, format!("cannot read: {e}"), &[])),
+    };
+    let body = unseal(META_KIND, &bytes).map_err(|w| problem(&p, w, &[]))?;
+    let meta: SetMeta = serde_json::from_slice(body)
+        .map_err(|e| problem(&p, format!("does not decode: {e}"), &[]))?;
+    let listed: Vec<String> = meta
+        .files
+        .iter()
+        .flatten()
+        .map(|f| f.file.clone())
+        .collect();
+    let schema_keys: Vec<String> = meta
+        .identity
+        .schema
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    if meta.modalities != schema_keys || meta.files.len() != meta.modalities.len() {
+        return Err(problem(
+            &p,
+            format!(
+                "lists modalities {:?} and {} files for identity schema {:?}",
+                meta.modalities,
+                meta.files.len(),
+                meta.identity.schema
+            ),
+            &listed,
+        ));
+    }
+    if let Some(snap) = snap {
+        if newer_is_absent
+            && meta.identity.generation == snap.generation()
+            && meta.identity.rows > snap.rows()
+        {
+            tracing::info!(
+                "index in {} covers {} rows, this snapshot has {}: built after the snapshot was taken; not used",
+                dir.display(),
+                meta.identity.rows,
+                snap.rows()
+            );
+            return Ok(None);
+        }
+        meta.identity
+            .verify(snap)
+            .map_err(|w| problem(&p, w, &listed))?;
+    }
+    let mut ivf = Vec::with_capacity(meta.files.len());
+    for ((entry, key), (_, dim)) in meta
+        .files
+        .iter()
+        .zip(&meta.modalities)
+        .zip(&meta.identity.schema)
+    {
+        let Some(entry) = entry else {
+            ivf.push(None);
+            continue;
+        };
+        let f = dir.join(&entry.file);
+        if entry.file != format!("{key}.ivf") {
+            return Err(problem(
+                &p,
+                format!("lists file {:?} for modality {key}", entry.file),
+                &listed,
+            ));
+        }
+        let len = match std::fs::metadata(&f) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(problem(
+                    &f,
+                    "listed in index.json but missing".into(),
+                    &listed,
+                ));
+            }
+            Err(e) => return Err(problem(&f, format!("cannot read: {e}"), &listed)),
+        };
+        if len != entry.len {
+            return Err(problem(
+                &f,
+                format!("{len} bytes, index.json lists {}", entry.len),
+                &listed,
+            ));
+        }
+        let (loaded, crc) =
+            Ivf::load_with_crc(&f).map_err(|e| problem(&f, e.to_string(), &listed))?;
+        if format!("{crc:08x}") != entry.crc32 {
+            return Err(problem(
+                &f,
+                format!("body crc32 {crc:08x}, index.json lists {}", entry.crc32),
+                &listed,
+            ));
+        }
+        if loaded.rows() != meta.identity.rows || loaded.dim() != *dim {
+            return Err(problem(
+                &f,
+                format!(
+                    "{} rows of dimension {}, index.json says {} rows of dimension {dim}",
+                    loaded.rows(),
+                    loaded.dim(),
+                    meta.identity.rows
+                ),
+                &listed,
+            ));
+        }
+        ivf.push(Some(loaded));
+    }
+    Ok(Some((meta, ivf)))
 }
 
 /// Sign sketches ([`SKETCH_BITS`]) of every row of `snap` in modality `mi` (absent rows stay zero),

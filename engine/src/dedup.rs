@@ -1188,9 +1188,25 @@ pub fn histogram(values: impl Iterator<Item = f64>, w: f64) -> Vec<(f64, usize)>
     bins.into_iter().map(|(k, n)| (k as f64 * w, n)).collect()
 }
 
-/// Finished tiles of an interrupted run, keyed by everything that determines their content.
+/// Finished tiles of an interrupted run, keyed by everything that determines their content (`run.json`:
+/// store identity and commit, calibration, index, options, pacha version). Each tile file is sealed
+/// ([`crate::derived::seal`]: length and crc32 of every byte) and names the crc32 of the run key and its tile
+/// number; a tile that fails any of these is recomputed (with a warning), never trusted.
 struct Checkpoint {
     dir: PathBuf,
+    /// crc32 of the run key's JSON, 8 hex digits.
+    key_crc: String,
+}
+
+/// Kind of a sealed checkpoint tile.
+const TILE_KIND: &str = "dedup-tile";
+
+/// A saved tile: the run key it belongs to, its number, and its output.
+#[derive(Deserialize)]
+struct SavedTile {
+    key_crc32: String,
+    tile: usize,
+    output: TileOutput,
 }
 
 impl Checkpoint {
@@ -1216,6 +1232,7 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
+            key_crc: format!("{:08x}", crc32fast::hash(key_json.as_bytes())),
         })
     }
 
@@ -1225,24 +1242,53 @@ impl Checkpoint {
 
     fn load(&self, tile: usize) -> Result<Option<TileOutput>, EngineError> {
         let p = self.path(tile);
-        match std::fs::read(&p) {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(t) => Ok(Some(t)),
-                // A torn checkpoint is recomputed, never trusted.
-                Err(_) => Ok(None),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(EngineError::io("reading", &p, e)),
+        let bytes = match std::fs::read(&p) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EngineError::io("reading", &p, e)),
+        };
+        let checked = crate::derived::unseal(TILE_KIND, &bytes).and_then(|body| {
+            let t: SavedTile =
+                serde_json::from_slice(body).map_err(|e| format!("does not decode: {e}"))?;
+            if t.key_crc32 != self.key_crc || t.tile != tile {
+                return Err(format!(
+                    "belongs to run key {} tile {}, not {} tile {tile}",
+                    t.key_crc32, t.tile, self.key_crc
+                ));
+            }
+            Ok(t.output)
+        });
+        match checked {
+            Ok(out) => Ok(Some(out)),
+            // A torn or damaged checkpoint is recomputed, never trusted.
+            Err(why) => {
+                tracing::warn!(
+                    "checkpoint {} is unusable ({why}); recomputing the tile",
+                    p.display()
+                );
+                Ok(None)
+            }
         }
     }
 
     fn save(&self, tile: usize, out: &TileOutput) -> Result<(), EngineError> {
         let p = self.path(tile);
-        let bytes = serde_json::to_vec(out).map_err(|e| EngineError::Corrupt {
+        #[derive(Serialize)]
+        struct Ref<'a> {
+            key_crc32: &'a str,
+            tile: usize,
+            output: &'a TileOutput,
+        }
+        let bytes = serde_json::to_vec(&Ref {
+            key_crc32: &self.key_crc,
+            tile,
+            output: out,
+        })
+        .map_err(|e| EngineError::Corrupt {
             path: p.clone(),
             reason: e.to_string(),
         })?;
-        crate::fsutil::write_atomic(&p, &bytes)
+        crate::fsutil::write_atomic(&p, &crate::derived::seal(TILE_KIND, &bytes))
     }
 
     fn finish(self) -> Result<(), EngineError> {

@@ -3,6 +3,10 @@
 
 use crate::candidates;
 use crate::dedup::{self, DedupContext, DedupOptions, DedupProgress, DedupResult};
+use crate::derived::{
+    Artefact, ArtefactStatus, CALIBRATION_FILE, DerivedIdentity, DerivedProblem, ENGINE_DIR,
+    INDEX_DIR, INDEX_META, seal, unseal,
+};
 use crate::fusion::{Calibration, Gaussian, ModalityModel, threshold_for_fpir};
 use crate::matcher::{Comparison, Probe, compare_probe, compare_rows};
 use crate::store::{Enrolment, InsertReport, Schema, Snapshot, Store, Template};
@@ -116,10 +120,15 @@ pub struct EngineInfo {
     pub live: usize,
     /// Store generation (bumps on compaction).
     pub generation: u64,
-    /// Rows covered by the ANN index, if one is built for this generation.
+    /// Rows covered by the ANN index, if a valid one is saved.
     pub indexed_rows: Option<usize>,
+    /// The index: ok (what it covers), none, or corrupt (why, and how to rebuild it).
+    pub index_state: ArtefactStatus,
     /// Where the score models came from.
     pub calibration: String,
+    /// The calibration: ok, none (uncalibrated: dedup and identify fit impostor models at match time), or
+    /// corrupt (why, and how to rebuild it).
+    pub calibration_state: ArtefactStatus,
     /// SIMD level the kernels use.
     pub simd: String,
 }
@@ -129,11 +138,100 @@ pub struct EngineInfo {
 pub struct Engine {
     store: Store,
     calibration: RwLock<Arc<Calibration>>,
+    /// Whether `engine/calibration.json` was loaded, is missing, or is unusable (then `calibration` holds
+    /// the defaults and every matching call is refused until `calibrate` replaces the file).
+    cal_state: RwLock<CalState>,
     ann: RwLock<Option<Arc<AnnSet>>>,
+    /// Why the saved index is unusable, if it is (dedup and identify are refused until `build_index`).
+    ann_problem: RwLock<Option<DerivedProblem>>,
 }
 
-const ENGINE_DIR: &str = "engine";
-const CALIBRATION_FILE: &str = "calibration.json";
+/// State of the saved calibration.
+#[derive(Clone, Debug)]
+enum CalState {
+    Missing,
+    Saved(DerivedIdentity),
+    Invalid(DerivedProblem),
+}
+
+/// Kind of the sealed `calibration.json`.
+const CALIBRATION_KIND: &str = "calibration";
+
+/// The body of `calibration.json`.
+#[derive(Serialize, Deserialize)]
+struct SavedCalibration {
+    identity: DerivedIdentity,
+    calibration: Calibration,
+}
+
+fn read_lock<T: Clone>(l: &RwLock<T>) -> T {
+    l.read()
+        .map(|g| g.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
+}
+
+fn write_lock<T>(l: &RwLock<T>, v: T) {
+    match l.write() {
+        Ok(mut g) => *g = v,
+        Err(p) => *p.into_inner() = v,
+    }
+}
+
+/// Reads and verifies `<store_dir>/engine/calibration.json`: `None` if there is none; the calibration and
+/// its identity; or why it cannot be used (unreadable, old format, checksum, schema, or derived from another
+/// generation, store or pacha version — the identity is verified only when `snap` is given).
+pub(crate) fn load_calibration_file(
+    store_dir: &Path,
+    snap: Option<&Snapshot>,
+) -> Result<Option<(Calibration, DerivedIdentity)>, DerivedProblem> {
+    let path = store_dir.join(ENGINE_DIR).join(CALIBRATION_FILE);
+    let problem = |what: String| DerivedProblem::new(Artefact::Calibration, store_dir, &path, what);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(problem(format!("cannot read: {e}"))),
+    };
+    let body = unseal(CALIBRATION_KIND, &bytes).map_err(problem)?;
+    let saved: SavedCalibration =
+        serde_json::from_slice(body).map_err(|e| problem(format!("does not decode: {e}")))?;
+    let keys: Vec<String> = saved
+        .identity
+        .schema
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    let models: Vec<String> = saved
+        .calibration
+        .models
+        .iter()
+        .map(|(m, _)| m.key())
+        .collect();
+    if keys != models {
+        return Err(problem(format!(
+            "models for {models:?}, identity schema {keys:?}"
+        )));
+    }
+    if let Some(snap) = snap {
+        saved.identity.verify(snap).map_err(problem)?;
+    }
+    Ok(Some((saved.calibration, saved.identity)))
+}
+
+/// Writes `cal` as the sealed calibration of the store in `store_dir` with `identity`.
+fn save_calibration_file(
+    store_dir: &Path,
+    cal: &Calibration,
+    identity: &DerivedIdentity,
+) -> Result<(), EngineError> {
+    let dir = store_dir.join(ENGINE_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
+    let json = serde_json::to_vec_pretty(&SavedCalibration {
+        identity: identity.clone(),
+        calibration: cal.clone(),
+    })
+    .map_err(|e| EngineError::InvalidArgument(format!("cannot serialise calibration: {e}")))?;
+    fsutil::write_atomic(&dir.join(CALIBRATION_FILE), &seal(CALIBRATION_KIND, &json))
+}
 
 impl Engine {
     /// Creates a new registry in `dir` with `schema`.
@@ -143,7 +241,9 @@ impl Engine {
         Ok(Engine {
             store,
             calibration: RwLock::new(Arc::new(cal)),
+            cal_state: RwLock::new(CalState::Missing),
             ann: RwLock::new(None),
+            ann_problem: RwLock::new(None),
         })
     }
 
@@ -159,39 +259,59 @@ impl Engine {
         Engine::with_store(Store::open_read_only(dir)?)
     }
 
-    /// Loads the calibration and the ANN index of `store`.
+    /// Loads the calibration and the ANN index of `store`. A corrupt, old-format or foreign calibration or
+    /// index does not fail the open: the problem is kept, reported by [`Engine::info`], and returned by the
+    /// operations that need the artefact ([`EngineError::Derived`]), while [`Engine::calibrate`] and
+    /// [`Engine::build_index`] replace it.
     fn with_store(store: Store) -> Result<Engine, EngineError> {
         let dir = store.dir().to_path_buf();
         let mods = store.schema().modality_list();
-        let cal_path = dir.join(ENGINE_DIR).join(CALIBRATION_FILE);
-        let cal = match std::fs::read(&cal_path) {
-            Ok(bytes) => {
-                let cal: Calibration =
-                    serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt {
-                        path: cal_path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if modalities_of(&cal) != mods {
-                    return Err(EngineError::Corrupt {
-                        path: cal_path,
-                        reason: "calibration modalities do not match the store schema".into(),
-                    });
-                }
-                cal
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Calibration::defaults(&mods),
-            Err(e) => return Err(EngineError::io("reading", &cal_path, e)),
-        };
         let snap = store.snapshot();
+        let (cal, cal_state) = match load_calibration_file(&dir, Some(&snap)) {
+            Ok(Some((cal, id))) => (cal, CalState::Saved(id)),
+            Ok(None) => (Calibration::defaults(&mods), CalState::Missing),
+            Err(p) => {
+                tracing::warn!("{}", p.to_error());
+                (Calibration::defaults(&mods), CalState::Invalid(p))
+            }
+        };
         // `index.json` is replaced last by a save: a reader running beside `build_index` reloads if it moved.
-        let index_dir = dir.join(ENGINE_DIR).join("index");
-        let ann = fsutil::load_stable(&dir, &index_dir.join("index.json"), || {
-            AnnSet::load(&index_dir, &snap)
-        })?;
+        let index_dir = dir.join(ENGINE_DIR).join(INDEX_DIR);
+        let loaded =
+            fsutil::load_stable(&dir, &index_dir.join(INDEX_META), || {
+                match AnnSet::load(&dir, &index_dir, &snap) {
+                    Ok(a) => Ok(Ok(a)),
+                    Err(EngineError::Derived {
+                        artefact,
+                        path,
+                        problem,
+                        rebuild,
+                    }) => Ok(Err(DerivedProblem {
+                        artefact: if artefact == "index" {
+                            Artefact::Index
+                        } else {
+                            Artefact::Calibration
+                        },
+                        path,
+                        problem,
+                        rebuild,
+                    })),
+                    Err(e) => Err(e),
+                }
+            })?;
+        let (ann, ann_problem) = match loaded {
+            Ok(a) => (a, None),
+            Err(p) => {
+                tracing::warn!("{}", p.to_error());
+                (None, Some(p))
+            }
+        };
         Ok(Engine {
             store,
             calibration: RwLock::new(Arc::new(cal)),
+            cal_state: RwLock::new(cal_state),
             ann: RwLock::new(ann.map(Arc::new)),
+            ann_problem: RwLock::new(ann_problem),
         })
     }
 
@@ -216,8 +336,10 @@ impl Engine {
     /// The calibration a matching call uses: the saved one, or — on a store never calibrated — impostor
     /// models fitted from the store itself now (default genuine models; kept in memory, not saved, and
     /// named as such in the calibration's `source`), never the built-in guesses.
+    /// A saved calibration that is corrupt or belongs to something else is an error
+    /// ([`EngineError::Derived`]: rebuild it with `pacha calibrate`).
     pub fn matching_calibration(&self, snap: &Snapshot) -> Result<Arc<Calibration>, EngineError> {
-        let cal = self.calibration();
+        let cal = self.usable_calibration()?;
         if cal.source != "defaults" || snap.live() < 2 {
             return Ok(cal);
         }
@@ -236,11 +358,34 @@ impl Engine {
         Ok(fitted)
     }
 
+    /// The current calibration, or [`EngineError::Derived`] if the saved one is unusable (a store never
+    /// calibrated gives the defaults; [`Engine::matching_calibration`] fits from the store instead).
+    pub fn usable_calibration(&self) -> Result<Arc<Calibration>, EngineError> {
+        if let CalState::Invalid(p) = read_lock(&self.cal_state) {
+            return Err(p.to_error());
+        }
+        Ok(self.calibration())
+    }
+
     pub(crate) fn ann(&self) -> Option<Arc<AnnSet>> {
-        self.ann
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        read_lock(&self.ann)
+    }
+
+    /// The loaded index (`None` if there is none), or [`EngineError::Derived`] if the saved one is unusable.
+    pub(crate) fn usable_ann(&self) -> Result<Option<Arc<AnnSet>>, EngineError> {
+        match read_lock(&self.ann_problem) {
+            Some(p) => Err(p.to_error()),
+            None => Ok(self.ann()),
+        }
+    }
+
+    /// Why the saved index or calibration cannot be used, if either cannot.
+    pub fn derived_problems(&self) -> Vec<DerivedProblem> {
+        let mut out: Vec<DerivedProblem> = read_lock(&self.ann_problem).into_iter().collect();
+        if let CalState::Invalid(p) = read_lock(&self.cal_state) {
+            out.push(p);
+        }
+        out
     }
 
     /// Live enrolments.
@@ -272,10 +417,23 @@ impl Engine {
     /// with [`Engine::build_index`]).
     pub fn compact(&self) -> Result<crate::store::CompactReport, EngineError> {
         let report = self.store.compact()?;
-        if let Ok(mut a) = self.ann.write() {
-            *a = None;
+        write_lock(&self.ann, None);
+        write_lock(&self.ann_problem, None);
+        AnnSet::remove(&self.store.dir().join(ENGINE_DIR).join(INDEX_DIR))?;
+        // A saved calibration is a statistic of the population, which compaction keeps (minus deleted rows):
+        // it is re-stamped with the new generation's identity, keeping the parameters it was fitted with.
+        if let CalState::Saved(old) = read_lock(&self.cal_state) {
+            let snap = self.snapshot();
+            let id = DerivedIdentity::of(
+                &snap,
+                format!(
+                    "{} (carried over from generation {})",
+                    old.params, old.generation
+                ),
+            );
+            save_calibration_file(self.store.dir(), &self.calibration(), &id)?;
+            write_lock(&self.cal_state, CalState::Saved(id));
         }
-        AnnSet::remove(&self.store.dir().join(ENGINE_DIR).join("index"))?;
         Ok(report)
     }
 
@@ -284,7 +442,8 @@ impl Engine {
         self.ann()
     }
 
-    /// Builds (or rebuilds) the ANN index over every committed row and saves it.
+    /// Builds (or rebuilds) the ANN index over every committed row and saves it, replacing a saved index
+    /// whatever its state (corrupt, old format, foreign).
     pub fn build_index(
         &self,
         params: &crate::annset::AnnParams,
@@ -293,10 +452,9 @@ impl Engine {
         self.store.ensure_writable("build the index")?;
         let snap = self.snapshot();
         let set = AnnSet::build(&snap, params, progress)?;
-        set.save(&self.store.dir().join(ENGINE_DIR).join("index"), &snap)?;
-        if let Ok(mut a) = self.ann.write() {
-            *a = Some(Arc::new(set));
-        }
+        set.save(&self.store.dir().join(ENGINE_DIR).join(INDEX_DIR), &snap)?;
+        write_lock(&self.ann, Some(Arc::new(set)));
+        write_lock(&self.ann_problem, None);
         Ok(())
     }
 
@@ -380,7 +538,7 @@ impl Engine {
         floor: f64,
     ) -> Result<Vec<Vec<usize>>, EngineError> {
         let cand_cos = cal.candidate_cosines(floor);
-        let ann = self.ann().filter(|a| a.covers(snap));
+        let ann = self.usable_ann()?.filter(|a| a.covers(snap));
         let mut per = vec![Vec::new(); snap.schema().modalities.len()];
         for (mi, spec) in snap.schema().modalities.iter().enumerate() {
             let rows = &mut per[mi];
@@ -423,7 +581,7 @@ impl Engine {
         threshold: Option<f64>,
     ) -> Result<VerifyResult, EngineError> {
         let snap = self.snapshot();
-        let cal = self.calibration();
+        let cal = self.usable_calibration()?;
         let ra = snap
             .row_of(a)
             .ok_or_else(|| EngineError::UnknownSubject(a.to_string()))?;
@@ -447,7 +605,7 @@ impl Engine {
         threshold: Option<f64>,
     ) -> Result<VerifyResult, EngineError> {
         let snap = self.snapshot();
-        let cal = self.calibration();
+        let cal = self.usable_calibration()?;
         let probe = Probe::new("probe", probe, snap.schema())?;
         let r = snap
             .row_of(subject)
@@ -470,7 +628,7 @@ impl Engine {
     ) -> Result<DedupResult, EngineError> {
         let snap = self.snapshot();
         let cal = self.matching_calibration(&snap)?;
-        let ann = self.ann();
+        let ann = self.usable_ann()?;
         let ctx = DedupContext {
             snapshot: &snap,
             calibration: &cal,
@@ -492,7 +650,7 @@ impl Engine {
     ) -> Result<dedup::RunPart, EngineError> {
         let snap = self.snapshot();
         let cal = self.matching_calibration(&snap)?;
-        let ann = self.ann();
+        let ann = self.usable_ann()?;
         let ctx = DedupContext {
             snapshot: &snap,
             calibration: &cal,
@@ -522,30 +680,51 @@ impl Engine {
     }
 
     /// Fits the score models from the store (impostor tails from random pairs; genuine models from labelled
-    /// pairs when given), saves them, and returns the samples used.
+    /// pairs when given), saves them (sealed, with the identity of the rows they were fitted on), and returns
+    /// the samples used. Replaces a saved calibration whatever its state (corrupt, old format, foreign).
     pub fn calibrate(
         &self,
         options: &CalibrateOptions<'_>,
     ) -> Result<CalibrationSamples, EngineError> {
         self.store.ensure_writable("calibrate")?;
         let snap = self.snapshot();
-        let (cal, samples) = fit_calibration(&snap, &self.calibration(), options)?;
-        let dir = self.store.dir().join(ENGINE_DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
-        let json = serde_json::to_vec_pretty(&cal).map_err(|e| {
-            EngineError::InvalidArgument(format!("cannot serialise calibration: {e}"))
-        })?;
-        fsutil::write_atomic(&dir.join(CALIBRATION_FILE), &json)?;
-        if let Ok(mut c) = self.calibration.write() {
-            *c = Arc::new(cal);
-        }
+        // The current models are the fallback for a modality with too few pairs: never an unusable file's.
+        let current = match read_lock(&self.cal_state) {
+            CalState::Saved(_) => self.calibration(),
+            _ => Arc::new(Calibration::defaults(&snap.schema().modality_list())),
+        };
+        let (cal, samples) = fit_calibration(&snap, &current, options)?;
+        let params = format!(
+            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {}",
+            options.impostor_pairs,
+            options.pool_rows,
+            options.seed,
+            options.genuine.map_or(0, <[_]>::len)
+        );
+        let id = DerivedIdentity::of(&snap, params);
+        save_calibration_file(self.store.dir(), &cal, &id)?;
+        write_lock(&self.calibration, Arc::new(cal));
+        write_lock(&self.cal_state, CalState::Saved(id));
         Ok(samples)
     }
 
-    /// Schema, counts, index state and SIMD level.
+    /// Schema, counts, index and calibration state, and SIMD level.
     pub fn info(&self) -> EngineInfo {
         let snap = self.snapshot();
+        let dir = self.store.dir();
+        let index_state = match (read_lock(&self.ann_problem), self.ann()) {
+            (Some(p), _) => ArtefactStatus::invalid(&p),
+            (None, Some(a)) => ArtefactStatus::ok(Artefact::Index, a.identity(), snap.rows()),
+            (None, None) => ArtefactStatus::missing(Artefact::Index, dir),
+        };
+        let calibration_state = match read_lock(&self.cal_state) {
+            CalState::Saved(id) => ArtefactStatus::ok(Artefact::Calibration, &id, snap.rows()),
+            CalState::Missing => ArtefactStatus::missing(Artefact::Calibration, dir),
+            CalState::Invalid(p) => ArtefactStatus::invalid(&p),
+        };
         EngineInfo {
+            index_state,
+            calibration_state,
             dir: self.store.dir().to_path_buf(),
             schema: snap.schema().clone(),
             rows: snap.rows(),
@@ -556,10 +735,6 @@ impl Engine {
             simd: pacha_index::kernels::simd_level().to_string(),
         }
     }
-}
-
-fn modalities_of(cal: &Calibration) -> Vec<Modality> {
-    cal.models.iter().map(|(m, _)| *m).collect()
 }
 
 /// splitmix64: a tiny deterministic hash for sampling.

@@ -239,6 +239,21 @@ pub enum EngineError {
         /// The failure.
         source: Box<EngineError>,
     },
+    /// A derived artefact of the store (its index or calibration, under `engine/`) is corrupt, of an old
+    /// format, or was derived from something else; the operation needing it is refused until it is rebuilt.
+    #[error(
+        "the store's {artefact} cannot be used: {path}: {problem}; rebuild it with `{rebuild}`"
+    )]
+    Derived {
+        /// `index` or `calibration`.
+        artefact: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// The command that rebuilds it.
+        rebuild: String,
+    },
     /// The vector-search layer failed.
     #[error(transparent)]
     Index(#[from] pacha_index::IndexError),

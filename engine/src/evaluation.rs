@@ -20,7 +20,7 @@ pub fn evaluate_run(
     impostor_pairs: usize,
 ) -> Result<EvalReport, EngineError> {
     let snap = engine.snapshot();
-    let cal = engine.calibration();
+    let cal = engine.usable_calibration()?;
     let live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
     let subjects: Vec<String> = live
         .iter()

@@ -107,7 +107,7 @@ impl Engine {
             .collect();
         let indexed = options.gallery.is_none()
             && snap.live() > crate::candidates::AUTO_EXACT_MAX_ROWS
-            && self.ann().is_some_and(|a| a.covers(&snap));
+            && self.usable_ann()?.is_some_and(|a| a.covers(&snap));
         let mut pool: Vec<usize> = (0..probes.len()).collect();
         let k = audit.probes.min(pool.len());
         SplitMix(audit.seed).shuffle_prefix(&mut pool, k);

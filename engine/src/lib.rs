@@ -24,6 +24,7 @@ pub mod audit;
 pub mod candidates;
 pub mod cluster;
 pub mod dedup;
+pub mod derived;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -40,6 +41,7 @@ pub mod store;
 pub mod tiles;
 
 pub use annset::AnnSet;
+pub use derived::check_store_dir;
 pub use engine::Engine;
 pub use error::EngineError;
 pub use pacha_datasets::{Modality, ModalityBlock, RecordBatch};

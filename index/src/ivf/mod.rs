@@ -1306,8 +1306,10 @@ impl Ivf {
         self.one_way
     }
 
-    /// Writes the index to `path` (own binary format, CRC-32 checked), streamed through a buffer.
-    pub fn save(&self, path: &Path) -> Result<(), IndexError> {
+    /// Writes the index to `path` (own binary format, CRC-32 checked), streamed through a buffer, and returns
+    /// the CRC-32 of the body it wrote (the file's last four bytes), so a caller can bind the file to its own
+    /// metadata.
+    pub fn save(&self, path: &Path) -> Result<u32, IndexError> {
         let io = |source| IndexError::Io {
             path: path.to_path_buf(),
             source,
@@ -1354,12 +1356,18 @@ impl Ivf {
         let file = w.out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
         drop(file);
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(crc)
     }
 
     /// Reads an index written by [`Ivf::save`] (this version or the padded-table versions 1 and 2),
     /// streamed, validating checksum, shape and every list id.
     pub fn load(path: &Path) -> Result<Ivf, IndexError> {
+        Ivf::load_with_crc(path).map(|(ivf, _)| ivf)
+    }
+
+    /// [`Ivf::load`], also returning the verified CRC-32 of the file's body (what [`Ivf::save`] returned).
+    pub fn load_with_crc(path: &Path) -> Result<(Ivf, u32), IndexError> {
         let bad = |problem: String| IndexError::Corrupt {
             path: path.to_path_buf(),
             problem,
@@ -1421,12 +1429,14 @@ impl Ivf {
             )));
         }
         // Sizes known before the probe lists: centroids, homes, and the padded table or the counts.
-        let fixed = (lists as u64 + u64::from(centred))
-            .checked_mul(dim as u64 * 4)
+        // Checked throughout: a damaged header may hold any value.
+        let fixed = (lists as u64)
+            .checked_add(u64::from(centred))
+            .and_then(|x| x.checked_mul((dim as u64).checked_mul(4)?))
             .and_then(|x| x.checked_add(rows as u64))
             .and_then(|x| {
                 let table = if version < 3 { probes as u64 } else { 1 };
-                x.checked_add((rows as u64).checked_mul(table * 4)?)
+                x.checked_add((rows as u64).checked_mul(table.checked_mul(4)?)?)
             });
         if fixed.is_none_or(|f| f > r.left.saturating_sub(4)) {
             return Err(bad(format!(
@@ -1522,7 +1532,7 @@ impl Ivf {
         if one_way && home.iter().any(|&h| h > 1) {
             return Err(bad("one-way visits with a row of several homes".into()));
         }
-        Ok(Ivf::assemble(
+        let ivf = Ivf::assemble(
             dim,
             lists,
             probes,
@@ -1534,7 +1544,8 @@ impl Ivf {
             },
             one_way,
             false,
-        ))
+        );
+        Ok((ivf, computed))
     }
 }
 
