@@ -93,7 +93,8 @@ fn read(path: &Path) -> Result<String, GateError> {
 
 /// Ratio gates: name, numerator bench (the slower or reference side), denominator bench, scale factor, margin.
 /// The figure is `factor × median(numerator) / median(denominator)`: how many times faster the denominator is.
-/// Margins: BENCHMARKS.md, "Bench gates in CI" (the spread measured idle and under load).
+/// Margins: BENCHMARKS.md, "Bench gates in CI" (the spread measured at ambient load and with a build beside).
+/// Each sits between the worst loaded run seen and what a break gives (a ratio near 1 for a lost dispatch).
 pub const RATIOS: &[(&str, &str, &str, f64, f64)] = &[
     // SIMD dot (dispatched simsimd) vs the scalar reference, one pair of 512-d f32 vectors.
     (
@@ -101,7 +102,7 @@ pub const RATIOS: &[(&str, &str, &str, f64, f64)] = &[
         "dot_512/f32_scalar",
         "dot_512/f32",
         1.0,
-        0.30,
+        0.45,
     ),
     // Dispatched sign-sketch filter vs its portable kernel (1024 sketches of 512 bits).
     (
