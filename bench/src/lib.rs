@@ -1,1 +1,3 @@
 //! Bench helpers.
+
+pub mod gate;
