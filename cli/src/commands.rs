@@ -267,6 +267,12 @@ fn mode_of(m: ModeArg) -> CandidateMode {
 }
 
 fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
+    if a.block_rows.is_some() && matches!(a.mode, ModeArg::Index) {
+        return Err(anyhow!(
+            "--block-rows applies to exact mode only: index runs size their tiles themselves (drop the flag or use --mode exact)"
+        )
+        .into());
+    }
     let engine = open_read_only(&a.store)?;
     let opts = DedupOptions {
         target_fpir: a.target_fpir,
@@ -274,7 +280,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
             .from_row
             .map_or(DedupScope::WholeStore, DedupScope::RowsFrom),
         mode: mode_of(a.mode),
-        block_rows: a.block_rows,
+        block_rows: a.block_rows.unwrap_or(DedupOptions::default().block_rows),
         report_floor: a.floor,
         checkpoint_dir: a.checkpoint.clone(),
         sketch: if a.no_sketch {
@@ -481,25 +487,14 @@ fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
 
 fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open(&a.store)?;
-    let mut deleted = Vec::new();
-    let mut absent = Vec::new();
-    for id in &a.ids {
-        if engine.delete(id)? {
-            deleted.push(id.clone())
-        } else {
-            absent.push(id.clone())
-        }
-    }
-    ui.out(format!(
-        "deleted {}; not enrolled: {}",
-        deleted.len(),
-        if absent.is_empty() {
-            "none".into()
-        } else {
-            absent.join(", ")
-        }
-    ));
-    ui.json_out(&json!({"command": "delete", "deleted": deleted, "not_enrolled": absent}));
+    let ids: Vec<&str> = a.ids.iter().map(String::as_str).collect();
+    // One commit for all IDs: an ID that is not enrolled refuses the whole command (exit 2), nothing deleted.
+    let rows = engine
+        .store()
+        .delete_all(&ids)
+        .with_context(|| format!("deleting from {} (nothing was deleted)", a.store.display()))?;
+    ui.out(format!("deleted {} enrolments", rows.len()));
+    ui.json_out(&json!({"command": "delete", "deleted": rows.len(), "ids": a.ids}));
     Ok(())
 }
 
@@ -508,7 +503,8 @@ fn eval(a: &crate::EvalArgs, ui: Ui) -> Result<(), Failure> {
     let report = evaluate(&engine, &a.run, &a.truth, a.impostor_pairs)?;
     let out = a.out.clone().unwrap_or_else(|| a.run.join("eval.json"));
     let bytes = serde_json::to_vec_pretty(&report)?;
-    std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    pacha_engine::fsutil::write_private(&out, &bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
     print_eval(&report, ui);
     ui.json_out(&json!({"command": "eval", "out": out, "eval": report}));
     Ok(())
@@ -559,7 +555,8 @@ fn report(a: &crate::ReportArgs, ui: Ui) -> Result<(), Failure> {
             )
         })?;
     let html = crate::report::render_html("pacha evaluation", &[], &report);
-    std::fs::write(&a.out, html).with_context(|| format!("writing {}", a.out.display()))?;
+    pacha_engine::fsutil::write_private(&a.out, html.as_bytes())
+        .with_context(|| format!("writing {}", a.out.display()))?;
     ui.out(format!("wrote {}", a.out.display()));
     ui.json_out(&json!({"command": "report", "out": a.out}));
     Ok(())
