@@ -546,8 +546,9 @@ impl Store {
     }
 
     /// Opens an existing store for writing (exclusive `LOCK`, see the module docs): validates the manifest,
-    /// every file header and the subject table, truncates torn tails, removes files of other generations;
-    /// never reads the vectors.
+    /// every file header, the subject table and the crc32 of every committed byte, truncates torn tails the
+    /// append journal explains (refusing others with [`EngineError::ForeignData`]), removes files of other
+    /// generations.
     pub fn open(dir: &Path) -> Result<Store, EngineError> {
         ensure_directory(dir)?;
         if !manifest_path(dir).exists() {
@@ -1133,7 +1134,9 @@ fn verify_modalities(m: &Manifest, mods: &[ModView], paths: &[PathBuf]) -> Resul
                 .map(move |(k, map)| (&**map, mi * 4 + k))
         })
         .collect();
-    jobs.par_iter().try_for_each(|&(map, j)| {
+    let t = std::time::Instant::now();
+    let bytes: usize = jobs.iter().map(|(map, _)| map.len() - HEADER_LEN).sum();
+    let res = jobs.par_iter().try_for_each(|&(map, j)| {
         let data = &map[HEADER_LEN..];
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Sequential);
@@ -1164,7 +1167,15 @@ fn verify_modalities(m: &Manifest, mods: &[ModView], paths: &[PathBuf]) -> Resul
             });
         }
         Ok(())
-    })
+    });
+    let secs = t.elapsed().as_secs_f64();
+    tracing::info!(
+        bytes,
+        secs,
+        gb_per_s = bytes as f64 / secs.max(1e-9) / 1e9,
+        "verified template data"
+    );
+    res
 }
 
 /// Maps every modality's four files.
