@@ -493,8 +493,14 @@ fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
         .store()
         .delete_all(&ids)
         .with_context(|| format!("deleting from {} (nothing was deleted)", a.store.display()))?;
-    ui.out(format!("deleted {} enrolments", rows.len()));
-    ui.json_out(&json!({"command": "delete", "deleted": rows.len(), "ids": a.ids}));
+    let mut deleted: Vec<&str> = Vec::with_capacity(rows.len());
+    for id in &ids {
+        if !deleted.contains(id) {
+            deleted.push(id);
+        }
+    }
+    ui.out(format!("deleted {} enrolments", deleted.len()));
+    ui.json_out(&json!({"command": "delete", "deleted": deleted}));
     Ok(())
 }
 
