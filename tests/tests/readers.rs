@@ -301,17 +301,11 @@ fn readers_never_repair_and_work_on_a_read_only_mount() {
     let g = Generator::new(cfg).unwrap();
     let (id5, pa, pb) = (g.subject_id(5), g.subject_id(1), g.subject_id(2));
 
-    // Junk past the committed length of a data file: a torn write, or a writer's append in progress.
+    // Junk past the committed length of a data file: a torn write, or a writer's append in progress (its
+    // append journal recorded first, as a writer does; unexplained bytes are refused, see store_integrity).
     let face = store.join("face.g0.f32");
     let committed = std::fs::metadata(&face).unwrap().len();
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&face)
-            .unwrap();
-        f.write_all(&[0xAB; 1000]).unwrap();
-    }
+    pacha_engine::store::testing::torn_append(&store, "face.g0.f32", &[0xAB; 1000]).unwrap();
     let before = fingerprint(&store);
     all_read_commands(&store, &pop, &work, &id5, (&pa, &pb));
     assert_eq!(

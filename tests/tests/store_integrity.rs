@@ -202,6 +202,42 @@ fn a_flipped_bit_in_template_data_is_an_error_naming_the_file() {
 }
 
 #[test]
+fn foreign_bytes_past_a_committed_length_are_refused_not_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let input = tmp.path().join("in");
+    write_input(&input, &ids(40), &vectors(40));
+    assert!(ingest(&store, &input).status.success());
+    let f32_file = store.join("face.g0.f32");
+    let mut b = std::fs::read(&f32_file).unwrap();
+    let committed = b.len() as u64;
+    b.extend_from_slice(&[0x5A; 4096]);
+    std::fs::write(&f32_file, &b).unwrap();
+    // A writer refuses (naming the file) and truncates nothing; check reports it; readers still work.
+    let out = run_pacha(&["delete", "--store", s(&store), "P00001"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(s(&f32_file)) && err.contains("refusing to truncate"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&f32_file).unwrap().len(),
+        committed + 4096
+    );
+    let out = run_pacha(&["check", "--store", s(&store)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(live(&store), 40);
+    // A tail the append journal explains (an interrupted append) is cut by the next writer.
+    std::fs::write(&f32_file, &b[..committed as usize]).unwrap();
+    pacha_engine::store::testing::torn_append(&store, "face.g0.f32", &[0x5A; 4096]).unwrap();
+    let j = ok_json(&["--json", "delete", "--store", s(&store), "P00001"]);
+    assert_eq!(j["deleted"].as_array().map(Vec::len), Some(1));
+    assert_eq!(std::fs::metadata(&f32_file).unwrap().len(), committed);
+    assert_eq!(live(&store), 39);
+}
+
+#[test]
 fn small_input_errors_are_clear_exit_2() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");

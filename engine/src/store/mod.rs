@@ -1089,6 +1089,44 @@ impl Writer {
     }
 }
 
+/// Test support: reproduces on disk what a writer interrupted mid-append leaves behind.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// Appends `junk` to the store file `name` of the store in `dir` the way an interrupted append would:
+    /// the append journal first (target: committed length + `junk.len()` for that file), then the bytes,
+    /// with no manifest commit. A writer's open then cuts the tail; without the journal it would refuse it.
+    pub fn torn_append(dir: &Path, name: &str, junk: &[u8]) -> Result<(), EngineError> {
+        use std::io::Write;
+        let m = Manifest::read(dir)?;
+        let intent = Intent {
+            generation: m.generation,
+            commit_seq: m.commit_seq,
+            targets: m
+                .files
+                .iter()
+                .map(|f| f.len + if f.name == name { junk.len() as u64 } else { 0 })
+                .collect(),
+        };
+        let jpath = dir.join(APPEND_JOURNAL);
+        let j = private_options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&jpath)
+            .map_err(|e| EngineError::io("opening", &jpath, e))?;
+        intent.write(&j, &jpath)?;
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| EngineError::io("opening", &path, e))?;
+        f.write_all(junk)
+            .map_err(|e| EngineError::io("appending to", &path, e))
+    }
+}
+
 /// Refuses a path that exists but is not a directory (a `--store` naming a file).
 fn ensure_directory(dir: &Path) -> Result<(), EngineError> {
     match std::fs::metadata(dir) {
