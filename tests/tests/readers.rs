@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Records of the store the dedup runs over.
 const N1: u64 = 20_000;
 /// Records of the second batch ingested beside it.
-const N2: u64 = 24_000;
+const N2: u64 = 40_000;
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(pacha_bin())
