@@ -955,7 +955,10 @@ mod cross_machine_tests {
         let b = parse_baseline(Path::new("b.json"), text).unwrap();
         let here = json!({"simd_level": "haswell", "sketch_kernel": "avx2"});
         assert!(!same_machine(&b, &here));
-        assert!(same_machine(&b, &json!({"simd_level": "genoa", "sketch_kernel": "avx512"})));
+        assert!(same_machine(
+            &b,
+            &json!({"simd_level": "genoa", "sketch_kernel": "avx512"})
+        ));
         let run = |hits: u64, dispatch: f64| {
             vec![
                 Figure {

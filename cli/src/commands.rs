@@ -269,6 +269,12 @@ fn mode_of(m: ModeArg) -> CandidateMode {
 
 fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
     let started = pacha_engine::tiles::unix_now();
+    if a.block_rows.is_some() && matches!(a.mode, ModeArg::Index) {
+        return Err(anyhow!(
+            "--block-rows applies to exact mode only: index runs size their blocks themselves (drop the flag or use --mode exact)"
+        )
+        .into());
+    }
     let engine = open_read_only(&a.store)?;
     // A tile checkpoints into its own directory by default, so a requeued task resumes where it stopped.
     let checkpoint = match (&a.checkpoint, a.tile) {
@@ -282,7 +288,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
             .from_row
             .map_or(DedupScope::WholeStore, DedupScope::RowsFrom),
         mode: mode_of(a.mode),
-        block_rows: a.block_rows,
+        block_rows: a.block_rows.unwrap_or(DedupOptions::default().block_rows),
         report_floor: a.floor,
         checkpoint_dir: checkpoint.clone(),
         sketch: if a.no_sketch {
@@ -615,25 +621,20 @@ fn verify(a: &crate::VerifyArgs, ui: Ui) -> Result<(), Failure> {
 
 fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open(&a.store)?;
-    let mut deleted = Vec::new();
-    let mut absent = Vec::new();
-    for id in &a.ids {
-        if engine.delete(id)? {
-            deleted.push(id.clone())
-        } else {
-            absent.push(id.clone())
+    let ids: Vec<&str> = a.ids.iter().map(String::as_str).collect();
+    // One commit for all IDs: an ID that is not enrolled refuses the whole command (exit 2), nothing deleted.
+    let rows = engine
+        .store()
+        .delete_all(&ids)
+        .with_context(|| format!("deleting from {} (nothing was deleted)", a.store.display()))?;
+    let mut deleted: Vec<&str> = Vec::with_capacity(rows.len());
+    for id in &ids {
+        if !deleted.contains(id) {
+            deleted.push(id);
         }
     }
-    ui.out(format!(
-        "deleted {}; not enrolled: {}",
-        deleted.len(),
-        if absent.is_empty() {
-            "none".into()
-        } else {
-            absent.join(", ")
-        }
-    ));
-    ui.json_out(&json!({"command": "delete", "deleted": deleted, "not_enrolled": absent}));
+    ui.out(format!("deleted {} enrolments", deleted.len()));
+    ui.json_out(&json!({"command": "delete", "deleted": deleted}));
     Ok(())
 }
 
@@ -642,7 +643,8 @@ fn eval(a: &crate::EvalArgs, ui: Ui) -> Result<(), Failure> {
     let report = evaluate(&engine, &a.run, &a.truth, a.impostor_pairs)?;
     let out = a.out.clone().unwrap_or_else(|| a.run.join("eval.json"));
     let bytes = serde_json::to_vec_pretty(&report)?;
-    std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    pacha_engine::fsutil::write_private(&out, &bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
     print_eval(&report, ui);
     ui.json_out(&json!({"command": "eval", "out": out, "eval": report}));
     Ok(())
@@ -693,7 +695,8 @@ fn report(a: &crate::ReportArgs, ui: Ui) -> Result<(), Failure> {
             )
         })?;
     let html = crate::report::render_html("pacha evaluation", &[], &report);
-    std::fs::write(&a.out, html).with_context(|| format!("writing {}", a.out.display()))?;
+    pacha_engine::fsutil::write_private(&a.out, html.as_bytes())
+        .with_context(|| format!("writing {}", a.out.display()))?;
     ui.out(format!("wrote {}", a.out.display()));
     ui.json_out(&json!({"command": "report", "out": a.out}));
     Ok(())

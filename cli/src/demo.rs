@@ -26,7 +26,8 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
             d.keep()
         }
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    pacha_engine::fsutil::create_private_dir_all(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let (pop, store, run_dir) = (dir.join("population"), dir.join("store"), dir.join("dedup"));
     if store.exists() {
         return Err(anyhow::anyhow!(
@@ -106,9 +107,9 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
 
     let t = Instant::now();
     let report = evaluate(&engine, &run_dir, &pop.join("truth.csv"), 200_000)?;
-    std::fs::write(
-        run_dir.join("eval.json"),
-        serde_json::to_vec_pretty(&report)?,
+    pacha_engine::fsutil::write_private(
+        &run_dir.join("eval.json"),
+        &serde_json::to_vec_pretty(&report)?,
     )?;
     let summary_rows: Vec<(String, String)> = stages
         .iter()
@@ -130,9 +131,9 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
         ])
         .collect();
     let html_path: PathBuf = dir.join("report.html");
-    std::fs::write(
+    pacha_engine::fsutil::write_private(
         &html_path,
-        crate::report::render_html("pacha demo", &summary_rows, &report),
+        crate::report::render_html("pacha demo", &summary_rows, &report).as_bytes(),
     )?;
     stages.push(("evaluate+report".into(), t.elapsed().as_secs_f64()));
 

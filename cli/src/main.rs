@@ -235,9 +235,11 @@ pub struct DedupArgs {
     /// Checkpoint directory: an interrupted run restarts from its last finished tile.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// Probe rows per tile.
-    #[arg(long, default_value_t = 8192)]
-    pub block_rows: usize,
+    /// Probe rows per tile of an exact-mode run (default 8192). Index runs size their tiles themselves:
+    /// with `--mode index` this flag is a usage error; with `--mode auto` it applies only if the planner
+    /// picks exact mode.
+    #[arg(long)]
+    pub block_rows: Option<usize>,
     /// Skip the binary-sketch pre-filter of index candidates (slower; for measuring its misses).
     #[arg(long)]
     pub no_sketch: bool,
@@ -408,6 +410,23 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
+/// The error and its causes joined by ": ", skipping a cause whose text the message already ends with (an
+/// error that prints its OS error, which is also its source, would otherwise show it twice).
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match cli.verbose {
@@ -428,11 +447,12 @@ fn main() -> ExitCode {
         Err(f) => {
             // Exit 1 means the command ran and printed its report (e.g. `check`); only errors that stopped the
             // command print an error object.
+            let msg = render_error(&f.error);
             if cli.json && f.code == 2 {
-                let v = serde_json::json!({"error": format!("{:#}", f.error), "exit_code": f.code});
+                let v = serde_json::json!({"error": msg, "exit_code": f.code});
                 println!("{v}");
             }
-            eprintln!("error: {:#}", f.error);
+            eprintln!("error: {msg}");
             ExitCode::from(f.code)
         }
     }

@@ -190,6 +190,30 @@ pub enum DatasetError {
         /// 1-based line.
         line: u64,
     },
+    /// A subject ID longer than [`crate::subjects::MAX_ID_BYTES`] (shown shortened).
+    #[error("{path}: line {line}: subject ID {id:?} is {len} bytes, more than {max}")]
+    IdTooLong {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// The ID's first bytes (see [`shorten`]).
+        id: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A record whose every template is absent.
+    #[error("{path}: line {line}: subject {subject:?} has no template in any of the files given")]
+    NoTemplate {
+        /// The subjects file.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// The subject ID.
+        subject: String,
+    },
     /// A subject ID with characters not allowed in IDs (control characters).
     #[error("{path}: line {line}: subject ID {id:?} contains a control character")]
     InvalidId {
@@ -254,6 +278,20 @@ pub enum DatasetError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// A value for an error message: `s` itself when it is at most 64 bytes, else its first 64 bytes (cut at a
+/// character boundary), an ellipsis and its length, so a 1 MB field never floods the terminal.
+pub fn shorten(s: &str) -> String {
+    const SHOWN: usize = 64;
+    if s.len() <= SHOWN {
+        return s.to_string();
+    }
+    let mut end = SHOWN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
 }
 
 impl DatasetError {

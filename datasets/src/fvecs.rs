@@ -4,7 +4,6 @@
 use crate::error::{DatasetError, Result};
 use crate::npy::{extend_f32_le, map_file};
 use memmap2::Mmap;
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -147,7 +146,8 @@ pub fn write_fvecs(path: impl AsRef<Path>, dim: usize, data: &[f32]) -> Result<(
             reason: "dim must be positive and divide the data length",
         });
     }
-    let file = File::create(path).map_err(|e| DatasetError::io(path, "create", e))?;
+    let file =
+        crate::private::create_private(path).map_err(|e| DatasetError::io(path, "create", e))?;
     let mut w = BufWriter::new(file);
     let prefix = (dim as i32).to_le_bytes();
     for row in data.chunks_exact(dim) {

@@ -1235,7 +1235,8 @@ pub fn write_population(
 ) -> Result<PopulationSummary> {
     let t0 = Instant::now();
     let dir = out_dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(|e| DatasetError::io(dir, "create_dir", e))?;
+    crate::private::create_private_dir_all(dir)
+        .map_err(|e| DatasetError::io(dir, "create_dir", e))?;
     let g = Generator::new(cfg.clone())?;
     let mods = g.modalities();
     let mut writers = Vec::with_capacity(mods.len());
@@ -1317,7 +1318,8 @@ pub fn write_population(
         source,
     })?;
     json.push(b'\n');
-    std::fs::write(&json_path, json).map_err(|e| DatasetError::io(&json_path, "write", e))?;
+    crate::private::write_private(&json_path, &json)
+        .map_err(|e| DatasetError::io(&json_path, "write", e))?;
     let elapsed = t0.elapsed().as_secs_f64();
     tracing::info!(
         records = n,

@@ -8,6 +8,10 @@ use crate::npy::NpyMatrix;
 use crate::subjects::{Subjects, read_subjects};
 use std::path::{Path, PathBuf};
 
+/// Smallest accepted L2 norm of a present template (the store's floor; see
+/// `pacha_engine::store::MIN_TEMPLATE_NORM` for why 1e-6).
+pub const MIN_TEMPLATE_NORM: f64 = 1e-6;
+
 /// A row-major matrix file of one modality: `.npy` (f32/f16) or `.fvecs`.
 #[derive(Debug)]
 pub enum VectorFile {
@@ -137,7 +141,8 @@ impl IngestSource {
 
     /// Read records `start..start+count` (clamped to the subject count) as a batch. Rows the subjects file
     /// marks absent become zeros; without a presence column an all-zero row means absent. A present row that
-    /// is non-finite or has zero norm is a [`DatasetError::BadTemplate`].
+    /// is non-finite or has a norm below [`MIN_TEMPLATE_NORM`] is a [`DatasetError::BadTemplate`]; a record
+    /// with no present template in any file is a [`DatasetError::NoTemplate`].
     pub fn read_batch(&self, start: usize, count: usize) -> Result<RecordBatch> {
         let end = start.saturating_add(count).min(self.len());
         let start = start.min(end);
@@ -180,6 +185,10 @@ impl IngestSource {
                     quality.push(0.0);
                     continue;
                 }
+                let n2: f64 = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+                if n2 < MIN_TEMPLATE_NORM * MIN_TEMPLATE_NORM {
+                    return Err(bad("near-zero norm (below 1e-6): numerically empty"));
+                }
                 present.push(true);
                 quality.push(quality_col.and_then(|q| q.get(s).copied()).unwrap_or(1.0));
             }
@@ -190,6 +199,15 @@ impl IngestSource {
                 present,
                 quality,
             });
+        }
+        for i in 0..n {
+            if !blocks.iter().any(|b| b.present[i]) {
+                return Err(DatasetError::NoTemplate {
+                    path: self.subjects_path.clone(),
+                    line: self.subjects.line(start + i),
+                    subject: self.subjects.ids[start + i].clone(),
+                });
+            }
         }
         Ok(RecordBatch {
             ids: self.subjects.ids[start..end].to_vec(),

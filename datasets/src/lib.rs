@@ -31,6 +31,7 @@ pub mod generate;
 pub mod ingest;
 pub mod modality;
 pub mod npy;
+pub mod private;
 pub mod subjects;
 pub mod testpop;
 

@@ -527,7 +527,8 @@ impl NpyWriter {
                 shape: vec![0, 0],
             });
         }
-        let file = File::create(&path).map_err(|e| DatasetError::io(&path, "create", e))?;
+        let file = crate::private::create_private(&path)
+            .map_err(|e| DatasetError::io(&path, "create", e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&header_bytes(dtype, 0, dim))
             .map_err(|e| DatasetError::io(&path, "write", e))?;

@@ -311,7 +311,10 @@ impl Table {
     }
 }
 
-/// Check a subject ID: non-empty (after trimming), no control characters.
+/// Longest accepted subject ID, in UTF-8 bytes (the store's limit).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Check a subject ID: non-empty (after trimming), at most [`MAX_ID_BYTES`] bytes, no control characters.
 pub(crate) fn check_id(path: &Path, line: u64, id: &str) -> Result<()> {
     if id.trim().is_empty() {
         return Err(DatasetError::EmptyId {
@@ -319,11 +322,20 @@ pub(crate) fn check_id(path: &Path, line: u64, id: &str) -> Result<()> {
             line,
         });
     }
+    if id.len() > MAX_ID_BYTES {
+        return Err(DatasetError::IdTooLong {
+            path: path.to_path_buf(),
+            line,
+            id: crate::error::shorten(id),
+            len: id.len(),
+            max: MAX_ID_BYTES,
+        });
+    }
     if id.chars().any(char::is_control) {
         return Err(DatasetError::InvalidId {
             path: path.to_path_buf(),
             line,
-            id: id.to_string(),
+            id: crate::error::shorten(id),
         });
     }
     Ok(())
@@ -441,7 +453,7 @@ pub fn read_subjects(path: impl AsRef<Path>) -> Result<Subjects> {
                         path: path.to_path_buf(),
                         line,
                         column: table.columns[c].clone(),
-                        value: fields[c].clone(),
+                        value: crate::error::shorten(&fields[c]),
                         expected: "1/0, true/false, yes/no",
                     })?;
                     if let Some(p) = subjects.modalities[k].present.as_mut() {
@@ -463,7 +475,7 @@ pub fn read_subjects(path: impl AsRef<Path>) -> Result<Subjects> {
                                 path: path.to_path_buf(),
                                 line,
                                 column: table.columns[c].clone(),
-                                value: fields[c].clone(),
+                                value: crate::error::shorten(&fields[c]),
                                 expected: "a number in [0, 1] or empty",
                             });
                         }
@@ -521,7 +533,8 @@ impl SubjectsWriter {
     pub fn create(path: impl AsRef<Path>, modalities: &[Modality]) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let delim = delimiter_from_extension(&path).unwrap_or(b',');
-        let file = File::create(&path).map_err(|e| DatasetError::io(&path, "create", e))?;
+        let file = crate::private::create_private(&path)
+            .map_err(|e| DatasetError::io(&path, "create", e))?;
         let mut w = SubjectsWriter {
             path,
             out: BufWriter::with_capacity(1 << 16, file),
@@ -601,7 +614,8 @@ where
     I: IntoIterator<Item = Vec<std::borrow::Cow<'a, str>>>,
 {
     let path = path.as_ref();
-    let file = File::create(path).map_err(|e| DatasetError::io(path, "create", e))?;
+    let file =
+        crate::private::create_private(path).map_err(|e| DatasetError::io(path, "create", e))?;
     let mut out = BufWriter::new(file);
     let mut line = header.join(",");
     line.push('\n');

@@ -374,8 +374,8 @@ fn ingest_validates_and_streams() {
     );
     let mut fing = Vec::new();
     fing.extend(unit(3, 1));
+    fing.extend(unit(3, 0)); // B's only template
     fing.extend([0.0; 3]); // no presence column: all-zero row means absent
-    fing.extend(unit(3, 2));
     write_fvecs(d.join("f2.fvecs"), 3, &fing).unwrap();
     let files = vec![
         (Modality::Face, d.join("face.npy")),
@@ -395,9 +395,22 @@ fn ingest_validates_and_streams() {
     assert_eq!(f.quality, vec![0.9, 0.0]);
     assert_eq!(f.row(1), &[0.0; 4]);
     let g = batches[0].block(Modality::Finger(2)).unwrap();
-    assert_eq!(g.present, vec![true, false]);
-    assert_eq!(g.quality, vec![1.0, 0.0]);
+    assert_eq!(g.present, vec![true, true]);
+    assert_eq!(g.quality, vec![1.0, 1.0]);
     assert_eq!(batches[1].block(Modality::Face).unwrap().quality, vec![1.0]);
+    assert_eq!(
+        batches[1].block(Modality::Finger(2)).unwrap().present,
+        vec![false]
+    );
+
+    // Without the finger file, B has no template at all: an error naming the subjects file and line.
+    let src = IngestSource::open(d.join("s.csv"), &files[..1]).unwrap();
+    match src.validate_all().unwrap_err() {
+        DatasetError::NoTemplate { line, subject, .. } => {
+            assert_eq!((line, subject.as_str()), (3, "B"))
+        }
+        e => panic!("unexpected {e:?}"),
+    }
 
     // Present NaN row: error names subject and modality.
     face[8] = f32::NAN;

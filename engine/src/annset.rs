@@ -218,7 +218,8 @@ impl AnnSet {
     /// directory without it is an interrupted build, ignored by readers and reported by `check`).
     pub fn save(&self, dir: &Path, snap: &Snapshot) -> Result<(), EngineError> {
         Self::remove(dir)?;
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
+        crate::fsutil::create_private_dir_all(dir)
+            .map_err(|e| EngineError::io("creating", dir, e))?;
         let mods: Vec<String> = snap.schema().keys();
         let mut files = Vec::with_capacity(mods.len());
         for (ivf, key) in self.ivf.iter().zip(&mods) {

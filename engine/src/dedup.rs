@@ -1212,7 +1212,7 @@ struct SavedTile {
 impl Checkpoint {
     fn open(dir: &Path, key: &CheckpointKey) -> Result<Checkpoint, EngineError> {
         let io = |e| EngineError::io("accessing", dir, e);
-        std::fs::create_dir_all(dir).map_err(io)?;
+        crate::fsutil::create_private_dir_all(dir).map_err(io)?;
         let key_path = dir.join("run.json");
         let key_json = serde_json::to_string(key).map_err(|e| EngineError::Corrupt {
             path: key_path.clone(),
@@ -1292,7 +1292,7 @@ impl Checkpoint {
     }
 
     fn finish(self) -> Result<(), EngineError> {
-        std::fs::write(self.dir.join("complete"), b"ok")
+        crate::fsutil::write_private(&self.dir.join("complete"), b"ok")
             .map_err(|e| EngineError::io("writing", &self.dir, e))
     }
 }

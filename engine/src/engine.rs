@@ -224,7 +224,8 @@ fn save_calibration_file(
     identity: &DerivedIdentity,
 ) -> Result<(), EngineError> {
     let dir = store_dir.join(ENGINE_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
+    crate::fsutil::create_private_dir_all(&dir)
+        .map_err(|e| EngineError::io("creating", &dir, e))?;
     let json = serde_json::to_vec_pretty(&SavedCalibration {
         identity: identity.clone(),
         calibration: cal.clone(),

@@ -22,6 +22,37 @@ pub enum EngineError {
         /// The store directory.
         dir: PathBuf,
     },
+    /// A store path that exists but is not a directory.
+    #[error("{path} is not a directory (a store is a directory)")]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// `create` was asked to make a store in a directory that already holds other files.
+    #[error(
+        "{dir} is not empty (it holds {example:?}, …) and holds no store: a new store is created only in a missing or empty directory"
+    )]
+    DirNotEmpty {
+        /// The directory.
+        dir: PathBuf,
+        /// One of the entries found.
+        example: String,
+    },
+    /// A store file is longer than its committed length by more than any recorded append explains: the
+    /// bytes were not written by this store's writer, so they are not truncated.
+    #[error(
+        "{path} is {actual} bytes but the manifest commits {committed} and no recorded append reaches past {allowed}: the extra bytes were not written by this store (foreign or replaced file); refusing to truncate it (move the file away, or truncate it to {committed} bytes if you are sure)"
+    )]
+    ForeignData {
+        /// The file.
+        path: PathBuf,
+        /// Its committed length.
+        committed: u64,
+        /// Its length on disk.
+        actual: u64,
+        /// The longest length a recorded append explains.
+        allowed: u64,
+    },
     /// `open` found no store (no MANIFEST) in the directory.
     #[error("{dir} does not hold a store (no MANIFEST)")]
     NotAStore {
@@ -154,7 +185,7 @@ pub enum EngineError {
         modality: Modality,
     },
     /// A template is the zero vector and cannot be normalised.
-    #[error("subject {subject_id:?}: {modality} template has zero norm")]
+    #[error("subject {subject_id:?}: {modality} template has zero or near-zero norm (below 1e-6)")]
     ZeroNorm {
         /// The record.
         subject_id: String,
@@ -228,6 +259,16 @@ pub enum EngineError {
         finished_tiles: usize,
         /// Tiles in the run.
         total_tiles: usize,
+    },
+    /// A record of an input file that an insert would refuse (found by ingest's validation pass).
+    #[error("{}: {}refused", path.display(), line.map_or(String::new(), |l| format!("line {l}: ")))]
+    InputRecord {
+        /// The subjects file.
+        path: PathBuf,
+        /// 1-based line of the record, when the error names one subject.
+        line: Option<u64>,
+        /// Why it is refused.
+        source: Box<EngineError>,
     },
     /// An ingest failed after validation; `committed` records were committed before the failure.
     #[error("ingest stopped after committing {committed} of {total} records")]

@@ -1,17 +1,22 @@
-//! Small durable-file helpers shared by the engine's side files (calibration, checkpoints).
+//! Small durable-file helpers shared by the engine's side files (calibration, checkpoints), and the private
+//! file/directory helpers (mode 0600 / 0700 whatever the umask) every pacha crate creates files with.
 
 use crate::EngineError;
+pub use pacha_datasets::private::{
+    DIR_MODE, FILE_MODE, create_private, create_private_dir_all, private_options, restrict_file,
+    write_private,
+};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync the directory.
+/// Writes `bytes` to `path` atomically and durably (mode 0600): temp file, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let io = |e| EngineError::io("writing", path, e);
     {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = create_private(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
     }

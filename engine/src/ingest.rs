@@ -22,10 +22,17 @@ pub struct IngestReport {
     pub created: bool,
 }
 
-/// Validates `files` and `subjects` completely (shapes, IDs, every row finite and non-zero where present),
-/// then creates the store if `store_dir` holds none (schema from the files) and commits batches of
-/// `batch` records. `progress(stage, done, total)` reports "validate" and then "ingest". A failure after
-/// validation reports exactly how many records were committed before it.
+/// Validates `files` and `subjects` completely before committing anything, then creates the store if
+/// `store_dir` holds none (schema from the files) and commits batches of `batch` records.
+///
+/// The validation pass reads every record and runs every check an insert would: the subjects file (IDs
+/// non-empty, at most 256 bytes, no control characters, unique), every row (finite, norm at least
+/// [`crate::store::MIN_TEMPLATE_NORM`], at least one template per record), the dimensions against the
+/// store's schema, and each record against the store (a subject already enrolled must carry identical
+/// templates). So a bad record anywhere, even the last, commits nothing; errors name the file and the line
+/// or row. A new store is created only in a missing or empty directory. `progress(stage, done, total)`
+/// reports "validate" and then "ingest". A failure after validation (I/O, a concurrent writer) reports
+/// exactly how many records were committed before it.
 pub fn ingest(
     store_dir: &Path,
     files: &[(Modality, PathBuf)],
@@ -38,17 +45,25 @@ pub fn ingest(
             "batch size must be at least 1".into(),
         ));
     }
+    if let Ok(md) = std::fs::metadata(store_dir)
+        && !md.is_dir()
+    {
+        return Err(EngineError::NotADirectory {
+            path: store_dir.to_path_buf(),
+        });
+    }
+    let existing = store_dir.join("MANIFEST").exists();
+    if !existing {
+        check_new_store_dir(store_dir)?;
+    }
     let source = IngestSource::open(subjects, files)?;
     let n = source.len();
-    progress("validate", 0, n as u64);
-    source.validate_all()?;
-    progress("validate", n as u64, n as u64);
     let mut report = IngestReport {
         records: n,
         ..IngestReport::default()
     };
     let file_schema = Schema::of(source.modalities());
-    let store = if store_dir.join("MANIFEST").exists() {
+    let store = if existing {
         let s = Store::open(store_dir)?;
         for spec in &file_schema.modalities {
             match s
@@ -76,10 +91,29 @@ pub fn ingest(
                 }
             }
         }
-        s
+        Some(s)
     } else {
-        report.created = true;
-        Store::create(store_dir, file_schema)?
+        file_schema.validate()?;
+        None
+    };
+    // Validation pass: everything an insert would refuse, before the first commit.
+    progress("validate", 0, n as u64);
+    let step = batch.min(4096);
+    for (k, b) in source.batches(step).enumerate() {
+        let b = b?;
+        let checked = match &store {
+            Some(s) => s.check_batch(&b),
+            None => crate::store::check_new_batch(&file_schema, &b),
+        };
+        checked.map_err(|e| locate(&source, k * step, &b.ids, e))?;
+        progress("validate", (k * step + b.len()) as u64, n as u64);
+    }
+    let store = match store {
+        Some(s) => s,
+        None => {
+            report.created = true;
+            Store::create(store_dir, file_schema)?
+        }
     };
     for b in source.batches(batch) {
         let b = b?;
@@ -98,6 +132,40 @@ pub fn ingest(
         );
     }
     Ok(report)
+}
+
+/// Refuses to make a new store in `dir` unless it is missing or empty.
+fn check_new_store_dir(dir: &Path) -> Result<(), EngineError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(EngineError::Io {
+                op: "listing",
+                path: dir.to_path_buf(),
+                source: e,
+            });
+        }
+    };
+    if let Some(entry) = rd.flatten().find(|e| e.file_name() != "LOCK") {
+        return Err(EngineError::DirNotEmpty {
+            dir: dir.to_path_buf(),
+            example: entry.file_name().to_string_lossy().into_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Names the subjects file and line of the record an insert check refused (records `start..` of `source`).
+fn locate(source: &IngestSource, start: usize, ids: &[String], e: EngineError) -> EngineError {
+    let line = crate::store::subject_of(&e)
+        .and_then(|id| ids.iter().position(|x| x == id))
+        .map(|i| source.subjects().line(start + i));
+    EngineError::InputRecord {
+        path: source.subjects_path().to_path_buf(),
+        line,
+        source: Box::new(e),
+    }
 }
 
 /// Reads probes for identification: row `i` of every file is one probe (all-zero rows are absent

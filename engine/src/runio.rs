@@ -25,18 +25,24 @@ struct SummaryFile {
     files: Vec<String>,
 }
 
-/// Quotes a CSV field when needed.
-fn csv_field(s: &str) -> String {
+/// Quotes a CSV field when needed, and neutralises a cell a spreadsheet would run as a formula (one led by
+/// `=`, `+`, `-`, `@`, tab or carriage return) by prefixing `'` (OWASP CSV injection).
+pub fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
 /// Writes a run's files into `dir` (created if needed).
 pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
+    crate::fsutil::create_private_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
     let modalities: Vec<String> = r
         .summary
         .candidate_cosines
@@ -45,8 +51,9 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
         .collect();
 
     let p = dir.join("hits.csv");
-    let mut w =
-        BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
+    let mut w = BufWriter::new(
+        crate::fsutil::create_private(&p).map_err(|e| EngineError::io("writing", &p, e))?,
+    );
     let mut header = vec![
         "subject_a".to_string(),
         "subject_b".into(),
@@ -79,8 +86,9 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     w.flush().map_err(|e| EngineError::io("writing", &p, e))?;
 
     let p = dir.join("hits.jsonl");
-    let mut w =
-        BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
+    let mut w = BufWriter::new(
+        crate::fsutil::create_private(&p).map_err(|e| EngineError::io("writing", &p, e))?,
+    );
     for pair in &r.pairs {
         serde_json::to_writer(&mut w, pair)
             .map_err(|e| EngineError::io("writing", &p, e.into()))?;
@@ -90,8 +98,9 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     w.flush().map_err(|e| EngineError::io("writing", &p, e))?;
 
     let p = dir.join("clusters.csv");
-    let mut w =
-        BufWriter::new(std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?);
+    let mut w = BufWriter::new(
+        crate::fsutil::create_private(&p).map_err(|e| EngineError::io("writing", &p, e))?,
+    );
     writeln!(w, "cluster,subject_id").map_err(|e| EngineError::io("writing", &p, e))?;
     for (i, c) in r.clusters.iter().enumerate() {
         for id in c {

@@ -225,7 +225,7 @@ pub fn write_tile(
     part: &RunPart,
     started_unix: f64,
 ) -> Result<RunManifest, EngineError> {
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
+    crate::fsutil::create_private_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
     let mp = dir.join(MANIFEST_FILE);
     match std::fs::remove_file(&mp) {
         Ok(()) => {}
@@ -234,7 +234,7 @@ pub fn write_tile(
     }
     let p = dir.join(PAIRS_FILE);
     {
-        let f = std::fs::File::create(&p).map_err(|e| EngineError::io("writing", &p, e))?;
+        let f = crate::fsutil::create_private(&p).map_err(|e| EngineError::io("writing", &p, e))?;
         let mut w = BufWriter::new(f);
         for pair in &part.pairs {
             serde_json::to_writer(&mut w, pair)

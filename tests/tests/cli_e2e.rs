@@ -280,9 +280,12 @@ fn full_pipeline_through_the_cli() {
     );
 
     // delete, then check is clean (exit 0).
-    let del = ok_json(&["--json", "delete", "--store", s(&store), ids[0], "NOBODY"]);
+    // An ID that is not enrolled refuses the whole delete (exit 2, naming it); then the real one goes.
+    let out = run(&["delete", "--store", s(&store), ids[0], "NOBODY"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOBODY"));
+    let del = ok_json(&["--json", "delete", "--store", s(&store), ids[0]]);
     assert_eq!(del["deleted"].as_array().unwrap().len(), 1);
-    assert_eq!(del["not_enrolled"][0], "NOBODY");
     let c = ok_json(&["--json", "check", "--store", s(&store)]);
     assert_eq!(c["ok"], true);
 

@@ -1,6 +1,7 @@
 //! `check`: verify every checksum and invariant of a store directory without changing anything.
 
 use super::format::{ABSENT_QUALITY, HEADER_LEN, parse_generation};
+use super::intent::Intent;
 use super::manifest::{MANIFEST, MANIFEST_TMP, Manifest, manifest_path};
 use super::{LOCK, build_index, file_specs, map_committed, read_tombstones, verify_layout};
 use crate::EngineError;
@@ -151,7 +152,8 @@ fn check_once(dir: &Path) -> Result<CheckReport, EngineError> {
     let mut handles: Vec<Option<File>> = Vec::with_capacity(specs.len());
     let mut maps: Vec<Option<Arc<Mmap>>> = Vec::with_capacity(specs.len());
     let mut header = [0u8; HEADER_LEN];
-    for ((spec, st), path) in specs.iter().zip(&m.files).zip(&paths) {
+    let intent = Intent::read(dir);
+    for (j, ((spec, st), path)) in specs.iter().zip(&m.files).zip(&paths).enumerate() {
         let opened = (|| -> Result<(File, Arc<Mmap>), String> {
             let f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
             let len = f.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
@@ -165,6 +167,15 @@ fn check_once(dir: &Path) -> Result<CheckReport, EngineError> {
                 .map_err(|e| format!("cannot read header: {e}"))?;
             spec.verify_header(&header)
                 .map_err(|r| format!("bad header: {r}"))?;
+            let allowed = Intent::allowed_len(intent.as_ref(), &m, j);
+            // A writer that committed since `m` was read explains its own bytes (the journal moved on).
+            let moved = || Manifest::read(dir).is_ok_and(|n| n.commit_seq != m.commit_seq);
+            if len > allowed && !moved() {
+                return Err(format!(
+                    "{} bytes past the committed length, more than any recorded append explains (foreign data; a writer's open refuses the store)",
+                    len - st.len
+                ));
+            }
             if len > st.len {
                 report.warnings.push(Problem {
                     file: path.clone(),

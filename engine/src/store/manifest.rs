@@ -9,7 +9,7 @@ use super::Schema;
 use super::format::{FORMAT_VERSION, le_u32};
 use crate::EngineError;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -142,7 +142,7 @@ impl Manifest {
         let path = dir.join(MANIFEST);
         let tmp = dir.join(MANIFEST_TMP);
         let bytes = self.encode(&path)?;
-        let mut f = OpenOptions::new()
+        let mut f = crate::fsutil::private_options()
             .write(true)
             .create(true)
             .truncate(true)

@@ -9,10 +9,22 @@
 //!
 //! The `MANIFEST` is the single source of truth: the committed length and running crc32 of every file, the
 //! committed row and tombstone counts, the schema, the generation and a commit sequence number. A commit
-//! appends to the files, fsyncs them, then atomically replaces the manifest (write `MANIFEST.tmp`, fsync,
-//! rename, fsync the directory). Bytes past the committed lengths are a torn write: [`Store::open`] cuts them
-//! away. `open` reads the manifest, the headers and the subject table only, never the vectors; [`check`]
-//! verifies everything.
+//! first records its append intent (the target length of every file) in the small `APPEND` journal and
+//! fsyncs it, appends to the files, fsyncs them, then atomically replaces the manifest (write
+//! `MANIFEST.tmp`, fsync, rename, fsync the directory). Bytes past a committed length that the journal
+//! explains are a torn write: a writer's [`Store::open`] cuts them away. Bytes it does not explain were not
+//! written by this store's writer, and the open refuses with [`EngineError::ForeignData`] naming the file
+//! instead of truncating it (see `intent.rs`).
+//!
+//! Every open (writer and read-only) verifies the running crc32 of every committed file against the
+//! manifest before serving a byte: the subject table and tombstones serially, the template files (f32, i8,
+//! scales, qualities) in parallel 16 MiB blocks combined in order. A flipped bit anywhere is
+//! [`EngineError::Checksum`] naming the file, never a silent 1e35 score. The cost is one pass over the data
+//! (measured in BENCHMARKS.md, "Store open verification"); [`check`] additionally verifies every invariant
+//! row by row.
+//!
+//! Every file the store creates is mode 0600 and a directory it creates 0700 (see [`crate::fsutil`]). A new
+//! store is created only in a missing or empty directory.
 //!
 //! # Writers and readers
 //!
@@ -45,6 +57,7 @@
 
 mod check;
 mod format;
+mod intent;
 mod manifest;
 mod snapshot;
 mod subjects;
@@ -55,14 +68,16 @@ pub use check::{CheckReport, Problem, check};
 pub use snapshot::Snapshot;
 pub use subjects::{MAX_SUBJECT_ID_BYTES, validate_subject_id};
 
+use crate::fsutil::{create_private_dir_all, private_options};
 use crate::{EngineError, Modality, ModalityBlock, RecordBatch};
 use format::{ABSENT_QUALITY, FileKind, FileSpec, HEADER_LEN, crc_extend, parse_generation};
+use intent::{APPEND_JOURNAL, Intent};
 use manifest::{FileState, MANIFEST_TMP, Manifest, manifest_path, sync_dir};
 use memmap2::{Mmap, MmapOptions};
 use serde::{Deserialize, Serialize};
 use snapshot::ModView;
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -206,7 +221,17 @@ pub struct CompactReport {
     pub bytes_after: u64,
 }
 
-/// L2-normalises `v` the way the store does (f64 accumulation); `None` for NaN/inf or zero norm.
+/// Smallest accepted L2 norm of a template before normalisation.
+///
+/// Real embeddings have norms of order 1 (unit-normalised models) to a few hundred (raw network outputs);
+/// 1e-6 is a millionth of the smallest of those. Below it the vector is numerically empty: its components
+/// are ~1e-8 or less, near the subnormal range (< 1.2e-38) where f32 keeps fewer significant bits, and
+/// normalising multiplies any noise or rounding in it by more than a million. A 1e-42 template (all
+/// subnormal) is therefore rejected like a zero one.
+pub const MIN_TEMPLATE_NORM: f64 = pacha_datasets::ingest::MIN_TEMPLATE_NORM;
+
+/// L2-normalises `v` the way the store does (f64 accumulation); `None` for NaN/inf or a norm below
+/// [`MIN_TEMPLATE_NORM`].
 pub fn l2_normalize(v: &[f32]) -> Option<Vec<f32>> {
     normalize(v).ok()
 }
@@ -221,7 +246,7 @@ fn normalize(v: &[f32]) -> Result<Vec<f32>, VecProblem> {
         return Err(VecProblem::NonFinite);
     }
     let n2: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-    if n2 == 0.0 {
+    if n2 < MIN_TEMPLATE_NORM * MIN_TEMPLATE_NORM {
         return Err(VecProblem::ZeroNorm);
     }
     let inv = 1.0 / n2.sqrt();
@@ -399,6 +424,8 @@ struct Writer {
     index: Arc<IdIndex>,
     /// Set when a commit reached the disk but the in-memory state could not follow.
     poisoned: Option<String>,
+    /// The append-intent journal (`APPEND`), open read-write; `None` when the store is open read-only.
+    journal: Option<File>,
     /// The exclusive lock on `LOCK` (held until drop); `None` when the store is open read-only.
     _lock: Option<File>,
 }
@@ -434,7 +461,7 @@ struct Column {
 
 fn lock_dir(dir: &Path) -> Result<File, EngineError> {
     let path = dir.join(LOCK);
-    let f = OpenOptions::new()
+    let f = private_options()
         .read(true)
         .write(true)
         .create(true)
@@ -453,14 +480,28 @@ fn lock_dir(dir: &Path) -> Result<File, EngineError> {
 }
 
 impl Store {
-    /// Creates an empty store in `dir` (created if missing). Fails if `dir` already holds a store.
+    /// Creates an empty store in `dir` (created mode 0700 if missing). Fails if `dir` already holds a
+    /// store, is not a directory, or is a non-empty directory that holds no store.
     pub fn create(dir: &Path, schema: Schema) -> Result<Store, EngineError> {
         schema.validate()?;
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating directory", dir, e))?;
+        ensure_directory(dir)?;
+        create_private_dir_all(dir).map_err(|e| EngineError::io("creating directory", dir, e))?;
         if manifest_path(dir).exists() {
             return Err(EngineError::AlreadyExists {
                 dir: dir.to_path_buf(),
             });
+        }
+        // Only a missing or empty directory becomes a store (a `LOCK` left by an interrupted create is
+        // allowed): a store's files never mix with someone else's.
+        let rd = std::fs::read_dir(dir).map_err(|e| EngineError::io("listing", dir, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| EngineError::io("listing", dir, e))?;
+            if entry.file_name() != LOCK {
+                return Err(EngineError::DirNotEmpty {
+                    dir: dir.to_path_buf(),
+                    example: entry.file_name().to_string_lossy().into_owned(),
+                });
+            }
         }
         let lock = lock_dir(dir)?;
         if manifest_path(dir).exists() {
@@ -472,7 +513,7 @@ impl Store {
         let mut files = Vec::with_capacity(specs.len());
         for spec in &specs {
             let path = dir.join(spec.file_name());
-            let f = OpenOptions::new()
+            let f = private_options()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -505,9 +546,11 @@ impl Store {
     }
 
     /// Opens an existing store for writing (exclusive `LOCK`, see the module docs): validates the manifest,
-    /// every file header and the subject table, truncates torn tails, removes files of other generations;
-    /// never reads the vectors.
+    /// every file header, the subject table and the crc32 of every committed byte, truncates torn tails the
+    /// append journal explains (refusing others with [`EngineError::ForeignData`]), removes files of other
+    /// generations.
     pub fn open(dir: &Path) -> Result<Store, EngineError> {
+        ensure_directory(dir)?;
         if !manifest_path(dir).exists() {
             return Err(EngineError::NotAStore {
                 dir: dir.to_path_buf(),
@@ -522,6 +565,7 @@ impl Store {
     /// [`Store::open`]. Runs beside writers and other readers (see the module docs); write APIs return
     /// [`EngineError::ReadOnly`]. Retries when a concurrent compaction unlinks the generation being opened.
     pub fn open_read_only(dir: &Path) -> Result<Store, EngineError> {
+        ensure_directory(dir)?;
         Store::open_read_only_from(dir, Manifest::read(dir)?)
     }
 
@@ -564,9 +608,10 @@ impl Store {
         verify_layout(&m, &specs, &manifest_path(dir))?;
         let mut files = Vec::with_capacity(specs.len());
         let mut header = [0u8; HEADER_LEN];
-        for (spec, st) in specs.iter().zip(&m.files) {
+        let intent = Intent::read(dir);
+        for (j, (spec, st)) in specs.iter().zip(&m.files).enumerate() {
             let path = dir.join(&st.name);
-            let f = OpenOptions::new()
+            let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(writable)
                 .open(&path)
@@ -590,8 +635,17 @@ impl Store {
                     reason,
                 })?;
             // A reader leaves bytes past the committed length alone: they may be a writer's append in
-            // progress, and only a writer repairs.
+            // progress, and only a writer repairs, and only what the append journal explains.
             if len > st.len && writable {
+                let allowed = Intent::allowed_len(intent.as_ref(), &m, j);
+                if len > allowed {
+                    return Err(EngineError::ForeignData {
+                        path,
+                        committed: st.len,
+                        actual: len,
+                        allowed,
+                    });
+                }
                 tracing::warn!(file = %path.display(), torn_bytes = len - st.len, "truncating torn write");
                 f.set_len(st.len)
                     .map_err(|e| EngineError::io("truncating torn tail of", &path, e))?;
@@ -622,10 +676,14 @@ impl Store {
             rows,
             &paths[ix + 2],
         )?);
-        if writable {
+        let journal = if writable {
             remove_strays(dir, m.generation)?;
-        }
+            Some(open_journal(dir)?)
+        } else {
+            None
+        };
         let mods = map_modalities(&m, &files, &paths)?;
+        verify_modalities(&m, &mods, &paths)?;
         let snap = Snapshot {
             generation: m.generation,
             commit_seq: m.commit_seq,
@@ -651,6 +709,7 @@ impl Store {
                 deleted,
                 index,
                 poisoned: None,
+                journal,
                 _lock: lock,
             }),
         })
@@ -714,6 +773,20 @@ impl Store {
         self.insert_batch(&enrolments_to_batch(&self.schema, enrolments)?)
     }
 
+    /// Runs every check [`Store::insert_batch`] would run on `batch` (IDs, qualities, norms, templates,
+    /// conflicts with enrolled subjects) and writes nothing; `Ok` means inserting it now would not be
+    /// refused for its content.
+    pub fn check_batch(&self, batch: &RecordBatch) -> Result<(), EngineError> {
+        let cols = validate_batch(&self.schema, batch)?;
+        let snap = self.snapshot();
+        for (i, id) in batch.ids.iter().enumerate() {
+            if let Some(r) = snap.row_of(id) {
+                compare_existing(&self.schema, &snap, r, i, &cols, id)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Validates the whole batch, then appends its new records and commits durably: when this returns `Ok`
     /// the records survive power loss. Records already enrolled with identical templates are `unchanged`.
     /// On any validation error nothing is written.
@@ -775,25 +848,54 @@ impl Store {
 
     /// Tombstones the live row of `subject_id` durably; `false` if no live row has that ID.
     pub fn delete(&self, subject_id: &str) -> Result<bool, EngineError> {
+        match self.delete_all(&[subject_id]) {
+            Ok(_) => Ok(true),
+            Err(EngineError::UnknownSubject(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tombstones the live rows of every ID in `subject_ids` in one durable commit: all or nothing. An ID
+    /// with no live row is [`EngineError::UnknownSubject`] naming it, and nothing is deleted. Repeated IDs
+    /// count once. Returns the rows tombstoned, in input order of first occurrence.
+    pub fn delete_all(&self, subject_ids: &[&str]) -> Result<Vec<usize>, EngineError> {
         let mut w = self.lock_writer("delete")?;
         let snap = self.snapshot();
-        let Some(row) = snap.row_of(subject_id) else {
-            return Ok(false);
-        };
+        let mut rows = Vec::with_capacity(subject_ids.len());
+        for id in subject_ids {
+            let Some(row) = snap.row_of(id) else {
+                return Err(EngineError::UnknownSubject(pacha_datasets::error::shorten(
+                    id,
+                )));
+            };
+            if !rows.contains(&row) {
+                rows.push(row);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(rows);
+        }
         let ix = ids_ix(&self.schema) + 2;
         let mut m = w.manifest.clone();
         let mut bufs: Vec<Option<Vec<u8>>> = vec![None; m.files.len()];
-        bufs[ix] = Some((row as u32).to_le_bytes().to_vec());
+        bufs[ix] = Some(
+            rows.iter()
+                .flat_map(|&r| (r as u32).to_le_bytes())
+                .collect(),
+        );
         self.append_and_sync(&mut w, &mut m, &bufs)?;
-        m.tombstones += 1;
+        m.tombstones += rows.len() as u64;
         m.commit_seq += 1;
         self.commit_manifest(&mut w, m)?;
-        Arc::make_mut(&mut w.deleted)[row / 64] |= 1u64 << (row % 64);
+        let bits = Arc::make_mut(&mut w.deleted);
+        for &row in &rows {
+            bits[row / 64] |= 1u64 << (row % 64);
+        }
         let next = Snapshot {
             generation: snap.generation,
             commit_seq: w.manifest.commit_seq,
             rows: snap.rows,
-            live: snap.live - 1,
+            live: snap.live - rows.len(),
             schema: snap.schema.clone(),
             mods: snap.mods.clone(),
             slots: snap.slots,
@@ -803,7 +905,7 @@ impl Store {
             index: snap.index.clone(),
         };
         self.publish(next);
-        Ok(true)
+        Ok(rows)
     }
 
     /// Rewrites the store without tombstoned rows into files of a new generation, switches to them
@@ -900,6 +1002,24 @@ impl Store {
         bufs: &[Option<Vec<u8>>],
     ) -> Result<(), EngineError> {
         let res = (|| {
+            // Record the target lengths durably first: a writer's open cuts bytes past a committed length
+            // only up to them, and refuses anything beyond as foreign.
+            let intent = Intent {
+                generation: m.generation,
+                commit_seq: m.commit_seq,
+                targets: m
+                    .files
+                    .iter()
+                    .zip(bufs)
+                    .map(|(st, b)| st.len + b.as_ref().map_or(0, |b| b.len() as u64))
+                    .collect(),
+            };
+            let jpath = self.dir.join(APPEND_JOURNAL);
+            let journal = w.journal.as_ref().ok_or_else(|| EngineError::ReadOnly {
+                dir: self.dir.clone(),
+                op: "append",
+            })?;
+            intent.write(journal, &jpath)?;
             for (j, buf) in bufs.iter().enumerate() {
                 let Some(buf) = buf else { continue };
                 let st = &mut m.files[j];
@@ -967,6 +1087,133 @@ impl Writer {
         let ix = ids_ix(&self.manifest.schema);
         self.manifest.files[ix].len - HEADER_LEN as u64
     }
+}
+
+/// Test support: reproduces on disk what a writer interrupted mid-append leaves behind.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// Appends `junk` to the store file `name` of the store in `dir` the way an interrupted append would:
+    /// the append journal first (target: committed length + `junk.len()` for that file), then the bytes,
+    /// with no manifest commit. A writer's open then cuts the tail; without the journal it would refuse it.
+    pub fn torn_append(dir: &Path, name: &str, junk: &[u8]) -> Result<(), EngineError> {
+        use std::io::Write;
+        let m = Manifest::read(dir)?;
+        let intent = Intent {
+            generation: m.generation,
+            commit_seq: m.commit_seq,
+            targets: m
+                .files
+                .iter()
+                .map(|f| f.len + if f.name == name { junk.len() as u64 } else { 0 })
+                .collect(),
+        };
+        let jpath = dir.join(APPEND_JOURNAL);
+        let j = private_options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&jpath)
+            .map_err(|e| EngineError::io("opening", &jpath, e))?;
+        intent.write(&j, &jpath)?;
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| EngineError::io("opening", &path, e))?;
+        f.write_all(junk)
+            .map_err(|e| EngineError::io("appending to", &path, e))
+    }
+}
+
+/// Refuses a path that exists but is not a directory (a `--store` naming a file).
+fn ensure_directory(dir: &Path) -> Result<(), EngineError> {
+    match std::fs::metadata(dir) {
+        Ok(md) if !md.is_dir() => Err(EngineError::NotADirectory {
+            path: dir.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Opens (creating it 0600 if missing, durably) the append-intent journal of a writer.
+fn open_journal(dir: &Path) -> Result<File, EngineError> {
+    let path = dir.join(APPEND_JOURNAL);
+    let existed = path.exists();
+    let f = private_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| EngineError::io("opening", &path, e))?;
+    if !existed {
+        sync_dir(dir)?;
+    }
+    Ok(f)
+}
+
+/// Size of the blocks the template files are checksummed in, in parallel, at open.
+const VERIFY_BLOCK: usize = 16 << 20;
+
+/// Verifies the running crc32 of every modality file's committed data against the manifest: blocks of
+/// [`VERIFY_BLOCK`] bytes hashed in parallel, combined in order. A mismatch is [`EngineError::Checksum`]
+/// naming the file.
+fn verify_modalities(m: &Manifest, mods: &[ModView], paths: &[PathBuf]) -> Result<(), EngineError> {
+    use rayon::prelude::*;
+    let jobs: Vec<(&Mmap, usize)> = mods
+        .iter()
+        .enumerate()
+        .flat_map(|(mi, mv)| {
+            [&mv.f32, &mv.i8, &mv.scale, &mv.qual]
+                .into_iter()
+                .enumerate()
+                .map(move |(k, map)| (&**map, mi * 4 + k))
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let bytes: usize = jobs.iter().map(|(map, _)| map.len() - HEADER_LEN).sum();
+    let res = jobs.par_iter().try_for_each(|&(map, j)| {
+        let data = &map[HEADER_LEN..];
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let hashers: Vec<crc32fast::Hasher> = data
+            .par_chunks(VERIFY_BLOCK)
+            .map(|c| {
+                let mut h = crc32fast::Hasher::new();
+                h.update(c);
+                h
+            })
+            .collect();
+        #[cfg(unix)]
+        let _ = map.advise(if j % 4 == 0 {
+            memmap2::Advice::Random
+        } else {
+            memmap2::Advice::Normal
+        });
+        let mut all = crc32fast::Hasher::new();
+        for h in &hashers {
+            all.combine(h);
+        }
+        let actual = all.finalize();
+        if actual != m.files[j].crc {
+            return Err(EngineError::Checksum {
+                path: paths[j].clone(),
+                expected: m.files[j].crc,
+                actual,
+            });
+        }
+        Ok(())
+    });
+    let secs = t.elapsed().as_secs_f64();
+    tracing::info!(
+        bytes,
+        secs,
+        gb_per_s = bytes as f64 / secs.max(1e-9) / 1e9,
+        "verified template data"
+    );
+    res
 }
 
 /// Maps every modality's four files.
@@ -1178,7 +1425,7 @@ fn validate_batch(schema: &Schema, batch: &RecordBatch) -> Result<Vec<Column>, E
     let mut ids = HashSet::with_capacity(n);
     for (i, id) in batch.ids.iter().enumerate() {
         validate_subject_id(id).map_err(|reason| EngineError::InvalidSubjectId {
-            subject_id: id.clone(),
+            subject_id: pacha_datasets::error::shorten(id),
             reason,
         })?;
         if !ids.insert(id.as_str()) {
@@ -1223,6 +1470,28 @@ fn validate_batch(schema: &Schema, batch: &RecordBatch) -> Result<Vec<Column>, E
         }
     }
     Ok(cols)
+}
+
+/// Runs every content check of an insert of `batch` into a new, empty store of `schema`; writes nothing.
+pub fn check_new_batch(schema: &Schema, batch: &RecordBatch) -> Result<(), EngineError> {
+    validate_batch(schema, batch).map(|_| ())
+}
+
+/// The subject ID an insert error is about, if it names one.
+pub fn subject_of(e: &EngineError) -> Option<&str> {
+    match e {
+        EngineError::InvalidSubjectId { subject_id, .. }
+        | EngineError::DuplicateInBatch { subject_id }
+        | EngineError::UnknownModality { subject_id, .. }
+        | EngineError::DuplicateTemplate { subject_id, .. }
+        | EngineError::DimensionMismatch { subject_id, .. }
+        | EngineError::NonFinite { subject_id, .. }
+        | EngineError::ZeroNorm { subject_id, .. }
+        | EngineError::BadQuality { subject_id, .. }
+        | EngineError::NoTemplates { subject_id }
+        | EngineError::Conflict { subject_id, .. } => Some(subject_id),
+        _ => None,
+    }
 }
 
 /// Checks that record `i` of the batch equals stored row `r` bit-exactly (presence, quality, vector).
@@ -1316,7 +1585,7 @@ fn write_compacted(
     let nmods = snap.mods.len();
     for (j, spec) in specs.iter().enumerate() {
         let path = dir.join(spec.file_name());
-        let f = OpenOptions::new()
+        let f = private_options()
             .read(true)
             .write(true)
             .create(true)

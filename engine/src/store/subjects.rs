@@ -11,7 +11,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::RwLock;
 
 /// Longest accepted subject ID, in UTF-8 bytes.
-pub const MAX_SUBJECT_ID_BYTES: usize = 256;
+pub const MAX_SUBJECT_ID_BYTES: usize = pacha_datasets::subjects::MAX_ID_BYTES;
 
 /// Checks a subject ID: non-empty, at most [`MAX_SUBJECT_ID_BYTES`] bytes, no control characters.
 pub fn validate_subject_id(id: &str) -> Result<(), String> {

@@ -358,7 +358,7 @@ fn every_rejection_leaves_store_untouched() {
             &store,
             dir,
             &b,
-            |e| matches!(e, EngineError::InvalidSubjectId { subject_id, .. } if subject_id == id),
+            |e| matches!(e, EngineError::InvalidSubjectId { subject_id, .. } if *subject_id == pacha_datasets::error::shorten(id)),
         );
     }
     // No template at all.
@@ -543,6 +543,209 @@ fn compaction_renumbers_and_old_snapshot_survives() {
     assert!(check(dir).unwrap().is_clean());
 }
 
+/// Writes the append journal a writer would have written before appending `extra` bytes to each of `names`
+/// (and nothing to the other files) on top of the current manifest.
+fn journal_append(dir: &Path, names: &[&str], extra: u64) {
+    let m = Manifest::read(dir).unwrap();
+    let intent = Intent {
+        generation: m.generation,
+        commit_seq: m.commit_seq,
+        targets: m
+            .files
+            .iter()
+            .map(|f| {
+                f.len
+                    + if names.contains(&f.name.as_str()) {
+                        extra
+                    } else {
+                        0
+                    }
+            })
+            .collect(),
+    };
+    std::fs::write(dir.join(APPEND_JOURNAL), intent.encode()).unwrap();
+}
+
+/// Appends `n` bytes of 0xAB to `dir/name`.
+fn grow(dir: &Path, name: &str, n: usize) {
+    let p = dir.join(name);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend_from_slice(&vec![0xAB; n]);
+    std::fs::write(&p, bytes).unwrap();
+}
+
+#[test]
+fn unexplained_tails_are_refused_not_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let all = people(0..12);
+    Store::create(dir, schema()).unwrap().insert(&all).unwrap();
+    // A successful commit leaves a journal whose targets are the committed lengths: nothing is explained.
+    grow(dir, "face.g0.f32", 37);
+    let before = file_bytes(dir);
+    let e = Store::open(dir).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::ForeignData { path, .. } if path.ends_with("face.g0.f32")),
+        "{e}"
+    );
+    assert_eq!(file_bytes(dir), before, "a refused open truncates nothing");
+    // A journal of an older commit explains nothing either.
+    journal_append(dir, &["face.g0.f32"], 64);
+    let mut m = Manifest::read(dir).unwrap();
+    m.commit_seq += 1;
+    m.write_atomic(dir).unwrap();
+    assert!(matches!(
+        Store::open(dir).unwrap_err(),
+        EngineError::ForeignData { .. }
+    ));
+    m.commit_seq -= 1;
+    m.write_atomic(dir).unwrap();
+    // A journal for this commit that allows fewer bytes than are there: refused.
+    journal_append(dir, &["face.g0.f32"], 36);
+    assert!(matches!(
+        Store::open(dir).unwrap_err(),
+        EngineError::ForeignData { actual, allowed, .. } if actual == allowed + 1
+    ));
+    // No journal at all (a store from before the journal, or a deleted one): refused.
+    std::fs::remove_file(dir.join(APPEND_JOURNAL)).unwrap();
+    assert!(matches!(
+        Store::open(dir).unwrap_err(),
+        EngineError::ForeignData { .. }
+    ));
+    // A damaged journal explains nothing.
+    journal_append(dir, &["face.g0.f32"], 37);
+    let mut j = std::fs::read(dir.join(APPEND_JOURNAL)).unwrap();
+    j[30] ^= 1;
+    std::fs::write(dir.join(APPEND_JOURNAL), j).unwrap();
+    assert!(matches!(
+        Store::open(dir).unwrap_err(),
+        EngineError::ForeignData { .. }
+    ));
+    // The reader never truncates and reads only committed bytes, so it still opens.
+    let r = Store::open_read_only(dir).unwrap();
+    all.iter().for_each(|e| assert_holds(&r.snapshot(), e));
+    // The journal as written: explained, cut, and the store is whole.
+    journal_append(dir, &["face.g0.f32"], 37);
+    let w = Store::open(dir).unwrap();
+    all.iter().for_each(|e| assert_holds(&w.snapshot(), e));
+    assert!(check(dir).unwrap().is_clean());
+}
+
+#[test]
+fn every_open_verifies_template_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let all = people(0..12);
+    Store::create(dir, schema()).unwrap().insert(&all).unwrap();
+    for name in [
+        "face.g0.f32",
+        "finger2.g0.i8",
+        "finger7.g0.scale",
+        "face.g0.qual",
+    ] {
+        let p = dir.join(name);
+        let pristine = std::fs::read(&p).unwrap();
+        // One flipped bit of an exponent: 0.2 becomes ~1e37 if nothing checks.
+        let mut bad = pristine.clone();
+        bad[HEADER_LEN + 4 * 3 + 3] ^= 0x40;
+        std::fs::write(&p, &bad).unwrap();
+        for e in [
+            Store::open(dir).unwrap_err(),
+            Store::open_read_only(dir).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, EngineError::Checksum { path, .. } if *path == p),
+                "{name}: {e}"
+            );
+        }
+        std::fs::write(&p, &pristine).unwrap();
+    }
+    assert!(Store::open(dir).is_ok());
+}
+
+#[test]
+fn near_zero_templates_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::create(tmp.path(), schema()).unwrap();
+    for scale in [1e-42f32, 1e-9, 0.0] {
+        let mut e = enrolment("tiny", 1, &[FACE]);
+        e.templates[0].vector.iter_mut().for_each(|x| *x *= scale);
+        let err = store.insert(&[e]).unwrap_err();
+        assert!(
+            matches!(err, EngineError::ZeroNorm { .. }),
+            "{scale}: {err}"
+        );
+        assert!(l2_normalize(&[scale; 24]).is_none());
+    }
+    // Just above the floor is accepted.
+    let mut e = enrolment("small", 1, &[FACE]);
+    let n: f64 = e.templates[0]
+        .vector
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    let k = (4.0 * MIN_TEMPLATE_NORM / n) as f32;
+    e.templates[0].vector.iter_mut().for_each(|x| *x *= k);
+    store.insert(&[e]).unwrap();
+    assert_eq!(store.snapshot().rows(), 1);
+}
+
+#[test]
+fn delete_all_is_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::create(tmp.path(), schema()).unwrap();
+    let all = people(0..6);
+    store.insert(&all).unwrap();
+    let ids: Vec<&str> = all.iter().map(|e| e.subject_id.as_str()).collect();
+    let before = file_bytes(tmp.path());
+    let e = store.delete_all(&[ids[0], "nobody", ids[1]]).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::UnknownSubject(id) if id == "nobody"),
+        "{e}"
+    );
+    assert_eq!(file_bytes(tmp.path()), before, "nothing written");
+    assert_eq!(store.snapshot().live(), 6);
+    assert_eq!(
+        store.delete_all(&[ids[2], ids[0], ids[2]]).unwrap(),
+        vec![2, 0]
+    );
+    let snap = store.snapshot();
+    assert_eq!(snap.live(), 4);
+    assert!(snap.row_of(ids[0]).is_none() && snap.row_of(ids[2]).is_none());
+    drop(store);
+    assert_eq!(Store::open(tmp.path()).unwrap().snapshot().live(), 4);
+}
+
+#[test]
+fn new_stores_only_in_missing_or_empty_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), b"mine").unwrap();
+    let e = Store::create(&busy, schema()).unwrap_err();
+    assert!(matches!(e, EngineError::DirNotEmpty { .. }), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&busy).unwrap().count(),
+        1,
+        "nothing created"
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    for e in [
+        Store::create(&file, schema()).unwrap_err(),
+        Store::open(&file).unwrap_err(),
+        Store::open_read_only(&file).unwrap_err(),
+    ] {
+        assert!(matches!(e, EngineError::NotADirectory { .. }), "{e}");
+        assert!(e.to_string().contains("is not a directory"), "{e}");
+    }
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    Store::create(&empty, schema()).unwrap();
+    Store::create(&tmp.path().join("new/nested"), schema()).unwrap();
+}
+
 #[test]
 fn torn_tails_are_truncated_on_open() {
     let tmp = tempfile::tempdir().unwrap();
@@ -554,14 +757,17 @@ fn torn_tails_are_truncated_on_open() {
         store.delete(&all[4].subject_id).unwrap();
     }
     let committed = dir_state(dir);
-    for name in [
+    let torn = [
         "face.g0.f32",
         "finger7.g0.i8",
         "finger2.g0.qual",
         "subjects.g0.ids",
         "subjects.g0.offs",
         "tombstones.g0.del",
-    ] {
+    ];
+    // The journal of an append that crashed halfway: it explains up to 40 bytes past every committed length.
+    journal_append(dir, &torn, 40);
+    for name in torn {
         let p = dir.join(name);
         let mut bytes = std::fs::read(&p).unwrap();
         bytes.extend_from_slice(&[0xAB; 37]);
@@ -648,6 +854,7 @@ fn read_only_open_leaves_torn_tails_and_strays_for_the_writer() {
     let all = people(0..12);
     Store::create(dir, schema()).unwrap().insert(&all).unwrap();
     let committed = dir_state(dir);
+    journal_append(dir, &["face.g0.f32"], 37);
     let p = dir.join("face.g0.f32");
     let mut bytes = std::fs::read(&p).unwrap();
     bytes.extend_from_slice(&[0xAB; 37]);

@@ -1316,6 +1316,8 @@ impl Ivf {
         };
         let tmp = path.with_extension("tmp");
         let file = std::fs::File::create(&tmp).map_err(io)?;
+        // Index files are derived from biometric templates: private to the owner, whatever the umask.
+        file.set_permissions(perms_0600()).map_err(io)?;
         let mut w = CrcWriter {
             out: std::io::BufWriter::with_capacity(1 << 20, file),
             crc: crc32fast::Hasher::new(),
@@ -1605,6 +1607,11 @@ impl CrcReader {
         }
         Ok(())
     }
+}
+
+/// Owner read/write only (index files hold data derived from biometric templates).
+fn perms_0600() -> std::fs::Permissions {
+    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600)
 }
 
 #[cfg(test)]
