@@ -228,17 +228,12 @@ pub fn exclusive_flock_holder(path: &Path) -> Option<u32> {
     })
 }
 
-/// Removes what measures one execution rather than the run's result from a summary: timings (`*seconds`,
-/// `records_per_second`) and the join's execution counters `products` and `sketch_pass` (comparisons made
-/// inside each block, which depend on how the probe rows were blocked and tiled; the canonical counters
-/// `rescored`, `exact_reads` and `above` do not).
+/// Removes the timings (`*seconds`, `records_per_second`) from a summary: what measures one execution rather
+/// than the run's result.
 pub fn strip_timings(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
-            m.retain(|k, _| {
-                !k.ends_with("seconds")
-                    && !["records_per_second", "products", "sketch_pass"].contains(&k.as_str())
-            });
+            m.retain(|k, _| !k.ends_with("seconds") && k != "records_per_second");
             m.values_mut().for_each(strip_timings);
         }
         serde_json::Value::Array(a) => a.iter_mut().for_each(strip_timings),

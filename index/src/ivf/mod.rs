@@ -214,9 +214,10 @@ pub type JoinPair = (u32, u32, f32);
 /// Work counters of a sketched join (per-stage pair counts, for benchmarks and run summaries).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JoinStats {
-    /// Visitor × member products compared by sketch.
+    /// Visitor × member products compared by sketch (in the one-list triangle, those with visitor < member:
+    /// the count is then the same however the rows are blocked or tiled).
     pub products: u64,
-    /// Products within the sketch cut.
+    /// Products within the sketch cut (counted like `products`).
     pub sketch_pass: u64,
     /// Canonical discoveries rescored (by the i8 stage if the join has one, else with `dot_f32`).
     pub rescored: u64,
@@ -1162,8 +1163,16 @@ impl Ivf {
                         ms.push(&sketches.row(y as usize)[..prefix]);
                     }
                     let mut out = Vec::new();
+                    // The triangle's units hold some visitor ≥ member products (cut by the canonical test);
+                    // counting only visitor < member keeps the counters the same for any blocking of the rows.
                     let mut st = JoinStats {
-                        products: (vc.len() * mc.len()) as u64,
+                        products: if self.triangle {
+                            mc.iter()
+                                .map(|&y| vc.partition_point(|&x| x < y) as u64)
+                                .sum()
+                        } else {
+                            (vc.len() * mc.len()) as u64
+                        },
                         ..JoinStats::default()
                     };
                     for (i, (&x, &hx)) in vc.iter().zip(vh).enumerate() {
@@ -1177,7 +1186,11 @@ impl Ivf {
                         if hits.is_empty() {
                             continue;
                         }
-                        st.sketch_pass += hits.len() as u64;
+                        st.sketch_pass += if self.triangle {
+                            hits.iter().filter(|&&k| mc[k as usize] > x).count() as u64
+                        } else {
+                            hits.len() as u64
+                        };
                         // With one home per row, the canonical test needs only `hx` (no bitset).
                         let px = if self.single_home {
                             &[][..]
