@@ -627,17 +627,7 @@ impl Engine {
         progress: Option<&(dyn Fn(DedupProgress) + Sync)>,
         cancel: Option<&AtomicBool>,
     ) -> Result<DedupResult, EngineError> {
-        let snap = self.snapshot();
-        let cal = self.matching_calibration(&snap)?;
-        let ann = self.usable_ann()?;
-        let ctx = DedupContext {
-            snapshot: &snap,
-            calibration: &cal,
-            ann: ann.as_deref(),
-            progress,
-            cancel,
-        };
-        dedup::run(&ctx, options)
+        self.with_dedup_context(progress, cancel, |ctx| dedup::run(ctx, options))
     }
 
     /// Runs tile `options.tile` of a dedup ([`dedup::run_part`]): one share of the probe rows, for runs split
@@ -649,17 +639,26 @@ impl Engine {
         progress: Option<&(dyn Fn(DedupProgress) + Sync)>,
         cancel: Option<&AtomicBool>,
     ) -> Result<dedup::RunPart, EngineError> {
+        self.with_dedup_context(progress, cancel, |ctx| dedup::run_part(ctx, options))
+    }
+
+    /// Runs `f` on the dedup context of the current snapshot (its matching calibration and usable index).
+    fn with_dedup_context<T>(
+        &self,
+        progress: Option<&(dyn Fn(DedupProgress) + Sync)>,
+        cancel: Option<&AtomicBool>,
+        f: impl FnOnce(&DedupContext<'_>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
         let snap = self.snapshot();
         let cal = self.matching_calibration(&snap)?;
         let ann = self.usable_ann()?;
-        let ctx = DedupContext {
+        f(&DedupContext {
             snapshot: &snap,
             calibration: &cal,
             ann: ann.as_deref(),
             progress,
             cancel,
-        };
-        dedup::run_part(&ctx, options)
+        })
     }
 
     /// Enrols a batch and deduplicates it against the registry and against itself (MOSIP-style batch
