@@ -309,18 +309,9 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());
     }
     if let Some(tile) = a.tile {
-        let pb = ui.bar(0, "dedup tile");
-        let part = engine
-            .dedup_part(
-                &opts,
-                Some(&|p: pacha_engine::dedup::DedupProgress| {
-                    pb.set_length(p.total as u64);
-                    pb.set_position(p.done as u64);
-                }),
-                None,
-            )
-            .context("deduplicating")?;
-        pb.finish_and_clear();
+        let part = with_dedup_bar(ui, "dedup tile", |progress| {
+            engine.dedup_part(&opts, Some(progress), None)
+        })?;
         let m = pacha_engine::tiles::write_tile(&a.out, &part, started)
             .with_context(|| format!("writing tile {tile} to {}", a.out.display()))?;
         if a.checkpoint.is_none()
@@ -504,17 +495,25 @@ pub fn run_dedup(
     opts: &DedupOptions,
     ui: Ui,
 ) -> anyhow::Result<pacha_engine::dedup::DedupResult> {
-    let pb = ui.bar(0, "dedup");
-    let r = engine
-        .dedup(
-            opts,
-            Some(&|p: pacha_engine::dedup::DedupProgress| {
-                pb.set_length(p.total as u64);
-                pb.set_position(p.done as u64);
-            }),
-            None,
-        )
-        .context("deduplicating")?;
+    with_dedup_bar(ui, "dedup", |progress| {
+        engine.dedup(opts, Some(progress), None)
+    })
+}
+
+/// Runs a dedup (`run` gets the progress callback) behind a progress bar labelled `label`.
+fn with_dedup_bar<T>(
+    ui: Ui,
+    label: &str,
+    run: impl FnOnce(
+        &(dyn Fn(pacha_engine::dedup::DedupProgress) + Sync),
+    ) -> Result<T, pacha_engine::EngineError>,
+) -> anyhow::Result<T> {
+    let pb = ui.bar(0, label);
+    let r = run(&|p: pacha_engine::dedup::DedupProgress| {
+        pb.set_length(p.total as u64);
+        pb.set_position(p.done as u64);
+    })
+    .context("deduplicating")?;
     pb.finish_and_clear();
     Ok(r)
 }

@@ -85,17 +85,7 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     }
     w.flush().map_err(|e| EngineError::io("writing", &p, e))?;
 
-    let p = dir.join("hits.jsonl");
-    let mut w = BufWriter::new(
-        crate::fsutil::create_private(&p).map_err(|e| EngineError::io("writing", &p, e))?,
-    );
-    for pair in &r.pairs {
-        serde_json::to_writer(&mut w, pair)
-            .map_err(|e| EngineError::io("writing", &p, e.into()))?;
-        w.write_all(b"\n")
-            .map_err(|e| EngineError::io("writing", &p, e))?;
-    }
-    w.flush().map_err(|e| EngineError::io("writing", &p, e))?;
+    write_pairs_jsonl(&dir.join("hits.jsonl"), &r.pairs)?;
 
     let p = dir.join("clusters.csv");
     let mut w = BufWriter::new(
@@ -120,6 +110,21 @@ pub fn write_run(dir: &Path, r: &DedupResult) -> Result<(), EngineError> {
     let bytes =
         serde_json::to_vec_pretty(&s).map_err(|e| EngineError::io("writing", &p, e.into()))?;
     crate::fsutil::write_atomic(&p, &bytes)
+}
+
+/// Writes `pairs` to a new private file at `path`, one JSON object per line (the `hits.jsonl` format), and
+/// returns the flushed file.
+pub(crate) fn write_pairs_jsonl(
+    path: &Path,
+    pairs: &[DedupPair],
+) -> Result<std::fs::File, EngineError> {
+    let io = |e| EngineError::io("writing", path, e);
+    let mut w = BufWriter::new(crate::fsutil::create_private(path).map_err(io)?);
+    for pair in pairs {
+        serde_json::to_writer(&mut w, pair).map_err(|e| io(e.into()))?;
+        w.write_all(b"\n").map_err(io)?;
+    }
+    w.into_inner().map_err(|e| io(e.into_error()))
 }
 
 /// Reads a run written by [`write_run`].

@@ -17,7 +17,7 @@ use crate::EngineError;
 use crate::dedup::{DedupPair, DedupResult, RunParameters, RunPart, TileSpec};
 use crate::identity::RunIdentity;
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufWriter, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 /// Format tag of run manifests.
@@ -233,21 +233,9 @@ pub fn write_tile(
         Err(e) => return Err(EngineError::io("removing", &mp, e)),
     }
     let p = dir.join(PAIRS_FILE);
-    {
-        let f = crate::fsutil::create_private(&p).map_err(|e| EngineError::io("writing", &p, e))?;
-        let mut w = BufWriter::new(f);
-        for pair in &part.pairs {
-            serde_json::to_writer(&mut w, pair)
-                .map_err(|e| EngineError::io("writing", &p, e.into()))?;
-            w.write_all(b"\n")
-                .map_err(|e| EngineError::io("writing", &p, e))?;
-        }
-        let f = w
-            .into_inner()
-            .map_err(|e| EngineError::io("writing", &p, e.into_error()))?;
-        f.sync_all()
-            .map_err(|e| EngineError::io("writing", &p, e))?;
-    }
+    crate::runio::write_pairs_jsonl(&p, &part.pairs)?
+        .sync_all()
+        .map_err(|e| EngineError::io("writing", &p, e))?;
     let p = dir.join(PART_FILE);
     let bytes =
         serde_json::to_vec_pretty(part).map_err(|e| EngineError::io("writing", &p, e.into()))?;
