@@ -245,18 +245,44 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         impostor_pairs: a.pairs,
         genuine: truth.as_deref(),
         seed: a.seed,
+        tail_rows: a.tail_rows,
         ..CalibrateOptions::default()
     };
     let t = Instant::now();
     engine.calibrate(&opts)?;
+    let seconds = t.elapsed().as_secs_f64();
     let cal = engine.calibration();
-    ui.out(format!(
-        "calibrated in {:.1} s: {}",
-        t.elapsed().as_secs_f64(),
-        cal.source
-    ));
-    ui.json_out(&json!({"command": "calibrate", "models": cal.models, "source": cal.source}));
+    ui.out(format!("calibrated in {seconds:.1} s: {}", cal.source));
+    for c in &cal.tail_checks {
+        ui.out(tail_check_table(c));
+    }
+    ui.json_out(&json!({
+        "command": "calibrate", "models": cal.models, "source": cal.source,
+        "tail_checks": cal.tail_checks, "seconds": seconds,
+    }));
     Ok(())
+}
+
+/// A modality's tail check as text: measured ÷ predicted FMR per level, for the model in use and for the
+/// Gaussian alone, with the events behind each figure.
+fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
+    let cell = |r: &pacha_engine::tail::TailCheckRow| match (r.ratio, r.ci) {
+        (Some(q), Some((lo, hi))) => format!(
+            "{q:>6.2} [{:.2}, {:.2}] {:>7}",
+            lo / r.level,
+            hi / r.level,
+            r.events
+        ),
+        _ => format!("{:>28}", "not counted"),
+    };
+    let mut out = format!(
+        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out): measured/predicted FMR [95 % CI] events\n  {:>8}  {:>28}  {:>28}",
+        c.modality, c.pairs, c.excluded_genuine, "FMR", "model in use", "gaussian alone"
+    );
+    for (m, g) in c.model.iter().zip(&c.gaussian) {
+        out.push_str(&format!("\n  {:>8.0e}  {}  {}", m.level, cell(m), cell(g)));
+    }
+    out
 }
 
 fn mode_of(m: ModeArg) -> CandidateMode {
@@ -639,7 +665,11 @@ fn delete(a: &crate::DeleteArgs, ui: Ui) -> Result<(), Failure> {
 
 fn eval(a: &crate::EvalArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open_read_only(&a.store)?;
-    let report = evaluate(&engine, &a.run, &a.truth, a.impostor_pairs)?;
+    let counts = pacha_engine::evaluation::EvalCounts {
+        tail_rows: a.tail_rows,
+        fused_rows: a.fused_rows,
+    };
+    let report = evaluate(&engine, &a.run, &a.truth, a.impostor_pairs, counts)?;
     let out = a.out.clone().unwrap_or_else(|| a.run.join("eval.json"));
     let bytes = serde_json::to_vec_pretty(&report)?;
     pacha_engine::fsutil::write_private(&out, &bytes)
@@ -655,6 +685,7 @@ pub fn evaluate(
     run: &Path,
     truth: &Path,
     impostor_pairs: usize,
+    counts: pacha_engine::evaluation::EvalCounts,
 ) -> anyhow::Result<pacha_engine::eval::EvalReport> {
     let truth = pacha_datasets::generate::read_truth(truth)
         .with_context(|| format!("reading {}", truth.display()))?;
@@ -665,6 +696,7 @@ pub fn evaluate(
         &run,
         &truth,
         impostor_pairs,
+        counts,
     )?)
 }
 
@@ -681,6 +713,30 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
     ));
     for f in &r.fnir_at_fpir {
         ui.out(format!("  {f}"));
+    }
+    for c in &r.tail_checks {
+        ui.out(tail_check_table(c));
+    }
+    if let Some(f) = &r.fused_count {
+        let cells: Vec<String> = f
+            .points
+            .iter()
+            .map(|p| match p.measured_fmr {
+                Some(m) => format!(
+                    "{:.0}: {:.2} ({})",
+                    p.threshold,
+                    m / p.predicted_fmr,
+                    p.false_matches
+                ),
+                None => format!("{:.0}: not counted", p.threshold),
+            })
+            .collect();
+        ui.out(format!(
+            "  fused score, measured/predicted FMR (events) over all {} pairs of {} rows: {}",
+            f.pairs,
+            f.pool_rows,
+            cells.join(", ")
+        ));
     }
 }
 

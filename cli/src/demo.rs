@@ -106,7 +106,13 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     }
 
     let t = Instant::now();
-    let report = evaluate(&engine, &run_dir, &pop.join("truth.csv"), 200_000)?;
+    let report = evaluate(
+        &engine,
+        &run_dir,
+        &pop.join("truth.csv"),
+        200_000,
+        pacha_engine::evaluation::EvalCounts::default(),
+    )?;
     pacha_engine::fsutil::write_private(
         &run_dir.join("eval.json"),
         &serde_json::to_vec_pretty(&report)?,

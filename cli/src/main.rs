@@ -198,6 +198,9 @@ pub struct CalibrateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
+    /// Rows whose every pair is scored to count and fit the impostor tail (0: Gaussian tail fit only).
+    #[arg(long, default_value_t = pacha_engine::engine::TAIL_ROWS)]
+    pub tail_rows: usize,
 }
 
 /// Candidate generation mode.
@@ -362,6 +365,13 @@ pub struct EvalArgs {
     /// Impostor pairs sampled for the histograms and the calibration check.
     #[arg(long, default_value_t = 200_000)]
     pub impostor_pairs: usize,
+    /// Rows whose every pair the per-modality tail check counts (a pool disjoint from the calibration's
+    /// where the store is large enough; 0 skips the check).
+    #[arg(long, default_value_t = pacha_engine::engine::TAIL_ROWS)]
+    pub tail_rows: usize,
+    /// Rows whose every pair the fused-score check counts (0 skips it).
+    #[arg(long, default_value_t = pacha_engine::evaluation::FUSED_POOL_ROWS)]
+    pub fused_rows: usize,
 }
 
 /// Arguments of `report`.

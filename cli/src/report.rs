@@ -70,6 +70,68 @@ th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0 2em}svg{border:1px solid #ddd;background:#fff}\
 .note{color:#666;font-size:.9em}";
 
+/// Measured ÷ predicted FMR as a table cell: the ratio, its 95 % interval and the events behind it, or
+/// "not counted" where the count cannot resolve the level.
+fn ratio_cell(level: f64, ratio: Option<f64>, ci: Option<(f64, f64)>, events: u64) -> String {
+    match (ratio, ci) {
+        (Some(q), Some((lo, hi))) => format!(
+            "{q:.2} [{:.2}, {:.2}] · {events} events",
+            lo / level,
+            hi / level
+        ),
+        _ => format!("not counted ({events} events)"),
+    }
+}
+
+/// The exhaustive checks of the score models: per modality against every pair of a pool, and fused.
+fn tails_section(h: &mut String, r: &EvalReport) {
+    if !r.tail_checks.is_empty() {
+        h.push_str(
+            "<h3>Impostor tails: measured ÷ predicted FMR over every pair of a pool</h3>\n\
+             <table id=\"tail-checks\">\n<tr><th>modality</th><th>pairs counted</th><th>FMR</th>\
+             <th>model in use (fitted tail)</th><th>Gaussian alone</th></tr>\n",
+        );
+        for c in &r.tail_checks {
+            for (m, g) in c.model.iter().zip(&c.gaussian) {
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{:.0e}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                    esc(&c.modality),
+                    c.pairs,
+                    m.level,
+                    esc(&ratio_cell(m.level, m.ratio, m.ci, m.events)),
+                    esc(&ratio_cell(g.level, g.ratio, g.ci, g.events)),
+                );
+            }
+        }
+        h.push_str("</table>\n");
+    }
+    if let Some(f) = &r.fused_count {
+        let _ = writeln!(
+            h,
+            "<h3>Fused score: measured ÷ predicted FMR over all {} pairs of {} rows</h3>\n\
+             <table id=\"fused-count\">\n<tr><th>score</th><th>predicted FMR</th><th>measured ÷ predicted</th></tr>",
+            f.pairs, f.pool_rows
+        );
+        for p in &f.points {
+            let ratio = p.measured_fmr.map(|m| m / p.predicted_fmr);
+            let _ = writeln!(
+                h,
+                "<tr><td class=\"num\">{:.0}</td><td class=\"num\">{:.0e}</td><td class=\"num\">{}</td></tr>",
+                p.threshold,
+                p.predicted_fmr,
+                esc(&ratio_cell(
+                    p.predicted_fmr,
+                    ratio,
+                    p.measured_ci,
+                    p.false_matches as u64
+                )),
+            );
+        }
+        h.push_str("</table>\n");
+    }
+}
+
 /// The metrics tables: counts, recall/precision, FNIR at FPIR, notes, cluster sizes.
 fn metrics_section(h: &mut String, r: &EvalReport) {
     h.push_str("<h2>Metrics</h2>\n<table class=\"kv\" id=\"metrics\">\n");
@@ -162,6 +224,8 @@ fn metrics_section(h: &mut String, r: &EvalReport) {
         }
         h.push_str("</table>\n");
     }
+
+    tails_section(h, r);
 
     if !r.notes.is_empty() {
         h.push_str("<h3>Notes</h3>\n<ul>\n");
@@ -752,6 +816,8 @@ mod tests {
                 missed: Vec::new(),
                 seconds: 0.5,
             }),
+            tail_checks: Vec::new(),
+            fused_count: None,
         }
     }
 

@@ -7,13 +7,18 @@ use crate::derived::{
     Artefact, ArtefactStatus, CALIBRATION_FILE, DerivedIdentity, DerivedProblem, ENGINE_DIR,
     INDEX_DIR, INDEX_META, seal, unseal,
 };
-use crate::fusion::{Calibration, Gaussian, ModalityModel, threshold_for_fpir};
+use crate::fusion::{
+    Calibration, Gaussian, ImpostorBody, ModalityModel, ModalityTailCheck, threshold_for_fpir,
+};
 use crate::matcher::{Comparison, Probe, compare_probe, compare_rows};
 use crate::store::{Enrolment, InsertReport, Schema, Snapshot, Store, Template};
+use crate::tail::{self, TailModel};
 use crate::{AnnSet, EngineError, fsutil};
 use pacha_datasets::{Modality, RecordBatch};
+use pacha_index::view::RowsF32;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
@@ -85,7 +90,14 @@ pub struct CalibrateOptions<'a> {
     pub genuine: Option<&'a [(String, String)]>,
     /// Seed of the pair sampler.
     pub seed: u64,
+    /// Rows whose every pair is scored to count and fit the impostor tail ([`crate::tail`]); 0 keeps the
+    /// Gaussian upper-tail fit alone. Default [`TAIL_ROWS`].
+    pub tail_rows: usize,
 }
+
+/// Default pool of rows whose all pairs a calibration counts for the impostor tail: 40 000 rows are
+/// 8·10⁸ pairs, enough to resolve an FMR of 1e-7 with 80 events.
+pub const TAIL_ROWS: usize = 40_000;
 
 impl Default for CalibrateOptions<'_> {
     fn default() -> Self {
@@ -94,6 +106,7 @@ impl Default for CalibrateOptions<'_> {
             pool_rows: CALIBRATION_ROWS,
             genuine: None,
             seed: 0x5eed,
+            tail_rows: TAIL_ROWS,
         }
     }
 }
@@ -695,11 +708,12 @@ impl Engine {
         };
         let (cal, samples) = fit_calibration(&snap, &current, options)?;
         let params = format!(
-            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {}",
+            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {}",
             options.impostor_pairs,
             options.pool_rows,
             options.seed,
-            options.genuine.map_or(0, <[_]>::len)
+            options.genuine.map_or(0, <[_]>::len),
+            options.tail_rows
         );
         let id = DerivedIdentity::of(&snap, params);
         save_calibration_file(self.store.dir(), &cal, &id)?;
@@ -801,11 +815,12 @@ pub fn fit_calibration(
             .collect(),
         None => Vec::new(),
     };
-    let genuine_set: std::collections::HashSet<(usize, usize)> = genuine_rows
+    let genuine_set: HashSet<(usize, usize)> = genuine_rows
         .iter()
         .map(|&(a, b)| (a.min(b), a.max(b)))
         .collect();
     let mut models = Vec::new();
+    let mut tail_checks = Vec::new();
     let mut samples = CalibrationSamples::default();
     let mut notes = Vec::new();
     // Impostor pairs are drawn among at most `pool_rows` live rows (a seeded sample in a larger store).
@@ -888,14 +903,181 @@ pub fn fit_calibration(
             genuine.sd,
             gen_scores.len()
         ));
-        models.push((m, ModalityModel { genuine, impostor }));
+        // `imp` is sorted by the Gaussian fit: the body's knots and the tail's threshold come from it.
+        let mut model = ModalityModel {
+            genuine,
+            impostor,
+            impostor_tail: None,
+            impostor_body: ImpostorBody::from_sorted(&imp),
+        };
+        let mut check = None;
+        if options.tail_rows >= 2 && imp.len() >= ImpostorBody::MIN_SAMPLES {
+            let u = imp[((imp.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
+            match fit_tail(snap, m, options, &genuine_set, u, model)? {
+                Ok((fitted, c)) => {
+                    model = fitted;
+                    check = Some(c);
+                }
+                Err(why) => notes.push(format!("{m}: no tail model ({why})")),
+            }
+        }
+        if let Some(t) = &model.impostor_tail {
+            notes.push(format!(
+                "{m}: tail GPD above {:.4} (p_u {:.2e}, xi {:.3}, sigma {:.4}) from {} of {} counted pairs{}",
+                t.u,
+                t.p_u,
+                t.xi,
+                t.sigma,
+                t.exceedances,
+                t.pairs,
+                t.truncated_at
+                    .map_or(String::new(), |v| format!(", truncated at {v:.4} (unlabelled)"))
+            ));
+        }
+        tail_checks.extend(check);
+        models.push((m, model));
         samples.impostor.push((m.key(), imp));
         samples.genuine.push((m.key(), gen_scores));
     }
-    Ok((
-        Calibration::from_models(models, format!("fitted: {}", notes.join("; "))),
-        samples,
-    ))
+    let mut cal = Calibration::from_models(models, format!("fitted: {}", notes.join("; ")));
+    cal.tail_checks = tail_checks;
+    Ok((cal, samples))
+}
+
+/// A seeded pool of up to `cap` live rows for counting a tail: the rows whose hash under `seed` is smallest
+/// (`from_top = false`, the calibration's pool) or largest (`from_top = true`, the evaluation's pool, disjoint
+/// from the calibration's while `2·cap ≤` live rows), ascending.
+pub fn tail_pool(snap: &Snapshot, seed: u64, cap: usize, from_top: bool) -> Vec<usize> {
+    let mut live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
+    if live.len() > cap {
+        let key = |r: usize| {
+            let k = mix(seed ^ 0x7a11 ^ mix(r as u64));
+            if from_top { !k } else { k }
+        };
+        live.select_nth_unstable_by_key(cap, |&r| key(r));
+        live.truncate(cap);
+        live.sort_unstable();
+    }
+    live
+}
+
+/// The rows of `pool` holding modality `m`, copied densely (streamed in ascending order), with their row
+/// numbers.
+fn gather_present(
+    snap: &Snapshot,
+    m: Modality,
+    dim: usize,
+    pool: &[usize],
+) -> (Vec<f32>, Vec<usize>) {
+    let (rows, present) = gather_streamed(snap, m, dim, pool);
+    let mut data = Vec::with_capacity(rows.len());
+    let mut kept = Vec::new();
+    for (k, &r) in pool.iter().enumerate() {
+        if present[k] {
+            data.extend_from_slice(&rows[k * dim..(k + 1) * dim]);
+            kept.push(r);
+        }
+    }
+    (data, kept)
+}
+
+/// Counts every pair of `pool` rows holding modality `m` ([`tail::count_tail`]), keeping scores at or above
+/// `u`; pairs in `genuine` (row pairs, smaller row first) are left out. `None` when fewer than 2 rows hold `m`.
+pub fn count_pool_tail(
+    snap: &Snapshot,
+    m: Modality,
+    pool: &[usize],
+    u: f64,
+    genuine: &HashSet<(usize, usize)>,
+) -> Result<Option<tail::TailCount>, EngineError> {
+    let dim = modality_dim(snap, m)?;
+    let (data, pool_rows) = gather_present(snap, m, dim, pool);
+    if pool_rows.len() < 2 {
+        return Ok(None);
+    }
+    let at: HashSet<usize> = pool_rows.iter().copied().collect();
+    let excluded_total = genuine
+        .iter()
+        .filter(|(a, b)| at.contains(a) && at.contains(b))
+        .count() as u64;
+    let exclude = |i: usize, j: usize| {
+        let (a, b) = (pool_rows[i], pool_rows[j]);
+        genuine.contains(&(a.min(b), a.max(b)))
+    };
+    let view = RowsF32::dense(&data, dim)
+        .map_err(|e| EngineError::Calibration(format!("tail pool of {m}: {e}")))?;
+    tail::count_tail(view, u as f32, &exclude, excluded_total).map(Some)
+}
+
+/// Every pair `(a, b)` (rows, `a < b`) of `pool` rows holding modality `m` whose cosine is at least `c`, by
+/// the exact GEMM self-join; `None` when fewer than 2 rows hold `m`.
+pub fn count_pool_tail_pairs(
+    snap: &Snapshot,
+    m: Modality,
+    pool: &[usize],
+    c: f64,
+) -> Result<Option<Vec<(usize, usize)>>, EngineError> {
+    let dim = modality_dim(snap, m)?;
+    let (data, pool_rows) = gather_present(snap, m, dim, pool);
+    if pool_rows.len() < 2 {
+        return Ok(None);
+    }
+    let view = RowsF32::dense(&data, dim)
+        .map_err(|e| EngineError::Calibration(format!("pool of {m}: {e}")))?;
+    let mut out = Vec::new();
+    pacha_index::exact::self_join_with(view, c as f32, None, &mut |batch| {
+        out.extend(
+            batch
+                .iter()
+                .map(|p| (pool_rows[p.a as usize], pool_rows[p.b as usize])),
+        );
+        std::ops::ControlFlow::Continue(())
+    })
+    .map_err(|e| EngineError::Calibration(format!("joining the pool of {m}: {e}")))?;
+    Ok(Some(out))
+}
+
+fn modality_dim(snap: &Snapshot, m: Modality) -> Result<usize, EngineError> {
+    snap.schema()
+        .modalities
+        .iter()
+        .find(|s| s.modality == m)
+        .map(|s| s.dim)
+        .ok_or_else(|| EngineError::Calibration(format!("the store has no {m} modality")))
+}
+
+/// Counts the tail of modality `m` on the calibration's pool, fits it ([`TailModel::fit`], truncated when no
+/// genuine pairs are labelled), and returns `base` with the tail, checked (with the Gaussian alone) against the
+/// count. The inner `Err` is a
+/// reason the tail could not be fitted (too few rows or exceedances): the calibration goes on without one.
+fn fit_tail(
+    snap: &Snapshot,
+    m: Modality,
+    options: &CalibrateOptions<'_>,
+    genuine: &HashSet<(usize, usize)>,
+    u: f64,
+    base: ModalityModel,
+) -> Result<Result<(ModalityModel, ModalityTailCheck), String>, EngineError> {
+    let pool = tail_pool(snap, options.seed, options.tail_rows, false);
+    let Some(count) = count_pool_tail(snap, m, &pool, u, genuine)? else {
+        return Ok(Err(format!("fewer than 2 rows hold {m}")));
+    };
+    let truncate = if options.genuine.is_none() {
+        let k = (tail::UNLABELLED_TRUNCATION * count.pairs as f64).round() as u64;
+        count.kth_highest(k.max(1))
+    } else {
+        None
+    };
+    let model = match TailModel::fit(&count.scores, u, count.pairs, truncate) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let with_tail = ModalityModel {
+        impostor_tail: Some(model),
+        ..base
+    };
+    let check = ModalityTailCheck::new(m, &with_tail, &count, options.seed, options.tail_rows);
+    Ok(Ok((with_tail, check)))
 }
 
 fn m_key(m: Modality) -> u8 {

@@ -234,6 +234,24 @@ pub struct EvalReport {
     /// The evaluated run's completeness audit (index-mode runs).
     #[serde(default)]
     pub run_audit: Option<crate::audit::Audit>,
+    /// Per modality, the calibration's impostor tail checked against every pair of a pool disjoint from the
+    /// calibration's own (out of sample), labelled genuine pairs left out.
+    #[serde(default)]
+    pub tail_checks: Vec<crate::fusion::ModalityTailCheck>,
+    /// The fused score checked against every pair of a pool of rows, labelled genuine pairs left out.
+    #[serde(default)]
+    pub fused_count: Option<FusedCount>,
+}
+
+/// Predicted against measured fused FMR over every pair of a pool of rows (not a sample of pairs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusedCount {
+    /// Rows in the pool.
+    pub pool_rows: usize,
+    /// Pairs counted (labelled genuine pairs left out).
+    pub pairs: u64,
+    /// One point per fused-score threshold; `measured_fmr` is `None` where the count expects under one event.
+    pub points: Vec<CalibrationPoint>,
 }
 
 /// Serialises non-finite `f64` as `null` and reads `null` back as `NaN` (JSON has no NaN).
@@ -715,6 +733,8 @@ pub fn evaluate(input: &EvalInput) -> EvalReport {
         ignored_truth,
         notes,
         run_audit: None,
+        tail_checks: Vec::new(),
+        fused_count: None,
     }
 }
 

@@ -1,9 +1,13 @@
 //! Evaluation of a dedup run against ground truth: gathers the genuine and impostor score samples from the
 //! store and hands everything to [`crate::eval::evaluate`].
 
-use crate::eval::{EvalInput, EvalReport, ScoredPair};
+use crate::audit::clopper_pearson;
+use crate::engine::{TAIL_ROWS, count_pool_tail, count_pool_tail_pairs, tail_pool};
+use crate::eval::{CalibrationPoint, EvalInput, EvalReport, FusedCount, ScoredPair};
+use crate::fusion::{Calibration, ModalityTailCheck};
 use crate::matcher::compare_rows;
 use crate::runio::RunData;
+use crate::tail::{TAIL_START, cosine_at};
 use crate::{Engine, EngineError};
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -18,6 +22,7 @@ pub fn evaluate_run(
     run: &RunData,
     truth: &[(String, String)],
     impostor_pairs: usize,
+    counts: EvalCounts,
 ) -> Result<EvalReport, EngineError> {
     let snap = engine.snapshot();
     let cal = engine.usable_calibration()?;
@@ -106,6 +111,19 @@ pub fn evaluate_run(
     };
     let mut report = crate::eval::evaluate(&input);
     mark_incomplete(&mut report, &run.summary, run.threshold);
+    if counts.tail_rows >= 2 {
+        report.tail_checks =
+            out_of_sample_tails(&snap, &cal, &truth_set, counts.tail_rows, &mut report.notes)?;
+    }
+    if counts.fused_rows >= 2 {
+        report.fused_count = fused_count(
+            &snap,
+            &cal,
+            &truth_set,
+            counts.fused_rows,
+            &mut report.notes,
+        )?;
+    }
     // The calibration check resolves only FMRs its impostor sample can see.
     let unresolved: Vec<String> = report
         .calibration
@@ -123,6 +141,140 @@ pub fn evaluate_run(
         ));
     }
     Ok(report)
+}
+
+/// Rows whose every pair the fused check scores (2·10⁸ pairs: FMR 1e-7 expects 20 events).
+pub const FUSED_POOL_ROWS: usize = 20_000;
+
+/// How many rows the exhaustive checks of an evaluation count all pairs of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalCounts {
+    /// Rows of the per-modality tail check's pool (disjoint from the calibration's while the store has twice
+    /// as many live rows; 0 skips the check).
+    pub tail_rows: usize,
+    /// Rows of the fused check's pool (0 skips it).
+    pub fused_rows: usize,
+}
+
+impl Default for EvalCounts {
+    fn default() -> Self {
+        EvalCounts {
+            tail_rows: TAIL_ROWS,
+            fused_rows: FUSED_POOL_ROWS,
+        }
+    }
+}
+/// Fused-score thresholds of the fused check.
+pub const FUSED_THRESHOLDS: [f64; 7] = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0];
+/// Most candidate pairs the fused check rescores before it gives up (memory bound).
+const FUSED_MAX_CANDIDATES: usize = 50_000_000;
+
+/// Checks each modality's impostor model on every pair of a pool disjoint from the calibration's (the rows
+/// whose hash is largest where the calibration took the smallest), labelled genuine pairs left out.
+fn out_of_sample_tails(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    truth: &HashSet<(usize, usize)>,
+    rows: usize,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ModalityTailCheck>, EngineError> {
+    let mut out = Vec::new();
+    for (m, model) in &cal.models {
+        let fitted = cal.tail_checks.iter().find(|c| c.modality == m.key());
+        let (seed, own_cap) =
+            fitted.map_or((0x5eed, TAIL_ROWS), |c| (c.pool_seed, c.pool_cap.max(2)));
+        let pool = tail_pool(snap, seed, rows, true);
+        if own_cap + rows > snap.live() && fitted.is_some() {
+            let own = tail_pool(snap, seed, own_cap, false);
+            let shared = pool.iter().filter(|r| own.binary_search(r).is_ok()).count();
+            notes.push(format!(
+                "{m} tail check: the store has {} live rows, so the check's pool of {} shares {shared} rows with                  the calibration's (not fully out of sample)",
+                snap.live(),
+                pool.len()
+            ));
+        }
+        // Count from the lower of the two models' starting points, so both are checked at 1e-4.
+        let u = model
+            .impostor_tail
+            .map_or(1.0, |t| t.u)
+            .min(cosine_at(&|s| model.impostor.sf(s), TAIL_START));
+        if let Some(count) = count_pool_tail(snap, *m, &pool, u, truth)? {
+            out.push(ModalityTailCheck::new(*m, model, &count, seed, rows));
+        }
+    }
+    Ok(out)
+}
+
+/// Scores every pair of a seeded pool of `pool_rows` live rows on the fused scale and compares the share at or
+/// above each of [`FUSED_THRESHOLDS`] with the FMR the calibration predicts there. Pairs that can reach the
+/// lowest threshold are found per modality by the exact GEMM join at the calibration's complete candidate
+/// cosines (pigeonhole: no pair that reaches it is missed), then fused.
+pub fn fused_count(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    truth: &HashSet<(usize, usize)>,
+    pool_rows: usize,
+    notes: &mut Vec<String>,
+) -> Result<Option<FusedCount>, EngineError> {
+    let pool = tail_pool(snap, 0xf05e, pool_rows, false);
+    if pool.len() < 2 {
+        return Ok(None);
+    }
+    let cosines = cal.candidate_cosines(FUSED_THRESHOLDS[0]);
+    let mut candidates: HashSet<(usize, usize)> = HashSet::new();
+    for (i, (m, _)) in cal.models.iter().enumerate() {
+        let Some(Some(c)) = cosines.get(i) else {
+            continue;
+        };
+        let Some(count) = count_pool_tail_pairs(snap, *m, &pool, f64::from(*c))? else {
+            continue;
+        };
+        candidates.extend(count);
+        if candidates.len() > FUSED_MAX_CANDIDATES {
+            notes.push(format!(
+                "fused check skipped: more than {FUSED_MAX_CANDIDATES} candidate pairs reach score {} in the                  pool of {} rows",
+                FUSED_THRESHOLDS[0],
+                pool.len()
+            ));
+            return Ok(None);
+        }
+    }
+    let in_pool: HashSet<usize> = pool.iter().copied().collect();
+    let excluded = truth
+        .iter()
+        .filter(|(a, b)| in_pool.contains(a) && in_pool.contains(b))
+        .count() as u64;
+    let n = pool.len() as u64;
+    let pairs = (n * (n - 1) / 2).saturating_sub(excluded);
+    let list: Vec<(usize, usize)> = candidates
+        .into_iter()
+        .filter(|p| !truth.contains(p))
+        .collect();
+    let scores: Vec<f64> = list
+        .par_iter()
+        .map(|&(a, b)| compare_rows(snap, cal, a, b).fused.score)
+        .collect();
+    let points = FUSED_THRESHOLDS
+        .iter()
+        .map(|&t| {
+            let predicted = crate::fusion::fmr_from_score(t);
+            let events = scores.iter().filter(|&&s| s >= t).count();
+            let resolved = predicted * pairs as f64 >= 1.0;
+            CalibrationPoint {
+                threshold: t,
+                predicted_fmr: predicted,
+                measured_fmr: resolved.then(|| events as f64 / pairs as f64),
+                false_matches: events,
+                impostor_samples: usize::try_from(pairs).unwrap_or(usize::MAX),
+                measured_ci: resolved.then(|| clopper_pearson(events as u64, pairs, 0.95)),
+            }
+        })
+        .collect();
+    Ok(Some(FusedCount {
+        pool_rows: pool.len(),
+        pairs,
+        points,
+    }))
 }
 
 /// False matches a calibration point needs before its measured FMR counts as resolved (relative standard

@@ -6,7 +6,10 @@
 //! people) and the *genuine* model (the same person twice), each a Gaussian. The impostor model is fitted to
 //! the **upper tail** of sampled impostor scores (quantile matching at the 99th and 99.99th percentiles), not
 //! to the moments: decisions are taken far out in that tail, and real (and our synthetic) impostor
-//! distributions have heavier upper tails than a moment-fitted Gaussian predicts.
+//! distributions have heavier upper tails than a moment-fitted Gaussian predicts. Above the score where the
+//! sampled survival is 3·10⁻⁴, a calibration replaces the Gaussian by a generalised Pareto tail fitted to every
+//! pair of a pool of rows ([`crate::tail`], [`ModalityModel::impostor_tail`]): the Gaussian through two
+//! quantiles was measured 0.25× to 2× off at FMR 1e-7 (BENCHMARKS.md, "Calibration").
 //!
 //! The per-modality evidence is the log-likelihood ratio `L_m(s) = ln g_m(s) − ln i_m(s)`, made monotone
 //! non-decreasing in `s` (a quadratic LLR is flattened beyond its turning point, so a higher cosine is never
@@ -27,6 +30,7 @@
 //! every pair that can pass the fused threshold. [`Calibration::candidate_cosines`] computes those cosines.
 
 use crate::EngineError;
+use crate::tail::{CHECK_LEVELS, TailCheckRow, TailCount, TailModel, check_tail};
 use pacha_datasets::Modality;
 use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
@@ -188,8 +192,71 @@ pub fn norm_quantile(p: f64) -> f64 {
 pub struct ModalityModel {
     /// Scores of the same person captured twice.
     pub genuine: Gaussian,
-    /// Scores of two different people (upper-tail fit).
+    /// Scores of two different people (upper-tail fit): the body below the tail model's threshold, and the
+    /// whole distribution when there is no tail model.
     pub impostor: Gaussian,
+    /// The impostor tail above its threshold, fitted to exhaustively counted pairs ([`crate::tail`]);
+    /// `None` in calibrations without one (defaults, older files, stores too small to count a tail).
+    #[serde(default)]
+    pub impostor_tail: Option<TailModel>,
+    /// The impostor body between survival 0.999 and the tail's start, read off the sampled pairs; `None` keeps
+    /// the Gaussian there (defaults, older files, too few sampled pairs).
+    #[serde(default)]
+    pub impostor_body: Option<ImpostorBody>,
+}
+
+/// Knots of an [`ImpostorBody`].
+pub const BODY_KNOTS: usize = 32;
+
+/// The survival level of body knot `k`: log-spaced from 0.999 down to [`crate::tail::TAIL_START`].
+pub fn body_level(k: usize) -> f64 {
+    let (lo, hi) = (0.999f64.log10(), crate::tail::TAIL_START.log10());
+    10f64.powf(lo + (hi - lo) * k as f64 / (BODY_KNOTS - 1) as f64)
+}
+
+/// The empirical impostor survival of sampled pairs at fixed levels ([`body_level`]), interpolated
+/// log-linearly between knots: the Gaussian through two tail quantiles misplaces the body by up to 1.7× at
+/// fused scores 10–35, where most of the fused mass comes from the bodies of the modalities.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImpostorBody {
+    /// The cosine at which the sampled survival is `body_level(k)`, ascending.
+    pub cosines: [f64; BODY_KNOTS],
+}
+
+impl ImpostorBody {
+    /// Fewest sampled pairs a body is read from (the last knot then has 3 pairs above it at least).
+    pub const MIN_SAMPLES: usize = 10_000;
+
+    /// Reads the knots off `sorted` (ascending sampled impostor cosines); `None` with too few samples.
+    pub fn from_sorted(sorted: &[f64]) -> Option<ImpostorBody> {
+        if sorted.len() < Self::MIN_SAMPLES {
+            return None;
+        }
+        let n = sorted.len() - 1;
+        let mut cosines = [0.0; BODY_KNOTS];
+        for (k, c) in cosines.iter_mut().enumerate() {
+            *c = sorted[(n as f64 * (1.0 - body_level(k))).round() as usize];
+        }
+        cosines
+            .iter()
+            .all(|c| c.is_finite())
+            .then_some(ImpostorBody { cosines })
+    }
+
+    /// The survival at `s` within the knots' span (`None` outside it).
+    fn sf(&self, s: f64) -> Option<f64> {
+        let c = &self.cosines;
+        if s < c[0] || s > c[BODY_KNOTS - 1] {
+            return None;
+        }
+        let k = c.partition_point(|&x| x <= s).clamp(1, BODY_KNOTS - 1);
+        let (c0, c1) = (c[k - 1], c[k]);
+        let (l0, l1) = (body_level(k - 1).ln(), body_level(k).ln());
+        if c1 <= c0 {
+            return Some(body_level(k));
+        }
+        Some((l0 + (l1 - l0) * (s - c0) / (c1 - c0)).exp())
+    }
 }
 
 impl ModalityModel {
@@ -206,6 +273,8 @@ impl ModalityModel {
                     mean: 0.02,
                     sd: 0.08,
                 },
+                impostor_tail: None,
+                impostor_body: None,
             },
             Modality::Finger(_) => ModalityModel {
                 genuine: Gaussian {
@@ -216,8 +285,31 @@ impl ModalityModel {
                     mean: 0.0,
                     sd: 0.08,
                 },
+                impostor_tail: None,
+                impostor_body: None,
             },
         }
+    }
+
+    /// The impostor survival `P(S ≥ s)`: the tail model above its threshold, the sampled body below it, the
+    /// Gaussian where neither is fitted.
+    pub fn impostor_sf(&self, s: f64) -> f64 {
+        if let Some(t) = &self.impostor_tail
+            && s >= t.u
+        {
+            return t.sf(s);
+        }
+        let below_tail = match &self.impostor_body {
+            Some(b) => match b.sf(s) {
+                Some(p) => p,
+                None if s < b.cosines[0] => self.impostor.sf(s).max(body_level(0)),
+                None => self.impostor.sf(s).min(body_level(BODY_KNOTS - 1)),
+            },
+            None => self.impostor.sf(s),
+        };
+        // Never below the tail's mass, so the survival stays monotone across the tail's threshold.
+        self.impostor_tail
+            .map_or(below_tail, |t| below_tail.max(t.p_u))
     }
 
     /// The raw (quadratic) log-likelihood ratio at cosine `s`.
@@ -279,6 +371,7 @@ impl ModalityModel {
     /// The distribution of this modality's LLR under the impostor model, as masses on the LLR grid.
     fn impostor_llr_pmf(&self) -> Pmf {
         let g = &self.impostor;
+        let sf = |s: f64| self.impostor_sf(s);
         let (s_lo, s_hi) = ((g.mean - 12.0 * g.sd).max(-1.0), 1.0);
         let steps = 20_000usize;
         let ds = (s_hi - s_lo) / steps as f64;
@@ -289,7 +382,7 @@ impl ModalityModel {
         let mut prev_sf = 1.0f64;
         for i in 0..steps {
             let s1 = s_lo + (i + 1) as f64 * ds;
-            let sf1 = if i + 1 == steps { 0.0 } else { g.sf(s1) };
+            let sf1 = if i + 1 == steps { 0.0 } else { sf(s1) };
             let w = prev_sf - sf1;
             prev_sf = sf1;
             let l = self.llr(s1 - 0.5 * ds);
@@ -368,6 +461,50 @@ impl Survival {
     }
 }
 
+/// One modality's impostor models checked against the pairs counted at calibration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModalityTailCheck {
+    /// Modality key (`face`, `finger2`, …).
+    pub modality: String,
+    /// Pairs counted and the cosine above which their scores were kept.
+    pub pairs: u64,
+    /// Labelled genuine pairs left out of the count.
+    pub excluded_genuine: u64,
+    /// The model in use (Gaussian body + fitted tail) at each FMR level.
+    pub model: Vec<TailCheckRow>,
+    /// The Gaussian upper-tail fit alone, for comparison.
+    pub gaussian: Vec<TailCheckRow>,
+    /// Seed of the counted pool (see [`crate::engine::tail_pool`]).
+    #[serde(default)]
+    pub pool_seed: u64,
+    /// Rows the counted pool was capped at.
+    #[serde(default)]
+    pub pool_cap: usize,
+}
+
+impl ModalityTailCheck {
+    /// Checks `model` (and its Gaussian alone) against `count`, a count of modality `m` on the pool drawn with
+    /// `pool_seed` and `pool_cap`.
+    pub fn new(
+        m: Modality,
+        model: &ModalityModel,
+        count: &TailCount,
+        pool_seed: u64,
+        pool_cap: usize,
+    ) -> Self {
+        let body = model.impostor;
+        ModalityTailCheck {
+            modality: m.key(),
+            pairs: count.pairs,
+            excluded_genuine: count.excluded,
+            model: check_tail(&|s| model.impostor_sf(s), count, &CHECK_LEVELS),
+            gaussian: check_tail(&|s| body.sf(s), count, &CHECK_LEVELS),
+            pool_seed,
+            pool_cap,
+        }
+    }
+}
+
 /// Fitted score models for every modality of a schema, with cached fused-LLR distributions.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Calibration {
@@ -375,6 +512,10 @@ pub struct Calibration {
     pub models: Vec<(Modality, ModalityModel)>,
     /// Where the models came from (for reports): e.g. "defaults", "fitted: 1000000 impostor pairs, …".
     pub source: String,
+    /// Per modality, the impostor tail models checked against the pairs counted at calibration
+    /// ([`crate::tail::check_tail`]); empty when no tail was counted.
+    #[serde(default)]
+    pub tail_checks: Vec<ModalityTailCheck>,
     /// Fused-LLR survival functions, one lazily built slot per modality subset (lock-free once built).
     #[serde(skip)]
     cache: OnceLock<Vec<OnceLock<Survival>>>,
@@ -385,6 +526,7 @@ impl Clone for Calibration {
         Calibration {
             models: self.models.clone(),
             source: self.source.clone(),
+            tail_checks: self.tail_checks.clone(),
             cache: OnceLock::new(),
         }
     }
@@ -424,6 +566,7 @@ impl Calibration {
         Calibration {
             models,
             source: source.into(),
+            tail_checks: Vec::new(),
             cache: OnceLock::new(),
         }
     }
@@ -790,6 +933,8 @@ mod tests {
                 sd: 0.05,
             },
             impostor: Gaussian { mean: 0.0, sd: 0.1 },
+            impostor_tail: None,
+            impostor_body: None,
         };
         assert!(m.llr(0.99) >= m.llr(0.6));
     }
@@ -978,6 +1123,72 @@ mod tests {
             tail.sf(0.35) > empirical * 0.3,
             "tail {} vs empirical {empirical}",
             tail.sf(0.35)
+        );
+    }
+
+    #[test]
+    fn body_follows_the_sample_and_the_survival_stays_monotone_across_its_pieces() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        // A skewed sample: the square of a uniform, which no Gaussian matches.
+        let mut sample: Vec<f64> = (0..200_000)
+            .map(|_| {
+                let u: f64 = rng.random();
+                u * u * 0.6 - 0.1
+            })
+            .collect();
+        sample.sort_by(f64::total_cmp);
+        let body = ImpostorBody::from_sorted(&sample).unwrap();
+        assert!(ImpostorBody::from_sorted(&sample[..100]).is_none());
+        let gauss = Gaussian::fit_moments(&sample).unwrap();
+        let tail = TailModel {
+            u: body.cosines[BODY_KNOTS - 1],
+            p_u: 2.5e-4,
+            xi: -0.1,
+            sigma: 0.01,
+            pairs: 1_000_000,
+            exceedances: 250,
+            truncated_at: None,
+        };
+        let model = ModalityModel {
+            genuine: Gaussian { mean: 0.7, sd: 0.1 },
+            impostor: gauss,
+            impostor_tail: Some(tail),
+            impostor_body: Some(body),
+        };
+        // At sampled points within the body the survival is the sample's, within a few per cent.
+        for q in [0.5, 0.1, 0.01, 0.001] {
+            let s = sample[((sample.len() - 1) as f64 * (1.0 - q)) as usize];
+            let got = model.impostor_sf(s);
+            assert!((got / q - 1.0).abs() < 0.06, "at {s}: {got} vs {q}");
+        }
+        let mut prev = 1.0f64;
+        for i in 0..=4000 {
+            let s = -1.0 + f64::from(i) * 0.0005;
+            let p = model.impostor_sf(s);
+            assert!(p <= prev + 1e-15, "survival rises at {s}: {p} > {prev}");
+            assert!((0.0..=1.0).contains(&p));
+            prev = p;
+        }
+        assert_eq!(model.impostor_sf(tail.u + 0.01), tail.sf(tail.u + 0.01));
+    }
+
+    #[test]
+    fn calibrations_saved_before_tails_and_bodies_still_load() {
+        let cal = Calibration::defaults(&[Modality::Face, Modality::Finger(2)]);
+        let mut v = serde_json::to_value(&cal).unwrap();
+        v.as_object_mut().unwrap().remove("tail_checks");
+        for entry in v["models"].as_array_mut().unwrap() {
+            let model = entry[1].as_object_mut().unwrap();
+            assert!(model.remove("impostor_tail").is_some());
+            assert!(model.remove("impostor_body").is_some());
+        }
+        let back: Calibration = serde_json::from_value(v).unwrap();
+        assert_eq!(back, cal);
+        assert!(
+            back.models
+                .iter()
+                .all(|(_, m)| m.impostor_tail.is_none() && m.impostor_body.is_none())
         );
     }
 }

@@ -38,6 +38,7 @@ pub mod matcher;
 pub mod policy;
 pub mod runio;
 pub mod store;
+pub mod tail;
 pub mod tiles;
 
 pub use annset::AnnSet;

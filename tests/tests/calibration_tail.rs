@@ -1,0 +1,150 @@
+//! The impostor tail fitted at calibration (issue 17): counted exhaustively on a pool of rows, fitted with a
+//! generalised Pareto model, checked against the count, saved with the calibration, and used by the scores.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use pacha_engine::Modality;
+use pacha_engine::engine::CalibrateOptions;
+use pacha_engine::evaluation::fused_count;
+use pacha_tests::{config, load};
+use std::collections::HashSet;
+
+#[test]
+fn calibration_fits_and_checks_a_counted_tail_and_reopens_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(12_000, 5), None);
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions {
+        genuine: Some(&pop.truth),
+        tail_rows: 8_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = e.calibration();
+    assert_eq!(cal.tail_checks.len(), cal.models.len());
+    for (m, model) in &cal.models {
+        let t = model
+            .impostor_tail
+            .unwrap_or_else(|| panic!("{m}: no tail"));
+        // 8 000 rows are 3.2e7 pairs (fewer where a finger is missing); the labelled genuine pairs are out.
+        assert!(t.pairs > 25_000_000 && t.pairs < 32_000_000, "{m}: {t:?}");
+        assert_eq!(
+            t.truncated_at, None,
+            "labelled calibrations are not truncated"
+        );
+        assert!(t.exceedances > 1_000, "{m}: {t:?}");
+        assert!(
+            model.impostor_body.is_some(),
+            "{m}: the body is read off the sampled pairs"
+        );
+        let check = cal
+            .tail_checks
+            .iter()
+            .find(|c| c.modality == m.key())
+            .unwrap();
+        assert!(
+            check.excluded_genuine > 0,
+            "{m}: truth pairs should fall in the pool"
+        );
+        // In sample, where thousands of events were counted, the fitted tail follows the count closely.
+        for row in check.model.iter().filter(|r| r.events >= 1_000) {
+            let q = row.ratio.unwrap();
+            assert!((0.85..1.18).contains(&q), "{m} at {}: {q}", row.level);
+        }
+        // Levels beyond what 3.2e7 pairs can resolve are marked, not given a ratio.
+        let deep = check.model.iter().find(|r| r.level == 1e-9).unwrap();
+        assert_eq!(deep.ratio, None);
+        // The score uses the tail: a single-modality FMR above u is the tail's survival.
+        let s = t.u + 2.0 * t.sigma;
+        let want = t.sf(s);
+        assert!((model.impostor_sf(s) - want).abs() <= 1e-15 + want * 1e-12);
+    }
+
+    // The fitted calibration is saved and read back whole on reopen.
+    let before = (*e.calibration()).clone();
+    let dirpath = e.store().dir().to_path_buf();
+    drop(pop);
+    let again = pacha_engine::Engine::open(&dirpath).unwrap();
+    let after = again.calibration();
+    assert_eq!(after.models, before.models);
+    assert_eq!(after.tail_checks, before.tail_checks);
+}
+
+#[test]
+fn unlabelled_calibration_truncates_and_tail_rows_zero_keeps_the_gaussian() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(6_000, 9), Some(&[Modality::Face]));
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions {
+        tail_rows: 6_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let t = e.calibration().models[0].1.impostor_tail.unwrap();
+    let v = t.truncated_at.expect("an unlabelled fit is truncated");
+    assert!(v > t.u);
+    e.calibrate(&CalibrateOptions {
+        tail_rows: 0,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = e.calibration();
+    assert_eq!(cal.models[0].1.impostor_tail, None);
+    assert!(cal.tail_checks.is_empty());
+}
+
+#[test]
+fn fused_count_finds_every_pair_a_brute_force_fusion_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(3_000, 13), None);
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions {
+        genuine: Some(&pop.truth),
+        tail_rows: 3_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let snap = e.snapshot();
+    let cal = e.calibration();
+    let rows: Vec<usize> = (0..snap.rows()).collect();
+    let truth: HashSet<(usize, usize)> = pop
+        .truth
+        .iter()
+        .map(|(a, b)| {
+            let (x, y) = (snap.row_of(a).unwrap(), snap.row_of(b).unwrap());
+            (x.min(y), x.max(y))
+        })
+        .collect();
+    let mut notes = Vec::new();
+    let f = fused_count(&snap, &cal, &truth, rows.len(), &mut notes)
+        .unwrap()
+        .expect("a count");
+    assert!(notes.is_empty(), "{notes:?}");
+    let n = rows.len() as u64;
+    assert_eq!(f.pairs, n * (n - 1) / 2 - truth.len() as u64);
+    // Brute force over every pair: the pigeonhole candidates must lose none at or above score 30.
+    let mut brute = [0usize; 7];
+    for a in 0..rows.len() {
+        for b in a + 1..rows.len() {
+            if truth.contains(&(a, b)) {
+                continue;
+            }
+            let s = pacha_engine::matcher::compare_rows(&snap, &cal, a, b)
+                .fused
+                .score;
+            for (k, t) in pacha_engine::evaluation::FUSED_THRESHOLDS
+                .iter()
+                .enumerate()
+            {
+                if s >= *t {
+                    brute[k] += 1;
+                }
+            }
+        }
+    }
+    let counted: Vec<usize> = f.points.iter().map(|p| p.false_matches).collect();
+    assert_eq!(counted, brute.to_vec());
+    assert!(
+        brute[0] > 100,
+        "the check needs events to compare: {brute:?}"
+    );
+}
