@@ -529,6 +529,8 @@ impl Store {
             schema,
             files,
         };
+        // The files' entries durable before the MANIFEST that names them (see `write_compacted`).
+        sync_dir(dir)?;
         m.write_atomic(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent)?;
@@ -1623,5 +1625,9 @@ fn write_compacted(
         files.push(f);
         states.push(st);
     }
+    // The new files' directory entries must be durable before a MANIFEST that names them can be: the
+    // MANIFEST's rename is made durable by a later directory fsync, but a file system that reorders metadata
+    // may persist that rename and lose the creations (found by the power-loss simulation).
+    sync_dir(dir)?;
     Ok((files, states))
 }

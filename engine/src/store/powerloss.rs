@@ -21,7 +21,7 @@
 //! identical: f32 row, i8 row and scale, quality), plus either all or none of the operation in flight, and
 //! accept a further insert that a reopen then finds. The sweep is sized by `PACHA_POWERLOSS_ROUNDS` (the
 //! workload repeated with new subjects, default 1) and `PACHA_POWERLOSS_VARIANTS` (random states per cut
-//! point on top of the four fixed ones, default 12).
+//! point on top of the fixed ones, default 12).
 
 use super::vfs::trace::{self, Files, Op, Skip};
 use super::*;
@@ -549,6 +549,11 @@ fn sweep(rounds: usize, variants: usize, skip: Option<Skip>, seed: u64) -> Sweep
             model.crash(|_| true, |_| Fate::Lost),
             model.crash(|_| false, |_| Fate::Applied),
         ];
+        // Each pending directory operation alone, and all but it (reordered metadata), data all persisted.
+        for i in 0..nd {
+            candidates.push(model.crash(|j| j == i, |_| Fate::Applied));
+            candidates.push(model.crash(|j| j != i, |_| Fate::Applied));
+        }
         for _ in 0..variants {
             let state = if rng.chance(50) {
                 let p = rng.below(nd as u64 + 1) as usize;
