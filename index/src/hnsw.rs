@@ -381,13 +381,21 @@ impl AnnIndex for HnswIndex {
             let path = path.to_path_buf();
             move |source| IndexError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        create_private_dir(dir).map_err(io(dir))?;
+        // hnsw_rs creates its dump files with the umask's mode (often 0644): dump into a fresh 0700 staging
+        // directory nobody else can enter, make the files 0600, then move them into place. (It also picks a
+        // random basename when a dump already exists where it writes; the staging directory is always empty.)
+        let stage = dir.join(".dump.tmp");
+        if stage.exists() {
+            std::fs::remove_dir_all(&stage).map_err(io(&stage))?;
+        }
+        create_private_dir(&stage).map_err(io(&stage))?;
         let dumped = match &self.graph {
-            Graph::F32(g) => g.hnsw.file_dump(dir, BASENAME),
-            Graph::I8(g) => g.hnsw.file_dump(dir, BASENAME),
+            Graph::F32(g) => g.hnsw.file_dump(&stage, BASENAME),
+            Graph::I8(g) => g.hnsw.file_dump(&stage, BASENAME),
         }
         .map_err(|e| IndexError::Io {
-            path: dir.to_path_buf(),
+            path: stage.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
         if dumped != BASENAME {
@@ -396,6 +404,14 @@ impl AnnIndex for HnswIndex {
                 problem: format!("hnsw_rs dumped under basename {dumped:?}, expected {BASENAME:?}"),
             });
         }
+        for (from, to) in [
+            (graph_path(&stage), graph_path(dir)),
+            (data_path(&stage), data_path(dir)),
+        ] {
+            std::fs::set_permissions(&from, perms(0o600)).map_err(io(&from))?;
+            std::fs::rename(&from, &to).map_err(io(&to))?;
+        }
+        std::fs::remove_dir(&stage).map_err(io(&stage))?;
         let (graph_len, graph_crc) = file_crc(&graph_path(dir))?;
         let (data_len, data_crc) = file_crc(&data_path(dir))?;
         let meta = Meta {
@@ -420,6 +436,7 @@ impl AnnIndex for HnswIndex {
         bytes.extend_from_slice(&crc.to_le_bytes());
         let tmp = dir.join(format!("{META}.tmp"));
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.set_permissions(perms(0o600)).map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, dir.join(META)).map_err(io(&dir.join(META)))?;
@@ -522,6 +539,20 @@ struct Meta {
     data_crc: u32,
 }
 
+/// Permissions of the given mode (index files hold data derived from biometric templates: 0600, dirs 0700).
+fn perms(mode: u32) -> std::fs::Permissions {
+    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode)
+}
+
+/// Creates `dir` (and missing parents) and makes a directory created here 0700 whatever the umask.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, perms(0o700))
+}
+
 fn graph_path(dir: &Path) -> PathBuf {
     dir.join(format!("{BASENAME}.hnsw.graph"))
 }
@@ -585,4 +616,45 @@ fn read_meta(dir: &Path) -> Result<Meta, IndexError> {
         return Err(corrupt(format!("dim {} count {}", meta.dim, meta.count)));
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn dumps_are_private_and_can_be_rewritten() {
+        let (rows, dim) = (40, 8);
+        let data: Vec<f32> = (0..rows * dim)
+            .map(|i| ((i * 7919 % 97) as f32 - 48.0) / 50.0 + if i % dim == 0 { 3.0 } else { 0.0 })
+            .collect();
+        let base = RowsF32::new(&data, rows, dim, dim).unwrap();
+        let params = HnswParams {
+            parallel: false,
+            ..HnswParams::default()
+        };
+        let idx = HnswIndex::build(base, &params).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("hnsw");
+        // Saved twice into the same directory: the second save replaces the first (no random basename).
+        for _ in 0..2 {
+            idx.save(&dir).unwrap();
+            let mut names = Vec::new();
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                assert_eq!(mode(&p), 0o600, "{} is not private", p.display());
+                names.push(p.file_name().unwrap().to_string_lossy().into_owned());
+            }
+            names.sort();
+            assert_eq!(names, ["pacha.hnsw.data", "pacha.hnsw.graph", "pacha.meta"]);
+            assert_eq!(mode(&dir), 0o700);
+        }
+        let back = HnswIndex::load(&dir).unwrap();
+        assert_eq!(back.len, rows);
+    }
 }

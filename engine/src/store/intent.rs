@@ -17,7 +17,6 @@ use super::format::{FORMAT_VERSION, le_u32};
 use super::manifest::Manifest;
 use crate::EngineError;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Name of the journal file in the store directory.
@@ -98,10 +97,8 @@ impl Intent {
     /// Overwrites the journal through `f` and makes it durable before any data is appended.
     pub(crate) fn write(&self, f: &File, path: &Path) -> Result<(), EngineError> {
         let b = self.encode();
-        f.write_all_at(&b, 0)
-            .map_err(|e| EngineError::io("writing", path, e))?;
-        f.sync_data()
-            .map_err(|e| EngineError::io("syncing", path, e))
+        super::vfs::write_at(f, path, &b, 0).map_err(|e| EngineError::io("writing", path, e))?;
+        super::vfs::sync_data(f, path).map_err(|e| EngineError::io("syncing", path, e))
     }
 }
 

@@ -7,10 +7,9 @@
 
 use super::Schema;
 use super::format::{FORMAT_VERSION, le_u32};
+use super::vfs;
 use crate::EngineError;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Name of the manifest file.
@@ -142,28 +141,18 @@ impl Manifest {
         let path = dir.join(MANIFEST);
         let tmp = dir.join(MANIFEST_TMP);
         let bytes = self.encode(&path)?;
-        let mut f = crate::fsutil::private_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| EngineError::io("creating", &tmp, e))?;
-        f.write_all(&bytes)
-            .map_err(|e| EngineError::io("writing", &tmp, e))?;
-        f.sync_all()
-            .map_err(|e| EngineError::io("syncing", &tmp, e))?;
+        let f = vfs::create(&tmp, true).map_err(|e| EngineError::io("creating", &tmp, e))?;
+        vfs::write_at(&f, &tmp, &bytes, 0).map_err(|e| EngineError::io("writing", &tmp, e))?;
+        vfs::sync_all(&f, &tmp).map_err(|e| EngineError::io("syncing", &tmp, e))?;
         drop(f);
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| EngineError::io("renaming into place", &path, e))?;
+        vfs::rename(&tmp, &path).map_err(|e| EngineError::io("renaming into place", &path, e))?;
         sync_dir(dir)
     }
 }
 
 /// fsyncs a directory so renames, creations and removals in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), EngineError> {
-    let d = File::open(dir).map_err(|e| EngineError::io("opening directory", dir, e))?;
-    d.sync_all()
-        .map_err(|e| EngineError::io("syncing directory", dir, e))
+    vfs::sync_dir(dir).map_err(|e| EngineError::io("syncing directory", dir, e))
 }
 
 /// The path of the manifest in `dir`.

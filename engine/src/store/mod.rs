@@ -59,10 +59,13 @@ mod check;
 mod format;
 mod intent;
 mod manifest;
+#[cfg(test)]
+mod powerloss;
 mod snapshot;
 mod subjects;
 #[cfg(test)]
 mod tests;
+pub(crate) mod vfs;
 
 pub use check::{CheckReport, Problem, check};
 pub use snapshot::Snapshot;
@@ -461,13 +464,8 @@ struct Column {
 
 fn lock_dir(dir: &Path) -> Result<File, EngineError> {
     let path = dir.join(LOCK);
-    let f = private_options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| EngineError::io("opening lock file", &path, e))?;
+    let f =
+        vfs::create(&path, false).map_err(|e| EngineError::io("opening lock file", &path, e))?;
     // File::try_lock is stable since 1.89; the toolchain here is 1.95 (the workspace MSRV field says 1.88).
     #[allow(clippy::incompatible_msrv)]
     match f.try_lock() {
@@ -513,17 +511,10 @@ impl Store {
         let mut files = Vec::with_capacity(specs.len());
         for spec in &specs {
             let path = dir.join(spec.file_name());
-            let f = private_options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(|e| EngineError::io("creating", &path, e))?;
-            f.write_all_at(&spec.header(), 0)
+            let f = vfs::create(&path, true).map_err(|e| EngineError::io("creating", &path, e))?;
+            vfs::write_at(&f, &path, &spec.header(), 0)
                 .map_err(|e| EngineError::io("writing", &path, e))?;
-            f.sync_all()
-                .map_err(|e| EngineError::io("syncing", &path, e))?;
+            vfs::sync_all(&f, &path).map_err(|e| EngineError::io("syncing", &path, e))?;
             files.push(FileState {
                 name: spec.file_name(),
                 len: HEADER_LEN as u64,
@@ -538,6 +529,8 @@ impl Store {
             schema,
             files,
         };
+        // The files' entries durable before the MANIFEST that names them (see `write_compacted`).
+        sync_dir(dir)?;
         m.write_atomic(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent)?;
@@ -647,10 +640,9 @@ impl Store {
                     });
                 }
                 tracing::warn!(file = %path.display(), torn_bytes = len - st.len, "truncating torn write");
-                f.set_len(st.len)
+                vfs::set_len(&f, &path, st.len)
                     .map_err(|e| EngineError::io("truncating torn tail of", &path, e))?;
-                f.sync_all()
-                    .map_err(|e| EngineError::io("syncing", &path, e))?;
+                vfs::sync_all(&f, &path).map_err(|e| EngineError::io("syncing", &path, e))?;
             }
             files.push(f);
         }
@@ -923,7 +915,7 @@ impl Store {
             Ok(x) => x,
             Err(e) => {
                 for s in &specs {
-                    let _ = std::fs::remove_file(self.dir.join(s.file_name()));
+                    let _ = vfs::remove(&self.dir.join(s.file_name()));
                 }
                 return Err(e);
             }
@@ -977,7 +969,7 @@ impl Store {
         // The new generation is committed; the old files are garbage (open would remove them too).
         for st in &old.files {
             let p = self.dir.join(&st.name);
-            if let Err(e) = std::fs::remove_file(&p) {
+            if let Err(e) = vfs::remove(&p) {
                 tracing::warn!(file = %p.display(), error = %e, "could not remove old generation file");
             }
         }
@@ -1024,8 +1016,7 @@ impl Store {
                 let Some(buf) = buf else { continue };
                 let st = &mut m.files[j];
                 let path = self.dir.join(&st.name);
-                w.files[j]
-                    .write_all_at(buf, st.len)
+                vfs::write_at(&w.files[j], &path, buf, st.len)
                     .map_err(|e| EngineError::io("appending to", &path, e))?;
                 st.crc = crc_extend(st.crc, st.len - HEADER_LEN as u64, buf);
                 st.len += buf.len() as u64;
@@ -1033,8 +1024,7 @@ impl Store {
             for (j, buf) in bufs.iter().enumerate() {
                 if buf.is_some() {
                     let path = self.dir.join(&m.files[j].name);
-                    w.files[j]
-                        .sync_data()
+                    vfs::sync_data(&w.files[j], &path)
                         .map_err(|e| EngineError::io("syncing", &path, e))?;
                 }
             }
@@ -1042,7 +1032,7 @@ impl Store {
         })();
         if res.is_err() {
             for (f, st) in w.files.iter().zip(&w.manifest.files) {
-                let _ = f.set_len(st.len);
+                let _ = vfs::set_len(f, &self.dir.join(&st.name), st.len);
             }
         }
         res
@@ -1141,13 +1131,7 @@ fn ensure_directory(dir: &Path) -> Result<(), EngineError> {
 fn open_journal(dir: &Path) -> Result<File, EngineError> {
     let path = dir.join(APPEND_JOURNAL);
     let existed = path.exists();
-    let f = private_options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| EngineError::io("opening", &path, e))?;
+    let f = vfs::create(&path, false).map_err(|e| EngineError::io("opening", &path, e))?;
     if !existed {
         sync_dir(dir)?;
     }
@@ -1352,7 +1336,7 @@ fn remove_strays(dir: &Path, generation: u64) -> Result<(), EngineError> {
         let stray = name == MANIFEST_TMP || parse_generation(name).is_some_and(|g| g != generation);
         if stray {
             let p = entry.path();
-            std::fs::remove_file(&p).map_err(|e| EngineError::io("removing stray file", &p, e))?;
+            vfs::remove(&p).map_err(|e| EngineError::io("removing stray file", &p, e))?;
             tracing::info!(file = %p.display(), "removed stray file");
             removed = true;
         }
@@ -1585,14 +1569,8 @@ fn write_compacted(
     let nmods = snap.mods.len();
     for (j, spec) in specs.iter().enumerate() {
         let path = dir.join(spec.file_name());
-        let f = private_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| EngineError::io("creating", &path, e))?;
-        f.write_all_at(&spec.header(), 0)
+        let f = vfs::create(&path, true).map_err(|e| EngineError::io("creating", &path, e))?;
+        vfs::write_at(&f, &path, &spec.header(), 0)
             .map_err(|e| EngineError::io("writing", &path, e))?;
         let mut st = FileState {
             name: spec.file_name(),
@@ -1601,7 +1579,7 @@ fn write_compacted(
         };
         let mut buf: Vec<u8> = Vec::with_capacity(CHUNK.min(64 << 10));
         let flush = |buf: &mut Vec<u8>, st: &mut FileState| -> Result<(), EngineError> {
-            f.write_all_at(buf, st.len)
+            vfs::write_at(&f, &path, buf, st.len)
                 .map_err(|e| EngineError::io("writing", &path, e))?;
             st.crc = crc_extend(st.crc, st.len - HEADER_LEN as u64, buf);
             st.len += buf.len() as u64;
@@ -1643,10 +1621,13 @@ fn write_compacted(
         if !buf.is_empty() {
             flush(&mut buf, &mut st)?;
         }
-        f.sync_all()
-            .map_err(|e| EngineError::io("syncing", &path, e))?;
+        vfs::sync_all(&f, &path).map_err(|e| EngineError::io("syncing", &path, e))?;
         files.push(f);
         states.push(st);
     }
+    // The new files' directory entries must be durable before a MANIFEST that names them can be: the
+    // MANIFEST's rename is made durable by a later directory fsync, but a file system that reorders metadata
+    // may persist that rename and lose the creations (found by the power-loss simulation).
+    sync_dir(dir)?;
     Ok((files, states))
 }
