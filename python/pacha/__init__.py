@@ -272,19 +272,31 @@ class DedupResult:
         return pd.DataFrame(self._table(what))
 
     def to_arrow(self, what: str = "hits") -> Any:
-        """The hits (or ``what="clusters"``) as a pyarrow Table (needs pyarrow); numeric columns are not
-        copied."""
+        """The hits (or ``what="clusters"``) as a pyarrow Table (needs pyarrow): numeric columns are not
+        copied, a cosine the pair does not share (NaN in :attr:`hits`) is null."""
         import pyarrow as pa  # type: ignore[import-not-found]
 
-        cols = self._table(what)
-        return pa.table({k: (pa.array(v.tolist(), pa.string()) if v.dtype == object else pa.array(v))
-                         for k, v in cols.items()})
+        return _arrow_table(pa, self._table(what))
 
     def write_parquet(self, path: PathLike, what: str = "hits") -> None:
         """Writes the hits (or ``what="clusters"``) as a Parquet file with pyarrow."""
         import pyarrow.parquet as pq  # type: ignore[import-not-found]
 
         pq.write_table(self.to_arrow(what), os.fspath(path))
+
+
+def _arrow_table(pa: Any, cols: Dict[str, np.ndarray]) -> Any:
+    """A pyarrow Table of numpy columns: str object arrays become ``string``, NaN cosines (modality not
+    shared) become nulls, numeric columns are wrapped without a copy."""
+    out = {}
+    for k, v in cols.items():
+        if v.dtype == object:
+            out[k] = pa.array(v.tolist(), pa.string())
+        elif k.endswith("_cosine"):
+            out[k] = pa.array(v, from_pandas=True)
+        else:
+            out[k] = pa.array(v)
+    return pa.table(out)
 
 
 class IdentifyResult:
@@ -345,8 +357,7 @@ class IdentifyResult:
         """All candidates as one pyarrow Table (see :meth:`columns`)."""
         import pyarrow as pa  # type: ignore[import-not-found]
 
-        return pa.table({k: (pa.array(v.tolist(), pa.string()) if v.dtype == object else pa.array(v))
-                         for k, v in self.columns().items()})
+        return _arrow_table(pa, self.columns())
 
 
 class Store:
