@@ -94,7 +94,7 @@ pub fn render(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug)]
 pub enum Fail {
     /// An engine error (class chosen by its kind).
-    Engine(EngineError),
+    Engine(Box<EngineError>),
     /// An engine error about record `row` of the caller's arrays.
     Row {
         /// Row of the input arrays (0-based).
@@ -102,7 +102,7 @@ pub enum Fail {
         /// The subject ID at that row.
         subject: String,
         /// The error.
-        error: EngineError,
+        error: Box<EngineError>,
     },
     /// Bad input found by the bindings themselves.
     Value(String),
@@ -110,7 +110,7 @@ pub enum Fail {
 
 impl From<EngineError> for Fail {
     fn from(e: EngineError) -> Self {
-        Fail::Engine(e)
+        Fail::Engine(Box::new(e))
     }
 }
 
@@ -147,5 +147,5 @@ impl From<Fail> for PyErr {
 
 /// Converts an engine error to a Python exception.
 pub fn py_err(e: EngineError) -> PyErr {
-    Fail::Engine(e).into()
+    Fail::Engine(Box::new(e)).into()
 }

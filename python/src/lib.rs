@@ -133,9 +133,9 @@ fn locate(ids: &[String], start: usize, e: EngineError) -> Fail {
         Some(p) => Fail::Row {
             row: start + p,
             subject: ids[start + p].clone(),
-            error: e,
+            error: Box::new(e),
         },
-        None => Fail::Engine(e),
+        None => Fail::Engine(Box::new(e)),
     }
 }
 
@@ -415,7 +415,7 @@ impl Engine {
                 let end = (start + batch).min(n);
                 let b = build_batch(&ids, &blocks, start, end)?;
                 let r = store.insert_batch(&b).map_err(|er| {
-                    Fail::Engine(EngineError::Ingest {
+                    Fail::from(EngineError::Ingest {
                         committed: inserted + unchanged,
                         total: n,
                         source: Box::new(er),
