@@ -160,7 +160,8 @@ class _Reporter:
         def bars(stage: str, done: int, total: int) -> None:
             bar = self._bars.get(stage)
             if bar is None:
-                bar = self._bars[stage] = tqdm(total=total or None, desc=f"{desc} {stage}")
+                self.close()  # the previous stage is over
+                bar = self._bars[stage] = tqdm(total=total or None, desc=f"{desc} {stage}", initial=done)
             if total and bar.total != total:
                 bar.total = total
             bar.n = done
@@ -171,6 +172,7 @@ class _Reporter:
     def close(self) -> None:
         for b in self._bars.values():
             b.close()
+        self._bars.clear()
 
     def __enter__(self) -> Optional[Callable[[str, int, int], Any]]:
         return self.callback

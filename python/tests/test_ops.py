@@ -140,6 +140,19 @@ def test_incomplete_audit_raises_completeness_error_like_cli_exit_3(index_pop: P
         assert ok.proven
     cli = json.loads((tmp_path / "cli" / "summary.json").read_text())["summary"]["audit"]
     assert cli["passed"] is False and cli["lower_bound"] == run.audit["lower_bound"]
+    # An identify batch of 3 probes on an indexed store cannot prove 0.999 either: CLI exit 3, Python raises.
+    np.save(tmp_path / "p.npy", index_pop.face[:3])
+    r = subprocess.run([pacha_bin, "identify", "--store", str(store), "--face", str(tmp_path / "p.npy")],
+                       capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    with pacha.Store.open(store, read_only=True) as s:
+        with pytest.raises(pacha.CompletenessError) as ei:
+            s.identify(face=index_pop.face[:3])
+        ans = ei.value.result
+        assert isinstance(ans, pacha.IdentifyResult) and not ans.proven
+        assert [c["subject_id"][0] for c in ans.candidates] == index_pop.ids[:3]
+        lax = s.identify(face=index_pop.face[:3], strict=False)
+        assert not lax.proven and lax.audit["lower_bound"] == ans.audit["lower_bound"]
 
 
 def test_progress_callback_and_tqdm(small_pop: Population, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
