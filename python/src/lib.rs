@@ -356,6 +356,7 @@ impl Engine {
                 "no templates: give face=... and/or finger={position: array}",
             ));
         }
+        e.store().ensure_writable("ingest").map_err(py_err)?;
         let held = hold_blocks(blocks)?;
         let n = ids.len();
         let schema = e.snapshot().schema().clone();

@@ -93,7 +93,7 @@ def test_delete_is_all_or_nothing(store: Path, small_pop: Population) -> None:
 def test_read_only_and_writer_lock(store: Path, small_pop: Population, pacha_bin: str) -> None:
     ro = pacha.Store.open(store, read_only=True)
     assert ro.read_only
-    with pytest.raises(PermissionError, match="read-only"):
+    with pytest.raises(PermissionError, match=r"open read-only: reopen it for writing to ingest"):
         ro.ingest(["new"], face=small_pop.face[:1])
     with pytest.raises(PermissionError, match="read-only"):
         ro.build_index()
