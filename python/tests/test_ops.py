@@ -1,0 +1,168 @@
+"""identify, verify, delete, read-only opens and locks, the completeness exception, progress reporting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pacha
+from conftest import Population, run_cli
+
+
+@pytest.fixture()
+def store(small_pop: Population, tmp_path: Path) -> Path:
+    path = tmp_path / "reg"
+    with pacha.Store.create(path, **small_pop.schema()) as s:
+        s.ingest(small_pop.ids, **small_pop.ingest_kwargs())
+        s.calibrate(truth=small_pop.truth)
+    return path
+
+
+def test_identify_returns_the_enrolled_subject_and_equals_cli(store: Path, small_pop: Population, pacha_bin: str, tmp_path: Path) -> None:
+    rows = [0, 5, 77, 1234]
+    face = small_pop.face[rows]
+    f2 = small_pop.fingers[2][rows]
+    with pacha.Store.open(store, read_only=True) as s:
+        r = s.identify(face=face, finger={2: f2}, max_results=5)
+        single = s.identify(face=small_pop.face[5])  # a 1-D array is one probe
+    assert len(r) == 4 and r.proven
+    for k, row in enumerate(rows):
+        c = r[k]
+        assert c["subject_id"][0] == small_pop.ids[row]
+        assert c["score"][0] >= r.threshold
+        assert np.all(np.diff(c["score"]) <= 0)
+        assert c["score"].dtype == np.float64 and c["face_cosine"].dtype == np.float32
+        assert np.isnan(c["finger7_cosine"]).all()  # the probe has no finger 7
+    assert single[0]["subject_id"][0] == small_pop.ids[5]
+    flat = r.columns()
+    assert len(flat["probe"]) == sum(len(c["subject_id"]) for c in r.candidates)
+    assert r.audit is not None and r.audit["probes"] == 4
+    # The CLI on the same probes and store.
+    np.save(tmp_path / "pf.npy", face)
+    np.save(tmp_path / "p2.npy", f2)
+    cli = run_cli(pacha_bin, "identify", "--store", str(store), "--face", str(tmp_path / "pf.npy"),
+                  "--finger", f"2={tmp_path / 'p2.npy'}", "--max-results", "5")
+    for k, p in enumerate(cli["probes"]):
+        cands = p["result"]["candidates"]
+        assert [c["subject_id"] for c in cands] == list(r[k]["subject_id"])
+        assert [c["comparison"]["fused"]["score"] for c in cands] == list(r[k]["score"])
+    # A gallery restricts the search.
+    with pacha.Store.open(store, read_only=True) as s:
+        g = s.identify(face=face[:1], gallery=[small_pop.ids[1], small_pop.ids[2]], min_score=-1e9)
+        assert set(g[0]["subject_id"]) <= {small_pop.ids[1], small_pop.ids[2]}
+        with pytest.raises(ValueError, match="probe 0: face template contains NaN"):
+            s.identify(face=np.full((1, 64), np.nan, np.float32))
+        with pytest.raises(ValueError, match="not enrolled"):
+            s.identify(face=face[:1], gallery=["nobody"])
+
+
+def test_verify_equals_cli(store: Path, small_pop: Population, pacha_bin: str) -> None:
+    a, b = pacha.read_truth(small_pop.truth)[0]
+    with pacha.Store.open(store, read_only=True) as s:
+        v = s.verify(a, b)
+        other = s.verify(small_pop.ids[0], small_pop.ids[1])
+        with pytest.raises(ValueError, match='subject "nobody" is not enrolled'):
+            s.verify(a, "nobody")
+    cli = run_cli(pacha_bin, "verify", "--store", str(store), a, b)["result"]
+    assert v["score"] == cli["comparison"]["fused"]["score"] and v["is_match"] == cli["is_match"]
+    assert v["threshold"] == 50.0
+    assert other["score"] < v["score"]
+
+
+def test_delete_is_all_or_nothing(store: Path, small_pop: Population) -> None:
+    victim, keep = small_pop.ids[5], small_pop.ids[6]
+    with pacha.Store.open(store) as s:
+        n = len(s)
+        with pytest.raises(ValueError, match='"nobody" is not enrolled'):
+            s.delete([victim, "nobody"])
+        assert len(s) == n
+        assert s.delete(victim) == 1
+        assert len(s) == n - 1 and s.rows == n
+        assert s.deleted()[5] and not s.deleted()[6]
+        r = s.identify(face=small_pop.face[5:7], max_results=3, min_score=-1e9)
+        assert victim not in list(r[0]["subject_id"])
+        assert r[1]["subject_id"][0] == keep
+        with pytest.raises(ValueError, match="not enrolled"):
+            s.verify(victim, keep)
+
+
+def test_read_only_and_writer_lock(store: Path, small_pop: Population, pacha_bin: str) -> None:
+    ro = pacha.Store.open(store, read_only=True)
+    assert ro.read_only
+    with pytest.raises(PermissionError, match=r"open read-only: reopen it for writing to ingest"):
+        ro.ingest(["new"], face=small_pop.face[:1])
+    with pytest.raises(PermissionError, match="read-only"):
+        ro.build_index()
+    with pytest.raises(PermissionError, match="read-only"):
+        ro.delete(small_pop.ids[0])
+    w = pacha.Store.open(store)
+    # A second writer (here a CLI writer) is refused while this one holds the lock; readers are not.
+    r = subprocess.run([pacha_bin, "delete", "--store", str(store), small_pop.ids[0]], capture_output=True, text=True)
+    assert r.returncode == 2 and "locked by another writer" in r.stderr
+    with pytest.raises(BlockingIOError, match="locked by another writer"):
+        pacha.Store.open(store)
+    assert len(ro.dedup()) > 0
+    w.close()
+    assert w.closed
+    with pytest.raises(ValueError, match="is closed"):
+        len(w)
+    with pacha.Store.open(store) as again:  # the lock went with close()
+        assert not again.read_only
+    ro.close()
+    info = pacha.check(store)
+    assert info["ok"] and info["problems"] == []
+
+
+def test_incomplete_audit_raises_completeness_error_like_cli_exit_3(index_pop: Population, pacha_bin: str, tmp_path: Path) -> None:
+    store = tmp_path / "reg"
+    with pacha.Store.create(store, **index_pop.schema()) as s:
+        s.ingest(index_pop.ids, **index_pop.ingest_kwargs())
+        s.build_index()
+        s.calibrate()
+    # min_recall 1.0 cannot be proven by a finite sample in index mode: the CLI exits 3, Python raises.
+    r = subprocess.run([pacha_bin, "dedup", "--store", str(store), "--out", str(tmp_path / "cli"), "--mode", "index",
+                        "--min-recall", "1"], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    with pacha.Store.open(store, read_only=True) as s:
+        with pytest.raises(pacha.CompletenessError, match="completeness not proven") as ei:
+            s.dedup(mode="index", min_recall=1.0)
+        run = ei.value.result
+        assert isinstance(run, pacha.DedupResult) and not run.proven
+        assert run.audit is not None and not run.audit["passed"]
+        assert isinstance(ei.value, pacha.PachaError)
+        lax = s.dedup(mode="index", min_recall=1.0, strict=False)
+        assert not lax.proven and len(lax) == len(run)
+        ok = s.dedup(mode="index")
+        assert ok.proven
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())["summary"]["audit"]
+    assert cli["passed"] is False and cli["lower_bound"] == run.audit["lower_bound"]
+    # An identify batch of 3 probes on an indexed store cannot prove 0.999 either: CLI exit 3, Python raises.
+    np.save(tmp_path / "p.npy", index_pop.face[:3])
+    r = subprocess.run([pacha_bin, "identify", "--store", str(store), "--face", str(tmp_path / "p.npy")],
+                       capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    with pacha.Store.open(store, read_only=True) as s:
+        with pytest.raises(pacha.CompletenessError) as ei:
+            s.identify(face=index_pop.face[:3])
+        ans = ei.value.result
+        assert isinstance(ans, pacha.IdentifyResult) and not ans.proven
+        assert [c["subject_id"][0] for c in ans.candidates] == index_pop.ids[:3]
+        lax = s.identify(face=index_pop.face[:3], strict=False)
+        assert not lax.proven and lax.audit["lower_bound"] == ans.audit["lower_bound"]
+
+
+def test_progress_callback_and_tqdm(small_pop: Population, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    seen = []
+    with pacha.Store.create(tmp_path / "reg", **small_pop.schema()) as s:
+        s.ingest(small_pop.ids, **small_pop.ingest_kwargs(), batch_size=500,
+                 progress=lambda stage, done, total: seen.append((stage, done, total)))
+        assert {st for st, _, _ in seen} <= {"validate", "ingest"}
+        assert ("ingest", 3000, 3000) in seen  # the last report always arrives
+        s.build_index(progress=True)  # tqdm is installed in the test venv: bars on stderr
+        s.dedup(mode="exact", progress=False)
+    err = capsys.readouterr().err
+    assert "index" in err
