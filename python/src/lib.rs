@@ -682,7 +682,15 @@ impl Engine {
                 .map_err(py_err)?
         };
         let report = py
-            .detach(|| pacha_engine::evaluation::evaluate_run(&e, &data, &truth, impostor_pairs))
+            .detach(|| {
+                pacha_engine::evaluation::evaluate_run(
+                    &e,
+                    &data,
+                    &truth,
+                    impostor_pairs,
+                    pacha_engine::evaluation::EvalCounts::default(),
+                )
+            })
             .map_err(py_err)?;
         json(&report)
     }
