@@ -141,9 +141,40 @@ pub fn generate_into(
 }
 
 fn ingest(a: &crate::IngestArgs, ui: Ui) -> Result<(), Failure> {
-    let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
     let t = Instant::now();
-    let report = ingest_files(&a.store, &files, &a.subjects, a.batch, ui)?;
+    let report = match (&a.parquet, &a.subjects) {
+        (Some(pq), _) => {
+            let mut cols = pacha_datasets::parquet::ParquetColumns {
+                id: a.id_column.clone(),
+                ..Default::default()
+            };
+            for c in &a.columns {
+                cols.push_override(c).map_err(|e| anyhow!(e))?;
+            }
+            let pb = ui.bar(0, "ingest");
+            let r = pacha_engine::ingest::ingest_parquet(
+                &a.store,
+                pq,
+                &cols,
+                a.batch,
+                &|stage, done, total| {
+                    pb.set_prefix(stage.to_string());
+                    pb.set_length(total);
+                    pb.set_position(done);
+                },
+            )
+            .with_context(|| format!("ingesting into {}", a.store.display()))?;
+            pb.finish_and_clear();
+            r
+        }
+        (None, Some(subjects)) => {
+            let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
+            ingest_files(&a.store, &files, subjects, a.batch, ui)?
+        }
+        (None, None) => {
+            return Err(anyhow!("give --subjects with --face/--finger, or --parquet").into());
+        }
+    };
     let secs = t.elapsed().as_secs_f64();
     ui.out(format!(
         "ingested {} enrolments ({} already present) into {} in {secs:.1} s ({:.0} records/s)",
@@ -364,12 +395,13 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         return Ok(());
     }
     let result = run_dedup(&engine, &opts, ui)?;
-    pacha_engine::tiles::write_whole_run(
+    pacha_engine::tiles::write_whole_run_as(
         &a.out,
         &result,
         pacha_engine::dedup::RunParameters::of(&opts),
         started,
         &[],
+        a.format.format(),
     )
     .with_context(|| format!("writing results to {}", a.out.display()))?;
     report_run(&result.summary, &a.out, ui, "dedup")
@@ -391,8 +423,15 @@ fn merge(a: &crate::MergeArgs, ui: Ui) -> Result<(), Failure> {
         .first()
         .map(|m| m.parameters.clone())
         .context("no tiles")?;
-    pacha_engine::tiles::write_whole_run(&a.out, &result, params, started, &merged.tiles)
-        .with_context(|| format!("writing the merged run to {}", a.out.display()))?;
+    pacha_engine::tiles::write_whole_run_as(
+        &a.out,
+        &result,
+        params,
+        started,
+        &merged.tiles,
+        a.format.format(),
+    )
+    .with_context(|| format!("writing the merged run to {}", a.out.display()))?;
     ui.out(format!(
         "merged {} tiles ({} pairs) from {}",
         merged.tiles.len(),

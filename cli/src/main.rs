@@ -41,7 +41,7 @@ pub struct Cli {
 pub enum Command {
     /// Generate a synthetic population with planted duplicates and ground truth.
     Generate(GenerateArgs),
-    /// Ingest templates (.npy / .fvecs) and a subjects CSV into a store (created if absent).
+    /// Ingest templates (.npy / .fvecs and a subjects CSV, or one Parquet table) into a store (created if absent).
     Ingest(IngestArgs),
     /// Build (or rebuild) the candidate index of a store.
     Index(IndexArgs),
@@ -170,14 +170,26 @@ pub struct IngestArgs {
     #[arg(long, short)]
     pub store: PathBuf,
     /// Face templates (.npy f32/f16, or .fvecs).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "parquet")]
     pub face: Option<PathBuf>,
     /// Finger templates as `POS=FILE`, e.g. `2=ri.npy` (repeatable).
-    #[arg(long = "finger", value_name = "POS=FILE")]
+    #[arg(long = "finger", value_name = "POS=FILE", conflicts_with = "parquet")]
     pub fingers: Vec<String>,
     /// Subjects CSV/TSV (`subject_id` column, optional `<modality>_present`/`_quality` columns).
-    #[arg(long)]
-    pub subjects: PathBuf,
+    #[arg(long, required_unless_present = "parquet", conflicts_with = "parquet")]
+    pub subjects: Option<PathBuf>,
+    /// One Parquet table instead of --face/--finger/--subjects: a subject-ID column and one list<float> or
+    /// list<halffloat> column (fixed-size or not) per modality named `face`, `finger1` … `finger10` (a null
+    /// = absent template), optional `<modality>_quality` float columns. Streamed in batches.
+    #[arg(long, value_name = "FILE")]
+    pub parquet: Option<PathBuf>,
+    /// The Parquet subject-ID column (strings or integers).
+    #[arg(long, default_value = "subject_id", requires = "parquet")]
+    pub id_column: String,
+    /// A Parquet template column with another name, as `MODALITY=COLUMN` (`face=emb_face`, `finger2=ri`;
+    /// repeatable).
+    #[arg(long = "column", value_name = "MODALITY=COLUMN", requires = "parquet")]
+    pub columns: Vec<String>,
     /// Records per committed batch.
     #[arg(long, default_value_t = 10_000)]
     pub batch: usize,
@@ -203,6 +215,29 @@ pub struct CalibrateArgs {
     pub tail_rows: usize,
 }
 
+/// Format of a run's hits and clusters tables.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    /// hits.csv and clusters.csv.
+    Csv,
+    /// hits.parquet and clusters.parquet instead of the CSVs (same columns, typed, unrounded).
+    Parquet,
+    /// Both the CSV and the Parquet tables.
+    Both,
+}
+
+impl FormatArg {
+    /// The engine's output format.
+    pub fn format(self) -> pacha_engine::runio::OutputFormat {
+        use pacha_engine::runio::OutputFormat;
+        match self {
+            FormatArg::Csv => OutputFormat::Csv,
+            FormatArg::Parquet => OutputFormat::Parquet,
+            FormatArg::Both => OutputFormat::Both,
+        }
+    }
+}
+
 /// Candidate generation mode.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ModeArg {
@@ -223,6 +258,10 @@ pub struct DedupArgs {
     /// Output directory for hits.csv, hits.jsonl, clusters.csv and summary.json.
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Tables of hits and clusters: csv, parquet (hits.parquet, clusters.parquet instead) or both;
+    /// hits.jsonl and summary.json are always written.
+    #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
+    pub format: FormatArg,
     /// Target false-positive identification rate per probe.
     #[arg(long, default_value_t = 1e-3)]
     pub target_fpir: f64,
@@ -281,6 +320,9 @@ pub struct MergeArgs {
     /// Recall the merged run must prove (as for `dedup`): exit code 3 below it.
     #[arg(long)]
     pub min_recall: Option<f64>,
+    /// Tables of hits and clusters, as for `dedup`: csv, parquet or both.
+    #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
+    pub format: FormatArg,
 }
 
 /// Arguments of `identify`.

@@ -269,6 +269,38 @@ pub enum DatasetError {
     /// An invalid generator configuration.
     #[error("invalid population config: {0}")]
     Config(String),
+    /// A Parquet file that cannot be read (not Parquet, corrupt, unsupported encoding) or written.
+    #[error("{path}: Parquet: {reason}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A Parquet column that is missing or of the wrong type or shape.
+    #[error("{path}: column {column:?}: {problem}")]
+    ParquetColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column.
+        column: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A Parquet row refused: bad or duplicate subject ID, a template of the wrong length, NaN, zero, ….
+    #[error("{path}: row {row}{}, column {column:?}: {problem}", subject.as_ref().map_or(String::new(), |s| format!(" (subject {s:?})")))]
+    ParquetRow {
+        /// The file.
+        path: PathBuf,
+        /// 0-based row in the file.
+        row: u64,
+        /// The subject ID of the row, when it has a readable one.
+        subject: Option<String>,
+        /// The column.
+        column: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// JSON (de)serialisation failed.
     #[error("{path}: JSON: {source}")]
     Json {

@@ -12,6 +12,51 @@ use std::path::{Path, PathBuf};
 /// `pacha_engine::store::MIN_TEMPLATE_NORM` for why 1e-6).
 pub const MIN_TEMPLATE_NORM: f64 = 1e-6;
 
+/// Records to ingest from any input format: validated up front by the caller (every batch read once before
+/// the first commit), then streamed again to commit. Implemented by [`IngestSource`] (subjects file + vector
+/// files) and, with the `parquet` feature, `ParquetSource`.
+pub trait RecordSource {
+    /// Number of records.
+    fn len(&self) -> usize;
+    /// True when there are no records.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Modalities and their dimensions, in modality order.
+    fn modalities(&self) -> Vec<(Modality, usize)>;
+    /// Stream all records in order, in batches of at most `batch_size` records; each read checks every
+    /// template (finite, norm, dimension, at least one per record) and stops at the first problem.
+    fn record_batches(
+        &self,
+        batch_size: usize,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch>> + '_>;
+    /// The file to name when a record is refused.
+    fn source_path(&self) -> &Path;
+    /// Where record `index` (0-based, in stream order) is in that file: `line 12`, `row 11`.
+    fn place(&self, index: usize) -> String;
+}
+
+impl RecordSource for IngestSource {
+    fn len(&self) -> usize {
+        self.subjects.len()
+    }
+    fn modalities(&self) -> Vec<(Modality, usize)> {
+        IngestSource::modalities(self)
+    }
+    fn record_batches(
+        &self,
+        batch_size: usize,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch>> + '_> {
+        Box::new(self.batches(batch_size))
+    }
+    fn source_path(&self) -> &Path {
+        &self.subjects_path
+    }
+    fn place(&self, index: usize) -> String {
+        format!("line {}", self.subjects.line(index))
+    }
+}
+
 /// A row-major matrix file of one modality: `.npy` (f32/f16) or `.fvecs`.
 #[derive(Debug)]
 pub enum VectorFile {

@@ -21,7 +21,10 @@
 //! * [`subjects`]: our own CSV/TSV parser (quotes, CRLF, BOM) and the subjects file reader/writer
 //!   (`subject_id`, `<modality>_present`, `<modality>_quality`).
 //! * [`ingest`]: [`IngestSource`] validates a subjects file and its modality files together and streams
-//!   [`RecordBatch`]es.
+//!   [`RecordBatch`]es; [`RecordSource`] is what ingest consumes, whatever the format.
+//! * `parquet` (feature `parquet`): `ParquetSource` streams a Parquet table of enrolments (ID column, one
+//!   list-of-float column per modality, nulls = absent) in bounded memory; `TableWriter` writes typed tables
+//!   (dedup hits and clusters).
 //!
 //! Every failure is a [`DatasetError`] naming the file and the line, row or offset; bad input never panics.
 
@@ -31,6 +34,8 @@ pub mod generate;
 pub mod ingest;
 pub mod modality;
 pub mod npy;
+#[cfg(feature = "parquet")]
+pub mod parquet;
 pub mod private;
 pub mod subjects;
 pub mod testpop;
@@ -41,7 +46,7 @@ pub use generate::{
     GeneratedBatch, Generator, ModalityModel, ModalityStats, PopulationConfig, PopulationManifest,
     PopulationSummary, Preset, ScoreStats, TruthPair, read_clusters, read_truth, write_population,
 };
-pub use ingest::{IngestSource, VectorFile};
+pub use ingest::{IngestSource, RecordSource, VectorFile};
 pub use modality::{Modality, ModalityBlock, ModalityParseError, RecordBatch};
 pub use npy::{Dtype, NpyMatrix, NpyWriter, write_npy_f32};
 pub use subjects::{SubjectModality, Subjects, SubjectsWriter, read_subjects, write_subjects};

@@ -261,12 +261,13 @@ pub enum EngineError {
         total_tiles: usize,
     },
     /// A record of an input file that an insert would refuse (found by ingest's validation pass).
-    #[error("{}: {}refused", path.display(), line.map_or(String::new(), |l| format!("line {l}: ")))]
+    #[error("{}: {}refused", path.display(), at.as_ref().map_or(String::new(), |l| format!("{l}: ")))]
     InputRecord {
-        /// The subjects file.
+        /// The subjects file (or the Parquet file).
         path: PathBuf,
-        /// 1-based line of the record, when the error names one subject.
-        line: Option<u64>,
+        /// Where the record is (`line 12` of a subjects file, `row 11` of a Parquet file), when the error
+        /// names one subject.
+        at: Option<String>,
         /// Why it is refused.
         source: Box<EngineError>,
     },

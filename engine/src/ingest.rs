@@ -3,7 +3,7 @@
 use crate::EngineError;
 use crate::store::{Schema, Store, Template};
 use pacha_datasets::Modality;
-use pacha_datasets::ingest::{IngestSource, VectorFile};
+use pacha_datasets::ingest::{IngestSource, RecordSource, VectorFile};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,40 @@ pub fn ingest(
     batch: usize,
     progress: &dyn Fn(&str, u64, u64),
 ) -> Result<IngestReport, EngineError> {
+    let existing = prepare_store_dir(store_dir, batch)?;
+    let source = IngestSource::open(subjects, files)?;
+    ingest_checked(store_dir, existing, &source, batch, progress)
+}
+
+/// Ingests a Parquet table of enrolments ([`pacha_datasets::parquet::ParquetSource`]: an ID column and one
+/// list-of-float column per modality, nulls = absent), streamed in batches, with every check and the
+/// validate-then-commit order of [`ingest`]; refused records name the file and the row.
+#[cfg(feature = "parquet")]
+pub fn ingest_parquet(
+    store_dir: &Path,
+    path: &Path,
+    columns: &pacha_datasets::parquet::ParquetColumns,
+    batch: usize,
+    progress: &dyn Fn(&str, u64, u64),
+) -> Result<IngestReport, EngineError> {
+    let existing = prepare_store_dir(store_dir, batch)?;
+    let source = pacha_datasets::parquet::ParquetSource::open(path, columns)?;
+    ingest_checked(store_dir, existing, &source, batch, progress)
+}
+
+/// Ingests any [`RecordSource`] as [`ingest`] does (validate everything, then commit batch by batch).
+pub fn ingest_source(
+    store_dir: &Path,
+    source: &dyn RecordSource,
+    batch: usize,
+    progress: &dyn Fn(&str, u64, u64),
+) -> Result<IngestReport, EngineError> {
+    let existing = prepare_store_dir(store_dir, batch)?;
+    ingest_checked(store_dir, existing, source, batch, progress)
+}
+
+/// Checks the batch size and the store directory; true when it already holds a store.
+fn prepare_store_dir(store_dir: &Path, batch: usize) -> Result<bool, EngineError> {
     if batch == 0 {
         return Err(EngineError::InvalidArgument(
             "batch size must be at least 1".into(),
@@ -56,7 +90,16 @@ pub fn ingest(
     if !existing {
         check_new_store_dir(store_dir)?;
     }
-    let source = IngestSource::open(subjects, files)?;
+    Ok(existing)
+}
+
+fn ingest_checked(
+    store_dir: &Path,
+    existing: bool,
+    source: &dyn RecordSource,
+    batch: usize,
+    progress: &dyn Fn(&str, u64, u64),
+) -> Result<IngestReport, EngineError> {
     let n = source.len();
     let mut report = IngestReport {
         records: n,
@@ -99,14 +142,22 @@ pub fn ingest(
     // Validation pass: everything an insert would refuse, before the first commit.
     progress("validate", 0, n as u64);
     let step = batch.min(4096);
-    for (k, b) in source.batches(step).enumerate() {
+    let mut start = 0usize;
+    for b in source.record_batches(step) {
         let b = b?;
         let checked = match &store {
             Some(s) => s.check_batch(&b),
             None => crate::store::check_new_batch(&file_schema, &b),
         };
-        checked.map_err(|e| locate(&source, k * step, &b.ids, e))?;
-        progress("validate", (k * step + b.len()) as u64, n as u64);
+        checked.map_err(|e| locate(source, start, &b.ids, e))?;
+        start += b.len();
+        progress("validate", start as u64, n as u64);
+    }
+    if start != n {
+        return Err(EngineError::InvalidArgument(format!(
+            "{}: {start} records read but the source announced {n}",
+            source.source_path().display()
+        )));
     }
     let store = match store {
         Some(s) => s,
@@ -115,7 +166,7 @@ pub fn ingest(
             Store::create(store_dir, file_schema)?
         }
     };
-    for b in source.batches(batch) {
+    for b in source.record_batches(batch) {
         let b = b?;
         let r = store.insert_batch(&b).map_err(|e| EngineError::Ingest {
             committed: report.inserted + report.unchanged,
@@ -156,14 +207,14 @@ fn check_new_store_dir(dir: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Names the subjects file and line of the record an insert check refused (records `start..` of `source`).
-fn locate(source: &IngestSource, start: usize, ids: &[String], e: EngineError) -> EngineError {
-    let line = crate::store::subject_of(&e)
+/// Names the file and line (or row) of the record an insert check refused (records `start..` of `source`).
+fn locate(source: &dyn RecordSource, start: usize, ids: &[String], e: EngineError) -> EngineError {
+    let at = crate::store::subject_of(&e)
         .and_then(|id| ids.iter().position(|x| x == id))
-        .map(|i| source.subjects().line(start + i));
+        .map(|i| source.place(start + i));
     EngineError::InputRecord {
-        path: source.subjects_path().to_path_buf(),
-        line,
+        path: source.source_path().to_path_buf(),
+        at,
         source: Box::new(e),
     }
 }

@@ -340,11 +340,12 @@ pub fn merge_tiles(dirs: &[PathBuf]) -> Result<Merged, EngineError> {
     })
 }
 
-/// The files a whole run's manifest sums.
+/// The files a whole run's manifest sums with CSV tables (see [`crate::runio::OutputFormat::run_files`]).
 pub const RUN_FILES: [&str; 4] = ["hits.csv", "hits.jsonl", "clusters.csv", "summary.json"];
 
-/// Writes a whole run (its files by [`crate::runio::write_run`], then its manifest) into `dir`.
-/// `tiles`: the manifests of the tiles it was merged from (empty for a single process).
+/// Writes a whole run (its files by [`crate::runio::write_run`], then its manifest) into `dir`, with CSV
+/// tables ([`write_whole_run_as`] chooses). `tiles`: the manifests of the tiles it was merged from (empty
+/// for a single process).
 pub fn write_whole_run(
     dir: &Path,
     result: &DedupResult,
@@ -352,7 +353,39 @@ pub fn write_whole_run(
     started_unix: f64,
     tiles: &[RunManifest],
 ) -> Result<RunManifest, EngineError> {
-    crate::runio::write_run(dir, result)?;
+    write_whole_run_as(
+        dir,
+        result,
+        parameters,
+        started_unix,
+        tiles,
+        crate::runio::OutputFormat::Csv,
+    )
+}
+
+/// [`write_whole_run`] with tables in `format`: the manifest sums every file written
+/// ([`crate::runio::OutputFormat::run_files`]), the Parquet tables included.
+pub fn write_whole_run_as(
+    dir: &Path,
+    result: &DedupResult,
+    parameters: RunParameters,
+    started_unix: f64,
+    tiles: &[RunManifest],
+    format: crate::runio::OutputFormat,
+) -> Result<RunManifest, EngineError> {
+    // A previous run's tables of the other format would be left beside the new ones, unsummed: remove them.
+    for stale in [
+        "hits.csv",
+        "clusters.csv",
+        "hits.parquet",
+        "clusters.parquet",
+    ] {
+        let p = dir.join(stale);
+        if !format.run_files().contains(&stale) && p.exists() {
+            std::fs::remove_file(&p).map_err(|e| EngineError::io("removing", &p, e))?;
+        }
+    }
+    let files = crate::runio::write_run_as(dir, result, format)?;
     let mut m = RunManifest::new(
         "run",
         TileSpec {
@@ -364,5 +397,5 @@ pub fn write_whole_run(
         started_unix,
     );
     m.sources = tiles.iter().map(|t| t.checksum.clone()).collect();
-    m.seal(dir, &RUN_FILES)
+    m.seal(dir, &files)
 }
