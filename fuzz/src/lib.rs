@@ -1,8 +1,12 @@
 //! Fuzz targets: each takes the fuzzer's bytes, puts them where pacha reads a file from, and runs the reader.
 //! A reader may refuse the input with its typed error; it may not panic, abort or hang. The binaries in
-//! `src/bin/` wrap each target in `afl::fuzz!`; `seeds` writes the seed corpora in `corpus/`.
+//! `src/bin/` wrap each target in `afl::fuzz!`; `seeds` writes the seed corpora in `corpus/`. Without the
+//! default `engine` feature only the reader targets (npy, fvecs, subjects) build: CI's short run uses that, so
+//! its instrumented build skips the engine and its GEMM dependencies.
 
+#[cfg(feature = "engine")]
 use pacha_engine::Modality;
+#[cfg(feature = "engine")]
 use pacha_engine::store::{Enrolment, Schema, Store, Template};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -59,17 +63,20 @@ pub fn subjects(data: &[u8]) {
     let _ = pacha_datasets::subjects::read_subjects(&p);
 }
 
+#[cfg(feature = "engine")]
 /// `.ivf` index file loader.
 pub fn ivf(data: &[u8]) {
     let p = write("x.ivf", data);
     let _ = pacha_index::ivf::Ivf::load(&p);
 }
 
+#[cfg(feature = "engine")]
 /// The schema of the seed store.
 pub fn store_schema() -> Schema {
     Schema::of([(Modality::Face, 8), (Modality::Finger(2), 4)])
 }
 
+#[cfg(feature = "engine")]
 /// A small deterministic enrolment.
 pub fn enrolment(id: &str, seed: u32) -> Enrolment {
     let v = |d: usize, s: u32| -> Vec<f32> {
@@ -94,6 +101,7 @@ pub fn enrolment(id: &str, seed: u32) -> Enrolment {
     }
 }
 
+#[cfg(feature = "engine")]
 /// Builds the seed store (3 commits, one delete) in `dir`.
 pub fn build_store(dir: &Path) {
     let s = Store::create(dir, store_schema()).expect("creating the seed store");
@@ -103,6 +111,7 @@ pub fn build_store(dir: &Path) {
     s.delete("b").expect("delete");
 }
 
+#[cfg(feature = "engine")]
 /// The names of a store directory's files, sorted.
 pub fn file_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -115,6 +124,7 @@ pub fn file_names(dir: &Path) -> Vec<String> {
     v
 }
 
+#[cfg(feature = "engine")]
 fn copy_dir(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to).expect("creating");
@@ -123,6 +133,7 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+#[cfg(feature = "engine")]
 /// Store open and `check` on a damaged store directory: the first byte picks a file of the seed store
 /// (sorted names), the rest replaces its contents; then read-only open, `check`, writer open and an insert.
 pub fn store(data: &[u8]) {
@@ -153,6 +164,7 @@ pub fn store(data: &[u8]) {
     }
 }
 
+#[cfg(feature = "engine")]
 /// The derived-file readers: the first byte picks `engine/index/index.json` or `engine/calibration.json`;
 /// the rest, sealed as pacha seals it (so the JSON parser behind the checksum is reached), is written there;
 /// then `check_store_dir` and a read-only engine open.
@@ -193,6 +205,7 @@ pub fn derived(data: &[u8]) {
     let _ = pacha_engine::Engine::open_read_only(&dir);
 }
 
+#[cfg(feature = "engine")]
 /// Run and tile manifest readers: the bytes are a directory's `manifest.json`.
 pub fn tiles(data: &[u8]) {
     let dir = scratch().join("tile");
@@ -202,6 +215,7 @@ pub fn tiles(data: &[u8]) {
     let _ = pacha_engine::tiles::read_tile(&dir);
 }
 
+#[cfg(feature = "engine")]
 /// HNSW dump loader: the first byte picks the sidecar, the graph or the data file of a seed dump; the rest
 /// replaces it.
 pub fn hnsw(data: &[u8]) {
@@ -222,6 +236,7 @@ pub fn hnsw(data: &[u8]) {
     let _ = pacha_index::HnswIndex::load(&dir);
 }
 
+#[cfg(feature = "engine")]
 /// Saves a small HNSW index in `dir`.
 pub fn build_hnsw(dir: &Path) {
     use pacha_index::ann::{AnnBuild, AnnIndex};
