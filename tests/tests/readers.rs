@@ -185,7 +185,7 @@ fn readers_run_beside_a_dedup_and_beside_an_ingest() {
         "--store",
         s(&store),
         "--batch",
-        "200",
+        "10",
     ];
     let templates = template_args(&pop_b);
     args.extend(templates.iter().map(String::as_str));
