@@ -990,11 +990,9 @@ pub fn count_pool_tail(
     u: f64,
     genuine: &HashSet<(usize, usize)>,
 ) -> Result<Option<tail::TailCount>, EngineError> {
-    let dim = modality_dim(snap, m)?;
-    let (data, pool_rows) = gather_present(snap, m, dim, pool);
-    if pool_rows.len() < 2 {
+    let Some((data, pool_rows, dim)) = pool_templates(snap, m, pool)? else {
         return Ok(None);
-    }
+    };
     let at: HashSet<usize> = pool_rows.iter().copied().collect();
     let excluded_total = genuine
         .iter()
@@ -1017,11 +1015,9 @@ pub fn count_pool_tail_pairs(
     pool: &[usize],
     c: f64,
 ) -> Result<Option<Vec<(usize, usize)>>, EngineError> {
-    let dim = modality_dim(snap, m)?;
-    let (data, pool_rows) = gather_present(snap, m, dim, pool);
-    if pool_rows.len() < 2 {
+    let Some((data, pool_rows, dim)) = pool_templates(snap, m, pool)? else {
         return Ok(None);
-    }
+    };
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("pool of {m}: {e}")))?;
     let mut out = Vec::new();
@@ -1037,13 +1033,25 @@ pub fn count_pool_tail_pairs(
     Ok(Some(out))
 }
 
-fn modality_dim(snap: &Snapshot, m: Modality) -> Result<usize, EngineError> {
-    snap.schema()
+/// Templates of one modality held by a pool of rows: dense data, their row numbers, the dimension.
+type PoolTemplates = (Vec<f32>, Vec<usize>, usize);
+
+/// The templates of modality `m` held by `pool` rows; `None` when fewer than 2 rows hold `m`. Shared by the
+/// tail count and the fused check's candidate joins.
+fn pool_templates(
+    snap: &Snapshot,
+    m: Modality,
+    pool: &[usize],
+) -> Result<Option<PoolTemplates>, EngineError> {
+    let dim = snap
+        .schema()
         .modalities
         .iter()
         .find(|s| s.modality == m)
         .map(|s| s.dim)
-        .ok_or_else(|| EngineError::Calibration(format!("the store has no {m} modality")))
+        .ok_or_else(|| EngineError::Calibration(format!("the store has no {m} modality")))?;
+    let (data, rows) = gather_present(snap, m, dim, pool);
+    Ok((rows.len() >= 2).then_some((data, rows, dim)))
 }
 
 /// Counts the tail of modality `m` on the calibration's pool, fits it ([`TailModel::fit`], truncated when no
