@@ -277,6 +277,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         genuine: truth.as_deref(),
         seed: a.seed,
         tail_rows: a.tail_rows,
+        quality_bands: a.quality_bands,
         ..CalibrateOptions::default()
     };
     let t = Instant::now();
@@ -289,7 +290,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
     }
     ui.json_out(&json!({
         "command": "calibrate", "models": cal.models, "source": cal.source,
-        "tail_checks": cal.tail_checks, "seconds": seconds,
+        "tail_checks": cal.tail_checks, "quality_bands": cal.quality_bands, "seconds": seconds,
     }));
     Ok(())
 }
@@ -312,6 +313,15 @@ fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
     );
     for (m, g) in c.model.iter().zip(&c.gaussian) {
         out.push_str(&format!("\n  {:>8.0e}  {}  {}", m.level, cell(m), cell(g)));
+    }
+    for b in &c.bands {
+        out.push_str(&format!(
+            "\n  {} pairs of quality [{:.3}, {:.3}): {} counted\n  {:>8}  {:>28}  {:>28}",
+            c.modality, b.lo, b.hi, b.pairs, "FMR", "band model", "pooled model"
+        ));
+        for (m, p) in b.model.iter().zip(&b.pooled) {
+            out.push_str(&format!("\n  {:>8.0e}  {}  {}", m.level, cell(m), cell(p)));
+        }
     }
     out
 }

@@ -213,6 +213,10 @@ pub struct CalibrateArgs {
     /// Rows whose every pair is scored to count and fit the impostor tail (0: Gaussian tail fit only).
     #[arg(long, default_value_t = pacha_engine::engine::TAIL_ROWS)]
     pub tail_rows: usize,
+    /// Quality bands per modality: pairs are scored against the impostor tail of their band (the lower
+    /// template quality); kept only where qualities vary and move the tail. 0 or 1: pooled models only.
+    #[arg(long, default_value_t = pacha_engine::engine::QUALITY_BANDS)]
+    pub quality_bands: usize,
 }
 
 /// Format of a run's hits and clusters tables.

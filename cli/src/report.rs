@@ -105,6 +105,31 @@ fn tails_section(h: &mut String, r: &EvalReport) {
             }
         }
         h.push_str("</table>\n");
+        if r.tail_checks.iter().any(|c| !c.bands.is_empty()) {
+            h.push_str(
+                "<h3>Impostor tails per quality band (pairs by their lower template quality)</h3>\n\
+                 <table id=\"band-checks\">\n<tr><th>modality</th><th>band</th><th>pairs counted</th><th>FMR</th>\
+                 <th>band model</th><th>pooled model</th></tr>\n",
+            );
+            for c in &r.tail_checks {
+                for b in &c.bands {
+                    for (m, p) in b.model.iter().zip(&b.pooled) {
+                        let _ = writeln!(
+                            h,
+                            "<tr><td>{}</td><td>[{:.3}, {:.3})</td><td class=\"num\">{}</td><td class=\"num\">{:.0e}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                            esc(&c.modality),
+                            b.lo,
+                            b.hi,
+                            b.pairs,
+                            m.level,
+                            esc(&ratio_cell(m.level, m.ratio, m.ci, m.events)),
+                            esc(&ratio_cell(p.level, p.ratio, p.ci, p.events)),
+                        );
+                    }
+                }
+            }
+            h.push_str("</table>\n");
+        }
     }
     if let Some(f) = &r.fused_count {
         let _ = writeln!(

@@ -8,7 +8,8 @@ use crate::derived::{
     INDEX_DIR, INDEX_META, seal, unseal,
 };
 use crate::fusion::{
-    Calibration, Gaussian, ImpostorBody, ModalityModel, ModalityTailCheck, threshold_for_fpir,
+    Calibration, Gaussian, ImpostorBody, ModalityModel, ModalityTailCheck, QualityBands,
+    threshold_for_fpir,
 };
 use crate::matcher::{Comparison, Probe, compare_probe, compare_rows};
 use crate::store::{Enrolment, InsertReport, Schema, Snapshot, Store, Template};
@@ -18,7 +19,7 @@ use pacha_datasets::{Modality, RecordBatch};
 use pacha_index::view::RowsF32;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
@@ -93,7 +94,17 @@ pub struct CalibrateOptions<'a> {
     /// Rows whose every pair is scored to count and fit the impostor tail ([`crate::tail`]); 0 keeps the
     /// Gaussian upper-tail fit alone. Default [`TAIL_ROWS`].
     pub tail_rows: usize,
+    /// Quality bands per modality ([`crate::fusion::QualityBands`]); below 2, pooled models only. Bands are
+    /// kept only where the store's qualities vary and they move the impostor tail. Default
+    /// [`QUALITY_BANDS`].
+    pub quality_bands: usize,
 }
+
+/// Default number of quality bands per modality.
+pub const QUALITY_BANDS: usize = 3;
+/// Bands are kept only if some band's sampled survival at the pooled tail threshold differs from the pooled
+/// one by at least this factor (either way); below it, quality does not measurably move the tail.
+pub const BAND_EFFECT_MIN: f64 = 1.25;
 
 /// Default pool of rows whose all pairs a calibration counts for the impostor tail: 40 000 rows are
 /// 8·10⁸ pairs, enough to resolve an FMR of 1e-7 with 80 events.
@@ -107,6 +118,7 @@ impl Default for CalibrateOptions<'_> {
             genuine: None,
             seed: 0x5eed,
             tail_rows: TAIL_ROWS,
+            quality_bands: QUALITY_BANDS,
         }
     }
 }
@@ -708,12 +720,13 @@ impl Engine {
         };
         let (cal, samples) = fit_calibration(&snap, &current, options)?;
         let params = format!(
-            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {}",
+            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {} quality_bands {}",
             options.impostor_pairs,
             options.pool_rows,
             options.seed,
             options.genuine.map_or(0, <[_]>::len),
-            options.tail_rows
+            options.tail_rows,
+            options.quality_bands
         );
         let id = DerivedIdentity::of(&snap, params);
         save_calibration_file(self.store.dir(), &cal, &id)?;
@@ -821,6 +834,7 @@ pub fn fit_calibration(
         .collect();
     let mut models = Vec::new();
     let mut tail_checks = Vec::new();
+    let mut quality_bands = Vec::new();
     let mut samples = CalibrationSamples::default();
     let mut notes = Vec::new();
     // Impostor pairs are drawn among at most `pool_rows` live rows (a seeded sample in a larger store).
@@ -848,7 +862,7 @@ pub fn fit_calibration(
             Some((rows, present)) => present[k].then(|| &rows[k * spec.dim..(k + 1) * spec.dim]),
             None => snap.template(m, pool[k]),
         };
-        let mut imp: Vec<f64> = (0..n as u64)
+        let sampled_pairs: Vec<(f64, f32)> = (0..n as u64)
             .into_par_iter()
             .filter_map(|i| {
                 let h = mix(options.seed ^ mix(i ^ (u64::from(m_key(m)) << 40)));
@@ -859,10 +873,20 @@ pub fn fit_calibration(
                     return None;
                 }
                 let (x, y) = (template(ka)?, template(kb)?);
-                Some(f64::from(pacha_index::kernels::dot_f32(x, y)))
+                Some((
+                    f64::from(pacha_index::kernels::dot_f32(x, y)),
+                    crate::matcher::pair_quality(snap, m, a, b),
+                ))
             })
             .collect();
         drop(gathered);
+        let band_plan = if options.quality_bands >= 2 && options.tail_rows >= 2 {
+            plan_bands(snap, m, &pool, &sampled_pairs, options.quality_bands)
+        } else {
+            None
+        };
+        let mut imp: Vec<f64> = sampled_pairs.iter().map(|&(s, _)| s).collect();
+        drop(sampled_pairs);
         let default = current
             .model(m)
             .copied()
@@ -911,15 +935,36 @@ pub fn fit_calibration(
             impostor_body: ImpostorBody::from_sorted(&imp),
         };
         let mut check = None;
+        let mut bands = None;
         if options.tail_rows >= 2 && imp.len() >= ImpostorBody::MIN_SAMPLES {
             let u = imp[((imp.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
-            match fit_tail(snap, m, options, &genuine_set, u, model)? {
-                Ok((fitted, c)) => {
-                    model = fitted;
-                    check = Some(c);
+            match fit_tail(snap, m, options, &genuine_set, u, model, band_plan.as_ref())? {
+                Ok(fit) => {
+                    model = fit.model;
+                    check = Some(fit.check);
+                    match fit.bands {
+                        Ok(b) => {
+                            if let Some(b) = &b {
+                                notes.push(format!(
+                                    "{m}: {} quality bands (pair quality edges {:?})",
+                                    b.models.len(),
+                                    b.edges
+                                ));
+                            }
+                            bands = b;
+                        }
+                        Err(why) => notes.push(format!("{m}: no quality bands ({why})")),
+                    }
                 }
                 Err(why) => notes.push(format!("{m}: no tail model ({why})")),
             }
+        } else if let Some(p) = &band_plan
+            && p.is_ok()
+        {
+            notes.push(format!("{m}: no quality bands (no tail count)"));
+        }
+        if let Some(Err(why)) = &band_plan {
+            notes.push(format!("{m}: no quality bands ({why})"));
         }
         if let Some(t) = &model.impostor_tail {
             notes.push(format!(
@@ -935,12 +980,16 @@ pub fn fit_calibration(
             ));
         }
         tail_checks.extend(check);
+        quality_bands.push(bands);
         models.push((m, model));
         samples.impostor.push((m.key(), imp));
         samples.genuine.push((m.key(), gen_scores));
     }
     let mut cal = Calibration::from_models(models, format!("fitted: {}", notes.join("; ")));
     cal.tail_checks = tail_checks;
+    if quality_bands.iter().any(Option::is_some) {
+        cal.quality_bands = quality_bands;
+    }
     Ok((cal, samples))
 }
 
@@ -990,21 +1039,52 @@ pub fn count_pool_tail(
     u: f64,
     genuine: &HashSet<(usize, usize)>,
 ) -> Result<Option<tail::TailCount>, EngineError> {
+    Ok(count_pool_tail_banded(snap, m, pool, u, genuine, &[])?.map(|(all, _)| all))
+}
+
+/// [`count_pool_tail`] split by the quality bands of inner `edges` (pairs banded by their lower template
+/// quality): the pooled count and one count per band. `None` when fewer than 2 rows hold `m`.
+pub fn count_pool_tail_banded(
+    snap: &Snapshot,
+    m: Modality,
+    pool: &[usize],
+    u: f64,
+    genuine: &HashSet<(usize, usize)>,
+    edges: &[f32],
+) -> Result<Option<(tail::TailCount, Vec<tail::TailCount>)>, EngineError> {
     let Some((data, pool_rows, dim)) = pool_templates(snap, m, pool)? else {
         return Ok(None);
     };
-    let at: HashSet<usize> = pool_rows.iter().copied().collect();
-    let excluded_total = genuine
+    let row_band: Vec<u8> = pool_rows
         .iter()
-        .filter(|(a, b)| at.contains(a) && at.contains(b))
-        .count() as u64;
+        .map(|&r| crate::fusion::quality_band(edges, snap.quality(m, r)) as u8)
+        .collect();
+    let at: HashMap<usize, usize> = pool_rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+    let mut excluded = vec![0u64; edges.len() + 1];
+    for (a, b) in genuine {
+        if let (Some(&i), Some(&j)) = (at.get(a), at.get(b)) {
+            excluded[usize::from(row_band[i].min(row_band[j]))] += 1;
+        }
+    }
     let exclude = |i: usize, j: usize| {
         let (a, b) = (pool_rows[i], pool_rows[j]);
         genuine.contains(&(a.min(b), a.max(b)))
     };
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("tail pool of {m}: {e}")))?;
-    tail::count_tail(view, u as f32, &exclude, excluded_total).map(Some)
+    let bands = tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded)?;
+    let mut scores: Vec<f64> = bands
+        .iter()
+        .flat_map(|b| b.scores.iter().copied())
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    let all = tail::TailCount {
+        pairs: bands.iter().map(|b| b.pairs).sum(),
+        scores,
+        threshold: u,
+        excluded: bands.iter().map(|b| b.excluded).sum(),
+    };
+    Ok(Some((all, bands)))
 }
 
 /// Every pair `(a, b)` (rows, `a < b`) of `pool` rows holding modality `m` whose cosine is at least `c`, by
@@ -1054,10 +1134,121 @@ fn pool_templates(
     Ok((rows.len() >= 2).then_some((data, rows, dim)))
 }
 
-/// Counts the tail of modality `m` on the calibration's pool, fits it ([`TailModel::fit`], truncated when no
-/// genuine pairs are labelled), and returns `base` with the tail, checked (with the Gaussian alone) against the
-/// count. The inner `Err` is a
-/// reason the tail could not be fitted (too few rows or exceedances): the calibration goes on without one.
+/// Quality bands planned from the sampled impostor pairs of one modality: the edges, and per band its
+/// sample's body, tail threshold and share. `Err` says why a modality is not banded.
+type BandPlan = Result<PlannedBands, String>;
+
+/// See [`BandPlan`].
+struct PlannedBands {
+    edges: Vec<f32>,
+    /// Per band: tail threshold (the band sample's `1 − TAIL_START` quantile), body, share of the sample.
+    bands: Vec<(f64, Option<ImpostorBody>, f64)>,
+}
+
+/// Plans `bands` quality bands for modality `m`: edges at the quantiles of the pool rows' qualities that give
+/// every band an equal share of pairs (the lower of two qualities is below the row quantile `x` with
+/// probability `1 − (1 − x)²`), each band's body and tail threshold from the sampled pairs; refused when the
+/// qualities do not vary, a band has too few samples, or no band's survival at the pooled tail threshold
+/// differs from the pooled one by [`BAND_EFFECT_MIN`].
+fn plan_bands(
+    snap: &Snapshot,
+    m: Modality,
+    pool: &[usize],
+    sampled: &[(f64, f32)],
+    bands: usize,
+) -> Option<BandPlan> {
+    let bands = bands.min(crate::fusion::MAX_QUALITY_BANDS);
+    let mut q: Vec<f32> = pool
+        .iter()
+        .filter(|&&r| snap.is_present(m, r))
+        .map(|&r| snap.quality(m, r))
+        .collect();
+    if q.len() < 2 {
+        return None;
+    }
+    q.sort_by(f32::total_cmp);
+    let edges: Vec<f32> = (1..bands)
+        .map(|k| {
+            let x = 1.0 - (1.0 - k as f64 / bands as f64).sqrt();
+            q[((q.len() - 1) as f64 * x).round() as usize]
+        })
+        .collect();
+    if edges.windows(2).any(|w| w[0] >= w[1])
+        || edges[0] <= q[0]
+        || edges[edges.len() - 1] > q[q.len() - 1]
+    {
+        return Some(Err(format!(
+            "the qualities do not spread over {bands} bands (edges {edges:?})"
+        )));
+    }
+    let mut per_band: Vec<Vec<f64>> = vec![Vec::new(); bands];
+    for &(s, pq) in sampled {
+        per_band[crate::fusion::quality_band(&edges, pq)].push(s);
+    }
+    if let Some(k) = per_band
+        .iter()
+        .position(|b| b.len() < ImpostorBody::MIN_SAMPLES)
+    {
+        return Some(Err(format!(
+            "band {k} holds {} sampled pairs, fewer than {}",
+            per_band[k].len(),
+            ImpostorBody::MIN_SAMPLES
+        )));
+    }
+    let mut all: Vec<f64> = sampled.iter().map(|&(s, _)| s).collect();
+    all.sort_by(f64::total_cmp);
+    let u = all[((all.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
+    let pooled_sf = TAIL_START_SF.max(sf_at(&all, u));
+    let effect = per_band
+        .iter()
+        .map(|b| {
+            let mut b = b.clone();
+            b.sort_by(f64::total_cmp);
+            sf_at(&b, u).max(1.0 / b.len() as f64) / pooled_sf
+        })
+        .fold(1.0f64, |acc, r| acc.max(r).max(1.0 / r));
+    if effect < BAND_EFFECT_MIN {
+        return Some(Err(format!(
+            "quality does not move the tail (largest band ratio {effect:.2} at cosine {u:.4})"
+        )));
+    }
+    let total = sampled.len() as f64;
+    let planned = per_band
+        .into_iter()
+        .map(|mut b| {
+            b.sort_by(f64::total_cmp);
+            let ub = b[((b.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
+            let share = b.len() as f64 / total;
+            (ub, ImpostorBody::from_sorted(&b), share)
+        })
+        .collect();
+    Some(Ok(PlannedBands {
+        edges,
+        bands: planned,
+    }))
+}
+
+/// Smallest sampled survival resolved at the tail threshold (a guard against dividing by zero).
+const TAIL_START_SF: f64 = 1e-12;
+
+/// Share of the ascending `sorted` at or above `s`.
+fn sf_at(sorted: &[f64], s: f64) -> f64 {
+    (sorted.len() - sorted.partition_point(|&x| x < s)) as f64 / sorted.len().max(1) as f64
+}
+
+/// A modality's fitted tail: the pooled model and its check, and the quality bands (`Ok(None)`: not
+/// planned; `Err`: planned but not fitted, and why).
+struct TailFit {
+    model: ModalityModel,
+    check: ModalityTailCheck,
+    bands: Result<Option<QualityBands>, String>,
+}
+
+/// Counts the tail of modality `m` on the calibration's pool (split by the planned quality bands, if any),
+/// fits it ([`TailModel::fit`], truncated when no genuine pairs are labelled), pooled and per band, and
+/// returns `base` with the pooled tail, checked (with the Gaussian alone, and per band) against the count.
+/// The inner `Err` is a reason the tail could not be fitted (too few rows or exceedances): the calibration
+/// goes on without one.
 fn fit_tail(
     snap: &Snapshot,
     m: Modality,
@@ -1065,18 +1256,28 @@ fn fit_tail(
     genuine: &HashSet<(usize, usize)>,
     u: f64,
     base: ModalityModel,
-) -> Result<Result<(ModalityModel, ModalityTailCheck), String>, EngineError> {
+    plan: Option<&BandPlan>,
+) -> Result<Result<TailFit, String>, EngineError> {
+    let plan = plan.and_then(|p| p.as_ref().ok());
     let pool = tail_pool(snap, options.seed, options.tail_rows, false);
-    let Some(count) = count_pool_tail(snap, m, &pool, u, genuine)? else {
+    let edges = plan.map_or(&[][..], |p| &p.edges[..]);
+    let lowest = plan.map_or(u, |p| p.bands.iter().fold(u, |acc, b| acc.min(b.0)));
+    let Some((count, band_counts)) =
+        count_pool_tail_banded(snap, m, &pool, lowest, genuine, edges)?
+    else {
         return Ok(Err(format!("fewer than 2 rows hold {m}")));
     };
-    let truncate = if options.genuine.is_none() {
-        let k = (tail::UNLABELLED_TRUNCATION * count.pairs as f64).round() as u64;
-        count.kth_highest(k.max(1))
-    } else {
-        None
+    let unlabelled = options.genuine.is_none();
+    let fit = |count: &tail::TailCount, u: f64| {
+        let truncate = if unlabelled {
+            let k = (tail::UNLABELLED_TRUNCATION * count.pairs as f64).round() as u64;
+            count.kth_highest(k.max(1))
+        } else {
+            None
+        };
+        TailModel::fit(&count.scores, u, count.pairs, truncate)
     };
-    let model = match TailModel::fit(&count.scores, u, count.pairs, truncate) {
+    let model = match fit(&count, u) {
         Ok(t) => t,
         Err(e) => return Ok(Err(e.to_string())),
     };
@@ -1085,7 +1286,41 @@ fn fit_tail(
         ..base
     };
     let check = ModalityTailCheck::new(m, &with_tail, &count, options.seed, options.tail_rows);
-    Ok(Ok((with_tail, check)))
+    let Some(plan) = plan else {
+        return Ok(Ok(TailFit {
+            model: with_tail,
+            check,
+            bands: Ok(None),
+        }));
+    };
+    let mut models = Vec::with_capacity(plan.bands.len());
+    for (k, ((ub, body, _), bc)) in plan.bands.iter().zip(&band_counts).enumerate() {
+        match fit(bc, *ub) {
+            Ok(t) => models.push(ModalityModel {
+                impostor_tail: Some(t),
+                impostor_body: *body,
+                ..base
+            }),
+            Err(e) => {
+                return Ok(Ok(TailFit {
+                    model: with_tail,
+                    check,
+                    bands: Err(format!("band {k}: {e}")),
+                }));
+            }
+        }
+    }
+    let bands = QualityBands {
+        edges: plan.edges.clone(),
+        models,
+        share: plan.bands.iter().map(|b| b.2).collect(),
+    };
+    let check = check.with_bands(&with_tail, &bands, &band_counts);
+    Ok(Ok(TailFit {
+        model: with_tail,
+        check,
+        bands: Ok(Some(bands)),
+    }))
 }
 
 fn m_key(m: Modality) -> u8 {

@@ -2,7 +2,7 @@
 //! store and hands everything to [`crate::eval::evaluate`].
 
 use crate::audit::clopper_pearson;
-use crate::engine::{TAIL_ROWS, count_pool_tail, count_pool_tail_pairs, tail_pool};
+use crate::engine::{TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, tail_pool};
 use crate::eval::{CalibrationPoint, EvalInput, EvalReport, FusedCount, ScoredPair};
 use crate::fusion::{Calibration, ModalityTailCheck};
 use crate::matcher::compare_rows;
@@ -179,7 +179,7 @@ fn out_of_sample_tails(
     notes: &mut Vec<String>,
 ) -> Result<Vec<ModalityTailCheck>, EngineError> {
     let mut out = Vec::new();
-    for (m, model) in &cal.models {
+    for (i, (m, model)) in cal.models.iter().enumerate() {
         let fitted = cal.tail_checks.iter().find(|c| c.modality == m.key());
         let (seed, own_cap) =
             fitted.map_or((0x5eed, TAIL_ROWS), |c| (c.pool_seed, c.pool_cap.max(2)));
@@ -194,12 +194,25 @@ fn out_of_sample_tails(
             ));
         }
         // Count from the lower of the two models' starting points, so both are checked at 1e-4.
+        let bands = cal.bands(i);
         let u = model
             .impostor_tail
             .map_or(1.0, |t| t.u)
             .min(cosine_at(&|s| model.impostor.sf(s), TAIL_START));
-        if let Some(count) = count_pool_tail(snap, *m, &pool, u, truth)? {
-            out.push(ModalityTailCheck::new(*m, model, &count, seed, rows));
+        // Banded: from the lowest band threshold too, so every band is checked from its own start.
+        let u = bands.map_or(u, |b| {
+            b.models
+                .iter()
+                .filter_map(|bm| bm.impostor_tail.map(|t| t.u))
+                .fold(u, f64::min)
+        });
+        let edges = bands.map_or(&[][..], |b| &b.edges[..]);
+        if let Some((count, by_band)) = count_pool_tail_banded(snap, *m, &pool, u, truth, edges)? {
+            let check = ModalityTailCheck::new(*m, model, &count, seed, rows);
+            out.push(match bands {
+                Some(b) => check.with_bands(model, b, &by_band),
+                None => check,
+            });
         }
     }
     Ok(out)

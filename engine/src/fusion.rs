@@ -28,12 +28,25 @@
 //! If `Σ_{m∈S} L_m ≥ T_S` then some `L_m ≥ T_S / |S|` (pigeonhole). So a candidate pass that keeps, per
 //! modality, every pair with `L_m ≥ min_{S∋m} T_S/|S|` — a cosine threshold, since `L_m` is monotone — keeps
 //! every pair that can pass the fused threshold. [`Calibration::candidate_cosines`] computes those cosines.
+//!
+//! ## Quality bands
+//! Capture quality moves the impostor tail: on the project's populations pairs of two high-quality captures
+//! reach a given cosine 3–8× as often as the pooled pairs, pairs with a poor capture far less often
+//! (BENCHMARKS.md, "Quality bands"). Where the store records varying qualities, a calibration cuts each
+//! modality's pairs into [`QualityBands`] by the lower quality of the two templates and fits every band's own
+//! impostor body and tail. The LLR stays the pooled one (so the fusion's weighting is unchanged), but a pair's
+//! FMR is read off the fused-LLR distribution *of its bands* ([`Calibration::fuse_q`]): its score is the
+//! false-match rate among impostor pairs of the same qualities, so every band is held to the same FMR and the
+//! pooled FMR (their mixture) stays the target. Candidate cosines take, per modality, the pointwise lowest
+//! survival over the bands (a distribution stochastically below every band's; the convolution keeps that
+//! order), so a pair that reaches the threshold in any band is still kept.
 
 use crate::EngineError;
 use crate::tail::{CHECK_LEVELS, TailCheckRow, TailCount, TailModel, check_tail};
 use pacha_datasets::Modality;
 use serde::{Deserialize, Serialize};
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Grid step for the fused-LLR distributions, in nats.
 pub const GRID_STEP: f64 = 0.02;
@@ -416,6 +429,29 @@ impl Pmf {
             mass: out,
         }
     }
+    /// The distribution whose survival is, at every grid point, the lowest of `pmfs`' survivals (a valid
+    /// distribution: the pointwise minimum of survival functions is one).
+    fn lowest(pmfs: impl Iterator<Item = Pmf>) -> Pmf {
+        let sfs: Vec<Survival> = pmfs.map(|p| p.survival()).collect();
+        let lo = sfs.iter().map(|s| s.offset).min().unwrap_or(0);
+        let hi = sfs
+            .iter()
+            .map(|s| s.offset + s.sf.len() as i64)
+            .max()
+            .unwrap_or(1);
+        let sf: Vec<f64> = (lo..hi)
+            .map(|k| {
+                sfs.iter()
+                    .map(|s| s.fmr(k as f64 * GRID_STEP + 0.5 * GRID_STEP))
+                    .fold(1.0f64, f64::min)
+            })
+            .collect();
+        let mass = (0..sf.len())
+            .map(|i| (sf[i] - sf.get(i + 1).copied().unwrap_or(0.0)).max(0.0))
+            .collect();
+        Pmf { offset: lo, mass }
+    }
+
     /// Survival function: `sf[i] = P(X ≥ (offset+i)·step)`.
     fn survival(&self) -> Survival {
         let mut sf = vec![0.0f64; self.mass.len()];
@@ -480,6 +516,31 @@ pub struct ModalityTailCheck {
     /// Rows the counted pool was capped at.
     #[serde(default)]
     pub pool_cap: usize,
+    /// Per quality band (when the modality is banded): the band's own model and the pooled model, each
+    /// checked against the band's pairs.
+    #[serde(default)]
+    pub bands: Vec<BandTailCheck>,
+}
+
+/// One quality band's tail check: its pairs (those whose lower template quality lies in `[lo, hi)`) against
+/// the band's model and against the pooled model a band-blind score would use.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BandTailCheck {
+    /// Lower edge of the band's pair quality.
+    pub lo: f32,
+    /// Upper edge (exclusive; 1 for the top band, inclusive).
+    pub hi: f32,
+    /// Pairs of the band counted.
+    pub pairs: u64,
+    /// The band's model at each FMR level.
+    pub model: Vec<TailCheckRow>,
+    /// The pooled model at each FMR level, counted on the band's pairs.
+    pub pooled: Vec<TailCheckRow>,
+}
+
+/// The band of a pair quality `q` under inner `edges` (ascending): the number of edges at or below `q`.
+pub fn quality_band(edges: &[f32], q: f32) -> usize {
+    edges.partition_point(|&e| e <= q)
 }
 
 impl ModalityTailCheck {
@@ -501,7 +562,53 @@ impl ModalityTailCheck {
             gaussian: check_tail(&|s| body.sf(s), count, &CHECK_LEVELS),
             pool_seed,
             pool_cap,
+            bands: Vec::new(),
         }
+    }
+
+    /// Adds the per-band checks of `bands` against `counts` (one per band) and of the pooled `model`.
+    pub fn with_bands(
+        mut self,
+        model: &ModalityModel,
+        bands: &QualityBands,
+        counts: &[TailCount],
+    ) -> Self {
+        self.bands = bands
+            .models
+            .iter()
+            .zip(counts)
+            .enumerate()
+            .map(|(k, (band, count))| BandTailCheck {
+                lo: if k == 0 { 0.0 } else { bands.edges[k - 1] },
+                hi: bands.edges.get(k).copied().unwrap_or(1.0),
+                pairs: count.pairs,
+                model: check_tail(&|s| band.impostor_sf(s), count, &CHECK_LEVELS),
+                pooled: check_tail(&|s| model.impostor_sf(s), count, &CHECK_LEVELS),
+            })
+            .collect();
+        self
+    }
+}
+
+/// Most quality bands per modality (band indices pack into 4 bits per modality in the survival cache key).
+pub const MAX_QUALITY_BANDS: usize = 8;
+
+/// One modality's impostor models per quality band: pairs are banded by the lower capture quality of their
+/// two templates (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QualityBands {
+    /// Inner edges on the pair quality, ascending: band `k` holds qualities in `[edges[k-1], edges[k])`.
+    pub edges: Vec<f32>,
+    /// Per band: the pooled LLR's Gaussians with the band's own impostor body and tail.
+    pub models: Vec<ModalityModel>,
+    /// Per band: its share of the sampled impostor pairs.
+    pub share: Vec<f64>,
+}
+
+impl QualityBands {
+    /// The band of a pair whose lower template quality is `q`.
+    pub fn band(&self, q: f32) -> usize {
+        quality_band(&self.edges, q).min(self.models.len().saturating_sub(1))
     }
 }
 
@@ -516,9 +623,18 @@ pub struct Calibration {
     /// ([`crate::tail::check_tail`]); empty when no tail was counted.
     #[serde(default)]
     pub tail_checks: Vec<ModalityTailCheck>,
+    /// Per modality (parallel to `models`), its quality bands; empty or `None`: pooled models only.
+    #[serde(default)]
+    pub quality_bands: Vec<Option<QualityBands>>,
     /// Fused-LLR survival functions, one lazily built slot per modality subset (lock-free once built).
     #[serde(skip)]
     cache: OnceLock<Vec<OnceLock<Survival>>>,
+    /// Per modality subset, the survival of the per-modality lowest band survivals (candidate cosines).
+    #[serde(skip)]
+    envelope_cache: OnceLock<Vec<OnceLock<Survival>>>,
+    /// Fused-LLR survivals per (modality subset, band combination), built on first use.
+    #[serde(skip)]
+    banded_cache: RwLock<HashMap<u64, Arc<Survival>>>,
 }
 
 impl Clone for Calibration {
@@ -527,14 +643,19 @@ impl Clone for Calibration {
             models: self.models.clone(),
             source: self.source.clone(),
             tail_checks: self.tail_checks.clone(),
+            quality_bands: self.quality_bands.clone(),
             cache: OnceLock::new(),
+            envelope_cache: OnceLock::new(),
+            banded_cache: RwLock::default(),
         }
     }
 }
 
 impl PartialEq for Calibration {
     fn eq(&self, other: &Self) -> bool {
-        self.models == other.models && self.source == other.source
+        self.models == other.models
+            && self.source == other.source
+            && self.quality_bands == other.quality_bands
     }
 }
 
@@ -567,8 +688,21 @@ impl Calibration {
             models,
             source: source.into(),
             tail_checks: Vec::new(),
+            quality_bands: Vec::new(),
             cache: OnceLock::new(),
+            envelope_cache: OnceLock::new(),
+            banded_cache: RwLock::default(),
         }
+    }
+
+    /// The quality bands of the model at position `i`, if it has any.
+    pub fn bands(&self, i: usize) -> Option<&QualityBands> {
+        self.quality_bands.get(i).and_then(Option::as_ref)
+    }
+
+    /// True iff some modality's pairs are scored by quality band.
+    pub fn has_bands(&self) -> bool {
+        self.quality_bands.iter().any(Option::is_some)
     }
 
     /// Index of `m` in the model list.
@@ -587,41 +721,108 @@ impl Calibration {
     /// The survival function of the fused LLR over the modalities in `mask` (bits index `models`, only the
     /// first [`MAX_MODALITIES`] count), built on first use and shared without locking or reference counting.
     fn survival(&self, mask: u32) -> &Survival {
-        let n = self.models.len().min(MAX_MODALITIES);
-        let mask = mask & ((1u32 << n) - 1);
-        let slots = self
-            .cache
-            .get_or_init(|| (0..1usize << n).map(|_| OnceLock::new()).collect());
-        slots[mask as usize].get_or_init(|| {
-            let mut pmf: Option<Pmf> = None;
-            for (i, (_, model)) in self.models.iter().enumerate().take(n) {
-                if mask & (1 << i) != 0 {
-                    let p = model.impostor_llr_pmf();
-                    pmf = Some(match pmf {
-                        None => p,
-                        Some(acc) => acc.convolve(&p),
-                    });
-                }
+        self.cached_survival(&self.cache, mask, &|_, model| model.impostor_llr_pmf())
+    }
+
+    /// Like [`Calibration::survival`], but each banded modality contributes the pointwise lowest survival
+    /// of its bands and its pooled model: stochastically below every band, so limits read off it are never
+    /// above any band's.
+    fn envelope_survival(&self, mask: u32) -> &Survival {
+        if !self.has_bands() {
+            return self.survival(mask);
+        }
+        self.cached_survival(&self.envelope_cache, mask, &|i, model| {
+            let pooled = model.impostor_llr_pmf();
+            match self.bands(i) {
+                Some(b) => Pmf::lowest(
+                    std::iter::once(pooled).chain(b.models.iter().map(|m| m.impostor_llr_pmf())),
+                ),
+                None => pooled,
             }
-            pmf.map(|p| p.survival()).unwrap_or(Survival {
-                offset: 0,
-                sf: vec![1.0],
-            })
         })
     }
 
-    /// Fuses per-modality cosines (by model index) into the fused LLR and the calibrated score.
-    /// An empty set of shared modalities gives FMR 1 (score 0): no evidence at all.
+    fn cached_survival<'a>(
+        &self,
+        cache: &'a OnceLock<Vec<OnceLock<Survival>>>,
+        mask: u32,
+        pmf_of: &dyn Fn(usize, &ModalityModel) -> Pmf,
+    ) -> &'a Survival {
+        let n = self.models.len().min(MAX_MODALITIES);
+        let mask = mask & ((1u32 << n) - 1);
+        let slots = cache.get_or_init(|| (0..1usize << n).map(|_| OnceLock::new()).collect());
+        slots[mask as usize].get_or_init(|| self.convolved(mask, &|i| pmf_of(i, &self.models[i].1)))
+    }
+
+    /// The survival of the sum over the modalities in `mask` of the LLRs distributed as `pmf_of(i)`.
+    fn convolved(&self, mask: u32, pmf_of: &dyn Fn(usize) -> Pmf) -> Survival {
+        let n = self.models.len().min(MAX_MODALITIES);
+        let mut pmf: Option<Pmf> = None;
+        for i in (0..n).filter(|i| mask & (1 << i) != 0) {
+            let p = pmf_of(i);
+            pmf = Some(match pmf {
+                None => p,
+                Some(acc) => acc.convolve(&p),
+            });
+        }
+        pmf.map(|p| p.survival()).unwrap_or(Survival {
+            offset: 0,
+            sf: vec![1.0],
+        })
+    }
+
+    /// The fused survival of modality subset `mask` where `code` holds, 4 bits per modality, `k + 1` for a
+    /// modality scored in its band `k` and 0 for one scored by its pooled model; built on first use, cached.
+    fn banded_survival(&self, mask: u32, code: u64) -> Arc<Survival> {
+        let key = u64::from(mask) | (code << MAX_MODALITIES);
+        if let Some(s) = read_guard(&self.banded_cache).get(&key) {
+            return s.clone();
+        }
+        let built = Arc::new(self.convolved(mask, &|i| {
+            let nibble = ((code >> (4 * i)) & 0xf) as usize;
+            match self.bands(i) {
+                Some(b) if nibble > 0 => {
+                    b.models[(nibble - 1).min(b.models.len() - 1)].impostor_llr_pmf()
+                }
+                _ => self.models[i].1.impostor_llr_pmf(),
+            }
+        }));
+        let mut w = self
+            .banded_cache
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.entry(key).or_insert(built).clone()
+    }
+
+    /// Fuses per-modality cosines (by model index) into the fused LLR and the calibrated score, with the
+    /// pooled models (no quality known). An empty set of shared modalities gives FMR 1 (score 0): no evidence.
     pub fn fuse(&self, cosines: &[(usize, f32)]) -> FusedScore {
+        let mut q = [(0usize, 0f32, None); MAX_MODALITIES];
+        let n = cosines.len().min(MAX_MODALITIES);
+        for (k, &(i, s)) in cosines.iter().take(n).enumerate() {
+            q[k] = (i, s, None);
+        }
+        self.fuse_q(&q[..n])
+    }
+
+    /// Fuses per-modality `(model index, cosine, pair quality)`: the pair quality (the lower of the two
+    /// templates' qualities) picks the band of a banded modality, and the FMR is read off the fused
+    /// distribution of those bands (pooled where a modality has no bands or the quality is unknown).
+    pub fn fuse_q(&self, scores: &[(usize, f32, Option<f32>)]) -> FusedScore {
         let mut mask = 0u32;
         let mut llr = 0.0;
-        for &(i, s) in cosines {
+        let mut code = 0u64;
+        for &(i, s, q) in scores {
             if i >= MAX_MODALITIES {
                 continue;
             }
             if let Some((_, model)) = self.models.get(i) {
                 mask |= 1 << i;
                 llr += model.llr(f64::from(s));
+                if let (Some(b), Some(q)) = (self.bands(i), q) {
+                    // Band k is coded k + 1; 0 means pooled.
+                    code |= (b.band(q) as u64 + 1) << (4 * i);
+                }
             }
         }
         if mask == 0 {
@@ -631,7 +832,12 @@ impl Calibration {
                 score: 0.0,
             };
         }
-        let fmr = self.survival(mask).fmr(llr).clamp(MIN_FMR, 1.0);
+        let fmr = if code == 0 {
+            self.survival(mask).fmr(llr)
+        } else {
+            self.banded_survival(mask, code).fmr(llr)
+        }
+        .clamp(MIN_FMR, 1.0);
         FusedScore {
             llr,
             fmr,
@@ -788,7 +994,8 @@ impl Calibration {
             .map(|&mask| {
                 (
                     mask,
-                    self.survival(mask).llr_for_fmr(fmr) - f64::from(mask.count_ones()) * GRID_STEP,
+                    self.envelope_survival(mask).llr_for_fmr(fmr)
+                        - f64::from(mask.count_ones()) * GRID_STEP,
                 )
             })
             .collect();
@@ -859,6 +1066,11 @@ impl Calibration {
             })
             .collect()
     }
+}
+
+/// Reads a lock, recovering the data of a poisoned one (the cache holds only derived values).
+fn read_guard<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Calibrated score of a false-match rate: `-10·log10(fmr)`.
@@ -1171,6 +1383,130 @@ mod tests {
             prev = p;
         }
         assert_eq!(model.impostor_sf(tail.u + 0.01), tail.sf(tail.u + 0.01));
+    }
+
+    /// A face + finger calibration whose face (and, with `finger_bands`, finger) has two quality bands: below
+    /// quality 0.5 a light impostor tail, above it a heavy one; the pooled model sits between.
+    fn banded(finger_bands: bool) -> Calibration {
+        let tail = |sigma: f64| TailModel {
+            u: 0.1,
+            p_u: 0.05,
+            xi: -0.05,
+            sigma,
+            pairs: 1_000_000,
+            exceedances: 50_000,
+            truncated_at: None,
+        };
+        let with = |m: &ModalityModel, sigma: f64| ModalityModel {
+            impostor_tail: Some(tail(sigma)),
+            ..*m
+        };
+        let face = with(&ModalityModel::default_for(Modality::Face), 0.06);
+        let finger = with(&ModalityModel::default_for(Modality::Finger(2)), 0.05);
+        let bands = |m: &ModalityModel, light: f64, heavy: f64| QualityBands {
+            edges: vec![0.5],
+            models: vec![with(m, light), with(m, heavy)],
+            share: vec![0.5, 0.5],
+        };
+        let mut cal = Calibration::from_models(
+            vec![(Modality::Face, face), (Modality::Finger(2), finger)],
+            "test",
+        );
+        cal.quality_bands = vec![
+            Some(bands(&face, 0.035, 0.09)),
+            finger_bands.then(|| bands(&finger, 0.03, 0.07)),
+        ];
+        cal
+    }
+
+    #[test]
+    fn banded_scores_hold_each_band_to_its_own_tail() {
+        let cal = banded(false);
+        let face = cal.models[0].1;
+        let bands = cal.bands(0).unwrap();
+        for s in [0.3f32, 0.4, 0.5] {
+            let light = cal.fuse_q(&[(0, s, Some(0.2))]);
+            let heavy = cal.fuse_q(&[(0, s, Some(0.9))]);
+            let pooled = cal.fuse_q(&[(0, s, None)]);
+            assert!(
+                light.score > pooled.score && pooled.score > heavy.score,
+                "{s}"
+            );
+            assert_eq!(pooled, cal.fuse(&[(0, s)]));
+            assert_eq!(light.llr, heavy.llr, "the LLR is the pooled one");
+            // One modality: the FMR is the band's own survival at the cosine (to the LLR grid's rounding).
+            for (got, model) in [
+                (&light, &bands.models[0]),
+                (&heavy, &bands.models[1]),
+                (&pooled, &face),
+            ] {
+                let want = model.impostor_sf(f64::from(s));
+                assert!(
+                    (got.fmr / want - 1.0).abs() < 0.1,
+                    "{s}: {} vs {want}",
+                    got.fmr
+                );
+            }
+        }
+        // The band edge is inclusive below: quality 0.5 is the heavy band.
+        assert_eq!(bands.band(0.5), 1);
+        assert_eq!(bands.band(0.499), 0);
+        assert_eq!(
+            cal.fuse_q(&[(0, 0.4, Some(0.5))]),
+            cal.fuse_q(&[(0, 0.4, Some(1.0))])
+        );
+    }
+
+    #[test]
+    fn banded_candidate_cosines_keep_every_pair_that_passes_in_any_band() {
+        for finger_bands in [false, true] {
+            let cal = banded(finger_bands);
+            let thr = threshold_for_fpir(1e-3, 1_000_000).unwrap();
+            let c = cal.candidate_cosines(thr);
+            let pooled = Calibration::from_models(cal.models.clone(), "pooled");
+            let cp = pooled.candidate_cosines(thr);
+            for (b, p) in c.iter().zip(&cp) {
+                assert!(b.unwrap() <= p.unwrap(), "banded {c:?} vs pooled {cp:?}");
+            }
+            let steps: Vec<f32> = (0..=60).map(|i| -0.1 + i as f32 * 0.015).collect();
+            let qualities = [None, Some(0.1), Some(0.9)];
+            let mut passing = 0;
+            for &a in &steps {
+                for &b in &steps {
+                    for qa in qualities {
+                        for qb in qualities {
+                            if cal.fuse_q(&[(0, a, qa), (1, b, qb)]).score < thr {
+                                continue;
+                            }
+                            passing += 1;
+                            let kept = [a, b]
+                                .iter()
+                                .zip(&c)
+                                .any(|(&s, ci)| ci.is_some_and(|ci| s >= ci));
+                            assert!(kept, "({a} {qa:?}, {b} {qb:?}) passes, not kept by {c:?}");
+                        }
+                    }
+                }
+            }
+            assert!(passing > 100);
+        }
+    }
+
+    #[test]
+    fn banded_calibrations_round_trip_and_older_files_have_none() {
+        let cal = banded(true);
+        let back: Calibration =
+            serde_json::from_str(&serde_json::to_string(&cal).unwrap()).unwrap();
+        assert_eq!(back, cal);
+        assert_eq!(
+            back.fuse_q(&[(0, 0.4, Some(0.9)), (1, 0.3, Some(0.2))]),
+            cal.fuse_q(&[(0, 0.4, Some(0.9)), (1, 0.3, Some(0.2))])
+        );
+        let mut v = serde_json::to_value(&cal).unwrap();
+        v.as_object_mut().unwrap().remove("quality_bands");
+        let old: Calibration = serde_json::from_value(v).unwrap();
+        assert!(!old.has_bands());
+        assert_eq!(old.fuse_q(&[(0, 0.4, Some(0.9))]), old.fuse(&[(0, 0.4)]));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Probe {
     pub name: String,
     /// Normalised templates by schema position.
     pub templates: Vec<Option<Vec<f32>>>,
+    /// Capture quality of each template by schema position (0 where absent): picks quality bands.
+    pub qualities: Vec<f32>,
 }
 
 impl Probe {
@@ -44,6 +46,7 @@ impl Probe {
     /// and normalises them. An empty probe is an error.
     pub fn new(name: &str, templates: &[Template], schema: &Schema) -> Result<Probe, EngineError> {
         let mut out: Vec<Option<Vec<f32>>> = vec![None; schema.modalities.len()];
+        let mut qualities = vec![0.0f32; schema.modalities.len()];
         for t in templates {
             let pos = schema
                 .modalities
@@ -67,6 +70,10 @@ impl Probe {
             if out[pos].is_some() {
                 return Err(bad("given twice".into()));
             }
+            if !(0.0..=1.0).contains(&t.quality) {
+                return Err(bad(format!("quality {} is outside [0, 1]", t.quality)));
+            }
+            qualities[pos] = t.quality;
             if let Some(i) = t.vector.iter().position(|x| !x.is_finite()) {
                 return Err(bad(format!(
                     "value {} at position {i} is not finite",
@@ -98,6 +105,7 @@ impl Probe {
         Ok(Probe {
             name: name.to_string(),
             templates: out,
+            qualities,
         })
     }
 
@@ -109,9 +117,16 @@ impl Probe {
             .iter()
             .map(|s| snap.template(s.modality, row).map(<[f32]>::to_vec))
             .collect();
+        let qualities = snap
+            .schema()
+            .modalities
+            .iter()
+            .map(|s| snap.quality(s.modality, row))
+            .collect();
         Probe {
             name: snap.subject_id(row).to_string(),
             templates,
+            qualities,
         }
     }
 }
@@ -123,11 +138,19 @@ pub fn compare_probe(snap: &Snapshot, cal: &Calibration, probe: &Probe, row: usi
     let mut idx = Vec::with_capacity(schema.modalities.len());
     for (i, spec) in schema.modalities.iter().enumerate() {
         if let (Some(p), Some(g)) = (&probe.templates[i], snap.template(spec.modality, row)) {
-            push_score(cal, spec.modality, dot_f32(p, g), &mut modalities, &mut idx);
+            let q = probe.qualities[i].min(snap.quality(spec.modality, row));
+            push_score(
+                cal,
+                spec.modality,
+                dot_f32(p, g),
+                q,
+                &mut modalities,
+                &mut idx,
+            );
         }
     }
     Comparison {
-        fused: cal.fuse(&idx),
+        fused: cal.fuse_q(&idx),
         modalities,
     }
 }
@@ -142,11 +165,19 @@ pub fn compare_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> C
             snap.template(spec.modality, a),
             snap.template(spec.modality, b),
         ) {
-            push_score(cal, spec.modality, dot_f32(x, y), &mut modalities, &mut idx);
+            let q = pair_quality(snap, spec.modality, a, b);
+            push_score(
+                cal,
+                spec.modality,
+                dot_f32(x, y),
+                q,
+                &mut modalities,
+                &mut idx,
+            );
         }
     }
     Comparison {
-        fused: cal.fuse(&idx),
+        fused: cal.fuse_q(&idx),
         modalities,
     }
 }
@@ -154,7 +185,7 @@ pub fn compare_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> C
 /// The fused score of two stored rows without building a [`Comparison`] (no allocation): the hot path of
 /// dedup, which builds the full evidence only for pairs that pass.
 pub fn fused_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> FusedScore {
-    let mut idx = [(0usize, 0f32); crate::fusion::MAX_MODALITIES];
+    let mut idx = [(0usize, 0f32, None); crate::fusion::MAX_MODALITIES];
     let mut n = 0;
     for spec in snap
         .schema()
@@ -167,25 +198,35 @@ pub fn fused_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> Fus
             snap.template(spec.modality, b),
             cal.position(spec.modality),
         ) {
-            idx[n] = (pos, dot_f32(x, y));
+            idx[n] = (
+                pos,
+                dot_f32(x, y),
+                Some(pair_quality(snap, spec.modality, a, b)),
+            );
             n += 1;
         }
     }
-    cal.fuse(&idx[..n])
+    cal.fuse_q(&idx[..n])
+}
+
+/// The quality of a pair of stored templates: the lower of the two (see [`crate::fusion::QualityBands`]).
+pub fn pair_quality(snap: &Snapshot, m: Modality, a: usize, b: usize) -> f32 {
+    snap.quality(m, a).min(snap.quality(m, b))
 }
 
 fn push_score(
     cal: &Calibration,
     m: Modality,
     cosine: f32,
+    quality: f32,
     modalities: &mut Vec<ModalityScore>,
-    idx: &mut Vec<(usize, f32)>,
+    idx: &mut Vec<(usize, f32, Option<f32>)>,
 ) {
     let (pos, llr) = match cal.position(m) {
         Some(pos) => (pos, cal.models[pos].1.llr(f64::from(cosine))),
         None => return,
     };
-    idx.push((pos, cosine));
+    idx.push((pos, cosine, Some(quality)));
     modalities.push(ModalityScore {
         modality: m,
         cosine,

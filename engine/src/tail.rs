@@ -246,29 +246,65 @@ pub fn count_tail(
     exclude: &(dyn Fn(usize, usize) -> bool + Sync),
     excluded_total: u64,
 ) -> Result<TailCount, EngineError> {
-    let n = rows.rows() as u64;
-    let mut scores = Vec::new();
-    let mut excluded_seen = 0u64;
+    let row_band = vec![0u8; rows.rows()];
+    let mut counts = count_tail_banded(rows, threshold, exclude, &row_band, &[excluded_total])?;
+    Ok(counts.pop().unwrap_or_default())
+}
+
+/// [`count_tail`] split by quality band: row `i` is in band `row_band[i]`, a pair in the lower of its rows'
+/// bands (the band of its lower quality); one count per band (`excluded_total.len()` bands, each with its
+/// labelled pairs left out).
+pub fn count_tail_banded(
+    rows: RowsF32<'_>,
+    threshold: f32,
+    exclude: &(dyn Fn(usize, usize) -> bool + Sync),
+    row_band: &[u8],
+    excluded_total: &[u64],
+) -> Result<Vec<TailCount>, EngineError> {
+    let bands = excluded_total.len();
+    if row_band.len() != rows.rows() || row_band.iter().any(|&b| usize::from(b) >= bands) {
+        return Err(EngineError::Calibration(format!(
+            "tail count: {} row bands for {} rows and {bands} bands",
+            row_band.len(),
+            rows.rows()
+        )));
+    }
+    let mut scores = vec![Vec::new(); bands];
+    let mut excluded_seen = vec![0u64; bands];
     self_join_with(rows, threshold, None, &mut |batch: &[Pair]| {
         for p in batch {
-            if exclude(p.a as usize, p.b as usize) {
-                excluded_seen += 1;
+            let (i, j) = (p.a as usize, p.b as usize);
+            let band = usize::from(row_band[i].min(row_band[j]));
+            if exclude(i, j) {
+                excluded_seen[band] += 1;
             } else {
-                scores.push(f64::from(p.score));
+                scores[band].push(f64::from(p.score));
             }
         }
         ControlFlow::Continue(())
     })
     .map_err(|e| EngineError::Calibration(format!("counting the impostor tail: {e}")))?;
-    scores.sort_by(f64::total_cmp);
-    // Excluded pairs below the threshold never reached the sink; the caller knows how many there are.
-    let excluded = excluded_total.max(excluded_seen);
-    Ok(TailCount {
-        pairs: (n * n.saturating_sub(1) / 2).saturating_sub(excluded),
-        scores,
-        threshold: f64::from(threshold),
-        excluded,
-    })
+    let mut members = vec![0u64; bands];
+    for &b in row_band {
+        members[usize::from(b)] += 1;
+    }
+    Ok((0..bands)
+        .map(|k| {
+            let n = members[k];
+            let above: u64 = members[k + 1..].iter().sum();
+            let all = n * n.saturating_sub(1) / 2 + n * above;
+            let mut s = std::mem::take(&mut scores[k]);
+            s.sort_by(f64::total_cmp);
+            // Excluded pairs below the threshold never reached the sink; the caller knows how many there are.
+            let excluded = excluded_total[k].max(excluded_seen[k]);
+            TailCount {
+                pairs: all.saturating_sub(excluded),
+                scores: s,
+                threshold: f64::from(threshold),
+                excluded,
+            }
+        })
+        .collect())
 }
 
 /// One row of a tail check: a model's prediction at an FMR level against the count.
@@ -427,6 +463,52 @@ mod tests {
         // Excluding pairs removes them from the count and from the total.
         let ex = count_tail(rows_of(&data, dim), 0.3, &|a, b| a == 0 && b == 1, 1).expect("count");
         assert_eq!(ex.pairs, c.pairs - 1);
+    }
+
+    #[test]
+    fn banded_counts_split_every_pair_by_its_lower_band() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (n, dim) = (500usize, 12usize);
+        let mut data = vec![0f32; n * dim];
+        for r in data.chunks_mut(dim) {
+            for x in r.iter_mut() {
+                *x = rng.random::<f32>() - 0.5;
+            }
+            let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|x| *x /= norm);
+        }
+        let band: Vec<u8> = (0..n).map(|_| rng.random_range(0..3u8)).collect();
+        let genuine = |i: usize, j: usize| (i + j).is_multiple_of(97);
+        let mut excluded = [0u64; 3];
+        let mut brute: Vec<Vec<f32>> = vec![Vec::new(); 3];
+        let mut all = [0u64; 3];
+        for i in 0..n {
+            for j in i + 1..n {
+                let b = usize::from(band[i].min(band[j]));
+                if genuine(i, j) {
+                    excluded[b] += 1;
+                    continue;
+                }
+                all[b] += 1;
+                let s: f32 = (0..dim)
+                    .map(|k| data[i * dim + k] * data[j * dim + k])
+                    .sum();
+                if s >= 0.25 {
+                    brute[b].push(s);
+                }
+            }
+        }
+        let counts = count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &band, &excluded)
+            .expect("count");
+        assert_eq!(counts.len(), 3);
+        for b in 0..3 {
+            assert_eq!(counts[b].pairs, all[b], "band {b}");
+            assert_eq!(counts[b].scores.len(), brute[b].len(), "band {b}");
+            assert_eq!(counts[b].excluded, excluded[b]);
+        }
+        // A band out of range is a typed error, not a panic.
+        let bad = vec![3u8; n];
+        assert!(count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &bad, &excluded).is_err());
     }
 
     fn rows_of(data: &[f32], dim: usize) -> RowsF32<'_> {

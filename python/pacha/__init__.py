@@ -519,12 +519,19 @@ class Store:
         truth: Union[None, PathLike, Sequence[Tuple[str, str]]] = None,
         impostor_pairs: int = 1_000_000,
         seed: int = 0x5EED,
+        *,
+        tail_rows: int = 40_000,
+        quality_bands: int = 3,
     ) -> Dict[str, Any]:
         """Fits the score models from the store (impostor pairs sampled from it; genuine models from labelled
         ``truth`` pairs — a list of ``(subject_a, subject_b)`` or a truth CSV path — when given) and saves
-        them. Returns ``{"source", "models"}``."""
+        them: every pair of ``tail_rows`` rows is counted for the impostor tails, and pairs are scored per
+        quality band (``quality_bands``; 0 or 1: pooled) where qualities vary and move the tail (the CLI's
+        ``pacha calibrate`` options). Returns ``{"source", "models", "tail_checks", "quality_bands"}``."""
         pairs = _truth(truth) if truth is not None else None
-        return json.loads(self._core.calibrate(pairs, int(impostor_pairs), int(seed)))
+        return json.loads(
+            self._core.calibrate(pairs, int(impostor_pairs), int(seed), int(tail_rows), int(quality_bands))
+        )
 
     def delete(self, ids: Union[str, Sequence[str], np.ndarray]) -> int:
         """Deletes enrolments in one commit; an ID that is not enrolled raises ``ValueError`` and nothing is

@@ -450,14 +450,16 @@ impl Engine {
         })
     }
 
-    /// Fits and saves the score models; returns `{"source", "models"}` as JSON.
-    #[pyo3(signature = (truth, impostor_pairs, seed))]
+    /// Fits and saves the score models; returns `{"source", "models", "tail_checks", "quality_bands"}` as JSON.
+    #[pyo3(signature = (truth, impostor_pairs, seed, tail_rows, quality_bands))]
     fn calibrate(
         &self,
         py: Python<'_>,
         truth: Option<Vec<(String, String)>>,
         impostor_pairs: usize,
         seed: u64,
+        tail_rows: usize,
+        quality_bands: usize,
     ) -> PyResult<String> {
         let e = self.get()?;
         let cal = py.detach(|| {
@@ -465,12 +467,19 @@ impl Engine {
                 impostor_pairs,
                 genuine: truth.as_deref(),
                 seed,
+                tail_rows,
+                quality_bands,
                 ..CalibrateOptions::default()
             };
             e.calibrate(&opts).map(|_| e.calibration())
         });
         let cal = cal.map_err(py_err)?;
-        json(&serde_json::json!({"source": cal.source, "models": cal.models}))
+        json(&serde_json::json!({
+            "source": cal.source,
+            "models": cal.models,
+            "tail_checks": cal.tail_checks,
+            "quality_bands": cal.quality_bands,
+        }))
     }
 
     /// Runs a dedup (the CLI's `pacha dedup` options); Ctrl-C cancels it between blocks.

@@ -148,3 +148,101 @@ fn fused_count_finds_every_pair_a_brute_force_fusion_finds() {
         "the check needs events to compare: {brute:?}"
     );
 }
+
+#[test]
+fn quality_bands_split_the_tail_where_quality_moves_it_and_not_elsewhere() {
+    use pacha_datasets::generate::Generator;
+    use pacha_engine::Engine;
+    use pacha_engine::store::Schema;
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(12_000, 17), Some(&[Modality::Face]));
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions {
+        tail_rows: 8_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = e.calibration();
+    let bands = cal
+        .bands(0)
+        .expect("the generator's qualities move the face tail");
+    assert_eq!(bands.models.len(), 3);
+    assert_eq!(bands.edges.len(), 2);
+    assert!(bands.edges[0] < bands.edges[1]);
+    // Equal shares of pairs per band, by construction of the edges (sampled: within a few per cent).
+    for s in &bands.share {
+        assert!((s - 1.0 / 3.0).abs() < 0.05, "{:?}", bands.share);
+    }
+    let check = &cal.tail_checks[0];
+    assert_eq!(check.bands.len(), 3);
+    let at = |rows: &[pacha_engine::tail::TailCheckRow], level: f64| {
+        rows.iter().find(|r| r.level == level).and_then(|r| r.ratio)
+    };
+    // Against its pairs, the pooled model is optimistic for the top band (two good captures reach high
+    // cosines more often) and pessimistic for the bottom one; each band's own model follows its count.
+    let top = &check.bands[2];
+    let bottom = &check.bands[0];
+    assert!(at(&top.pooled, 1e-4).unwrap() > 1.5, "{top:?}");
+    assert!(at(&bottom.pooled, 1e-4).unwrap() < 0.67, "{bottom:?}");
+    for b in &check.bands {
+        for r in b.model.iter().filter(|r| r.events >= 500) {
+            let q = r.ratio.unwrap();
+            assert!(
+                (0.75..1.33).contains(&q),
+                "band [{}, {}) at {}: {q}",
+                b.lo,
+                b.hi,
+                r.level
+            );
+        }
+    }
+    // A pair's score is its band's: the same cosine scores higher between poor captures.
+    let lo = cal.fuse_q(&[(0, 0.45, Some(0.0))]);
+    let hi = cal.fuse_q(&[(0, 0.45, Some(1.0))]);
+    assert!(lo.score > hi.score + 3.0, "{lo:?} vs {hi:?}");
+    // Bands off: pooled models only.
+    e.calibrate(&CalibrateOptions {
+        tail_rows: 8_000,
+        quality_bands: 0,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    assert!(!e.calibration().has_bands());
+
+    // A store whose qualities are all 1 (e.g. ingested without a subjects file) gets no bands, and says why.
+    let dir2 = tempfile::tempdir().unwrap();
+    let g = Generator::new(config(6_000, 19)).unwrap();
+    let schema = Schema::of(
+        g.modalities()
+            .into_iter()
+            .filter(|(m, _)| *m == Modality::Face),
+    );
+    let flat = Engine::create(dir2.path(), schema).unwrap();
+    for mut b in g.batches(4096) {
+        b.records
+            .blocks
+            .retain(|blk| blk.modality == Modality::Face);
+        let keep: Vec<bool> = b.records.blocks[0].present.clone();
+        for blk in &mut b.records.blocks {
+            blk.quality.iter_mut().for_each(|q| *q = 1.0);
+        }
+        if keep.iter().all(|&k| k) {
+            flat.insert_records(&b.records).unwrap();
+        } else {
+            flat.insert_records(&pacha_tests::filter_rows(&b.records, &keep))
+                .unwrap();
+        }
+    }
+    flat.calibrate(&CalibrateOptions {
+        tail_rows: 6_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = flat.calibration();
+    assert!(!cal.has_bands());
+    assert!(
+        cal.source.contains("no quality bands"),
+        "the notes say why: {}",
+        cal.source
+    );
+}
