@@ -12,8 +12,9 @@
 //! quantiles was measured 0.25× to 2× off at FMR 1e-7 (BENCHMARKS.md, "Calibration").
 //!
 //! The per-modality evidence is the log-likelihood ratio `L_m(s) = ln g_m(s) − ln i_m(s)`, made monotone
-//! non-decreasing in `s` (a quadratic LLR is flattened beyond its turning point, so a higher cosine is never
-//! weaker evidence). The fused statistic is `F = Σ L_m` over the modalities *both* records have; a missing
+//! non-decreasing in `s`, so a higher cosine is never weaker evidence: a convex quadratic is held flat below
+//! its minimum, and a concave one is continued past its maximum by the impostor log-rarity
+//! `ln(sf(t)/sf(s))` (see [`ModalityModel::llr`]). The fused statistic is `F = Σ L_m` over the modalities *both* records have; a missing
 //! modality contributes nothing (neither for nor against).
 //!
 //! ## Calibration
@@ -348,16 +349,28 @@ impl ModalityModel {
     }
 
     /// The monotone non-decreasing LLR at cosine `s`, clamped to a bounded range.
+    ///
+    /// Below a convex LLR's minimum the quadratic rises again: it is held flat there (low cosines, FMR ≈ 1).
+    /// Beyond a concave LLR's maximum (an impostor model wider than the genuine one) the quadratic falls; it
+    /// is continued by the impostor log-rarity `ln(sf(t) / sf(s))` instead of being held flat, so it keeps
+    /// rising wherever the impostor survival falls. Held flat, every pair past the maximum shared one fused
+    /// value, an atom whose FMR was that of its lowest member (measured 20× conservative on look-alike
+    /// families); continued, each pair's FMR follows its own cosine.
     pub fn llr(&self, s: f64) -> f64 {
         let s = s.clamp(-1.0, 1.0);
-        let s = match self.turning_point() {
-            // Convex: below the minimum the quadratic rises again; hold it flat there.
-            Some((t, true)) => s.max(t),
-            // Concave: beyond the maximum it falls; hold it flat there.
-            Some((t, false)) => s.min(t),
-            None => s,
-        };
-        self.raw_llr(s).clamp(LLR_FLOOR, LLR_CAP)
+        match self.turning_point() {
+            Some((t, true)) => self.raw_llr(s.max(t)).clamp(LLR_FLOOR, LLR_CAP),
+            Some((t, false)) if s > t => {
+                let (at, beyond) = (self.impostor_sf(t), self.impostor_sf(s));
+                let rarity = if beyond > 0.0 {
+                    (at / beyond).ln().max(0.0)
+                } else {
+                    LLR_CAP
+                };
+                (self.raw_llr(t) + rarity).clamp(LLR_FLOOR, LLR_CAP)
+            }
+            _ => self.raw_llr(s).clamp(LLR_FLOOR, LLR_CAP),
+        }
     }
 
     /// The smallest cosine whose LLR reaches `l` (bisection on the monotone LLR); -1 if every cosine does,
@@ -1138,7 +1151,8 @@ mod tests {
             assert!((model.llr(c) - 5.0).abs() < 1e-6);
             assert!(model.llr(c - 1e-3) < 5.0);
         }
-        // A concave LLR (genuine narrower than impostor) is held flat past its maximum.
+        // A concave LLR (genuine narrower than impostor) keeps rising past its maximum, by the impostor
+        // log-rarity: strictly while the impostor survival falls, so no two cosines there share a value.
         let m = ModalityModel {
             genuine: Gaussian {
                 mean: 0.5,
@@ -1148,7 +1162,42 @@ mod tests {
             impostor_tail: None,
             impostor_body: None,
         };
-        assert!(m.llr(0.99) >= m.llr(0.6));
+        let (t, convex) = m.turning_point().unwrap();
+        assert!(!convex && t > 0.5 && t < 0.7, "{t}");
+        let mut prev = m.llr(t);
+        for i in 1..=20 {
+            let s = t + f64::from(i) * 0.005;
+            let l = m.llr(s);
+            assert!(l > prev, "not rising at {s}: {l} <= {prev}");
+            let want = m.raw_llr(t) + (m.impostor.sf(t) / m.impostor.sf(s)).ln();
+            assert!((l - want.min(LLR_CAP)).abs() < 1e-9, "{s}: {l} vs {want}");
+            prev = l;
+        }
+        let c = m.cosine_for_llr(m.llr(t) + 3.0).unwrap();
+        assert!(c > t && (m.llr(c) - (m.llr(t) + 3.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn pairs_past_a_concave_maximum_get_their_own_fmr() {
+        let m = ModalityModel {
+            genuine: Gaussian {
+                mean: 0.5,
+                sd: 0.05,
+            },
+            impostor: Gaussian { mean: 0.0, sd: 0.1 },
+            impostor_tail: None,
+            impostor_body: None,
+        };
+        let cal = Calibration::from_models(vec![(Modality::Face, m)], "concave");
+        let (t, _) = m.turning_point().unwrap();
+        let (a, b) = (cal.fuse(&[(0, t as f32 + 0.02)]), cal.fuse(&[(0, t as f32 + 0.08)]));
+        assert!(b.score > a.score + 1.0, "{a:?} vs {b:?}");
+        // One modality: the FMR is the impostor survival at the cosine, past the maximum too.
+        for s in [t + 0.02, t + 0.08] {
+            let f = cal.fuse(&[(0, s as f32)]);
+            let want = m.impostor_sf(s);
+            assert!(f.fmr >= want * 0.98 && f.fmr <= want * 1.1, "{s}: {} vs {want}", f.fmr);
+        }
     }
 
     #[test]
