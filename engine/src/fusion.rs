@@ -353,9 +353,10 @@ impl ModalityModel {
     /// Below a convex LLR's minimum the quadratic rises again: it is held flat there (low cosines, FMR ≈ 1).
     /// Beyond a concave LLR's maximum (an impostor model wider than the genuine one) the quadratic falls; it
     /// is continued by the impostor log-rarity `ln(sf(t) / sf(s))` instead of being held flat, so it keeps
-    /// rising wherever the impostor survival falls. Held flat, every pair past the maximum shared one fused
-    /// value, an atom whose FMR was that of its lowest member (measured 20× conservative on look-alike
-    /// families); continued, each pair's FMR follows its own cosine.
+    /// rising wherever the impostor survival falls. Held flat, every pair past the maximum would share one
+    /// fused value, an atom whose FMR is that of its lowest member; continued, each pair's FMR follows its own
+    /// cosine. (The cap [`LLR_CAP`] still makes such an atom where the Gaussian ratio reaches it at cosines a
+    /// heavy counted tail calls only moderately rare: BENCHMARKS.md, "Quality bands", look-alike families.)
     pub fn llr(&self, s: f64) -> f64 {
         let s = s.clamp(-1.0, 1.0);
         match self.turning_point() {
@@ -1190,13 +1191,20 @@ mod tests {
         };
         let cal = Calibration::from_models(vec![(Modality::Face, m)], "concave");
         let (t, _) = m.turning_point().unwrap();
-        let (a, b) = (cal.fuse(&[(0, t as f32 + 0.02)]), cal.fuse(&[(0, t as f32 + 0.08)]));
+        let (a, b) = (
+            cal.fuse(&[(0, t as f32 + 0.02)]),
+            cal.fuse(&[(0, t as f32 + 0.08)]),
+        );
         assert!(b.score > a.score + 1.0, "{a:?} vs {b:?}");
         // One modality: the FMR is the impostor survival at the cosine, past the maximum too.
         for s in [t + 0.02, t + 0.08] {
             let f = cal.fuse(&[(0, s as f32)]);
             let want = m.impostor_sf(s);
-            assert!(f.fmr >= want * 0.98 && f.fmr <= want * 1.1, "{s}: {} vs {want}", f.fmr);
+            assert!(
+                f.fmr >= want * 0.98 && f.fmr <= want * 1.1,
+                "{s}: {} vs {want}",
+                f.fmr
+            );
         }
     }
 
