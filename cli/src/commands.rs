@@ -371,6 +371,7 @@ fn dedup(a: &crate::DedupArgs, ui: Ui) -> Result<(), Failure> {
         },
         force_path: a.force_path.clone(),
         tile: a.tile,
+        recompute_sketches: a.recompute_sketches,
     };
     if !(0.0..=1.0).contains(&a.min_recall) {
         return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());

@@ -303,6 +303,10 @@ pub struct DedupArgs {
     /// Index mode: force every candidate modality onto one path (ivf, brute or exact) instead of the plan.
     #[arg(long)]
     pub force_path: Option<String>,
+    /// Index mode: compute every row's sign sketches in this run instead of reading the sketches `pacha
+    /// index` saved (for measurements: the results are identical).
+    #[arg(long)]
+    pub recompute_sketches: bool,
     /// Recall the run must prove: if the audit's 95 % lower bound is below it, the run exits with code 3.
     #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_MIN_RECALL)]
     pub min_recall: f64,

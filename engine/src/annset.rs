@@ -8,9 +8,10 @@
 use crate::EngineError;
 use crate::derived::{Artefact, DerivedIdentity, DerivedProblem, INDEX_META, seal, unseal};
 use crate::policy::{Visits, plan_modality};
+use crate::sketchfile::{SavedSketches, SketchHeader, fingerprint_crc};
 use crate::store::Snapshot;
 use pacha_index::ivf::{Ivf, IvfParams, ProbeRule};
-use pacha_index::sketch::{Sketcher, Sketches, StagedCut};
+use pacha_index::sketch::{SketchWords, Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,8 @@ pub const SKETCH_BITS: usize = 1024;
 pub const SKETCH_PREFIX_BITS: usize = 512;
 /// Seed of the sketch hyperplanes (fixed: the same store always gets the same sketches).
 const SKETCH_SEED: u64 = 0x5ce7_c4e5;
+/// Extension of a saved sketch file (`<modality>.sketch`, [`crate::sketchfile`]).
+const SKETCH_EXT: &str = "sketch";
 
 /// The sketch stages of an index join in the joined modality (see `pacha_index::sketch::choose_cut`).
 #[derive(Clone, Copy, Debug)]
@@ -45,9 +48,13 @@ struct SetMeta {
     modalities: Vec<String>,
     /// Per schema modality: its file, or `None` if the modality had no template when the index was built.
     files: Vec<Option<IvfEntry>>,
+    /// Per schema modality: its saved sign sketches of rows `0..rows` (`<key>.sketch`), or `None`. Empty in
+    /// an index saved before sketches were saved (runs then compute them).
+    #[serde(default)]
+    sketches: Vec<Option<IvfEntry>>,
 }
 
-/// One `.ivf` file of a saved index.
+/// One `.ivf` or `.sketch` file of a saved index.
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
 struct IvfEntry {
     file: String,
@@ -65,9 +72,12 @@ pub struct AnnSet {
     rows: usize,
     /// Index of each schema modality (by schema position); `None` if the modality has no template at all.
     ivf: Vec<Option<Ivf>>,
-    /// Sign sketches of every row of the last snapshot sketched, per modality, computed on first use (not
-    /// saved: recomputing is one GEMM per modality, a few seconds at a million rows).
+    /// Sign sketches of every row of the last snapshot sketched, per modality, made on first use: the saved
+    /// sketches of the indexed rows plus those computed for the rows after them (or, after a build, the
+    /// build's own).
     sketches: Vec<Mutex<Option<Arc<Sketches>>>>,
+    /// The saved sketches of rows `0..rows`, per modality (verified at load; `None`: not saved).
+    saved_sketches: Vec<Option<Arc<SavedSketches>>>,
     /// Identify probe rules already chosen, per (modality, candidate cosine bits).
     identify_rules: Mutex<Vec<(usize, u32, Option<ProbeRule>)>>,
     /// What the index was built on (saved in `index.json`).
@@ -83,12 +93,14 @@ impl AnnSet {
     ) -> Result<AnnSet, EngineError> {
         let mods = &snap.schema().modalities;
         let mut ivf = Vec::with_capacity(mods.len());
+        let mut built: Vec<Option<Arc<Sketches>>> = Vec::with_capacity(mods.len());
         for (i, spec) in mods.iter().enumerate() {
             if let Some(p) = progress {
                 p(i, mods.len());
             }
             let Some(view) = snap.f32_rows(spec.modality) else {
                 ivf.push(None);
+                built.push(None);
                 continue;
             };
             let m = spec.modality;
@@ -101,8 +113,11 @@ impl AnnSet {
                     &params.ivf,
                     &snap.f32_pager(m),
                 )?));
+                // The sign sketches of every row, saved with the index so runs need not recompute them.
+                built.push(Some(Arc::new(sketch_rows(snap, i)?)));
             } else {
                 ivf.push(None);
+                built.push(None);
             }
         }
         if let Some(p) = progress {
@@ -111,7 +126,8 @@ impl AnnSet {
         Ok(AnnSet {
             generation: snap.generation(),
             rows: snap.rows(),
-            sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
+            sketches: built.into_iter().map(Mutex::new).collect(),
+            saved_sketches: ivf.iter().map(|_| None).collect(),
             identify_rules: Mutex::new(Vec::new()),
             identity: DerivedIdentity::of(snap, format!("{:?}", params.ivf)),
             ivf,
@@ -140,7 +156,9 @@ impl AnnSet {
         self.ivf.get(mi).and_then(|i| i.as_ref())
     }
 
-    /// Sign sketches of every row of `snap` in modality `mi`, computed on first use for this row count.
+    /// Sign sketches of every row of `snap` in modality `mi`, made on first use for this row count: the
+    /// saved sketches of the indexed rows (read in place) and, computed now, those of the rows committed
+    /// after the index; every row computed if the index has no saved sketches or does not cover `snap`.
     pub fn sketches(&self, snap: &Snapshot, mi: usize) -> Result<Arc<Sketches>, EngineError> {
         let slot = self.sketches.get(mi).ok_or_else(|| {
             EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
@@ -149,9 +167,26 @@ impl AnnSet {
         if let Some(s) = guard.as_ref().filter(|s| s.rows() == snap.rows()) {
             return Ok(s.clone());
         }
-        let sk = Arc::new(sketch_rows(snap, mi)?);
+        let saved = self.saved_sketches.get(mi).cloned().flatten();
+        let sk = match saved {
+            Some(saved) if self.covers(snap) && saved.rows() == self.rows => {
+                let tail = sketch_rows_from(snap, mi, self.rows)?;
+                let head: Arc<dyn SketchWords> = saved;
+                Arc::new(Sketches::from_parts(
+                    SKETCH_BITS / 64,
+                    Some((head, self.rows)),
+                    tail,
+                )?)
+            }
+            _ => Arc::new(sketch_rows(snap, mi)?),
+        };
         *guard = Some(sk.clone());
         Ok(sk)
+    }
+
+    /// True if the index carries saved sketches for modality `mi`.
+    pub fn has_saved_sketches(&self, mi: usize) -> bool {
+        matches!(self.saved_sketches.get(mi), Some(Some(_)))
     }
 
     /// Indexed rows whose exact cosine with `query` is at least `t`, from the lists the modality's identify
@@ -222,7 +257,12 @@ impl AnnSet {
             .map_err(|e| EngineError::io("creating", dir, e))?;
         let mods: Vec<String> = snap.schema().keys();
         let mut files = Vec::with_capacity(mods.len());
-        for (ivf, key) in self.ivf.iter().zip(&mods) {
+        let mut sketch_files = Vec::with_capacity(mods.len());
+        for (mi, (ivf, key)) in self.ivf.iter().zip(&mods).enumerate() {
+            sketch_files.push(match ivf {
+                Some(_) => Some(self.save_sketches(dir, snap, mi, key)?),
+                None => None,
+            });
             files.push(match ivf {
                 Some(ivf) => {
                     let file = format!("{key}.ivf");
@@ -244,11 +284,62 @@ impl AnnSet {
             identity: self.identity.clone(),
             modalities: mods,
             files,
+            sketches: sketch_files,
         };
         let p = dir.join(INDEX_META);
         let bytes = serde_json::to_vec_pretty(&meta)
             .map_err(|e| EngineError::io("writing", &p, e.into()))?;
         crate::fsutil::write_atomic(&p, &seal(META_KIND, &bytes))
+    }
+
+    /// Writes the sign sketches of rows `0..rows` of modality `mi` to `<dir>/<key>.sketch` (the build's
+    /// own, or computed now from `snap`); its entry for `index.json`.
+    fn save_sketches(
+        &self,
+        dir: &Path,
+        snap: &Snapshot,
+        mi: usize,
+        key: &str,
+    ) -> Result<IvfEntry, EngineError> {
+        let cached = self
+            .sketches
+            .get(mi)
+            .and_then(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let sk = match cached {
+            Some(s) if s.rows() >= self.rows => s,
+            _ if snap.rows() >= self.rows && snap.generation() == self.generation => {
+                Arc::new(sketch_rows(snap, mi)?)
+            }
+            _ => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "cannot save the sketches of an index of {} rows from a snapshot of {} rows",
+                    self.rows,
+                    snap.rows()
+                )));
+            }
+        };
+        let file = format!("{key}.{SKETCH_EXT}");
+        let path = dir.join(&file);
+        let header = self.sketch_header(mi)?;
+        let crc = crate::sketchfile::write(&path, &header, &sk)?;
+        Ok(IvfEntry {
+            file,
+            len: header.file_len(),
+            crc32: format!("{crc:08x}"),
+        })
+    }
+
+    /// What a saved sketch file of modality `mi` must describe.
+    fn sketch_header(&self, mi: usize) -> Result<SketchHeader, EngineError> {
+        let dim = self
+            .identity
+            .schema
+            .get(mi)
+            .map(|(_, d)| *d)
+            .ok_or_else(|| {
+                EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
+            })?;
+        Ok(sketch_header_of(&self.identity, dim))
     }
 
     /// Loads the index saved in `dir` (`<store_dir>/engine/index`): `None` if there is none (no
@@ -261,10 +352,11 @@ impl AnnSet {
     ) -> Result<Option<AnnSet>, EngineError> {
         match read_saved(store_dir, dir, Some(snap), true) {
             Ok(None) => Ok(None),
-            Ok(Some((meta, ivf))) => Ok(Some(AnnSet {
+            Ok(Some((meta, ivf, saved_sketches))) => Ok(Some(AnnSet {
                 generation: meta.identity.generation,
                 rows: meta.identity.rows,
                 sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
+                saved_sketches,
                 identify_rules: Mutex::new(Vec::new()),
                 identity: meta.identity,
                 ivf,
@@ -291,14 +383,23 @@ pub(crate) fn verify_saved(
     dir: &Path,
     snap: Option<&Snapshot>,
 ) -> Result<Option<(DerivedIdentity, Vec<String>)>, (DerivedProblem, Vec<String>)> {
-    Ok(read_saved(store_dir, dir, snap, false)?.map(|(meta, _)| {
-        let files = meta.files.into_iter().flatten().map(|f| f.file).collect();
-        (meta.identity, files)
-    }))
+    Ok(
+        read_saved(store_dir, dir, snap, false)?.map(|(meta, _, _)| {
+            let files = meta
+                .files
+                .into_iter()
+                .chain(meta.sketches)
+                .flatten()
+                .map(|f| f.file)
+                .collect();
+            (meta.identity, files)
+        }),
+    )
 }
 
 /// Reads and verifies the saved index in `dir`: the sealed `index.json`, the identity (against `snap` when
-/// given) and every listed `.ivf` (length, body checksum, and that checksum against the listed one). With
+/// given), every listed `.ivf` (length, body checksum, and that checksum against the listed one) and every
+/// listed `.sketch` (header against the identity and the sketch parameters, length, checksum). With
 /// `newer_is_absent`, an index of the snapshot's generation covering more rows than the snapshot has (built
 /// after a reader took its snapshot: a benign race) is no index for that reader rather than an error.
 #[allow(clippy::type_complexity)]
@@ -307,7 +408,10 @@ fn read_saved(
     dir: &Path,
     snap: Option<&Snapshot>,
     newer_is_absent: bool,
-) -> Result<Option<(SetMeta, Vec<Option<Ivf>>)>, (DerivedProblem, Vec<String>)> {
+) -> Result<
+    Option<(SetMeta, Vec<Option<Ivf>>, Vec<Option<Arc<SavedSketches>>>)>,
+    (DerivedProblem, Vec<String>),
+> {
     let p = dir.join(INDEX_META);
     let problem = |path: &Path, what: String, listed: &[String]| {
         (
@@ -326,6 +430,7 @@ fn read_saved(
     let listed: Vec<String> = meta
         .files
         .iter()
+        .chain(&meta.sketches)
         .flatten()
         .map(|f| f.file.clone())
         .collect();
@@ -335,13 +440,17 @@ fn read_saved(
         .iter()
         .map(|(k, _)| k.clone())
         .collect();
-    if meta.modalities != schema_keys || meta.files.len() != meta.modalities.len() {
+    if meta.modalities != schema_keys
+        || meta.files.len() != meta.modalities.len()
+        || !(meta.sketches.is_empty() || meta.sketches.len() == meta.modalities.len())
+    {
         return Err(problem(
             &p,
             format!(
-                "lists modalities {:?} and {} files for identity schema {:?}",
+                "lists modalities {:?}, {} files and {} sketch files for identity schema {:?}",
                 meta.modalities,
                 meta.files.len(),
+                meta.sketches.len(),
                 meta.identity.schema
             ),
             &listed,
@@ -424,7 +533,84 @@ fn read_saved(
         }
         ivf.push(Some(loaded));
     }
-    Ok(Some((meta, ivf)))
+    let mut saved = Vec::with_capacity(meta.modalities.len());
+    for (mi, key) in meta.modalities.iter().enumerate() {
+        let Some(entry) = meta.sketches.get(mi).and_then(|e| e.as_ref()) else {
+            saved.push(None);
+            continue;
+        };
+        let f = dir.join(&entry.file);
+        if entry.file != format!("{key}.{SKETCH_EXT}") || ivf.get(mi).is_none_or(|i| i.is_none()) {
+            return Err(problem(
+                &p,
+                format!(
+                    "lists sketch file {:?} for modality {key}, which has no .ivf file",
+                    entry.file
+                ),
+                &listed,
+            ));
+        }
+        let dim = meta.identity.schema.get(mi).map_or(0, |(_, d)| *d);
+        let header = sketch_header_of(&meta.identity, dim);
+        let (sk, crc) = match SavedSketches::open(&f, &header) {
+            Ok(x) => x,
+            Err(what) => {
+                let what = match std::fs::metadata(&f) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        "listed in index.json but missing".to_string()
+                    }
+                    _ => what,
+                };
+                return Err(problem(&f, what, &listed));
+            }
+        };
+        if format!("{crc:08x}") != entry.crc32 || header.file_len() != entry.len {
+            return Err(problem(
+                &f,
+                format!(
+                    "{} bytes with crc32 {crc:08x}, index.json lists {} bytes with {}",
+                    header.file_len(),
+                    entry.len,
+                    entry.crc32
+                ),
+                &listed,
+            ));
+        }
+        saved.push(Some(Arc::new(sk)));
+    }
+    Ok(Some((meta, ivf, saved)))
+}
+
+/// The header a saved sketch file of a modality of dimension `dim` must have for an index of `identity`.
+fn sketch_header_of(identity: &DerivedIdentity, dim: usize) -> SketchHeader {
+    SketchHeader {
+        bits: SKETCH_BITS as u32,
+        seed: SKETCH_SEED,
+        dim: dim as u64,
+        rows: identity.rows as u64,
+        generation: identity.generation,
+        fingerprint: fingerprint_crc(&identity.fingerprint),
+    }
+}
+
+/// The sketch words of rows `start..` of `snap` in modality `mi`, bit-identical to [`sketch_rows`]'s rows
+/// (same GEMM blocks), streamed through the store's pager: only the f32 rows from `start`'s block on are read.
+pub fn sketch_rows_from(snap: &Snapshot, mi: usize, start: usize) -> Result<Vec<u64>, EngineError> {
+    let spec = snap.schema().modalities.get(mi).ok_or_else(|| {
+        EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
+    })?;
+    let view = snap.f32_rows(spec.modality).ok_or_else(|| {
+        EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
+    })?;
+    let m = spec.modality;
+    Ok(
+        Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_from(
+            view,
+            start,
+            &|r| snap.is_present(m, r),
+            &snap.f32_pager(m),
+        )?,
+    )
 }
 
 /// Sign sketches ([`SKETCH_BITS`]) of every row of `snap` in modality `mi` (absent rows stay zero),

@@ -80,6 +80,10 @@ pub struct DedupOptions {
     /// Run only this tile of the probe rows ([`run_part`]; `None`: the whole run).
     #[serde(default)]
     pub tile: Option<TileSpec>,
+    /// Index mode: compute every row's sign sketches in this run instead of reading the index's saved ones
+    /// for the rows it covers (measurements and tests: the results are identical).
+    #[serde(default)]
+    pub recompute_sketches: bool,
 }
 
 /// The sketch cut policy of the contract: every cut is the complete one (a pair at the candidate cosine is
@@ -107,6 +111,7 @@ impl Default for DedupOptions {
             audit: AuditOptions::default(),
             force_path: None,
             tile: None,
+            recompute_sketches: false,
         }
     }
 }
@@ -196,6 +201,14 @@ pub struct DedupSummary {
     /// Seconds spent planning and preparing the candidate index (pilots, re-probing, sketches).
     #[serde(default)]
     pub prepare_seconds: f64,
+    /// Seconds of `prepare_seconds` spent making the sign sketches (reading the saved ones, computing the
+    /// rest).
+    #[serde(default)]
+    pub sketch_seconds: f64,
+    /// Per modality whose join filters by sign sketch: where its rows' sketches came from (for a merge, the
+    /// first tile's: every tile prepares every row).
+    #[serde(default)]
+    pub sketch_rows: Vec<SketchRows>,
     /// The completeness audit (index mode with auditing on).
     #[serde(default)]
     pub audit: Option<Audit>,
@@ -406,11 +419,25 @@ impl RunParameters {
     }
 }
 
+/// Where one modality's sign sketches came from in a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SketchRows {
+    /// Modality key.
+    pub modality: String,
+    /// Rows read from the index's saved sketches.
+    pub saved: usize,
+    /// Rows sketched by the run (rows committed after the index, or every row without saved sketches).
+    pub computed: usize,
+}
+
 /// Timings of one part (never compared between parts).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PartTimings {
     /// Planning and preparing the candidate index.
     pub prepare_seconds: f64,
+    /// Of which making the sign sketches.
+    #[serde(default)]
+    pub sketch_seconds: f64,
     /// Generating candidates.
     pub candidate_seconds: f64,
     /// Rescoring and fusing.
@@ -439,6 +466,9 @@ pub struct RunPart {
     pub candidate_pairs: u64,
     /// Per-modality work counters of the index join.
     pub join_stats: Vec<(String, JoinStats)>,
+    /// Where each sketched modality's sketches came from.
+    #[serde(default)]
+    pub sketch_rows: Vec<SketchRows>,
     /// Checkpointed blocks reused.
     pub tiles_resumed: usize,
     /// Timings.
@@ -595,6 +625,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         .collect();
     // Index mode: plan each modality's candidate path on this store (pilots) and build the run's index.
     let t_prep = Instant::now();
+    let sketch_acc: std::sync::Mutex<(f64, Vec<SketchRows>)> = Default::default();
     let run_index = match mode {
         CandidateMode::Index => Some(RunIndex::prepare(
             snap,
@@ -602,14 +633,26 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             &cand_cos,
             &filters,
             opts.force_path.as_deref(),
-            &|mi| match ann {
-                Some(a) => a.sketches(snap, mi),
-                None => Ok(std::sync::Arc::new(crate::annset::sketch_rows(snap, mi)?)),
+            &|mi| {
+                let t = Instant::now();
+                let sk = match ann {
+                    Some(a) if !opts.recompute_sketches => a.sketches(snap, mi)?,
+                    _ => std::sync::Arc::new(crate::annset::sketch_rows(snap, mi)?),
+                };
+                let mut acc = sketch_acc.lock().unwrap_or_else(|p| p.into_inner());
+                acc.0 += t.elapsed().as_secs_f64();
+                acc.1.push(SketchRows {
+                    modality: snap.schema().modalities[mi].modality.key(),
+                    saved: sk.saved_rows(),
+                    computed: sk.rows() - sk.saved_rows(),
+                });
+                Ok(sk)
             },
         )?),
         _ => None,
     };
     let prepare_seconds = t_prep.elapsed().as_secs_f64();
+    let (sketch_seconds, sketch_rows) = sketch_acc.into_inner().unwrap_or_else(|p| p.into_inner());
     // The audit's sample is drawn over the whole run; each part audits the sampled rows among its probes.
     let audit_sample: Vec<u32> = match (&run_index, opts.audit.probes) {
         (Some(ri), k) if k > 0 => {
@@ -809,9 +852,11 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         pairs,
         candidate_pairs: summary.candidate_pairs,
         join_stats: summary.join_stats,
+        sketch_rows,
         tiles_resumed: summary.tiles_resumed,
         timings: PartTimings {
             prepare_seconds,
+            sketch_seconds,
             candidate_seconds: summary.candidate_seconds,
             scoring_seconds: summary.scoring_seconds,
             total_seconds: start.elapsed().as_secs_f64(),
@@ -892,6 +937,7 @@ pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
     parts.sort_by_key(|p| p.tile.index);
     let setup = parts[0].setup.clone();
     let plans = parts[0].plans.clone();
+    let sketch_rows = parts[0].sketch_rows.clone();
     let range = setup.first_probe..setup.rows;
     for p in &parts {
         let diff = setup_differences(&setup, &p.setup);
@@ -975,6 +1021,7 @@ pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
             .map(|(k, _)| (k.clone(), JoinStats::default()))
             .collect(),
         plans,
+        sketch_rows,
         identity: setup.identity.clone(),
         calibration_source: setup.calibration_source.clone(),
         ..DedupSummary::default()
@@ -994,6 +1041,7 @@ pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
         }
         summary.tiles_resumed += p.tiles_resumed;
         summary.prepare_seconds += p.timings.prepare_seconds;
+        summary.sketch_seconds += p.timings.sketch_seconds;
         summary.candidate_seconds += p.timings.candidate_seconds;
         summary.scoring_seconds += p.timings.scoring_seconds;
         wall += p.timings.total_seconds;

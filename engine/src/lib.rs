@@ -37,6 +37,7 @@ pub mod ingest;
 pub mod matcher;
 pub mod policy;
 pub mod runio;
+pub mod sketchfile;
 pub mod store;
 pub mod tail;
 pub mod tiles;

@@ -15,6 +15,7 @@
 //! path, which gives identical results). Sketching is one GEMM of the rows with the hyperplanes.
 
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use crate::IndexError;
 use crate::ivf::{gather, gemm};
@@ -35,14 +36,75 @@ pub struct Sketcher {
     planes: Vec<f32>,
 }
 
-/// Sketches of every row of a base (absent rows are all zero and must be skipped by the caller).
-#[derive(Clone, Debug, PartialEq)]
+/// Saved sketch words shared with their owner (e.g. a file mapping): row-major, a whole number of rows.
+pub trait SketchWords: Send + Sync {
+    /// The words, row after row.
+    fn words(&self) -> &[u64];
+}
+
+/// Sketches of every row of a base (absent rows are all zero and must be skipped by the caller): rows
+/// `0..head_rows` borrowed from shared saved words ([`SketchWords`], no copy), the rows after them owned.
+#[derive(Clone)]
 pub struct Sketches {
     words: usize,
+    /// Saved words of rows `0..head_rows`, if any.
+    head: Option<Arc<dyn SketchWords>>,
+    head_rows: usize,
+    /// Rows `head_rows..`, owned.
     data: Vec<u64>,
 }
 
+impl std::fmt::Debug for Sketches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sketches")
+            .field("words", &self.words)
+            .field("saved_rows", &self.head_rows)
+            .field("rows", &self.rows())
+            .finish()
+    }
+}
+
+impl PartialEq for Sketches {
+    fn eq(&self, other: &Sketches) -> bool {
+        self.words == other.words
+            && self.rows() == other.rows()
+            && (0..self.rows()).all(|i| self.row(i) == other.row(i))
+    }
+}
+
 impl Sketches {
+    /// Sketches of `words` words per row: rows `0..saved_rows` from `saved` (which must hold exactly
+    /// `saved_rows × words` words), then the rows of `owned` (a whole number of rows).
+    pub fn from_parts(
+        words: usize,
+        saved: Option<(Arc<dyn SketchWords>, usize)>,
+        owned: Vec<u64>,
+    ) -> Result<Sketches, IndexError> {
+        if words == 0 || !owned.len().is_multiple_of(words) {
+            return Err(IndexError::Shape(format!(
+                "{} owned sketch words are not whole rows of {words} words",
+                owned.len()
+            )));
+        }
+        let (head, head_rows) = match saved {
+            Some((h, rows)) => {
+                if h.words().len() != rows * words {
+                    return Err(IndexError::Shape(format!(
+                        "{} saved sketch words for {rows} rows of {words} words",
+                        h.words().len()
+                    )));
+                }
+                (Some(h), rows)
+            }
+            None => (None, 0),
+        };
+        Ok(Sketches {
+            words,
+            head,
+            head_rows,
+            data: owned,
+        })
+    }
     /// 64-bit words per sketch.
     pub fn words(&self) -> usize {
         self.words
@@ -53,13 +115,24 @@ impl Sketches {
     }
     /// Number of rows.
     pub fn rows(&self) -> usize {
-        self.data.len() / self.words.max(1)
+        self.head_rows + self.data.len() / self.words.max(1)
+    }
+    /// Rows served from saved words (`0..saved_rows()`); the rest were computed.
+    pub fn saved_rows(&self) -> usize {
+        self.head_rows
     }
     /// The sketch of row `i` (empty if out of range).
+    #[inline]
     pub fn row(&self, i: usize) -> &[u64] {
-        self.data
-            .get(i * self.words..(i + 1) * self.words)
-            .unwrap_or(&[])
+        let w = self.words;
+        if i < self.head_rows {
+            return match &self.head {
+                Some(h) => h.words().get(i * w..(i + 1) * w).unwrap_or(&[]),
+                None => &[],
+            };
+        }
+        let i = i - self.head_rows;
+        self.data.get(i * w..(i + 1) * w).unwrap_or(&[])
     }
 }
 
@@ -111,6 +184,20 @@ impl Sketcher {
         present: &(dyn Fn(usize) -> bool + Sync),
         pager: &dyn crate::RowPager,
     ) -> Result<Sketches, IndexError> {
+        let data = self.sketch_rows_from(base, 0, present, pager)?;
+        Sketches::from_parts(self.bits / 64, None, data)
+    }
+
+    /// The sketch words of rows `start..base.rows()` (as [`Sketcher::sketch_rows_streaming`] computes them for
+    /// a whole base: rows are sketched in the same GEMM blocks, aligned on row 0, so every row's sketch is
+    /// bit-identical to the whole base's), streamed through `pager`.
+    pub fn sketch_rows_from(
+        &self,
+        base: RowsF32<'_>,
+        start: usize,
+        present: &(dyn Fn(usize) -> bool + Sync),
+        pager: &dyn crate::RowPager,
+    ) -> Result<Vec<u64>, IndexError> {
         if base.dim() != self.dim {
             return Err(IndexError::Dim {
                 expected: self.dim,
@@ -118,11 +205,16 @@ impl Sketcher {
             });
         }
         let (n, words, bits) = (base.rows(), self.bits / 64, self.bits);
-        let mut data = vec![0u64; n * words];
-        let span = |b: usize| b * SKETCH_BATCH..((b + 1) * SKETCH_BATCH).min(n);
-        pager.will_read(span(0));
+        let start = start.min(n);
+        // Blocks start on multiples of SKETCH_TILE from row 0, whatever `start`.
+        let a0 = start - start % SKETCH_TILE;
+        let mut data = vec![0u64; (n - a0) * words];
+        let span = |b: usize| a0 + b * SKETCH_BATCH..(a0 + (b + 1) * SKETCH_BATCH).min(n);
+        if a0 < n {
+            pager.will_read(span(0));
+        }
         for (batch, part) in data.chunks_mut(SKETCH_BATCH * words).enumerate() {
-            let b0 = batch * SKETCH_BATCH;
+            let b0 = a0 + batch * SKETCH_BATCH;
             if b0 + SKETCH_BATCH < n {
                 pager.will_read(span(batch + 1));
             }
@@ -156,7 +248,8 @@ impl Sketcher {
                 );
             pager.release(span(batch));
         }
-        Ok(Sketches { words, data })
+        data.drain(..(start - a0) * words);
+        Ok(data)
     }
 }
 
@@ -710,6 +803,42 @@ mod tests {
             "{c:?}"
         );
         assert!(c.drop_at_threshold > 1e-3, "{c:?}");
+    }
+
+    /// Saved words standing in for a file mapping.
+    struct Words(Vec<u64>);
+    impl SketchWords for Words {
+        fn words(&self) -> &[u64] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn a_saved_head_and_a_computed_tail_equal_the_whole_base() {
+        let (n, d) = (1000, 24);
+        let mut rng = SplitMix(5);
+        let rows: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let base = RowsF32::dense(&rows, d).unwrap();
+        let sk = Sketcher::new(d, 128, 9).unwrap();
+        let present = |r: usize| r % 7 != 2;
+        let whole = sk.sketch_rows(base, &present).unwrap();
+        assert_eq!((whole.rows(), whole.words(), whole.saved_rows()), (n, 2, 0));
+        // Saved rows 0..cut (what an index over the first `cut` rows wrote), the rest computed: every split,
+        // on and off the GEMM block boundaries, gives the whole base's sketches bit for bit.
+        for cut in [0, 1, 255, 256, 257, 600, 999, 1000] {
+            let head = sk.sketch_rows(base.slice_rows(0, cut), &present).unwrap();
+            let saved: Vec<u64> = (0..cut).flat_map(|r| head.row(r).to_vec()).collect();
+            let tail = sk.sketch_rows_from(base, cut, &present, &()).unwrap();
+            assert_eq!(tail.len(), (n - cut) * 2);
+            let joined =
+                Sketches::from_parts(2, Some((Arc::new(Words(saved)), cut)), tail).unwrap();
+            assert_eq!((joined.rows(), joined.saved_rows()), (n, cut));
+            assert_eq!(joined, whole, "split at {cut}");
+            assert!(joined.row(n).is_empty());
+        }
+        // Parts that are not whole rows are refused.
+        assert!(Sketches::from_parts(2, None, vec![0; 3]).is_err());
+        assert!(Sketches::from_parts(2, Some((Arc::new(Words(vec![0; 4])), 3)), vec![]).is_err());
     }
 
     proptest! {

@@ -530,6 +530,7 @@ impl Engine {
             },
             force_path: None,
             tile: None,
+            recompute_sketches: false,
         };
         let e = self.get()?;
         let result = watch::run(py, progress.as_ref(), |w| {

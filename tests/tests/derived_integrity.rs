@@ -135,14 +135,29 @@ fn every_flipped_byte_under_engine_is_detected_and_rebuilt() {
         .collect();
     assert_eq!(
         names,
-        ["calibration.json", "face.ivf", "finger2.ivf", "index.json"],
+        [
+            "calibration.json",
+            "face.ivf",
+            "face.sketch",
+            "finger2.ivf",
+            "finger2.sketch",
+            "index.json"
+        ],
         "{files:?}"
     );
     let clean = check_store_dir(&store).unwrap();
     assert!(clean.is_clean(), "{:?}", clean.problems());
     assert_eq!(clean.derived.index.state, ArtefactState::Ok);
     assert_eq!(clean.derived.calibration.state, ArtefactState::Ok);
-    assert_eq!(clean.derived.files_checked, 4);
+    assert_eq!(clean.derived.files_checked, 6);
+    // The sketch files: 1024-bit sketches of every indexed row (128 bytes each), a 64-byte header and a
+    // crc32 trailer, private like the other derived files.
+    for f in ["face.sketch", "finger2.sketch"] {
+        let m = std::fs::metadata(store.join("engine/index").join(f)).unwrap();
+        assert_eq!(m.len(), 64 + 3000 * 128 + 4, "{f}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+    }
     let baseline = hits(&store);
     assert!(!baseline.is_empty(), "the population plants duplicates");
 
@@ -206,6 +221,40 @@ fn every_flipped_byte_under_engine_is_detected_and_rebuilt() {
     assert!(flipped > 1500, "{flipped} flips");
     assert_eq!(undetected, 0, "{undetected} of {flipped} flips undetected");
     assert!(check_store_dir(&store).unwrap().is_clean());
+
+    // A flipped byte in the middle of a sketch file alone: `pacha dedup` exits 2 naming the file and the
+    // rebuild command, `pacha check` names it, and `pacha index` rebuilds it.
+    let sketch = store.join("engine/index/finger2.sketch");
+    let mut bytes = std::fs::read(&sketch).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x04;
+    std::fs::write(&sketch, &bytes).unwrap();
+    let out = run(&[
+        "--json",
+        "dedup",
+        "--store",
+        s(&store),
+        "--out",
+        s(&tmp.path().join("sketch-run")),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("finger2.sketch")
+            && err.contains("checksum mismatch")
+            && err.contains("rebuild it with `pacha index --store"),
+        "{err}"
+    );
+    let out = run(&["--json", "check", "--store", s(&store)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        json_of(&out)["problems"]
+            .to_string()
+            .contains("finger2.sketch")
+    );
+    ok_json(&["--json", "index", "--store", s(&store)]);
+    assert!(check_store_dir(&store).unwrap().is_clean());
+    assert_eq!(hits(&store), baseline);
 
     // Through the CLI: damage every file, then check exits 1, info shows both states, dedup exits 2 with the
     // rebuild commands; `pacha index` and `pacha calibrate` work over the damage; all is well again.
@@ -299,7 +348,7 @@ fn every_flipped_byte_under_engine_is_detected_and_rebuilt() {
 
     // Delete each index file in turn: detected by check, refused by dedup when a listed file is missing,
     // and rebuilt by `pacha index`.
-    for name in ["face.ivf", "finger2.ivf", "index.json"] {
+    for name in ["face.ivf", "finger2.sketch", "index.json"] {
         let f = store.join("engine/index").join(name);
         std::fs::remove_file(&f).unwrap();
         let out = run(&["--json", "check", "--store", s(&store)]);
@@ -358,10 +407,64 @@ fn every_flipped_byte_under_engine_is_detected_and_rebuilt() {
     );
 }
 
+/// `pacha dedup --mode index --force-path brute` (every modality joined by sign sketch) of `store` with the
+/// index's saved sketches and with `--recompute-sketches`: the same `hits.csv`, `hits.jsonl` and
+/// `clusters.csv` bytes, and the summaries say where the sketches came from (`saved` rows read, `computed`
+/// rows sketched by the run).
+fn same_hits_with_and_without_saved_sketches(
+    store: &Path,
+    dir: &Path,
+    tag: &str,
+    saved: u64,
+    computed: u64,
+) {
+    let run_with = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{tag}-{name}"));
+        let mut args = vec![
+            "--json",
+            "dedup",
+            "--store",
+            s(store),
+            "--out",
+            s(&out),
+            "--mode",
+            "index",
+            "--force-path",
+            "brute",
+        ];
+        args.extend_from_slice(extra);
+        (ok_json(&args), out)
+    };
+    let (a, out_a) = run_with("saved", &[]);
+    let (b, out_b) = run_with("recomputed", &["--recompute-sketches"]);
+    for (j, saved, computed) in [(&a, saved, computed), (&b, 0, saved + computed)] {
+        let rows = j["summary"]["sketch_rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{j}");
+        for r in rows {
+            assert_eq!(r["saved"].as_u64(), Some(saved), "{r}");
+            assert_eq!(r["computed"].as_u64(), Some(computed), "{r}");
+        }
+        assert_eq!(j["summary"]["mode"], "Index+sketch", "{j}");
+    }
+    assert!(a["summary"]["hits"].as_u64().unwrap() > 0, "{a}");
+    for f in ["hits.csv", "hits.jsonl", "clusters.csv"] {
+        let (x, y) = (
+            std::fs::read(out_a.join(f)).unwrap(),
+            std::fs::read(out_b.join(f)).unwrap(),
+        );
+        assert!(!x.is_empty(), "{f}");
+        assert!(
+            x == y,
+            "{tag}: {f} differs with and without the saved sketches"
+        );
+    }
+}
+
 #[test]
 fn identities_survive_appends_and_refuse_other_stores_and_old_formats() {
     let tmp = tempfile::tempdir().unwrap();
     let store = build_store(tmp.path(), "11");
+    same_hits_with_and_without_saved_sketches(&store, tmp.path(), "indexed", 3000, 0);
     // Appending rows keeps both artefacts valid (they cover rows 0..R; new rows are re-probed).
     let more = tmp.path().join("more");
     generate(&more, "500", "12");
@@ -395,6 +498,9 @@ fn identities_survive_appends_and_refuse_other_stores_and_old_formats() {
     assert_eq!(e.info().indexed_rows, Some(3000));
     e.dedup(&dedup_opts(), None, None).unwrap();
     drop(e);
+    // The saved sketches serve the 3 000 indexed rows, the 500 appended rows are sketched by the run; a run
+    // forced to sketch every row writes the same bytes.
+    same_hits_with_and_without_saved_sketches(&store, tmp.path(), "appended", 3000, 500);
 
     // Another store's calibration and index are refused (built on other data), though their checksums hold.
     let other = tmp.path().join("other");
@@ -421,6 +527,26 @@ fn identities_survive_appends_and_refuse_other_stores_and_old_formats() {
         "--pairs",
         "200000",
     ]);
+    // Another store's sketch file (sound in itself: header and trailer checksum hold) is refused by name.
+    let sketch = store.join("engine/index/face.sketch");
+    let own = std::fs::read(&sketch).unwrap();
+    std::fs::copy(other_store.join("engine/index/face.sketch"), &sketch).unwrap();
+    let e = Engine::open_read_only(&store).unwrap();
+    let err = e.dedup(&dedup_opts(), None, None).err().unwrap();
+    assert!(
+        is_derived_error(&err, &sketch, "pacha index --store")
+            && err.to_string().contains("the index needs"),
+        "{err}"
+    );
+    drop(e);
+    let r = check_store_dir(&store).unwrap();
+    assert!(
+        r.derived.problems.iter().any(|p| p.file == sketch),
+        "{:?}",
+        r.derived.problems
+    );
+    std::fs::write(&sketch, &own).unwrap();
+    assert!(check_store_dir(&store).unwrap().is_clean());
     for f in ["index.json", "face.ivf", "finger2.ivf"] {
         std::fs::copy(
             other_store.join("engine/index").join(f),

@@ -138,6 +138,7 @@ fn everything_pacha_creates_is_private_under_umask_000() {
         run.join("manifest.json"),
         tile.join("pairs.jsonl"),
         store.join("engine").join("index").join("face.ivf"),
+        store.join("engine").join("index").join("face.sketch"),
         run.join("hits.jsonl"),
         run.join("clusters.csv"),
         run.join("summary.json"),
