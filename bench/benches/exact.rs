@@ -1,11 +1,14 @@
 //! Criterion bench: exact blocked search vs faer's own GEMM rate on 4096×512×4096, in FLOP/s
-//! (criterion's "elem/s" here are FLOPs: 2·m·n·d per product).
+//! (criterion's "elem/s" here are FLOPs: 2·m·n·d per product); and the i8 threshold join
+//! (`pacha_index::exact_i8`) against the f32 join on the same rows, in pair products per second.
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stderr)]
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use pacha_index::exact_i8::{I8Kernel, QuantRows, join_with_kernel};
+use pacha_index::quant::{l1_bounds, quantize_rows};
 use pacha_index::{RowsF32, self_join, threshold_join, top_k};
 
 const N: usize = 4096;
@@ -71,5 +74,42 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The i8 join vs the f32 GEMM join: 4096 × 4096 pair products of 512-d rows (random unit rows at
+/// threshold 0.3: the filter rejects nearly every pair, so this is the scan's rate), per kernel.
+fn bench_i8(c: &mut Criterion) {
+    let a = unit_rows(N, 1);
+    let b = unit_rows(N, 2);
+    let (pa, pb) = (
+        RowsF32::dense(&a, D).unwrap(),
+        RowsF32::dense(&b, D).unwrap(),
+    );
+    let (qa, qb) = (quantize_rows(pa), quantize_rows(pb));
+    let (la, lb) = (l1_bounds(qa.view()), l1_bounds(qb.view()));
+    let probe = QuantRows::new(pa, qa.view(), &la).unwrap();
+    let base = QuantRows::new(pb, qb.view(), &lb).unwrap();
+    let t = 0.3;
+    let mut g = c.benchmark_group("join_products_4096x512x4096");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((N * N) as u64));
+    g.bench_function("f32_gemm_join", |x| {
+        x.iter(|| threshold_join(pa, pb, t, None, None).unwrap().len())
+    });
+    for k in [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar] {
+        if !k.available() {
+            eprintln!("i8 kernel {} not available on this CPU: skipped", k.name());
+            continue;
+        }
+        g.bench_function(format!("i8_join_{}", k.name()), |x| {
+            x.iter(|| {
+                join_with_kernel(k, probe, base, None, t, None, None)
+                    .unwrap()
+                    .0
+                    .len()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_i8);
 criterion_main!(benches);

@@ -300,7 +300,8 @@ pub struct DedupArgs {
     /// Seed of the audit's sample.
     #[arg(long, default_value_t = AuditOptions::default().seed)]
     pub audit_seed: u64,
-    /// Index mode: force every candidate modality onto one path (ivf, brute or exact) instead of the plan.
+    /// Index mode: force every candidate modality onto one path (ivf, brute, exact = f32 GEMM, or exact-i8 =
+    /// i8 scan with exact f32 rescoring) instead of the plan.
     #[arg(long)]
     pub force_path: Option<String>,
     /// Index mode: compute every row's sign sketches in this run instead of reading the sketches `pacha

@@ -231,7 +231,7 @@ impl AnnSet {
         let Some(Some(ivf)) = self.ivf.get(mi) else {
             return Ok(None);
         };
-        let plan = plan_modality(snap, ivf, mi, t, Visits::OneWay, None)?;
+        let plan = plan_modality(snap, ivf, mi, t, Visits::OneWay, None, None)?;
         tracing::info!(
             "identify {}: rule {:?} at cosine {t:.4} ({} natural + {} synthetic pilot pairs, {:.2} s)",
             plan.modality,

@@ -30,7 +30,8 @@
 //! summary names the evidence used ([`Audit::evidence`]); a lower bound below `min_recall` fails the run
 //! (the CLI's exit code 3).
 //!
-//! Runs whose every candidate modality is searched without a partition — the exact GEMM path, or the
+//! Runs whose every candidate modality is searched without a partition — an exact path (f32 GEMM, or the
+//! i8 join whose error-bound filter rejects only pairs below the cosine before an f32 rescoring), or the
 //! brute-force sketch join, which compares every pair and drops one at the candidate cosine with a
 //! probability the binomial model of sign sketches bounds exactly — are complete by construction, with
 //! complete budgets: their verdict is that bound (`1 −` the per-pair drop bound), provided the sample

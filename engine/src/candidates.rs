@@ -47,8 +47,10 @@ pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot) -> CandidateMode {
 /// whose later row is in `probes`: cosine at least `min_cos`, both templates present, neither deleted.
 /// With `run` (index mode) they come from the run's candidate index, where `accept` also decides (the
 /// fused verdict inside the join), `sketch` filters products and the work counters go to `stats`;
-/// otherwise from an exact join (all returned). Returns how many of the appended pairs came from the
-/// index join.
+/// otherwise from an exact join (all returned): the f32 GEMM join, or the i8 join where the run planned
+/// `"exact-i8"` (its counters go to `stats`: `products` i8 products, all `rescored` by the i8 filter,
+/// `exact_reads` its survivors, `above` the pairs). Returns how many of the appended pairs came from the
+/// index join or the i8 join (counted in `stats.above`).
 #[allow(clippy::too_many_arguments)]
 pub fn pairs_for_tile(
     snap: &Snapshot,
@@ -78,6 +80,22 @@ pub fn pairs_for_tile(
         )?;
         *stats = stats.add(&st);
         out.extend(pairs.iter().map(|&(a, b, _)| (a, b)));
+        return Ok(pairs.len());
+    }
+    if let (Some(l1), Some(codes)) = (run.and_then(|r| r.exact_i8(mi)), snap.i8_rows(m)) {
+        // The exact i8 join: every pair scanned through the codes, the error bound's survivors rescored in
+        // f32 (complete by construction, like the GEMM join). Its pairs are all candidates.
+        let rows = pacha_index::exact_i8::QuantRows::new(view, codes, l1)?;
+        let (pairs, st) =
+            pacha_index::exact_i8::probe_join_i8(rows, probes, min_cos, Some(&absent))?;
+        *stats = stats.add(&JoinStats {
+            products: st.products,
+            sketch_pass: 0,
+            rescored: st.products,
+            exact_reads: st.survivors,
+            above: st.pairs,
+        });
+        out.extend(pairs.iter().map(|p| (p.a, p.b)));
         return Ok(pairs.len());
     }
     exact_pairs(view, probes, min_cos, &absent, out)?;

@@ -73,7 +73,7 @@ pub struct DedupOptions {
     /// The completeness audit of index-mode runs ([`crate::audit`]).
     #[serde(default)]
     pub audit: AuditOptions,
-    /// Index mode: force every candidate modality onto one path (`"ivf"`, `"brute"` or `"exact"`) instead
+    /// Index mode: force every candidate modality onto one path (`"ivf"`, `"brute"`, `"exact"` or `"exact-i8"`) instead
     /// of the planner's choice (for tests and measurements; `"ivf"` needs a saved index).
     #[serde(default)]
     pub force_path: Option<String>,
@@ -623,6 +623,17 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             })
         })
         .collect();
+    // The impostor cosine models the planner predicts the i8 join's survivors from.
+    let impostors: Vec<Option<(f64, f64)>> = snap
+        .schema()
+        .modalities
+        .iter()
+        .map(|spec| {
+            ctx.calibration
+                .model(spec.modality)
+                .map(|m| (m.impostor.mean, m.impostor.sd))
+        })
+        .collect();
     // Index mode: plan each modality's candidate path on this store (pilots) and build the run's index.
     let t_prep = Instant::now();
     let sketch_acc: std::sync::Mutex<(f64, Vec<SketchRows>)> = Default::default();
@@ -632,6 +643,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             ann,
             &cand_cos,
             &filters,
+            &impostors,
             opts.force_path.as_deref(),
             &|mi| {
                 let t = Instant::now();
@@ -680,12 +692,19 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
                 .filter(|(rm, _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
                 .filter_map(|(_, c)| c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold))
                 .sum();
+            // The exact i8 join (complete: its filter rejects only pairs below the cosine, its survivors are
+            // rescored in f32) is named where a run uses it.
+            let exact = if ri.plans().iter().any(|p| p.path == "exact-i8") {
+                "exact GEMM or i8 join"
+            } else {
+                "exact GEMM"
+            };
             let how = if drop > 0.0 {
                 format!(
-                    "every candidate modality searched without a partition (exact GEMM or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
+                    "every candidate modality searched without a partition ({exact} or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
                 )
             } else {
-                "every candidate modality searched by exact GEMM".to_string()
+                format!("every candidate modality searched by {exact}")
             };
             Some((1.0 - drop, how))
         }

@@ -64,6 +64,17 @@ const RESCORE_S_512: f64 = 150e-9;
 const IVF_PASS_FACTOR: f64 = 1.8;
 /// Sustained f32 GEMM rate of the exact join on both cores (measured 150–176 GFLOP/s; BENCHMARKS.md).
 const GEMM_FLOPS: f64 = 130e9;
+/// Seconds per 512-d pair product of the i8 threshold join's scan (integer dot product and error-bound
+/// filter), both cores, by kernel (`pacha_index::exact_i8`). Measured against the f32 join in the same
+/// bench run (`bench/benches/exact.rs`, BENCHMARKS.md "i8 threshold join"): VNNI 3.5×, AVX2 1.3× and the
+/// portable kernel 1/14 of the f32 join's product rate, scaled to [`GEMM_FLOPS`] (7.9 ns per product).
+const I8_PRODUCT_S_VNNI: f64 = 2.3e-9;
+/// As [`I8_PRODUCT_S_VNNI`], AVX2 kernel.
+const I8_PRODUCT_S_AVX2: f64 = 6.1e-9;
+/// As [`I8_PRODUCT_S_VNNI`], portable kernel.
+const I8_PRODUCT_S_SCALAR: f64 = 115e-9;
+/// Rows sampled to estimate a modality's typical i8 error bound.
+const I8_BOUND_SAMPLE: usize = 2000;
 
 /// The sketch filter of a modality's join: the predicted impostor pass share of each stage.
 #[derive(Clone, Copy, Debug)]
@@ -72,6 +83,67 @@ pub struct FilterModel {
     pub prefix_pass: f64,
     /// Share of products passing both stages (rescored).
     pub full_pass: f64,
+}
+
+/// What the planner knows of a modality's i8 threshold join: its kernel and the share of products the
+/// error-bound filter is predicted to pass (each then read in f32 and rescored).
+#[derive(Clone, Copy, Debug)]
+pub struct I8Model {
+    /// The kernel the join runs.
+    pub kernel: pacha_index::exact_i8::I8Kernel,
+    /// Predicted share of products that survive the filter.
+    pub pass: f64,
+}
+
+impl I8Model {
+    /// The model of modality `mi` of `snap` for a join at cosine `c`, from the Gaussian impostor model
+    /// `impostor = (mean, sd)` of its cosines: a product survives when its score plus the error bound reaches
+    /// `c`, so the predicted share is `P(impostor ≥ c − β)` with `β` the mean error bound of a seeded sample of
+    /// rows. `None` when the store keeps no i8 codes of the modality.
+    pub fn of(snap: &Snapshot, mi: usize, c: f32, impostor: (f64, f64)) -> Option<I8Model> {
+        let spec = &snap.schema().modalities[mi];
+        let codes = snap.i8_rows(spec.modality)?;
+        let live: Vec<u32> = (0..snap.rows())
+            .filter(|&r| snap.is_present(spec.modality, r) && !snap.is_deleted(r))
+            .map(|r| r as u32)
+            .collect();
+        let k = I8_BOUND_SAMPLE.min(live.len());
+        let mut pool = live;
+        SplitMix(PILOT_SEED ^ 0x18 ^ mi as u64).shuffle_prefix(&mut pool, k);
+        let (mut s_sum, mut u_sum) = (0.0f64, 0.0f64);
+        for &r in &pool[..k] {
+            let s = f64::from(codes.scale(r as usize));
+            let l1: i64 = codes
+                .row(r as usize)
+                .iter()
+                .map(|&q| i64::from(q).abs())
+                .sum();
+            s_sum += s;
+            u_sum += s * (l1 as f64 + 0.5 * spec.dim as f64);
+        }
+        let n = k.max(1) as f64;
+        // Mean of 0.5·(sa·ub + sb·ua) + d/4·sa·sb over independent rows, plus the rounding slack.
+        let beta = s_sum / n * u_sum / n
+            + 0.25 * spec.dim as f64 * (s_sum / n).powi(2)
+            + f64::from(pacha_index::quant::CODE_BOUND_SLACK);
+        let (mean, sd) = impostor;
+        let z = (f64::from(c) - beta - mean) / sd.max(1e-6);
+        Some(I8Model {
+            kernel: pacha_index::exact_i8::I8Kernel::detect(),
+            pass: (0.5 * crate::fusion::erfc(z / std::f64::consts::SQRT_2)).clamp(0.0, 1.0),
+        })
+    }
+}
+
+/// Predicted seconds of an i8 threshold join of `products` pair products of `d`-dimensional rows.
+fn i8_join_seconds(products: f64, d: usize, m: I8Model) -> f64 {
+    use pacha_index::exact_i8::I8Kernel;
+    let per = match m.kernel {
+        I8Kernel::Vnni => I8_PRODUCT_S_VNNI,
+        I8Kernel::Avx2 => I8_PRODUCT_S_AVX2,
+        I8Kernel::Scalar => I8_PRODUCT_S_SCALAR,
+    };
+    products * (per + m.pass * RESCORE_S_512) * d as f64 / 512.0
 }
 
 /// Predicted seconds of a join of `products` sketch products (or, without a filter, GEMM products) of
@@ -104,8 +176,10 @@ pub struct ModalityPlan {
     pub modality: String,
     /// Candidate cosine of the run.
     pub cosine: f32,
-    /// `"ivf"` (the partition, probed by `rule`), `"brute"` (every pair compared by sketch) or `"exact"`
-    /// (blocked GEMM over every pair: where the candidate cosine is too low for sketches to filter).
+    /// `"ivf"` (the partition, probed by `rule`), `"brute"` (every pair compared by sketch), `"exact"`
+    /// (blocked f32 GEMM over every pair: where the candidate cosine is too low for sketches to filter) or
+    /// `"exact-i8"` (every pair scanned through the i8 codes, the error bound's survivors rescored in f32:
+    /// exact like `"exact"`, cheaper where the store keeps i8 codes).
     pub path: String,
     /// Probe rule of the IVF path.
     pub rule: Option<ProbeRule>,
@@ -189,6 +263,7 @@ pub fn plan_modality(
     c: f32,
     visits: Visits,
     filter: Option<FilterModel>,
+    i8: Option<I8Model>,
 ) -> Result<ModalityPlan, EngineError> {
     let t0 = Instant::now();
     let spec = &snap.schema().modalities[mi];
@@ -221,7 +296,7 @@ pub fn plan_modality(
         ivf_rule: None,
         seconds: 0.0,
     };
-    choose_without_partition(&mut plan, d, filter);
+    choose_without_partition(&mut plan, d, filter, i8);
     if n < 2 || lists < 2 {
         plan.seconds = t0.elapsed().as_secs_f64();
         return Ok(plan);
@@ -373,21 +448,34 @@ pub fn plan_modality(
     Ok(plan)
 }
 
-/// Sets `plan` to the cheaper of the two paths that need no partition — the brute-force sketch join
-/// (with a filter) and the exact GEMM join — and records both predictions.
-fn choose_without_partition(plan: &mut ModalityPlan, d: usize, filter: Option<FilterModel>) {
+/// Sets `plan` to the cheapest of the paths that need no partition — the brute-force sketch join (with a
+/// filter), the exact f32 GEMM join and the exact i8 join (with an [`I8Model`]) — and records their
+/// predictions.
+fn choose_without_partition(
+    plan: &mut ModalityPlan,
+    d: usize,
+    filter: Option<FilterModel>,
+    i8: Option<I8Model>,
+) {
     let pairs = plan.brute_products;
     let exact = join_seconds(pairs, d, None);
     plan.predicted_seconds.push(("exact".into(), exact));
-    let brute = filter.map(|f| join_seconds(pairs, d, Some(f)));
-    if let Some(b) = brute {
-        plan.predicted_seconds.push(("brute".into(), b));
+    let mut best = ("exact", exact);
+    if let Some(m) = i8 {
+        let s = i8_join_seconds(pairs, d, m);
+        plan.predicted_seconds.push(("exact-i8".into(), s));
+        if s < best.1 {
+            best = ("exact-i8", s);
+        }
     }
-    plan.path = if brute.is_some_and(|b| b < exact) {
-        "brute".into()
-    } else {
-        "exact".into()
-    };
+    if let Some(f) = filter {
+        let s = join_seconds(pairs, d, Some(f));
+        plan.predicted_seconds.push(("brute".into(), s));
+        if s < best.1 {
+            best = ("brute", s);
+        }
+    }
+    plan.path = best.0.into();
     plan.rule = None;
     plan.predicted_products = pairs;
 }
@@ -493,7 +581,7 @@ pub struct RunModality {
     pub ivf: Option<Ivf>,
     /// Sign sketches of every row of the snapshot (`None`: the exact path, or no filter).
     pub sketches: Option<std::sync::Arc<Sketches>>,
-    /// L1 bounds of the rows' i8 codes (past RAM only).
+    /// L1 bounds of the rows' i8 codes (past RAM, for the i8 rescoring stage; and the `"exact-i8"` path).
     pub l1: Option<Vec<f32>>,
     /// How it was chosen.
     pub plan: ModalityPlan,
@@ -507,13 +595,17 @@ pub struct RunIndex {
 
 impl RunIndex {
     /// Plans and builds the run's candidate structures for joins at `cosines` over every row of `snap`:
-    /// per modality, a pilot against the saved partition (when `ann` has one) picks a probe rule or the
-    /// brute-force sketch join; `sketches` computes (or fetches) every row's sign sketch.
+    /// per modality, a pilot against the saved partition (when `ann` has one) picks a probe rule, the
+    /// brute-force sketch join or an exact join (f32 GEMM, or the i8 join where the store keeps i8 codes and
+    /// `impostors` gives the modality's Gaussian impostor cosine model `(mean, sd)`); `sketches` computes (or
+    /// fetches) every row's sign sketch.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         snap: &Snapshot,
         ann: Option<&AnnSet>,
         cosines: &[Option<f32>],
         filters: &[Option<FilterModel>],
+        impostors: &[Option<(f64, f64)>],
         force: Option<&str>,
         sketches: &dyn Fn(usize) -> Result<std::sync::Arc<Sketches>, EngineError>,
     ) -> Result<RunIndex, EngineError> {
@@ -531,8 +623,13 @@ impl RunIndex {
             let live = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
             let saved = ann.and_then(|a| a.ivf(mi));
             let filter = filters.get(mi).copied().flatten();
+            let i8 = impostors
+                .get(mi)
+                .copied()
+                .flatten()
+                .and_then(|imp| I8Model::of(snap, mi, c, imp));
             let plan = match saved {
-                Some(ivf) => plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter)?,
+                Some(ivf) => plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter, i8)?,
                 None => {
                     let n = (0..snap.rows()).filter(|&r| live(r)).count() as f64;
                     let mut plan = ModalityPlan {
@@ -551,7 +648,7 @@ impl RunIndex {
                         ivf_rule: None,
                         seconds: 0.0,
                     };
-                    choose_without_partition(&mut plan, spec.dim, filter);
+                    choose_without_partition(&mut plan, spec.dim, filter, i8);
                     plan
                 }
             };
@@ -569,13 +666,19 @@ impl RunIndex {
                         )));
                     }
                 },
-                Some(p @ ("brute" | "exact")) => {
+                Some("exact-i8") if snap.i8_rows(m).is_none() => {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "{}: the exact-i8 path needs the store's i8 codes of this modality",
+                        plan.modality
+                    )));
+                }
+                Some(p @ ("brute" | "exact" | "exact-i8")) => {
                     plan.path = p.to_string();
                     plan.rule = None;
                 }
                 Some(p) => {
                     return Err(EngineError::InvalidArgument(format!(
-                        "unknown candidate path {p:?} (ivf, brute or exact)"
+                        "unknown candidate path {p:?} (ivf, brute, exact or exact-i8)"
                     )));
                 }
                 None => {}
@@ -587,7 +690,7 @@ impl RunIndex {
                 (_, _, "brute") => Some(Ivf::brute(snap.rows(), spec.dim, &live)?),
                 _ => None,
             };
-            let l1 = match (snap.past_ram(), snap.i8_rows(m)) {
+            let l1 = match (snap.past_ram() || plan.path == "exact-i8", snap.i8_rows(m)) {
                 (true, Some(codes)) => Some(l1_bounds(codes)),
                 _ => None,
             };
@@ -624,9 +727,17 @@ impl RunIndex {
             .collect()
     }
 
-    /// True iff modality `mi` runs a join of this index (false: the exact path or no candidates).
+    /// True iff modality `mi` runs a join of this index (false: an exact path or no candidates).
     pub fn joins(&self, mi: usize) -> bool {
         matches!(self.modalities.get(mi), Some(Some(rm)) if rm.ivf.is_some())
+    }
+
+    /// The codes' L1 bounds of modality `mi` when its plan is the exact i8 join (`None`: another path).
+    pub fn exact_i8(&self, mi: usize) -> Option<&[f32]> {
+        match self.modalities.get(mi) {
+            Some(Some(rm)) if rm.plan.path == "exact-i8" => rm.l1.as_deref(),
+            _ => None,
+        }
     }
 
     /// Pairs `(q, p, cosine)`, `q < p`, `p` in `probes`, both live and present, cosine ≥ `t`, that the

@@ -10,6 +10,7 @@ pub use half;
 pub mod ann;
 pub mod bitset;
 pub mod exact;
+pub mod exact_i8;
 pub mod hnsw;
 pub mod ivf;
 pub mod kernels;

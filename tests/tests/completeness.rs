@@ -150,6 +150,94 @@ fn structured_face_index_matches_exact() {
     index_matches_exact(Preset::Structured, 30_000, FLOOR);
 }
 
+/// Low candidate cosines (isotropic embeddings, mates at ≈ 0.7, threshold cosine ≈ 0.25): neither sketches
+/// nor a partition separate the pairs, and the planner picks the exact i8 join (i8 scan, error-bound filter,
+/// f32 rescoring) wherever a SIMD kernel runs; with the portable kernel (`PACHA_SIMD=scalar`) it is forced.
+/// Either way the run reports exactly the pairs, and so the hits, of an exact f32 GEMM run.
+#[test]
+fn exact_i8_join_reports_what_exact_search_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(
+        dir.path(),
+        &cfg(Preset::IsotropicMates, 12_000),
+        Some(&[Modality::Face]),
+    );
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    e.build_index(&Default::default(), None).unwrap();
+    let simd = pacha_index::exact_i8::I8Kernel::detect() != pacha_index::exact_i8::I8Kernel::Scalar;
+    let run = |mode, force: Option<&str>| {
+        e.dedup(
+            &DedupOptions {
+                mode,
+                report_floor: Some(FLOOR),
+                force_path: force.map(str::to_string),
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let exact = run(CandidateMode::Exact, None);
+    let index = run(
+        CandidateMode::Index,
+        if simd { None } else { Some("exact-i8") },
+    );
+    let plans = &index.summary.plans;
+    assert!(
+        !plans.is_empty() && plans.iter().all(|p| p.path == "exact-i8"),
+        "planned {plans:?}"
+    );
+    assert!(
+        plans[0]
+            .predicted_seconds
+            .iter()
+            .any(|(p, s)| p == "exact-i8" && *s > 0.0)
+    );
+    assert!(hits(&exact).len() >= 20, "{} hits", hits(&exact).len());
+    assert_eq!(hits(&index), hits(&exact), "hits: i8 join vs exact");
+    assert_eq!(reported(&index), reported(&exact), "pairs to the floor");
+    let (_, st) = &index.summary.join_stats[0];
+    // Every pair (earlier row, live probe row) scanned once: a probe row p meets rows 0..p.
+    let snap = e.snapshot();
+    let want: u64 = (0..snap.rows())
+        .filter(|&r| snap.is_present(Modality::Face, r) && !snap.is_deleted(r))
+        .map(|r| r as u64)
+        .sum();
+    assert_eq!(st.products, want, "every pair scanned once");
+    assert!(
+        st.exact_reads < st.products / 1000 && st.exact_reads >= st.above,
+        "the filter rejects nearly every product: {st:?}"
+    );
+    let audit = index
+        .summary
+        .audit
+        .as_ref()
+        .expect("index runs are audited");
+    assert!(audit.passed, "{audit:?}");
+    assert!(
+        audit.evidence.contains("by construction"),
+        "{}",
+        audit.evidence
+    );
+    // The CLI's path names: an unknown one is refused, and "exact" stays the f32 GEMM join.
+    let bad = e.dedup(
+        &DedupOptions {
+            mode: CandidateMode::Index,
+            force_path: Some("exact-f16".into()),
+            ..DedupOptions::default()
+        },
+        None,
+        None,
+    );
+    assert!(bad.is_err());
+    let gemm = run(CandidateMode::Index, Some("exact"));
+    assert!(gemm.summary.plans.iter().all(|p| p.path == "exact"));
+    assert_eq!(gemm.summary.join_stats[0].1.products, 0);
+    assert_eq!(reported(&gemm), reported(&exact));
+}
+
 /// The registry's daily batch: rows newer than the index, deduplicated against the indexed store and each
 /// other, find what exact search finds; and an indexed identify returns what an exact scan returns.
 #[test]

@@ -113,6 +113,10 @@ struct Args {
     /// IVF lists (default: automatic, 2·√N).
     #[arg(long)]
     lists: Option<usize>,
+    /// Index mode: force every candidate modality onto one path (`ivf`, `brute`, `exact` = f32 GEMM,
+    /// `exact-i8`) instead of the plan.
+    #[arg(long)]
+    force_path: Option<String>,
     /// IVF lists every row probes in the join (default: the engine's).
     #[arg(long)]
     probes: Option<usize>,
@@ -397,6 +401,7 @@ fn main() -> Result<()> {
         } else {
             DedupScope::WholeStore
         },
+        force_path: a.force_path.clone(),
         ..DedupOptions::default()
     };
     let result = st.time("dedup", || Ok(engine.dedup(&opts, None, None)?))?;
