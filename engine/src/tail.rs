@@ -428,14 +428,7 @@ mod tests {
     fn count_tail_counts_every_pair_and_check_matches_the_count() {
         let mut rng = StdRng::seed_from_u64(3);
         let (n, dim) = (600usize, 16usize);
-        let mut data = vec![0f32; n * dim];
-        for r in data.chunks_mut(dim) {
-            for x in r.iter_mut() {
-                *x = rng.random::<f32>() - 0.5;
-            }
-            let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
-            r.iter_mut().for_each(|x| *x /= norm);
-        }
+        let data = unit_rows(&mut rng, n, dim);
         let rows = RowsF32::dense(&data, dim).expect("rows");
         let c = count_tail(rows, 0.3, &|_, _| false, 0).expect("count");
         let mut brute = Vec::new();
@@ -469,14 +462,7 @@ mod tests {
     fn banded_counts_split_every_pair_by_its_lower_band() {
         let mut rng = StdRng::seed_from_u64(5);
         let (n, dim) = (500usize, 12usize);
-        let mut data = vec![0f32; n * dim];
-        for r in data.chunks_mut(dim) {
-            for x in r.iter_mut() {
-                *x = rng.random::<f32>() - 0.5;
-            }
-            let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
-            r.iter_mut().for_each(|x| *x /= norm);
-        }
+        let data = unit_rows(&mut rng, n, dim);
         let band: Vec<u8> = (0..n).map(|_| rng.random_range(0..3u8)).collect();
         let genuine = |i: usize, j: usize| (i + j).is_multiple_of(97);
         let mut excluded = [0u64; 3];
@@ -509,6 +495,19 @@ mod tests {
         // A band out of range is a typed error, not a panic.
         let bad = vec![3u8; n];
         assert!(count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &bad, &excluded).is_err());
+    }
+
+    /// `n` random unit rows of `dim` (uniform components, normalised), row-major.
+    fn unit_rows(rng: &mut StdRng, n: usize, dim: usize) -> Vec<f32> {
+        let mut data = vec![0f32; n * dim];
+        for r in data.chunks_mut(dim) {
+            for x in r.iter_mut() {
+                *x = rng.random::<f32>() - 0.5;
+            }
+            let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|x| *x /= norm);
+        }
+        data
     }
 
     fn rows_of(data: &[f32], dim: usize) -> RowsF32<'_> {

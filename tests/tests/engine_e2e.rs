@@ -228,10 +228,18 @@ fn identify_sees_every_acknowledged_insert_while_a_writer_runs() {
     let late = g.generate(1_000, 2_000).records; // records 1000..3000, inserted one at a time
     let acked = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    // Checks made so far by all readers: the writer paces itself on them (below), so that on a loaded machine
+    // the readers still interleave with the inserts instead of the writer finishing first.
+    let done = Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..3u64)
         .map(|t| {
-            let (engine, acked, stop, late) =
-                (engine.clone(), acked.clone(), stop.clone(), late.clone());
+            let (engine, acked, stop, late, done) = (
+                engine.clone(),
+                acked.clone(),
+                stop.clone(),
+                late.clone(),
+                done.clone(),
+            );
             std::thread::spawn(move || {
                 let mut checks = 0usize;
                 let mut x = 0x9E37_79B9u64 + t;
@@ -264,12 +272,21 @@ fn identify_sees_every_acknowledged_insert_while_a_writer_runs() {
                         late.ids[i]
                     );
                     checks += 1;
+                    done.fetch_add(1, Ordering::Release);
                 }
                 checks
             })
         })
         .collect();
     for i in 0..late.len() {
+        // One reader check per 25 inserts at least (80 over the run), waiting at most 30 s each time: a reader
+        // that died (a failed assertion) cannot stall the writer, and the count below still reports it.
+        let waited = std::time::Instant::now();
+        while done.load(Ordering::Acquire) < i / 25
+            && waited.elapsed() < std::time::Duration::from_secs(30)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let keep: Vec<bool> = (0..late.len()).map(|j| j == i).collect();
         engine
             .insert_records(&pacha_tests::filter_rows(&late, &keep))
