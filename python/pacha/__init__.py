@@ -558,6 +558,7 @@ class Store:
         min_recall: float = 0.999,
         strict: bool = True,
         progress: Progress = False,
+        force_path: Optional[str] = None,
     ) -> DedupResult:
         """Deduplicates the store (``pacha dedup`` with the same options and defaults).
 
@@ -566,7 +567,9 @@ class Store:
         makes the run resumable. The GIL is released; Ctrl-C (``KeyboardInterrupt``) cancels between blocks
         and leaves the store untouched (dedup never writes into it). When the completeness audit's 95 % lower
         bound is below ``min_recall``, ``strict=True`` raises :class:`CompletenessError` (its ``.result`` is
-        the run), ``strict=False`` returns the run with ``proven == False``.
+        the run), ``strict=False`` returns the run with ``proven == False``. ``force_path`` (``"ivf"``,
+        ``"brute"``, ``"exact"``, ``"exact-i8"``) overrides the planner's candidate path (the CLI's
+        ``--force-path``), e.g. to reproduce a run made on a machine of another SIMD level.
         """
         with _Reporter(progress, "dedup") as cb:
             core = self._core.dedup(
@@ -582,6 +585,7 @@ class Store:
                 None if audit_seed is None else int(audit_seed),
                 float(min_recall),
                 cb,
+                None if force_path is None else str(force_path),
             )
         result = DedupResult(core)
         if strict and not result.proven:

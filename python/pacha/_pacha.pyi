@@ -59,6 +59,7 @@ class Engine:
         audit_seed: Optional[int],
         min_recall: float,
         progress: _Progress = None,
+        force_path: Optional[str] = None,
     ) -> RunOutput: ...
     def identify(
         self,

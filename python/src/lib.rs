@@ -483,7 +483,7 @@ impl Engine {
     }
 
     /// Runs a dedup (the CLI's `pacha dedup` options); Ctrl-C cancels it between blocks.
-    #[pyo3(signature = (target_fpir, from_row, mode, block_rows, floor, checkpoint, sketch, genuine_miss, audit_probes, audit_seed, min_recall, progress=None))]
+    #[pyo3(signature = (target_fpir, from_row, mode, block_rows, floor, checkpoint, sketch, genuine_miss, audit_probes, audit_seed, min_recall, progress=None, force_path=None))]
     #[allow(clippy::too_many_arguments)]
     fn dedup(
         &self,
@@ -500,6 +500,7 @@ impl Engine {
         audit_seed: Option<u64>,
         min_recall: f64,
         progress: Option<Bound<'_, PyAny>>,
+        force_path: Option<String>,
     ) -> PyResult<RunOutput> {
         let started = pacha_engine::tiles::unix_now();
         let mode = mode_of(mode)?;
@@ -528,7 +529,7 @@ impl Engine {
                 seed: audit_seed.unwrap_or(AuditOptions::default().seed),
                 min_recall,
             },
-            force_path: None,
+            force_path,
             tile: None,
             recompute_sketches: false,
         };

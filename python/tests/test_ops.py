@@ -123,18 +123,20 @@ def test_incomplete_audit_raises_completeness_error_like_cli_exit_3(index_pop: P
         s.ingest(index_pop.ids, **index_pop.ingest_kwargs())
         s.build_index()
         s.calibrate()
-    # min_recall 1.0 cannot be proven by a finite sample in index mode: the CLI exits 3, Python raises.
+    # min_recall 1.0 cannot be proven by a finite sample on a sampled candidate path (the brute-force sketch
+    # join's drop bound is probabilistic): the CLI exits 3, Python raises. The path is forced because the
+    # planner may pick an exact path (complete by construction, provable at 1.0) on machines with a fast i8 kernel.
     r = subprocess.run([pacha_bin, "dedup", "--store", str(store), "--out", str(tmp_path / "cli"), "--mode", "index",
-                        "--min-recall", "1"], capture_output=True, text=True)
+                        "--min-recall", "1", "--force-path", "brute"], capture_output=True, text=True)
     assert r.returncode == 3, r.stderr
     with pacha.Store.open(store, read_only=True) as s:
         with pytest.raises(pacha.CompletenessError, match="completeness not proven") as ei:
-            s.dedup(mode="index", min_recall=1.0)
+            s.dedup(mode="index", min_recall=1.0, force_path="brute")
         run = ei.value.result
         assert isinstance(run, pacha.DedupResult) and not run.proven
         assert run.audit is not None and not run.audit["passed"]
         assert isinstance(ei.value, pacha.PachaError)
-        lax = s.dedup(mode="index", min_recall=1.0, strict=False)
+        lax = s.dedup(mode="index", min_recall=1.0, strict=False, force_path="brute")
         assert not lax.proven and len(lax) == len(run)
         ok = s.dedup(mode="index")
         assert ok.proven
