@@ -24,7 +24,11 @@ out="${CI_BENCH_OUT:-target/ci-bench}"
 rm -rf "$out"
 mkdir -p "$out"
 # A fresh criterion directory per run: figures can only come from this run, never from a stale earlier one.
-export CRITERION_HOME="$PWD/$out/criterion"
+# An absolute CI_BENCH_OUT stays absolute (prefixing $PWD put its criterion output inside the checkout).
+case "$out" in
+  /*) export CRITERION_HOME="$out/criterion" ;;
+  *) export CRITERION_HOME="$PWD/$out/criterion" ;;
+esac
 export CARGO_TERM_COLOR=never
 t0=$(date +%s)
 failed=()
