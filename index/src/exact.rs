@@ -219,7 +219,8 @@ pub fn top_k(
     Ok(out)
 }
 
-fn check_threshold(t: f32) -> Result<(), IndexError> {
+/// Refuses a NaN join threshold (every comparison with it is false: the join would silently return nothing).
+pub(crate) fn check_threshold(t: f32) -> Result<(), IndexError> {
     if t.is_nan() {
         return Err(IndexError::Shape("threshold is NaN".into()));
     }

@@ -49,7 +49,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::IndexError;
-use crate::exact::{Pair, RowFilter};
+use crate::exact::{Pair, RowFilter, check_threshold};
 use crate::kernels::MAX_I8_LEN;
 use crate::quant::CODE_BOUND_SLACK;
 use crate::view::{RowsF32, RowsI8};
@@ -672,13 +672,6 @@ pub fn dot_matrix(kernel: I8Kernel, a: RowsI8<'_>, b: RowsI8<'_>) -> Result<Vec<
         }
     }
     Ok(out)
-}
-
-fn check_threshold(t: f32) -> Result<(), IndexError> {
-    if t.is_nan() {
-        return Err(IndexError::Shape("threshold is NaN".into()));
-    }
-    Ok(())
 }
 
 /// All pairs (probe row `a`, base row `b`) whose exact score (`dot_f32`) is ≥ `t`, sorted by `(a, b)`, and
