@@ -10,6 +10,8 @@ use crate::derived::{Artefact, DerivedIdentity, DerivedProblem, INDEX_META, seal
 use crate::policy::{Visits, plan_modality};
 use crate::sketchfile::{SavedSketches, SketchHeader, fingerprint_crc};
 use crate::store::Snapshot;
+use pacha_datasets::Modality;
+use pacha_index::RowsF32;
 use pacha_index::ivf::{Ivf, IvfParams, ProbeRule};
 use pacha_index::sketch::{SketchWords, Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
@@ -593,18 +595,27 @@ fn sketch_header_of(identity: &DerivedIdentity, dim: usize) -> SketchHeader {
     }
 }
 
-/// The sketch words of rows `start..` of `snap` in modality `mi`, bit-identical to [`sketch_rows`]'s rows
-/// (same GEMM blocks), streamed through the store's pager: only the f32 rows from `start`'s block on are read.
-pub fn sketch_rows_from(snap: &Snapshot, mi: usize, start: usize) -> Result<Vec<u64>, EngineError> {
+/// The modality at schema position `mi` of `snap`, its dimension and its f32 rows; a typed error when the
+/// schema has no such position or the store no such rows.
+fn modality_rows(
+    snap: &Snapshot,
+    mi: usize,
+) -> Result<(Modality, usize, RowsF32<'_>), EngineError> {
     let spec = snap.schema().modalities.get(mi).ok_or_else(|| {
         EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
     })?;
     let view = snap.f32_rows(spec.modality).ok_or_else(|| {
         EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
     })?;
-    let m = spec.modality;
+    Ok((spec.modality, spec.dim, view))
+}
+
+/// The sketch words of rows `start..` of `snap` in modality `mi`, bit-identical to [`sketch_rows`]'s rows
+/// (same GEMM blocks), streamed through the store's pager: only the f32 rows from `start`'s block on are read.
+pub fn sketch_rows_from(snap: &Snapshot, mi: usize, start: usize) -> Result<Vec<u64>, EngineError> {
+    let (m, dim, view) = modality_rows(snap, mi)?;
     Ok(
-        Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_from(
+        Sketcher::new(dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_from(
             view,
             start,
             &|r| snap.is_present(m, r),
@@ -616,15 +627,9 @@ pub fn sketch_rows_from(snap: &Snapshot, mi: usize, start: usize) -> Result<Vec<
 /// Sign sketches ([`SKETCH_BITS`]) of every row of `snap` in modality `mi` (absent rows stay zero),
 /// streamed through the store's pager.
 pub fn sketch_rows(snap: &Snapshot, mi: usize) -> Result<Sketches, EngineError> {
-    let spec = snap.schema().modalities.get(mi).ok_or_else(|| {
-        EngineError::InvalidArgument(format!("no modality at schema position {mi}"))
-    })?;
-    let view = snap.f32_rows(spec.modality).ok_or_else(|| {
-        EngineError::InvalidArgument(format!("no {} rows in the store", spec.modality))
-    })?;
-    let m = spec.modality;
+    let (m, dim, view) = modality_rows(snap, mi)?;
     Ok(
-        Sketcher::new(spec.dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
+        Sketcher::new(dim, SKETCH_BITS, SKETCH_SEED)?.sketch_rows_streaming(
             view,
             &|r| snap.is_present(m, r),
             &snap.f32_pager(m),
