@@ -880,13 +880,7 @@ pub fn fit_calibration(
             })
             .collect();
         drop(gathered);
-        let band_plan = if options.quality_bands >= 2 && options.tail_rows >= 2 {
-            plan_bands(snap, m, &pool, &sampled_pairs, options.quality_bands)
-        } else {
-            None
-        };
         let mut imp: Vec<f64> = sampled_pairs.iter().map(|&(s, _)| s).collect();
-        drop(sampled_pairs);
         let default = current
             .model(m)
             .copied()
@@ -937,7 +931,19 @@ pub fn fit_calibration(
         let mut check = None;
         let mut bands = None;
         if options.tail_rows >= 2 && imp.len() >= ImpostorBody::MIN_SAMPLES {
-            let u = imp[((imp.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
+            let u = tail_threshold(&imp);
+            let band_plan = (options.quality_bands >= 2)
+                .then(|| {
+                    plan_bands(
+                        snap,
+                        m,
+                        &pool,
+                        &sampled_pairs,
+                        options.quality_bands,
+                        (u, sf_at(&imp, u)),
+                    )
+                })
+                .flatten();
             match fit_tail(snap, m, options, &genuine_set, u, model, band_plan.as_ref())? {
                 Ok(fit) => {
                     model = fit.model;
@@ -958,14 +964,17 @@ pub fn fit_calibration(
                 }
                 Err(why) => notes.push(format!("{m}: no tail model ({why})")),
             }
-        } else if let Some(p) = &band_plan
-            && p.is_ok()
-        {
-            notes.push(format!("{m}: no quality bands (no tail count)"));
+            if let Some(Err(why)) = &band_plan {
+                notes.push(format!("{m}: no quality bands ({why})"));
+            }
+        } else if options.quality_bands >= 2 && options.tail_rows >= 2 {
+            notes.push(format!(
+                "{m}: no quality bands (only {} sampled pairs, fewer than {} per band)",
+                imp.len(),
+                ImpostorBody::MIN_SAMPLES
+            ));
         }
-        if let Some(Err(why)) = &band_plan {
-            notes.push(format!("{m}: no quality bands ({why})"));
-        }
+        drop(sampled_pairs);
         if let Some(t) = &model.impostor_tail {
             notes.push(format!(
                 "{m}: tail GPD above {:.4} (p_u {:.2e}, xi {:.3}, sigma {:.4}) from {} of {} counted pairs{}",
@@ -1149,13 +1158,14 @@ struct PlannedBands {
 /// every band an equal share of pairs (the lower of two qualities is below the row quantile `x` with
 /// probability `1 − (1 − x)²`), each band's body and tail threshold from the sampled pairs; refused when the
 /// qualities do not vary, a band has too few samples, or no band's survival at the pooled tail threshold
-/// differs from the pooled one by [`BAND_EFFECT_MIN`].
+/// (`pooled = (u, sampled survival at u)`) differs from the pooled one by [`BAND_EFFECT_MIN`].
 fn plan_bands(
     snap: &Snapshot,
     m: Modality,
     pool: &[usize],
     sampled: &[(f64, f32)],
     bands: usize,
+    pooled: (f64, f64),
 ) -> Option<BandPlan> {
     let bands = bands.min(crate::fusion::MAX_QUALITY_BANDS);
     let mut q: Vec<f32> = pool
@@ -1195,17 +1205,13 @@ fn plan_bands(
             ImpostorBody::MIN_SAMPLES
         )));
     }
-    let mut all: Vec<f64> = sampled.iter().map(|&(s, _)| s).collect();
-    all.sort_by(f64::total_cmp);
-    let u = all[((all.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
-    let pooled_sf = TAIL_START_SF.max(sf_at(&all, u));
+    for b in &mut per_band {
+        b.sort_by(f64::total_cmp);
+    }
+    let (u, pooled_sf) = (pooled.0, TAIL_START_SF.max(pooled.1));
     let effect = per_band
         .iter()
-        .map(|b| {
-            let mut b = b.clone();
-            b.sort_by(f64::total_cmp);
-            sf_at(&b, u).max(1.0 / b.len() as f64) / pooled_sf
-        })
+        .map(|b| sf_at(b, u).max(1.0 / b.len() as f64) / pooled_sf)
         .fold(1.0f64, |acc, r| acc.max(r).max(1.0 / r));
     if effect < BAND_EFFECT_MIN {
         return Some(Err(format!(
@@ -1214,18 +1220,21 @@ fn plan_bands(
     }
     let total = sampled.len() as f64;
     let planned = per_band
-        .into_iter()
-        .map(|mut b| {
-            b.sort_by(f64::total_cmp);
-            let ub = b[((b.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize];
+        .iter()
+        .map(|b| {
             let share = b.len() as f64 / total;
-            (ub, ImpostorBody::from_sorted(&b), share)
+            (tail_threshold(b), ImpostorBody::from_sorted(b), share)
         })
         .collect();
     Some(Ok(PlannedBands {
         edges,
         bands: planned,
     }))
+}
+
+/// The tail's threshold in ascending sampled scores: the score with sampled survival [`tail::TAIL_START`].
+fn tail_threshold(sorted: &[f64]) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * (1.0 - tail::TAIL_START)).round() as usize]
 }
 
 /// Smallest sampled survival resolved at the tail threshold (a guard against dividing by zero).
@@ -1293,33 +1302,34 @@ fn fit_tail(
             bands: Ok(None),
         }));
     };
-    let mut models = Vec::with_capacity(plan.bands.len());
-    for (k, ((ub, body, _), bc)) in plan.bands.iter().zip(&band_counts).enumerate() {
-        match fit(bc, *ub) {
-            Ok(t) => models.push(ModalityModel {
-                impostor_tail: Some(t),
-                impostor_body: *body,
-                ..base
-            }),
-            Err(e) => {
-                return Ok(Ok(TailFit {
-                    model: with_tail,
-                    check,
-                    bands: Err(format!("band {k}: {e}")),
-                }));
-            }
-        }
-    }
-    let bands = QualityBands {
-        edges: plan.edges.clone(),
-        models,
-        share: plan.bands.iter().map(|b| b.2).collect(),
+    let bands = plan
+        .bands
+        .iter()
+        .zip(&band_counts)
+        .enumerate()
+        .map(|(k, ((ub, body, _), bc))| {
+            fit(bc, *ub)
+                .map(|t| ModalityModel {
+                    impostor_tail: Some(t),
+                    impostor_body: *body,
+                    ..base
+                })
+                .map_err(|e| format!("band {k}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|models| QualityBands {
+            edges: plan.edges.clone(),
+            models,
+            share: plan.bands.iter().map(|b| b.2).collect(),
+        });
+    let check = match &bands {
+        Ok(b) => check.with_bands(&with_tail, b, &band_counts),
+        Err(_) => check,
     };
-    let check = check.with_bands(&with_tail, &bands, &band_counts);
     Ok(Ok(TailFit {
         model: with_tail,
         check,
-        bands: Ok(Some(bands)),
+        bands: bands.map(Some),
     }))
 }
 
