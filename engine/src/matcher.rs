@@ -198,11 +198,11 @@ pub fn fused_rows(snap: &Snapshot, cal: &Calibration, a: usize, b: usize) -> Fus
             snap.template(spec.modality, b),
             cal.position(spec.modality),
         ) {
-            idx[n] = (
-                pos,
-                dot_f32(x, y),
-                Some(pair_quality(snap, spec.modality, a, b)),
-            );
+            // Qualities are read only for a banded modality: the pooled models ignore them.
+            let q = cal
+                .bands(pos)
+                .map(|_| pair_quality(snap, spec.modality, a, b));
+            idx[n] = (pos, dot_f32(x, y), q);
             n += 1;
         }
     }
