@@ -37,6 +37,54 @@ pub struct IdentifyBatch {
     pub results: Vec<IdentifyResult>,
     /// The audit (`None` when turned off).
     pub audit: Option<IdentifyAudit>,
+    /// How long each probe's answer took (the audit excluded).
+    #[serde(default)]
+    pub latency: Latency,
+}
+
+/// Wall-clock time per probe of an identify batch, in milliseconds: what a caller waiting on one answer sees.
+///
+/// Probes run one after another (each uses every core for its own search), so these are single-probe
+/// latencies, not a throughput. The first probe of a process also plans the index's probe rule for the
+/// batch's candidate cosine (a pilot, cached afterwards): `first_ms` shows it apart.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Probes timed.
+    pub probes: usize,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest probe.
+    pub max_ms: f64,
+    /// The first probe (the one that may have planned the probe rule).
+    pub first_ms: f64,
+}
+
+impl Latency {
+    /// The summary of per-probe times `ms` (in probe order); nearest-rank percentiles.
+    pub fn of(ms: &[f64]) -> Latency {
+        if ms.is_empty() {
+            return Latency::default();
+        }
+        let mut sorted = ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let q =
+            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        Latency {
+            probes: ms.len(),
+            mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            max_ms: sorted[sorted.len() - 1],
+            first_ms: ms[0],
+        }
+    }
 }
 
 /// How complete an identify batch's answers are, measured against exact search on sampled probes.
@@ -84,14 +132,22 @@ impl Engine {
             .enumerate()
             .map(|(i, p)| Probe::new(&format!("probe {i}"), p, snap.schema()))
             .collect::<Result<_, _>>()?;
+        let mut ms = Vec::with_capacity(probes.len());
         let results = probes
             .iter()
-            .map(|p| self.identify(p, options))
+            .map(|p| {
+                let t = Instant::now();
+                let r = self.identify(p, options);
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+                r
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        let latency = Latency::of(&ms);
         if audit.probes == 0 || probes.is_empty() {
             return Ok(IdentifyBatch {
                 results,
                 audit: None,
+                latency,
             });
         }
         let t0 = Instant::now();
@@ -122,6 +178,7 @@ impl Engine {
             };
             return Ok(IdentifyBatch {
                 results,
+                latency,
                 audit: Some(IdentifyAudit {
                     sampled_probes: 0,
                     probes: probes.len(),
@@ -237,6 +294,7 @@ impl Engine {
         };
         Ok(IdentifyBatch {
             results,
+            latency,
             audit: Some(IdentifyAudit {
                 sampled_probes: k,
                 probes: probes.len(),
@@ -252,5 +310,29 @@ impl Engine {
                 seconds: t0.elapsed().as_secs_f64(),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Latency;
+
+    #[test]
+    fn latency_uses_nearest_rank_percentiles_and_keeps_the_first_probe_apart() {
+        // 100 probes: the first slow (it planned the rule), the rest 1..=99 ms in shuffled order.
+        let mut ms: Vec<f64> = (1..=99).map(f64::from).rev().collect();
+        ms.insert(0, 500.0);
+        let l = Latency::of(&ms);
+        assert_eq!(l.probes, 100);
+        assert_eq!(l.first_ms, 500.0);
+        assert_eq!(l.max_ms, 500.0);
+        // Sorted: 1..=99 then 500; nearest rank ⌈p·n⌉.
+        assert_eq!(l.p50_ms, 50.0);
+        assert_eq!(l.p90_ms, 90.0);
+        assert_eq!(l.p99_ms, 99.0);
+        assert!((l.mean_ms - (4950.0 + 500.0) / 100.0).abs() < 1e-9);
+        let one = Latency::of(&[3.0]);
+        assert_eq!((one.p50_ms, one.p99_ms, one.first_ms), (3.0, 3.0, 3.0));
+        assert_eq!(Latency::of(&[]), Latency::default());
     }
 }

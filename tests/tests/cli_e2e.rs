@@ -278,6 +278,14 @@ fn full_pipeline_through_the_cli() {
         ids[1],
         ids[0]
     );
+    // The batch reports its per-probe latency: one probe timed, its median is that probe's time.
+    let lat = &idf["latency"];
+    assert_eq!(lat["probes"], 1, "latency: {lat}");
+    let (p50, first) = (
+        lat["p50_ms"].as_f64().unwrap(),
+        lat["first_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 == first, "latency: {lat}");
 
     // delete, then check is clean (exit 0).
     // An ID that is not enrolled refuses the whole delete (exit 2, naming it); then the real one goes.

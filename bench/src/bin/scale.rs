@@ -26,7 +26,8 @@ use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, DedupScope};
 use pacha_engine::engine::CalibrateOptions;
 use pacha_engine::matcher::{compare_rows, fused_rows};
-use pacha_engine::store::Schema;
+use pacha_engine::store::{Schema, Template};
+use pacha_index::rng::SplitMix;
 use pacha_index::sketch::CutPolicy;
 use serde_json::json;
 use std::collections::HashSet;
@@ -174,6 +175,58 @@ struct Args {
     /// Records per ingest batch (each batch is a durable commit).
     #[arg(long, default_value_t = 10_000)]
     batch: usize,
+    /// Identify probes answered after the dedup, one at a time (`Engine::identify_batch`, every probe
+    /// audited against exact search): each is a seeded live row with every template moved to a cosine drawn
+    /// uniformly in [0.5, 0.95] with its source, towards a random direction. Reports the per-probe latency
+    /// (p50/p99), the audit's recall vs exact and how many sources come back. 0 skips.
+    #[arg(long, default_value_t = 0)]
+    identify_probes: usize,
+}
+
+/// `n` identify probes made from seeded live rows of `engine`'s store: every present template of the row,
+/// moved to a cosine drawn uniformly in [0.5, 0.95] with the row's template along a random orthogonal
+/// direction. Returns the probes and their source rows.
+fn identify_probes(engine: &Engine, n: usize, seed: u64) -> (Vec<Vec<Template>>, Vec<usize>) {
+    let snap = engine.snapshot();
+    let mut live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
+    let k = n.min(live.len());
+    let mut rng = SplitMix(seed);
+    rng.shuffle_prefix(&mut live, k);
+    let mut probes = Vec::with_capacity(k);
+    for &r in &live[..k] {
+        let mut ts = Vec::new();
+        for spec in &snap.schema().modalities {
+            let (m, Some(view)) = (spec.modality, snap.f32_rows(spec.modality)) else {
+                continue;
+            };
+            if !snap.is_present(m, r) {
+                continue;
+            }
+            let x = view.row(r);
+            let c = 0.5 + 0.45 * (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            // A random direction orthogonal to x, normalised.
+            let mut w: Vec<f64> = (0..x.len()).map(|_| rng.normal()).collect();
+            let dot: f64 = w.iter().zip(x).map(|(a, &b)| a * f64::from(b)).sum();
+            w.iter_mut()
+                .zip(x)
+                .for_each(|(a, &b)| *a -= dot * f64::from(b));
+            let norm = w.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
+            let s = (1.0 - c * c).sqrt() / norm;
+            let vector = x
+                .iter()
+                .zip(&w)
+                .map(|(&b, a)| (c * f64::from(b) + s * a) as f32)
+                .collect();
+            ts.push(Template {
+                modality: m,
+                vector,
+                quality: 1.0,
+            });
+        }
+        probes.push(ts);
+    }
+    let sources = live[..k].to_vec();
+    (probes, sources)
 }
 
 fn parse_fingers(s: &str) -> Result<Vec<(u8, usize)>> {
@@ -585,6 +638,62 @@ fn main() -> Result<()> {
         });
     }
 
+    let mut identify = json!(null);
+    if a.identify_probes > 0 {
+        let (probes, sources) = identify_probes(&engine, a.identify_probes, a.seed ^ 0x1d3);
+        let opts = pacha_engine::engine::IdentifyOptions {
+            target_fpir: a.target_fpir,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let batch = engine.identify_batch(
+            &probes,
+            &opts,
+            &pacha_engine::audit::AuditOptions {
+                probes: probes.len(),
+                ..Default::default()
+            },
+        )?;
+        let secs = t.elapsed().as_secs_f64();
+        let back = batch
+            .results
+            .iter()
+            .zip(&sources)
+            .filter(|&(r, &src)| {
+                r.candidates
+                    .iter()
+                    .any(|c| snap.row_of(&c.subject_id) == Some(src))
+            })
+            .count();
+        let above = sources
+            .iter()
+            .zip(&probes)
+            .filter(|&(&src, p)| {
+                let probe = pacha_engine::matcher::Probe::new("probe", p, snap.schema());
+                probe.is_ok_and(|pr| {
+                    pacha_engine::matcher::compare_probe(&snap, &cal, &pr, src)
+                        .fused
+                        .score
+                        >= batch.results.first().map_or(f64::INFINITY, |r| r.threshold)
+                })
+            })
+            .count();
+        note(&format!(
+            "identify: {} probes, p50 {:.2} ms, p99 {:.2} ms; sources back {back} of {above} above the threshold",
+            probes.len(),
+            batch.latency.p50_ms,
+            batch.latency.p99_ms
+        ));
+        identify = json!({
+            "probes": probes.len(),
+            "latency": batch.latency,
+            "audit": batch.audit,
+            "sources_above_threshold": above,
+            "sources_returned": back,
+            "seconds_with_audit": secs,
+        });
+    }
+
     let dims: Vec<(String, usize)> = snap
         .schema()
         .modalities
@@ -619,6 +728,7 @@ fn main() -> Result<()> {
         },
         "planted": planted,
         "exact_sample": sample,
+        "identify": identify,
         "peak_rss_bytes": peak,
         "peak_rss_bytes_generate_ingest": rss_before_dedup_stages,
         "peak_rss_is_matching_only": peak_reset,
