@@ -597,7 +597,11 @@ fn with_dedup_bar<T>(
 fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open_read_only(&a.store)?;
     let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
-    let probes = pacha_engine::ingest::read_probes(&files, &a.rows).context("reading probes")?;
+    let probes = match &a.subjects {
+        Some(subj) => pacha_engine::ingest::read_probes_with_subjects(subj, &files, &a.rows),
+        None => pacha_engine::ingest::read_probes(&files, &a.rows),
+    }
+    .context("reading probes")?;
     let gallery = (!a.gallery.is_empty()).then_some(a.gallery.as_slice());
     let opts = IdentifyOptions {
         max_results: a.max_results,
