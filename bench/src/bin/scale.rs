@@ -181,6 +181,27 @@ struct Args {
     /// (p50/p99), the audit's recall vs exact and how many sources come back. 0 skips.
     #[arg(long, default_value_t = 0)]
     identify_probes: usize,
+    /// Identify path imposed on every modality (`ivf`, `sketch` or `exact`; default: chosen by predicted
+    /// cost per query, see `pacha_engine::idpath`).
+    #[arg(long)]
+    identify_path: Option<IdPathArg>,
+    /// Also search the identify probes' face templates with an HNSW graph (hnsw_rs, default build
+    /// parameters) built over the face rows, at each of these ef values (comma-separated): build time,
+    /// per-query latency and the share of exact search's rows at or above the candidate cosine and of the
+    /// contract's rows (fused score at or above the threshold) it returns.
+    #[arg(long, value_delimiter = ',')]
+    identify_hnsw: Vec<usize>,
+    /// Results asked of HNSW per query (`k'`, rescored exactly) with `--identify-hnsw`.
+    #[arg(long, default_value_t = 50)]
+    hnsw_k: usize,
+}
+
+/// `--identify-path` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum IdPathArg {
+    Ivf,
+    Sketch,
+    Exact,
 }
 
 /// `n` identify probes made from seeded live rows of `engine`'s store: every present template of the row,
@@ -227,6 +248,110 @@ fn identify_probes(engine: &Engine, n: usize, seed: u64) -> (Vec<Vec<Template>>,
     }
     let sources = live[..k].to_vec();
     (probes, sources)
+}
+
+/// HNSW against the identify contract on the face templates of `probes`: builds a graph over the store's
+/// face rows (hnsw_rs, `HnswParams::default()`: i8 graph, M 16, ef_construction 200, parallel inserts),
+/// then for each `ef` searches every probe one at a time (`k'` results rescored exactly) and counts the
+/// exact scan's rows at or above the face candidate cosine, and those whose fused score reaches the
+/// threshold, that it returns.
+fn hnsw_identify(
+    engine: &Engine,
+    probes: &[Vec<Template>],
+    efs: &[usize],
+    k: usize,
+    target_fpir: f64,
+) -> Result<serde_json::Value> {
+    use pacha_index::ann::AnnBuild;
+    let snap = engine.snapshot();
+    let cal = engine.calibration();
+    let mi = snap
+        .schema()
+        .modalities
+        .iter()
+        .position(|s| s.modality == Modality::Face)
+        .context("--identify-hnsw needs a face modality")?;
+    let view = snap.f32_rows(Modality::Face).context("no face rows")?;
+    let threshold = pacha_engine::fusion::threshold_for_fpir(target_fpir, snap.live())?;
+    let c = cal
+        .candidate_cosines(threshold)
+        .get(mi)
+        .copied()
+        .flatten()
+        .context("no face candidate cosine")?;
+    let t = Instant::now();
+    let graph = pacha_index::HnswIndex::build(view, &pacha_index::HnswParams::default())?;
+    let build_s = t.elapsed().as_secs_f64();
+    note(&format!(
+        "hnsw: built over {} rows in {build_s:.1} s ({:.0} inserts/s)",
+        view.rows(),
+        view.rows() as f64 / build_s
+    ));
+    // Exact rows at or above the candidate cosine, and the contract's (fused score ≥ threshold), per probe.
+    let faces: Vec<(usize, &[f32])> = probes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            p.iter()
+                .find(|t| t.modality == Modality::Face)
+                .map(|t| (i, t.vector.as_slice()))
+        })
+        .collect();
+    let exact: Vec<(HashSet<u32>, HashSet<u32>)> = faces
+        .iter()
+        .map(|&(i, q)| {
+            let probe = pacha_engine::matcher::Probe::new("probe", &probes[i], snap.schema());
+            let above: HashSet<u32> = (0..view.rows())
+                .filter(|&r| {
+                    snap.is_present(Modality::Face, r)
+                        && !snap.is_deleted(r)
+                        && pacha_index::dot_f32(q, view.row(r)) >= c
+                })
+                .map(|r| r as u32)
+                .collect();
+            let contract = match &probe {
+                Ok(p) => above
+                    .iter()
+                    .copied()
+                    .filter(|&r| {
+                        pacha_engine::matcher::compare_probe(&snap, &cal, p, r as usize)
+                            .fused
+                            .score
+                            >= threshold
+                    })
+                    .collect(),
+                Err(_) => HashSet::new(),
+            };
+            (above, contract)
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for &ef in efs {
+        let mut ms = Vec::with_capacity(faces.len());
+        let (mut b_found, mut b_all, mut c_found, mut c_all) = (0u64, 0u64, 0u64, 0u64);
+        for (&(_, q), (above, contract)) in faces.iter().zip(&exact) {
+            let t = Instant::now();
+            let got = pacha_index::search_rescored(&graph, q, view, k, k, ef, None)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let got: HashSet<u32> = got.iter().filter(|n| n.score >= c).map(|n| n.id).collect();
+            b_all += above.len() as u64;
+            b_found += above.iter().filter(|r| got.contains(r)).count() as u64;
+            c_all += contract.len() as u64;
+            c_found += contract.iter().filter(|r| got.contains(r)).count() as u64;
+        }
+        let lat = pacha_engine::identify::Latency::of(&ms);
+        note(&format!(
+            "hnsw ef {ef}: p50 {:.2} ms, p99 {:.2} ms; contract {c_found}/{c_all}, boundary {b_found}/{b_all}",
+            lat.p50_ms, lat.p99_ms
+        ));
+        rows.push(json!({"ef": ef, "k": k, "latency": lat,
+            "contract_found": c_found, "contract_pairs": c_all,
+            "boundary_found": b_found, "boundary_pairs": b_all}));
+    }
+    Ok(
+        json!({"rows": view.rows(), "build_seconds": build_s, "cosine": c,
+              "threshold": threshold, "params": pacha_index::HnswParams::default(), "by_ef": rows}),
+    )
 }
 
 fn parse_fingers(s: &str) -> Result<Vec<(u8, usize)>> {
@@ -645,6 +770,14 @@ fn main() -> Result<()> {
             target_fpir: a.target_fpir,
             ..Default::default()
         };
+        if let (Some(ann), Some(p)) = (engine.index(), a.identify_path) {
+            use pacha_engine::idpath::ForcedPath;
+            ann.force_identify_path(Some(match p {
+                IdPathArg::Ivf => ForcedPath::Ivf,
+                IdPathArg::Sketch => ForcedPath::Sketch,
+                IdPathArg::Exact => ForcedPath::Exact,
+            }));
+        }
         let t = Instant::now();
         let batch = engine.identify_batch(
             &probes,
@@ -684,7 +817,15 @@ fn main() -> Result<()> {
             batch.latency.p50_ms,
             batch.latency.p99_ms
         ));
+        let hnsw = if a.identify_hnsw.is_empty() {
+            json!(null)
+        } else {
+            hnsw_identify(&engine, &probes, &a.identify_hnsw, a.hnsw_k, a.target_fpir)?
+        };
         identify = json!({
+            "hnsw": hnsw,
+            "plans": engine.index().map(|i| i.identify_plans()),
+            "forced_path": a.identify_path.map(|p| format!("{p:?}")),
             "probes": probes.len(),
             "latency": batch.latency,
             "audit": batch.audit,
