@@ -219,6 +219,21 @@ fn locate(source: &dyn RecordSource, start: usize, ids: &[String], e: EngineErro
     }
 }
 
+/// The probe rows `rows` selects among `n` (empty = all), each checked to lie within `of` (the files named in
+/// the error).
+fn probe_rows(rows: &[u64], n: u64, of: &str) -> Result<Vec<u64>, EngineError> {
+    if let Some(r) = rows.iter().find(|&&r| r >= n) {
+        return Err(EngineError::InvalidArgument(format!(
+            "probe row {r} is beyond the {n} rows of {of}"
+        )));
+    }
+    Ok(if rows.is_empty() {
+        (0..n).collect()
+    } else {
+        rows.to_vec()
+    })
+}
+
 /// Reads probes for identification: row `i` of every file is one probe (all-zero rows are absent
 /// templates). `rows` selects rows (empty = all).
 pub fn read_probes(
@@ -239,18 +254,9 @@ pub fn read_probes(
             )));
         }
     }
-    let wanted: Vec<u64> = if rows.is_empty() {
-        (0..n).collect()
-    } else {
-        rows.to_vec()
-    };
+    let wanted = probe_rows(rows, n, "the probe files")?;
     let mut out = Vec::with_capacity(wanted.len());
     for r in wanted {
-        if r >= n {
-            return Err(EngineError::InvalidArgument(format!(
-                "probe row {r} is beyond the {n} rows of the probe files"
-            )));
-        }
         let mut templates = Vec::new();
         for (m, f) in &opened {
             let mut v = Vec::with_capacity(f.dim());
@@ -280,19 +286,9 @@ pub fn read_probes_with_subjects(
 ) -> Result<Vec<(u64, Vec<Template>)>, EngineError> {
     let source = IngestSource::open(subjects, files)?;
     let n = source.len() as u64;
-    let wanted: Vec<u64> = if rows.is_empty() {
-        (0..n).collect()
-    } else {
-        rows.to_vec()
-    };
+    let wanted = probe_rows(rows, n, &subjects.display().to_string())?;
     let mut out = Vec::with_capacity(wanted.len());
     for r in wanted {
-        if r >= n {
-            return Err(EngineError::InvalidArgument(format!(
-                "probe row {r} is beyond the {n} rows of {}",
-                subjects.display()
-            )));
-        }
         let batch = source.read_batch(r as usize, 1)?;
         let templates = batch
             .blocks
