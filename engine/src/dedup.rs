@@ -641,6 +641,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         CandidateMode::Index => Some(RunIndex::prepare(
             snap,
             ann,
+            part_rows.clone(),
             &cand_cos,
             &filters,
             &impostors,

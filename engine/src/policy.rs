@@ -208,6 +208,26 @@ pub struct ModalityPlan {
     pub seconds: f64,
 }
 
+impl ModalityPlan {
+    /// Scales the predictions (products, seconds) from the self-join of all `rows` rows to the pairs
+    /// `(a, b)`, `a < b`, `b` in `probes` — a share `(end² − start²) / rows²` of them — so a `--from-row`
+    /// batch or a tile predicts its own cost. The path choice is unchanged (every path scales alike).
+    pub fn restrict_to(&mut self, probes: Range<usize>, rows: usize) {
+        let end = probes.end.min(rows) as f64;
+        let start = (probes.start as f64).min(end);
+        let share = if rows == 0 {
+            1.0
+        } else {
+            (end * end - start * start) / (rows as f64 * rows as f64)
+        };
+        self.predicted_products *= share;
+        self.brute_products *= share;
+        for p in &mut self.predicted_seconds {
+            p.1 *= share;
+        }
+    }
+}
+
 /// A pilot pair's requirement: the reach of each direction (`None` where that side does not probe).
 struct Need {
     fwd: Reach,
@@ -667,11 +687,13 @@ impl RunIndex {
     /// per modality, a pilot against the saved partition (when `ann` has one) picks a probe rule, the
     /// brute-force sketch join or an exact join (f32 GEMM, or the i8 join where the store keeps i8 codes and
     /// `impostors` gives the modality's Gaussian impostor cosine model `(mean, sd)`); `sketches` computes (or
-    /// fetches) every row's sign sketch.
+    /// fetches) every row's sign sketch. `probes` are the rows this run joins against their earlier rows
+    /// (a `--from-row` batch, a tile): the plans' predicted products and seconds are those of its pairs.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         snap: &Snapshot,
         ann: Option<&AnnSet>,
+        probes: Range<usize>,
         cosines: &[Option<f32>],
         filters: &[Option<FilterModel>],
         impostors: &[Option<(f64, f64)>],
@@ -722,6 +744,7 @@ impl RunIndex {
                 }
             };
             let mut plan = plan;
+            plan.restrict_to(probes.clone(), snap.rows());
             match force {
                 Some("ivf") => match plan.ivf_rule {
                     Some(rule) => {
@@ -858,6 +881,41 @@ mod tests {
     use crate::Engine;
     use crate::Modality;
     use crate::store::{Enrolment, ModalitySpec, Schema, Template};
+
+    /// A batch of the last 10 % of rows predicts 19 % of the whole self-join's pairs; the whole run all.
+    #[test]
+    fn plans_restricted_to_a_batch_predict_its_share_of_pairs() {
+        let plan = |path: &str| ModalityPlan {
+            modality: "face".into(),
+            cosine: 0.5,
+            path: path.into(),
+            rule: None,
+            lists: 1,
+            pilot_rows: 0,
+            natural_pairs: 0,
+            synthetic_pairs: 0,
+            mean_probes: 0.0,
+            predicted_products: 4e9,
+            brute_products: 5e9,
+            predicted_seconds: vec![("exact".into(), 10.0), ("brute".into(), 2.0)],
+            ivf_rule: None,
+            seconds: 0.0,
+        };
+        let mut whole = plan("brute");
+        whole.restrict_to(0..100_000, 100_000);
+        assert_eq!(whole, plan("brute"));
+        let mut batch = plan("brute");
+        batch.restrict_to(90_000..100_000, 100_000);
+        assert!((batch.brute_products - 0.19 * 5e9).abs() < 1.0);
+        assert!((batch.predicted_products - 0.19 * 4e9).abs() < 1.0);
+        assert!((batch.predicted_seconds[0].1 - 1.9).abs() < 1e-9);
+        assert!((batch.predicted_seconds[1].1 - 0.38).abs() < 1e-9);
+        assert_eq!(batch.path, "brute");
+        // A tile of the first half: a quarter of the pairs.
+        let mut tile = plan("brute");
+        tile.restrict_to(0..50_000, 100_000);
+        assert!((tile.brute_products - 0.25 * 5e9).abs() < 1.0);
+    }
 
     /// The pilot's two exact searches (i8 join, f32 GEMM join) return the same pairs, on a store of
     /// random rows with near pairs planted at cosines spread around the pilot's cosine.
