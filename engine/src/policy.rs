@@ -343,6 +343,7 @@ pub fn plan_modality(
     }
     plan.pilot_rows = k;
     plan.natural_pairs = pairs.len();
+    let t_search = t0.elapsed().as_secs_f64();
 
     // 2. Scores of the pilot rows against every list.
     let mut pilot_scores = Vec::new();
@@ -369,9 +370,11 @@ pub fn plan_modality(
     plan.synthetic_pairs = syn_owners.len();
     partner.extend_from_slice(&syn);
     owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
+    let t_synthetic = t0.elapsed().as_secs_f64();
     // 3. What each pair needs.
     let needs = pair_needs(ivf, &pilot_scores, &pilot_homes, &partner, &owners, visits);
     drop(partner);
+    let t_needs = t0.elapsed().as_secs_f64();
 
     // 4. Cost per pilot row as a function of lists probed: cumulative member counts, best list first.
     let members = ivf.member_counts();
@@ -455,6 +458,13 @@ pub fn plan_modality(
         }
     }
     plan.seconds = t0.elapsed().as_secs_f64();
+    tracing::debug!(
+        "{} pilot: exact search {t_search:.2} s, list scores + synthetic pairs {:.2} s, reach {:.2} s, rules {:.2} s",
+        plan.modality,
+        t_synthetic - t_search,
+        t_needs - t_synthetic,
+        plan.seconds - t_needs
+    );
     Ok(plan)
 }
 

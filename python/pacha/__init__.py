@@ -305,7 +305,8 @@ class IdentifyResult:
     """Answers of an identify batch: ``candidates[i]`` holds probe ``i``'s candidates (best first) as numpy
     columns ``subject_id``, ``score``, ``llr``, ``fmr``, ``<modality>_cosine``."""
 
-    def __init__(self, answers: List[Dict[str, Any]], audit_json: Optional[str]) -> None:
+    def __init__(self, answers: List[Dict[str, Any]], audit_json: Optional[str],
+                 latency_json: Optional[str] = None) -> None:
         self.candidates: List[Dict[str, np.ndarray]] = []
         #: Decision threshold used (the same for every probe of the batch).
         self.threshold: float = float("nan")
@@ -318,6 +319,9 @@ class IdentifyResult:
             self.candidates.append(a)
         #: The batch's completeness audit (``None`` when turned off).
         self.audit: Optional[Dict[str, Any]] = json.loads(audit_json) if audit_json else None
+        #: Per-probe search time of the batch (milliseconds): ``probes``, ``mean_ms``, ``p50_ms``, ``p90_ms``,
+        #: ``p99_ms``, ``max_ms`` and ``first_ms`` (the first probe, which may have planned the search).
+        self.latency: Dict[str, Any] = json.loads(latency_json) if latency_json else {}
 
     @property
     def proven(self) -> bool:
@@ -625,7 +629,7 @@ class Store:
             blocks.append((k, a))
         if not blocks:
             raise ValueError("no probe templates: give face=... and/or finger={position: array}")
-        answers, audit = self._core.identify(
+        answers, audit, latency = self._core.identify(
             blocks,
             int(max_results),
             float(target_fpir),
@@ -635,7 +639,7 @@ class Store:
             None if audit_seed is None else int(audit_seed),
             float(min_recall),
         )
-        result = IdentifyResult(answers, audit)
+        result = IdentifyResult(answers, audit, latency)
         if strict and not result.proven:
             a = result.audit or {}
             raise CompletenessError(

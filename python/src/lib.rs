@@ -548,7 +548,7 @@ impl Engine {
     }
 
     /// Identifies every probe row (blocks as for ingest, without presence/quality); returns one dict of
-    /// columns per probe and the audit as JSON (or None).
+    /// columns per probe, the audit as JSON (or None) and the per-probe latency summary as JSON.
     #[pyo3(signature = (blocks, max_results, target_fpir, gallery, min_score, audit_probes, audit_seed, min_recall))]
     #[allow(clippy::too_many_arguments)]
     fn identify<'py>(
@@ -562,7 +562,7 @@ impl Engine {
         audit_probes: usize,
         audit_seed: Option<u64>,
         min_recall: f64,
-    ) -> PyResult<(Vec<Bound<'py, PyDict>>, Option<String>)> {
+    ) -> PyResult<(Vec<Bound<'py, PyDict>>, Option<String>, String)> {
         let e = self.get()?;
         if !(0.0..=1.0).contains(&min_recall) {
             return Err(PyValueError::new_err(format!(
@@ -647,7 +647,7 @@ impl Engine {
             out.push(d);
         }
         let audit = batch.audit.as_ref().map(json).transpose()?;
-        Ok((out, audit))
+        Ok((out, audit, json(&batch.latency)?))
     }
 
     /// 1:1 verification of two enrolled subjects; the result as JSON.

@@ -30,6 +30,10 @@ def test_identify_returns_the_enrolled_subject_and_equals_cli(store: Path, small
         r = s.identify(face=face, finger={2: f2}, max_results=5)
         single = s.identify(face=small_pop.face[5])  # a 1-D array is one probe
     assert len(r) == 4 and r.proven
+    lat = r.latency
+    assert lat["probes"] == 4 and single.latency["probes"] == 1
+    assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert lat["first_ms"] <= lat["max_ms"]
     for k, row in enumerate(rows):
         c = r[k]
         assert c["subject_id"][0] == small_pop.ids[row]
