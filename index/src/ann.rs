@@ -1,7 +1,7 @@
 //! Approximate nearest-neighbour search behind a small trait, and exact rescoring of its candidates.
 //!
 //! The trait [`AnnIndex`] is what the engine holds (as `Box<dyn AnnIndex>`); [`AnnBuild`] adds the
-//! constructors. The first implementation is [`crate::HnswIndex`] over `hnsw_rs`; an in-house graph can
+//! constructors. The first implementation is `HnswIndex` over `hnsw_rs` (cargo feature `hnsw`, off by default); an in-house graph can
 //! replace it by implementing the same two traits. Ids are row numbers (`u32`) of the base view the
 //! index was built from; the index never decides final scores: [`search_rescored`] oversamples
 //! (`k' ≥ k`) and rescores every candidate exactly with the f32 rows through [`crate::dot_many`].

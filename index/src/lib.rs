@@ -11,6 +11,7 @@ pub mod ann;
 pub mod bitset;
 pub mod exact;
 pub mod exact_i8;
+#[cfg(feature = "hnsw")]
 pub mod hnsw;
 pub mod ivf;
 pub mod kernels;
@@ -22,6 +23,7 @@ pub mod view;
 pub use ann::{AnnIndex, search_rescored};
 pub use bitset::Bitset;
 pub use exact::{JoinStats, Neighbour, Pair, RowFilter, self_join, threshold_join, top_k};
+#[cfg(feature = "hnsw")]
 pub use hnsw::{GraphPrecision, HnswIndex, HnswParams};
 pub use kernels::{dot_f16, dot_f32, dot_i8, dot_many, simd_level};
 pub use quant::{QuantizedRows, quantize_i8, quantize_rows};
