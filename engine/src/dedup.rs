@@ -638,10 +638,11 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
     let t_prep = Instant::now();
     let sketch_acc: std::sync::Mutex<(f64, Vec<SketchRows>)> = Default::default();
     let run_index = match mode {
+        // The run's probe rows (every tile of a run plans, and predicts, the same whole run).
         CandidateMode::Index => Some(RunIndex::prepare(
             snap,
             ann,
-            part_rows.clone(),
+            first_probe..rows,
             &cand_cos,
             &filters,
             &impostors,

@@ -697,8 +697,9 @@ impl RunIndex {
     /// per modality, a pilot against the saved partition (when `ann` has one) picks a probe rule, the
     /// brute-force sketch join or an exact join (f32 GEMM, or the i8 join where the store keeps i8 codes and
     /// `impostors` gives the modality's Gaussian impostor cosine model `(mean, sd)`); `sketches` computes (or
-    /// fetches) every row's sign sketch. `probes` are the rows this run joins against their earlier rows
-    /// (a `--from-row` batch, a tile): the plans' predicted products and seconds are those of its pairs.
+    /// fetches) every row's sign sketch. `probes` are the rows the run joins against their earlier rows
+    /// (all rows, or a `--from-row` batch's): the plans' predicted products and seconds are those of its
+    /// pairs. Every tile of a run passes the whole run's probes, so tiles plan identically (`merge` checks).
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         snap: &Snapshot,
