@@ -597,7 +597,11 @@ fn with_dedup_bar<T>(
 fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
     let engine = open_read_only(&a.store)?;
     let files = parse_template_files(a.face.as_deref(), &a.fingers)?;
-    let probes = pacha_engine::ingest::read_probes(&files, &a.rows).context("reading probes")?;
+    let probes = match &a.subjects {
+        Some(subj) => pacha_engine::ingest::read_probes_with_subjects(subj, &files, &a.rows),
+        None => pacha_engine::ingest::read_probes(&files, &a.rows),
+    }
+    .context("reading probes")?;
     let gallery = (!a.gallery.is_empty()).then_some(a.gallery.as_slice());
     let opts = IdentifyOptions {
         max_results: a.max_results,
@@ -638,6 +642,11 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
         }
         all.push(json!({"probe_row": row, "result": r}));
     }
+    let l = &batch.latency;
+    ui.out(format!(
+        "latency per probe ({} probes, one at a time): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; first {:.2} ms (plans the index's probe rule)",
+        l.probes, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.first_ms
+    ));
     if let Some(au) = &batch.audit {
         ui.out(format!(
             "completeness audit ({} of {} probes searched exactly, {:.1} s): {}/{} candidates at or above the threshold found; boundary {}/{}; verdict: {} — lower bound {:.5} vs --min-recall {} ({})",
@@ -654,7 +663,7 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
             au.evidence
         ));
     }
-    ui.json_out(&json!({"command": "identify", "probes": all, "audit": batch.audit}));
+    ui.json_out(&json!({"command": "identify", "probes": all, "audit": batch.audit, "latency": batch.latency}));
     match &batch.audit {
         Some(au) if !au.passed => Err(Failure {
             code: 3,

@@ -349,6 +349,11 @@ pub struct IdentifyArgs {
     /// Only these rows of the probe files.
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<u64>,
+    /// Subjects file of the probe files (ingest format; `<modality>_present` and `<modality>_quality`
+    /// columns): probes carry their capture quality and are scored in their quality band (without it every
+    /// probe has quality 1, the top band).
+    #[arg(long)]
+    pub subjects: Option<PathBuf>,
     /// Candidates per probe.
     #[arg(long, default_value_t = 10)]
     pub max_results: usize,

@@ -7,12 +7,12 @@
 
 use crate::EngineError;
 use crate::derived::{Artefact, DerivedIdentity, DerivedProblem, INDEX_META, seal, unseal};
-use crate::policy::{Visits, plan_modality};
+use crate::idpath::{ForcedPath, IdentifyPath, IdentifyPlan};
 use crate::sketchfile::{SavedSketches, SketchHeader, fingerprint_crc};
 use crate::store::Snapshot;
 use pacha_datasets::Modality;
 use pacha_index::RowsF32;
-use pacha_index::ivf::{Ivf, IvfParams, ProbeRule};
+use pacha_index::ivf::{Ivf, IvfParams};
 use pacha_index::sketch::{SketchWords, Sketcher, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -80,8 +80,12 @@ pub struct AnnSet {
     sketches: Vec<Mutex<Option<Arc<Sketches>>>>,
     /// The saved sketches of rows `0..rows`, per modality (verified at load; `None`: not saved).
     saved_sketches: Vec<Option<Arc<SavedSketches>>>,
-    /// Identify probe rules already chosen, per (modality, candidate cosine bits).
-    identify_rules: Mutex<Vec<(usize, u32, Option<ProbeRule>)>>,
+    /// Identify plans already chosen, per (modality, candidate cosine bits).
+    identify_plans: Mutex<Vec<(usize, u32, Arc<IdentifyPlan>)>>,
+    /// An identify path imposed by the caller (measurement, tests).
+    forced_path: Mutex<Option<ForcedPath>>,
+    /// The sketchers of the indexed modalities (the saved sketches' hyperplanes), made on first use.
+    sketchers: Vec<std::sync::OnceLock<Option<Arc<Sketcher>>>>,
     /// What the index was built on (saved in `index.json`).
     identity: DerivedIdentity,
 }
@@ -130,7 +134,9 @@ impl AnnSet {
             rows: snap.rows(),
             sketches: built.into_iter().map(Mutex::new).collect(),
             saved_sketches: ivf.iter().map(|_| None).collect(),
-            identify_rules: Mutex::new(Vec::new()),
+            identify_plans: Mutex::new(Vec::new()),
+            forced_path: Mutex::new(None),
+            sketchers: mods.iter().map(|_| std::sync::OnceLock::new()).collect(),
             identity: DerivedIdentity::of(snap, format!("{:?}", params.ivf)),
             ivf,
         })
@@ -191,15 +197,17 @@ impl AnnSet {
         matches!(self.saved_sketches.get(mi), Some(Some(_)))
     }
 
-    /// Indexed rows whose exact cosine with `query` is at least `t`, from the lists the modality's identify
-    /// probe rule gives the query (chosen by a one-way pilot for this cosine on first use, see
-    /// [`crate::policy`]); every indexed row when the pilot finds the partition no cheaper than a scan.
+    /// Indexed rows whose exact cosine with `query` is at least `t`, by the modality's identify path for
+    /// this cosine (chosen on first use by predicted cost per query, see [`crate::idpath`]): the IVF rule of
+    /// a one-way pilot, a scan of every indexed row's sign sketch, or an exact scan. `impostor` is the
+    /// calibration's Gaussian impostor cosine model of the modality (predicts the sketch survivors).
     pub fn search(
         &self,
         snap: &Snapshot,
         mi: usize,
         query: &[f32],
         t: f32,
+        impostor: Option<(f64, f64)>,
     ) -> Result<Vec<(u32, f32)>, EngineError> {
         let (Some(Some(ivf)), Some(view)) = (
             self.ivf.get(mi),
@@ -207,47 +215,126 @@ impl AnnSet {
         ) else {
             return Ok(Vec::new());
         };
+        let m = snap.schema().modalities[mi].modality;
         let base = view.slice_rows(0, self.rows);
-        let rule = self
-            .identify_rule(snap, mi, t)?
-            .unwrap_or(ProbeRule::fixed(ivf.lists()));
-        Ok(ivf.search_rule(base, query, t, rule))
+        let plan = self.identify_plan(snap, mi, t, impostor)?;
+        let sk = match plan.path {
+            IdentifyPath::Sketch(_) => self.indexed_sketches(mi),
+            _ => None,
+        };
+        let sketcher = match plan.path {
+            IdentifyPath::Sketch(_) => self.sketcher(mi),
+            _ => None,
+        };
+        let pair = match (&sketcher, &sk) {
+            (Some(a), Some(b)) => Some((a.as_ref(), b.as_ref())),
+            _ => None,
+        };
+        crate::idpath::search(
+            ivf,
+            base,
+            &|r| snap.is_present(m, r),
+            query,
+            t,
+            plan.path,
+            pair,
+        )
     }
 
-    /// The identify probe rule of modality `mi` at cosine `t` (`None`: scan every list).
-    pub fn identify_rule(
+    /// Imposes an identify path on every modality (`None`: choose by predicted cost), dropping the plans
+    /// already chosen. For measurements and tests; the sketch path still needs the indexed rows' sketches.
+    pub fn force_identify_path(&self, path: Option<ForcedPath>) {
+        *self.forced_path.lock().unwrap_or_else(|p| p.into_inner()) = path;
+        self.identify_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The identify plans chosen so far (modality order of first use).
+    pub fn identify_plans(&self) -> Vec<IdentifyPlan> {
+        self.identify_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|e| (*e.2).clone())
+            .collect()
+    }
+
+    /// The identify plan of modality `mi` at cosine `t`, planned on first use (the one-way pilot included)
+    /// and cached.
+    pub fn identify_plan(
         &self,
         snap: &Snapshot,
         mi: usize,
         t: f32,
-    ) -> Result<Option<ProbeRule>, EngineError> {
+        impostor: Option<(f64, f64)>,
+    ) -> Result<Arc<IdentifyPlan>, EngineError> {
         {
             let cache = self
-                .identify_rules
+                .identify_plans
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if let Some(&(_, _, r)) = cache.iter().find(|e| e.0 == mi && e.1 == t.to_bits()) {
-                return Ok(r);
+            if let Some(e) = cache.iter().find(|e| e.0 == mi && e.1 == t.to_bits()) {
+                return Ok(e.2.clone());
             }
         }
         let Some(Some(ivf)) = self.ivf.get(mi) else {
-            return Ok(None);
+            return Err(EngineError::InvalidArgument(format!(
+                "no index of the modality at schema position {mi}"
+            )));
         };
-        let plan = plan_modality(snap, ivf, mi, t, Visits::OneWay, None, None)?;
+        let force = *self.forced_path.lock().unwrap_or_else(|p| p.into_inner());
+        let sketches = self.indexed_sketches(mi).is_some() && self.sketcher(mi).is_some();
+        let plan = Arc::new(crate::idpath::plan(
+            snap, ivf, mi, t, impostor, sketches, force,
+        )?);
         tracing::info!(
-            "identify {}: rule {:?} at cosine {t:.4} ({} natural + {} synthetic pilot pairs, {:.2} s)",
+            "identify {}: path {:?} at cosine {t:.4} (predicted ms per query {:?}, pilot rule {:?}, {:.2} s)",
             plan.modality,
-            plan.rule,
-            plan.natural_pairs,
-            plan.synthetic_pairs,
+            plan.path,
+            plan.predicted_ms,
+            plan.ivf_rule,
             plan.seconds
         );
         let mut cache = self
-            .identify_rules
+            .identify_plans
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        cache.push((mi, t.to_bits(), plan.rule));
-        Ok(plan.rule)
+        cache.push((mi, t.to_bits(), plan.clone()));
+        Ok(plan)
+    }
+
+    /// The sign sketches of the indexed rows `0..rows()` of modality `mi` without computing any: the saved
+    /// ones, or those of an index built in this process; `None` if neither is at hand.
+    fn indexed_sketches(&self, mi: usize) -> Option<Arc<Sketches>> {
+        if let Some(Some(saved)) = self.saved_sketches.get(mi)
+            && saved.rows() == self.rows
+        {
+            let head: Arc<dyn SketchWords> = saved.clone();
+            return Sketches::from_parts(SKETCH_BITS / 64, Some((head, self.rows)), Vec::new())
+                .ok()
+                .map(Arc::new);
+        }
+        self.sketches
+            .get(mi)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|s| s.rows() >= self.rows)
+    }
+
+    /// The sketcher of modality `mi` (the hyperplanes of its saved sketches).
+    fn sketcher(&self, mi: usize) -> Option<Arc<Sketcher>> {
+        self.sketchers
+            .get(mi)?
+            .get_or_init(|| {
+                let dim = self.identity.schema.get(mi).map(|(_, d)| *d)?;
+                Sketcher::new(dim, SKETCH_BITS, SKETCH_SEED)
+                    .ok()
+                    .map(Arc::new)
+            })
+            .clone()
     }
 
     /// Saves the indexes into `dir` (replacing what was there): one `.ivf` per indexed modality, then the
@@ -359,7 +446,9 @@ impl AnnSet {
                 rows: meta.identity.rows,
                 sketches: ivf.iter().map(|_| Mutex::new(None)).collect(),
                 saved_sketches,
-                identify_rules: Mutex::new(Vec::new()),
+                identify_plans: Mutex::new(Vec::new()),
+                forced_path: Mutex::new(None),
+                sketchers: ivf.iter().map(|_| std::sync::OnceLock::new()).collect(),
                 identity: meta.identity,
                 ivf,
             })),

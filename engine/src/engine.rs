@@ -577,8 +577,11 @@ impl Engine {
             };
             let from = match &ann {
                 Some(a) if snap.live() > candidates::AUTO_EXACT_MAX_ROWS => {
+                    let impostor = cal
+                        .model(spec.modality)
+                        .map(|m| (m.impostor.mean, m.impostor.sd));
                     rows.extend(
-                        a.search(snap, mi, q, c)?
+                        a.search(snap, mi, q, c, impostor)?
                             .into_iter()
                             .map(|(r, _)| r as usize),
                     );

@@ -37,6 +37,54 @@ pub struct IdentifyBatch {
     pub results: Vec<IdentifyResult>,
     /// The audit (`None` when turned off).
     pub audit: Option<IdentifyAudit>,
+    /// How long each probe's answer took (the audit excluded).
+    #[serde(default)]
+    pub latency: Latency,
+}
+
+/// Wall-clock time per probe of an identify batch, in milliseconds: what a caller waiting on one answer sees.
+///
+/// Probes run one after another (each uses every core for its own search), so these are single-probe
+/// latencies, not a throughput. The first probe of a process also plans the index's probe rule for the
+/// batch's candidate cosine (a pilot, cached afterwards): `first_ms` shows it apart.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Probes timed.
+    pub probes: usize,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest probe.
+    pub max_ms: f64,
+    /// The first probe (the one that may have planned the probe rule).
+    pub first_ms: f64,
+}
+
+impl Latency {
+    /// The summary of per-probe times `ms` (in probe order); nearest-rank percentiles.
+    pub fn of(ms: &[f64]) -> Latency {
+        if ms.is_empty() {
+            return Latency::default();
+        }
+        let mut sorted = ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let q =
+            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        Latency {
+            probes: ms.len(),
+            mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            max_ms: sorted[sorted.len() - 1],
+            first_ms: ms[0],
+        }
+    }
 }
 
 /// How complete an identify batch's answers are, measured against exact search on sampled probes.
@@ -66,6 +114,10 @@ pub struct IdentifyAudit {
     pub passed: bool,
     /// Seconds of exact search.
     pub seconds: f64,
+    /// The identify path of each modality searched through the index (`(modality, "ivf" | "sketch" |
+    /// "exact")`, see [`crate::idpath`]); empty when no index was used.
+    #[serde(default)]
+    pub paths: Vec<(String, String)>,
 }
 
 impl Engine {
@@ -84,14 +136,22 @@ impl Engine {
             .enumerate()
             .map(|(i, p)| Probe::new(&format!("probe {i}"), p, snap.schema()))
             .collect::<Result<_, _>>()?;
+        let mut ms = Vec::with_capacity(probes.len());
         let results = probes
             .iter()
-            .map(|p| self.identify(p, options))
+            .map(|p| {
+                let t = Instant::now();
+                let r = self.identify(p, options);
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+                r
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        let latency = Latency::of(&ms);
         if audit.probes == 0 || probes.is_empty() {
             return Ok(IdentifyBatch {
                 results,
                 audit: None,
+                latency,
             });
         }
         let t0 = Instant::now();
@@ -122,6 +182,7 @@ impl Engine {
             };
             return Ok(IdentifyBatch {
                 results,
+                latency,
                 audit: Some(IdentifyAudit {
                     sampled_probes: 0,
                     probes: probes.len(),
@@ -135,6 +196,7 @@ impl Engine {
                     min_recall: audit.min_recall,
                     passed: true,
                     seconds: 0.0,
+                    paths: Vec::new(),
                 }),
             });
         }
@@ -216,8 +278,54 @@ impl Engine {
             .collect();
         let contract = RecallFigure::new(contract.0, contract.1);
         let pooled = RecallFigure::new(pooled.0, pooled.1);
-        let (lower_bound, evidence) = if contract.pairs >= needed || contract.found < contract.pairs
+        // The paths the answers took (plans are cached per modality and candidate cosine).
+        let plans: Vec<crate::idpath::IdentifyPlan> = self
+            .usable_ann()?
+            .map(|a| a.identify_plans())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| {
+                keys.iter()
+                    .position(|k| *k == p.modality)
+                    .and_then(|mi| cand_cos.get(mi).copied().flatten())
+                    == Some(p.cosine)
+            })
+            .collect();
+        let paths: Vec<(String, String)> = plans
+            .iter()
+            .map(|p| (p.modality.clone(), p.path.name().to_string()))
+            .collect();
+        // Without a partition (exact scans, sketch scans) a row at the candidate cosine is lost only through
+        // the sketch filter, whose drop the binomial model bounds: the dedup audit's "brute" rule.
+        let drop_bound: Option<f64> = plans
+            .iter()
+            .map(|p| p.drop_bound)
+            .try_fold(0.0, |acc, d| d.map(|d| acc + d));
+        let no_miss = contract.found == contract.pairs && pooled.found == pooled.pairs;
+        let (lower_bound, evidence) = if let (Some(drop), true, false) =
+            (drop_bound, no_miss, plans.is_empty())
         {
+            if drop == 0.0 {
+                (
+                    1.0,
+                    format!(
+                        "complete by construction: every enrolment scanned exactly (exact path); sample: {} of {} \
+                         contract candidates, {} of {} enrolments at the candidate cosines",
+                        contract.found, contract.pairs, pooled.found, pooled.pairs
+                    ),
+                )
+            } else {
+                (
+                    1.0 - drop,
+                    format!(
+                        "complete up to the sketch filter: every enrolment's sign sketch scanned, a row at the \
+                         candidate cosine dropped with probability ≤ {drop:.1e} (binomial model at the complete \
+                         cuts); sample: {} of {} contract candidates, {} of {} enrolments at the candidate cosines",
+                        contract.found, contract.pairs, pooled.found, pooled.pairs
+                    ),
+                )
+            }
+        } else if contract.pairs >= needed || contract.found < contract.pairs {
             (
                 contract.lower,
                 format!(
@@ -237,6 +345,7 @@ impl Engine {
         };
         Ok(IdentifyBatch {
             results,
+            latency,
             audit: Some(IdentifyAudit {
                 sampled_probes: k,
                 probes: probes.len(),
@@ -250,7 +359,32 @@ impl Engine {
                 min_recall: audit.min_recall,
                 passed: lower_bound >= audit.min_recall,
                 seconds: t0.elapsed().as_secs_f64(),
+                paths,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Latency;
+
+    #[test]
+    fn latency_uses_nearest_rank_percentiles_and_keeps_the_first_probe_apart() {
+        // 100 probes: the first slow (it planned the rule), the rest 1..=99 ms in shuffled order.
+        let mut ms: Vec<f64> = (1..=99).map(f64::from).rev().collect();
+        ms.insert(0, 500.0);
+        let l = Latency::of(&ms);
+        assert_eq!(l.probes, 100);
+        assert_eq!(l.first_ms, 500.0);
+        assert_eq!(l.max_ms, 500.0);
+        // Sorted: 1..=99 then 500; nearest rank ⌈p·n⌉.
+        assert_eq!(l.p50_ms, 50.0);
+        assert_eq!(l.p90_ms, 90.0);
+        assert_eq!(l.p99_ms, 99.0);
+        assert!((l.mean_ms - (4950.0 + 500.0) / 100.0).abs() < 1e-9);
+        let one = Latency::of(&[3.0]);
+        assert_eq!((one.p50_ms, one.p99_ms, one.first_ms), (3.0, 3.0, 3.0));
+        assert_eq!(Latency::of(&[]), Latency::default());
     }
 }

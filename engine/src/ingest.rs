@@ -219,6 +219,21 @@ fn locate(source: &dyn RecordSource, start: usize, ids: &[String], e: EngineErro
     }
 }
 
+/// The probe rows `rows` selects among `n` (empty = all), each checked to lie within `of` (the files named in
+/// the error).
+fn probe_rows(rows: &[u64], n: u64, of: &str) -> Result<Vec<u64>, EngineError> {
+    if let Some(r) = rows.iter().find(|&&r| r >= n) {
+        return Err(EngineError::InvalidArgument(format!(
+            "probe row {r} is beyond the {n} rows of {of}"
+        )));
+    }
+    Ok(if rows.is_empty() {
+        (0..n).collect()
+    } else {
+        rows.to_vec()
+    })
+}
+
 /// Reads probes for identification: row `i` of every file is one probe (all-zero rows are absent
 /// templates). `rows` selects rows (empty = all).
 pub fn read_probes(
@@ -239,18 +254,9 @@ pub fn read_probes(
             )));
         }
     }
-    let wanted: Vec<u64> = if rows.is_empty() {
-        (0..n).collect()
-    } else {
-        rows.to_vec()
-    };
+    let wanted = probe_rows(rows, n, "the probe files")?;
     let mut out = Vec::with_capacity(wanted.len());
     for r in wanted {
-        if r >= n {
-            return Err(EngineError::InvalidArgument(format!(
-                "probe row {r} is beyond the {n} rows of the probe files"
-            )));
-        }
         let mut templates = Vec::new();
         for (m, f) in &opened {
             let mut v = Vec::with_capacity(f.dim());
@@ -266,4 +272,102 @@ pub fn read_probes(
         out.push((r, templates));
     }
     Ok(out)
+}
+
+/// Reads probes with their subjects file (the ingest format: `subject_id`, optional `<modality>_present` and
+/// `<modality>_quality` columns): like [`read_probes`], but every template carries its capture quality, so a
+/// quality-banded calibration scores the probe in its own band (probes without one are quality 1, the top
+/// band). The subjects file must have one line per row of the probe files; rows are checked as at ingest
+/// (non-finite or zero-norm templates marked present, records with no template: a typed error naming them).
+pub fn read_probes_with_subjects(
+    subjects: &Path,
+    files: &[(Modality, PathBuf)],
+    rows: &[u64],
+) -> Result<Vec<(u64, Vec<Template>)>, EngineError> {
+    let source = IngestSource::open(subjects, files)?;
+    let n = source.len() as u64;
+    let wanted = probe_rows(rows, n, &subjects.display().to_string())?;
+    let mut out = Vec::with_capacity(wanted.len());
+    for r in wanted {
+        let batch = source.read_batch(r as usize, 1)?;
+        let templates = batch
+            .blocks
+            .iter()
+            .filter(|b| b.present[0])
+            .map(|b| Template {
+                modality: b.modality,
+                vector: b.data.clone(),
+                quality: b.quality[0],
+            })
+            .collect();
+        out.push((r, templates));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pacha_datasets::npy::write_npy_f32;
+
+    /// Three probe rows of a 4-d face and a 2-d finger: row 1 has no finger (marked absent).
+    fn probe_files(dir: &Path, subjects: &str) -> (PathBuf, Vec<(Modality, PathBuf)>) {
+        let face = dir.join("face.npy");
+        let finger = dir.join("f2.npy");
+        write_npy_f32(
+            &face,
+            3,
+            4,
+            &[1., 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 0.],
+        )
+        .unwrap();
+        write_npy_f32(&finger, 3, 2, &[1., 0., 0., 0., 0., 1.]).unwrap();
+        let subj = dir.join("subjects.csv");
+        std::fs::write(&subj, subjects).unwrap();
+        (
+            subj,
+            vec![(Modality::Face, face), (Modality::Finger(2), finger)],
+        )
+    }
+
+    #[test]
+    fn probes_read_with_subjects_carry_their_qualities_and_presence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (subj, files) = probe_files(
+            dir.path(),
+            "subject_id,face_quality,finger2_present,finger2_quality\n\
+             A,0.25,1,0.5\nB,0.75,0,0.9\nC,1.0,1,0.125\n",
+        );
+        let p = read_probes_with_subjects(&subj, &files, &[]).unwrap();
+        assert_eq!(p.len(), 3);
+        let q =
+            |row: usize, m: Modality| p[row].1.iter().find(|t| t.modality == m).map(|t| t.quality);
+        assert_eq!(q(0, Modality::Face), Some(0.25));
+        assert_eq!(q(0, Modality::Finger(2)), Some(0.5));
+        assert_eq!(q(1, Modality::Face), Some(0.75));
+        assert_eq!(q(1, Modality::Finger(2)), None, "absent finger kept");
+        assert_eq!(q(2, Modality::Finger(2)), Some(0.125));
+        // Without the subjects file every probe is quality 1; the vectors are the same.
+        let plain = read_probes(&files, &[2]).unwrap();
+        assert!(plain[0].1.iter().all(|t| t.quality == 1.0));
+        let with = read_probes_with_subjects(&subj, &files, &[2]).unwrap();
+        assert_eq!(plain[0].0, 2);
+        assert_eq!(plain[0].1[0].vector, with[0].1[0].vector);
+    }
+
+    #[test]
+    fn probe_subjects_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two subject lines for three vector rows.
+        let (subj, files) = probe_files(dir.path(), "subject_id\nA\nB\n");
+        assert!(read_probes_with_subjects(&subj, &files, &[]).is_err());
+        // A row beyond the file.
+        let (subj, files) = probe_files(dir.path(), "subject_id\nA\nB\nC\n");
+        let e = read_probes_with_subjects(&subj, &files, &[3]).unwrap_err();
+        assert!(e.to_string().contains("probe row 3"), "{e}");
+        // A quality outside [0, 1] is refused when the subjects file is read.
+        let (subj, files) = probe_files(dir.path(), "subject_id,face_quality\nA,1.5\nB,1\nC,1\n");
+        let e = read_probes_with_subjects(&subj, &files, &[]).unwrap_err();
+        assert!(e.to_string().contains("quality"), "{e}");
+    }
 }

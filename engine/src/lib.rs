@@ -33,6 +33,7 @@ pub mod fsutil;
 pub mod fusion;
 pub mod identify;
 pub mod identity;
+pub mod idpath;
 pub mod ingest;
 pub mod matcher;
 pub mod policy;

@@ -6,10 +6,12 @@
 //! 1. a seeded sample of rows (independent of the audit's sample) is searched exactly (blocked GEMM)
 //!    against every row: the pairs found are *natural* pilot pairs (duplicates, look-alikes, relatives —
 //!    whatever this store holds near `c`);
-//! 2. when they are few (a store with little structure near the threshold, e.g. isotropic embeddings
-//!    where only true mates are close), *synthetic boundary pairs* are added: for a sampled row `x` and
-//!    another sampled store row `z`, `y = c·x + √(1−c²)·w` with `w` the unit part of `z` orthogonal to `x`,
-//!    a pair exactly at `c` whose difference points at real data;
+//! 2. *synthetic boundary pairs* are always added: for a sampled row `x` and another sampled store row `z`,
+//!    `y = c·x + √(1−c²)·w` with `w` the unit part of `z` orthogonal to `x`, a pair exactly at `c` whose
+//!    difference points at real data. Natural pairs alone are not enough even when they are many: on a
+//!    store of dense clusters they are mostly easy within-cluster pairs, and a rule sized on them alone
+//!    missed 8 of 1 091 planted mates at 100 k (skewed clusters, BENCHMARKS.md); the audit judges a
+//!    partition path with synthetic pairs too, so the pilot must plan for them;
 //! 3. for every pilot pair, [`Ivf::score_rows`] gives each side's rank and score gap of the other side's
 //!    home list ([`Reach`]); a [`ProbeRule`] reaches the pair if it makes either side probe the other's
 //!    home (two-way visits; one-way for identify, where only the query probes);
@@ -35,13 +37,11 @@ use std::time::Instant;
 
 /// Rows sampled by a pilot.
 pub const PILOT_ROWS: usize = 1500;
-/// Natural pilot pairs below which synthetic boundary pairs are added.
-pub const MIN_NATURAL_PAIRS: usize = 2000;
 /// Most natural pilot pairs kept (a seeded subsample beyond).
 pub const MAX_PILOT_PAIRS: usize = 40_000;
 /// Seed of pilot samples (distinct from the audit's).
 const PILOT_SEED: u64 = 0x9170_7e57;
-/// Synthetic boundary partners per pilot row (when natural pairs are few).
+/// Synthetic boundary partners per pilot row.
 const SYNTHETIC_PER_PILOT_ROW: usize = 4;
 /// Relative widening of the fixed depth the pilot pairs need.
 const MIN_SLACK: f64 = 1.25;
@@ -342,23 +342,21 @@ pub fn plan_modality(
         partner.extend_from_slice(view.row(q as usize));
     }
     let mut owners: Vec<usize> = pairs.iter().map(|p| p.0).collect();
-    if pairs.len() < MIN_NATURAL_PAIRS {
-        // Several partners per pilot row (each leaning towards another store row).
-        let reps: Vec<u32> = pilot
-            .iter()
-            .flat_map(|&r| std::iter::repeat_n(r, SYNTHETIC_PER_PILOT_ROW))
-            .collect();
-        let (syn, syn_owners) = synthetic_partners(
-            view,
-            &reps,
-            &present,
-            c,
-            PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64,
-        );
-        plan.synthetic_pairs = syn_owners.len();
-        partner.extend_from_slice(&syn);
-        owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
-    }
+    // Several synthetic partners per pilot row (each leaning towards another store row).
+    let reps: Vec<u32> = pilot
+        .iter()
+        .flat_map(|&r| std::iter::repeat_n(r, SYNTHETIC_PER_PILOT_ROW))
+        .collect();
+    let (syn, syn_owners) = synthetic_partners(
+        view,
+        &reps,
+        &present,
+        c,
+        PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64,
+    );
+    plan.synthetic_pairs = syn_owners.len();
+    partner.extend_from_slice(&syn);
+    owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
     // 3. What each pair needs.
     let needs = pair_needs(ivf, &pilot_scores, &pilot_homes, &partner, &owners, visits);
     drop(partner);

@@ -121,6 +121,33 @@ impl Sketches {
     pub fn saved_rows(&self) -> usize {
         self.head_rows
     }
+    /// Appends every row of `range` (clipped to the rows held) whose sketch passes the staged test `cut`
+    /// against `q` ([`scan_staged`]); nothing if `q` is not one sketch long.
+    pub fn scan_rows(
+        &self,
+        range: std::ops::Range<usize>,
+        q: &[u64],
+        cut: StagedCut,
+        out: &mut Vec<u32>,
+    ) {
+        let w = self.words;
+        let end = range.end.min(self.rows());
+        let mut a = range.start;
+        if q.len() != w || a >= end {
+            return;
+        }
+        if a < self.head_rows {
+            let b = self.head_rows.min(end);
+            if let Some(h) = &self.head {
+                scan_staged(q, &h.words()[a * w..b * w], cut, a as u32, out);
+            }
+            a = b;
+        }
+        if a < end {
+            let (o, e) = (a - self.head_rows, end - self.head_rows);
+            scan_staged(q, &self.data[o * w..e * w], cut, a as u32, out);
+        }
+    }
     /// The sketch of row `i` (empty if out of range).
     #[inline]
     pub fn row(&self, i: usize) -> &[u64] {
@@ -333,6 +360,129 @@ impl StagedCut {
             prefix_cut: cut,
             cut,
         }
+    }
+}
+
+/// Appends `first + i` for every row `i` of `rows` (row-major sketches of `q.len()` words each, a whole
+/// number of rows) that passes the staged test against `q`: Hamming distance over the first
+/// `cut.prefix_words` words ≤ `cut.prefix_cut`, then over the whole sketch ≤ `cut.cut` (when the prefix
+/// is shorter than the sketch). A linear scan for one query over many rows (identify's sketch path);
+/// AVX-512 VPOPCNTDQ for an 8-word prefix where the CPU has it, POPCNT or portable otherwise, identical
+/// results.
+pub fn scan_staged(q: &[u64], rows: &[u64], cut: StagedCut, first: u32, out: &mut Vec<u32>) {
+    let w = q.len();
+    if w == 0 || !rows.len().is_multiple_of(w) {
+        return;
+    }
+    let prefix = cut.prefix_words.min(w);
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd_enabled() {
+        if prefix == 8
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+        {
+            // SAFETY: `scan_staged_avx512` requires AVX-512F and VPOPCNTDQ (both detected just above); it
+            // reads row `i` at `rows[i·w .. i·w + w]` for `i < rows.len() / w` and `q[..w]` only, with
+            // `w ≥ prefix = 8`.
+            unsafe { scan_staged_avx512(q, rows, cut, first, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: `scan_staged_popcnt` only requires the POPCNT instruction, detected just above.
+            unsafe { scan_staged_popcnt(q, rows, cut, first, out) };
+            return;
+        }
+    }
+    scan_staged_portable(q, rows, cut, first, out);
+}
+
+/// Portable path of [`scan_staged`].
+fn scan_staged_portable(q: &[u64], rows: &[u64], cut: StagedCut, first: u32, out: &mut Vec<u32>) {
+    let w = q.len();
+    let p = cut.prefix_words.min(w);
+    for (i, row) in rows.chunks_exact(w).enumerate() {
+        let h = hamming_portable(&q[..p], &row[..p]);
+        if h <= cut.prefix_cut && (p == w || h + hamming_portable(&q[p..], &row[p..]) <= cut.cut) {
+            out.push(first + i as u32);
+        }
+    }
+}
+
+/// [`scan_staged`] compiled for POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+fn scan_staged_popcnt(q: &[u64], rows: &[u64], cut: StagedCut, first: u32, out: &mut Vec<u32>) {
+    let w = q.len();
+    let p = cut.prefix_words.min(w);
+    for (i, row) in rows.chunks_exact(w).enumerate() {
+        let h: u32 = q[..p]
+            .iter()
+            .zip(&row[..p])
+            .map(|(x, y)| (x ^ y).count_ones())
+            .sum();
+        if h <= cut.prefix_cut {
+            let rest: u32 = q[p..]
+                .iter()
+                .zip(&row[p..])
+                .map(|(x, y)| (x ^ y).count_ones())
+                .sum();
+            if p == w || h + rest <= cut.cut {
+                out.push(first + i as u32);
+            }
+        }
+    }
+}
+
+/// AVX-512 kernel of [`scan_staged`] for an 8-word prefix: one 64-byte load, XOR, `vpopcntq` and a
+/// horizontal sum per row; the rest of the sketch (8 words at a time, then scalar words) only for rows
+/// that pass the prefix.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq")]
+unsafe fn scan_staged_avx512(
+    q: &[u64],
+    rows: &[u64],
+    cut: StagedCut,
+    first: u32,
+    out: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let w = q.len();
+    let n = rows.len() / w;
+    // SAFETY: q has w ≥ 8 words (the caller's prefix is 8 and at most w).
+    let q0 = unsafe { _mm512_loadu_si512(q.as_ptr().cast()) };
+    let ptr = rows.as_ptr();
+    for i in 0..n {
+        // SAFETY: row i occupies rows[i·w .. i·w + w] with w ≥ 8, inside `rows` since i < n = len / w.
+        let v = unsafe { _mm512_loadu_si512(ptr.add(i * w).cast()) };
+        let h = _mm512_reduce_add_epi64(_mm512_popcnt_epi64(_mm512_xor_si512(v, q0))) as u32;
+        if h > cut.prefix_cut {
+            continue;
+        }
+        if w > 8 {
+            let row = &rows[i * w..(i + 1) * w];
+            let mut acc = _mm512_setzero_si512();
+            let mut k = 8;
+            while k + 8 <= w {
+                // SAFETY: words k..k+8 lie within `row` and `q` (k + 8 ≤ w).
+                let (x, y) = unsafe {
+                    (
+                        _mm512_loadu_si512(row.as_ptr().add(k).cast()),
+                        _mm512_loadu_si512(q.as_ptr().add(k).cast()),
+                    )
+                };
+                acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(x, y)));
+                k += 8;
+            }
+            let tail: u32 = q[k..]
+                .iter()
+                .zip(&row[k..])
+                .map(|(x, y)| (x ^ y).count_ones())
+                .sum();
+            if h + _mm512_reduce_add_epi64(acc) as u32 + tail > cut.cut {
+                continue;
+            }
+        }
+        out.push(first + i as u32);
     }
 }
 
@@ -744,6 +894,52 @@ mod tests {
             }
         }
         assert!(differing_bits <= 2, "{differing_bits} bits differ");
+    }
+
+    #[test]
+    fn scan_staged_kernels_agree_with_a_direct_count() {
+        // Random words: Hamming distances near 256 of 512 prefix bits; cuts around them keep a mix.
+        let mut rng = SplitMix(17);
+        for words in [8usize, 16, 12, 4] {
+            let n = 333;
+            let rows: Vec<u64> = (0..n * words).map(|_| rng.next_u64()).collect();
+            let q: Vec<u64> = (0..words).map(|_| rng.next_u64()).collect();
+            // Random sketches differ in half their bits: cuts a little below half keep a share.
+            let p = 8.min(words) as u32;
+            for cut in [
+                StagedCut {
+                    prefix_words: 8,
+                    prefix_cut: 32 * p - 4,
+                    cut: 32 * words as u32 - 6,
+                },
+                StagedCut::single(32 * words as u32),
+            ] {
+                let p = cut.prefix_words.min(words);
+                let want: Vec<u32> = (0..n)
+                    .filter(|&i| {
+                        let r = &rows[i * words..(i + 1) * words];
+                        let hp = hamming_portable(&q[..p], &r[..p]);
+                        hp <= cut.prefix_cut && (p == words || hamming_portable(&q, r) <= cut.cut)
+                    })
+                    .map(|i| 1000 + i as u32)
+                    .collect();
+                assert!(
+                    !want.is_empty() && want.len() < n,
+                    "cut {cut:?} keeps {}",
+                    want.len()
+                );
+                let mut got = Vec::new();
+                scan_staged(&q, &rows, cut, 1000, &mut got);
+                assert_eq!(got, want, "dispatched, {words} words, {cut:?}");
+                let mut portable = Vec::new();
+                scan_staged_portable(&q, &rows, cut, 1000, &mut portable);
+                assert_eq!(portable, want, "portable, {words} words, {cut:?}");
+            }
+        }
+        // Not whole rows: nothing.
+        let mut none = Vec::new();
+        scan_staged(&[1, 2], &[1, 2, 3], StagedCut::single(128), 0, &mut none);
+        assert!(none.is_empty());
     }
 
     #[test]

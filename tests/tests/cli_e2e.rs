@@ -278,6 +278,33 @@ fn full_pipeline_through_the_cli() {
         ids[1],
         ids[0]
     );
+    // The batch reports its per-probe latency: one probe timed, its median is that probe's time.
+    let lat = &idf["latency"];
+    assert_eq!(lat["probes"], 1, "latency: {lat}");
+    let (p50, first) = (
+        lat["p50_ms"].as_f64().unwrap(),
+        lat["first_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 == first, "latency: {lat}");
+    // With the population's subjects file the probe carries its capture qualities and still finds its mate.
+    let idq = ok_json(&[
+        "--json",
+        "identify",
+        "--store",
+        s(&store),
+        "--face",
+        s(&pop.join("face.npy")),
+        "--subjects",
+        s(&pop.join("subjects.csv")),
+        "--rows",
+        &row.to_string(),
+    ]);
+    let found_q = idq["probes"][0]["result"]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["subject_id"] == ids[0]);
+    assert!(found_q, "identify with --subjects lost {}: {idq}", ids[0]);
 
     // delete, then check is clean (exit 0).
     // An ID that is not enrolled refuses the whole delete (exit 2, naming it); then the real one goes.

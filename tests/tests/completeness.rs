@@ -41,6 +41,111 @@ fn cfg(preset: Preset, records: u64) -> PopulationConfig {
     }
 }
 
+/// Candidate rows of `probe` per modality by the identify path in force, against an exact scan of every
+/// indexed row at the candidate cosine of the default threshold.
+fn candidates_vs_exact(e: &pacha_engine::Engine, probe: &[Template]) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let snap = e.snapshot();
+    let ann = e.index().expect("an index");
+    let cal = e.calibration();
+    let threshold = pacha_engine::fusion::threshold_for_fpir(1e-3, snap.live()).unwrap();
+    let cosines = cal.candidate_cosines(threshold);
+    let p = pacha_engine::matcher::Probe::new("probe", probe, snap.schema()).unwrap();
+    let mut out = Vec::new();
+    for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+        let (Some(q), Some(c), Some(view)) = (
+            p.templates[mi].as_ref(),
+            cosines[mi],
+            snap.f32_rows(spec.modality),
+        ) else {
+            continue;
+        };
+        let impostor = cal
+            .model(spec.modality)
+            .map(|m| (m.impostor.mean, m.impostor.sd));
+        let mut got: Vec<u32> = ann
+            .search(&snap, mi, q, c, impostor)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        got.sort_unstable();
+        let want: Vec<u32> = (0..ann.rows())
+            .filter(|&r| {
+                snap.is_present(spec.modality, r) && pacha_index::dot_f32(q, view.row(r)) >= c
+            })
+            .map(|r| r as u32)
+            .collect();
+        out.push((got, want));
+    }
+    out
+}
+
+/// Every identify path on the same probes: the sketch and exact paths return, per modality, exactly the
+/// indexed rows an exact scan finds at the candidate cosine, and every path (the IVF rule, whose reach is
+/// empirical, included) gives the gallery scan's answers. Returns the boundary rows compared.
+fn identify_paths_match_exact(
+    e: &pacha_engine::Engine,
+    probes: &[Vec<Template>],
+    want: &[Vec<String>],
+    expect_sketch: bool,
+) -> usize {
+    use pacha_engine::idpath::ForcedPath;
+    let ann = e.index().expect("an index");
+    let mut boundary = 0;
+    for path in [
+        Some(ForcedPath::Sketch),
+        Some(ForcedPath::Exact),
+        Some(ForcedPath::Ivf),
+        None,
+    ] {
+        ann.force_identify_path(path);
+        for (probe, want) in probes.iter().zip(want) {
+            let got = e.identify(probe, &IdentifyOptions::default()).unwrap();
+            let ids: Vec<String> = got
+                .candidates
+                .iter()
+                .map(|c| c.subject_id.clone())
+                .collect();
+            assert_eq!(&ids, want, "identify by {path:?}");
+            if matches!(path, Some(ForcedPath::Sketch | ForcedPath::Exact)) {
+                for (got, exact) in candidates_vs_exact(e, probe) {
+                    assert_eq!(got, exact, "candidates by {path:?}");
+                    boundary += exact.len();
+                }
+            }
+        }
+        let plans = ann.identify_plans();
+        assert!(!plans.is_empty());
+        for plan in &plans {
+            let name = plan.path.name();
+            match path {
+                Some(ForcedPath::Sketch) if expect_sketch => {
+                    assert_eq!(name, "sketch", "{plan:?}");
+                    let drop = plan.drop_bound.unwrap();
+                    assert!(drop > 0.0 && drop <= 2e-6, "{plan:?}");
+                }
+                Some(ForcedPath::Sketch) => {
+                    assert!(!plan.sketches && name != "sketch", "{plan:?}");
+                }
+                Some(ForcedPath::Exact) => assert_eq!(name, "exact", "{plan:?}"),
+                Some(ForcedPath::Ivf) => assert_eq!(name, "ivf", "{plan:?}"),
+                None => {
+                    assert_eq!(plan.sketches, expect_sketch, "{plan:?}");
+                    // The cheapest prediction was chosen.
+                    let best = plan
+                        .predicted_ms
+                        .iter()
+                        .min_by(|a, b| a.1.total_cmp(&b.1))
+                        .unwrap();
+                    assert_eq!(best.0, name, "{plan:?}");
+                }
+            }
+        }
+    }
+    ann.force_identify_path(None);
+    boundary
+}
+
 /// Index-mode dedup vs exact dedup on one population, both reporting down to [`FLOOR`]: recall vs exact
 /// ≥ 0.999 of all pairs at or above the floor (planted or not), every hit at the threshold found, and the
 /// audit's sample agrees.
@@ -290,6 +395,7 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
     let mut probes = Vec::new();
     let mut exact_hits = 0u64;
     let mut indexed_answers = Vec::new();
+    let mut exact_ids = Vec::new();
     for r in (20_000..24_000).step_by(40) {
         let probe: Vec<Template> = snap
             .schema()
@@ -317,6 +423,7 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
             r.candidates.iter().map(|c| c.subject_id.clone()).collect()
         };
         assert_eq!(ids(&indexed), ids(&exact), "identify of row {r}");
+        exact_ids.push(ids(&exact));
         exact_hits += exact
             .candidates
             .iter()
@@ -360,6 +467,62 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
         .unwrap();
     let ga = gallery.audit.unwrap();
     assert!(ga.passed && ga.evidence.starts_with("complete by construction"));
+
+    // Each identify path against the exact scan, on the same probes.
+    let boundary = identify_paths_match_exact(e, &probes, &exact_ids, true);
+    // Indexed rows at the candidate cosine of the batch's probes (duplicates, look-alikes), by two paths.
+    assert!(boundary >= 20, "{boundary} boundary rows compared");
+    // A forced sketch path is audited as such: complete up to the binomial drop bound, not by construction.
+    e.index()
+        .unwrap()
+        .force_identify_path(Some(pacha_engine::idpath::ForcedPath::Sketch));
+    let sk = e
+        .identify_batch(
+            &probes,
+            &IdentifyOptions::default(),
+            &pacha_engine::audit::AuditOptions {
+                probes: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    e.index().unwrap().force_identify_path(None);
+    let sa = sk.audit.unwrap();
+    assert!(
+        sa.paths.iter().all(|p| p.1 == "sketch") && !sa.paths.is_empty(),
+        "{sa:?}"
+    );
+    assert!(
+        sa.evidence.starts_with("complete up to the sketch filter") && sa.passed,
+        "{sa:?}"
+    );
+    // At most 1e-6 per stage and modality.
+    assert!(
+        sa.lower_bound < 1.0 && sa.lower_bound >= 1.0 - 2e-6 * sa.paths.len() as f64,
+        "{sa:?}"
+    );
+
+    {
+        // An index without saved sketches (as saved before sketch files existed): a reader of it has no
+        // sketches, so the sketch path is not offered, and identify still answers as the exact scan does.
+        let idx = dir.path().join("engine").join("index");
+        let meta = idx.join("index.json");
+        let bytes = std::fs::read(&meta).unwrap();
+        let body = pacha_engine::derived::unseal("index", &bytes).unwrap();
+        let mut json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        json["sketches"] = serde_json::json!([]);
+        let body = serde_json::to_vec_pretty(&json).unwrap();
+        std::fs::write(&meta, pacha_engine::derived::seal("index", &body)).unwrap();
+        for f in std::fs::read_dir(&idx).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|x| x == "sketch") {
+                std::fs::remove_file(f).unwrap();
+            }
+        }
+        let reader = pacha_engine::Engine::open_read_only(dir.path()).unwrap();
+        assert!(reader.index().is_some_and(|a| !a.has_saved_sketches(0)));
+        identify_paths_match_exact(&reader, &probes, &exact_ids, false);
+    }
 }
 
 /// A checkpoint made on one store, or under another calibration, is never reused.

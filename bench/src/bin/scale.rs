@@ -26,7 +26,8 @@ use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, DedupScope};
 use pacha_engine::engine::CalibrateOptions;
 use pacha_engine::matcher::{compare_rows, fused_rows};
-use pacha_engine::store::Schema;
+use pacha_engine::store::{Schema, Template};
+use pacha_index::rng::SplitMix;
 use pacha_index::sketch::CutPolicy;
 use serde_json::json;
 use std::collections::HashSet;
@@ -174,6 +175,183 @@ struct Args {
     /// Records per ingest batch (each batch is a durable commit).
     #[arg(long, default_value_t = 10_000)]
     batch: usize,
+    /// Identify probes answered after the dedup, one at a time (`Engine::identify_batch`, every probe
+    /// audited against exact search): each is a seeded live row with every template moved to a cosine drawn
+    /// uniformly in [0.5, 0.95] with its source, towards a random direction. Reports the per-probe latency
+    /// (p50/p99), the audit's recall vs exact and how many sources come back. 0 skips.
+    #[arg(long, default_value_t = 0)]
+    identify_probes: usize,
+    /// Identify path imposed on every modality (`ivf`, `sketch` or `exact`; default: chosen by predicted
+    /// cost per query, see `pacha_engine::idpath`).
+    #[arg(long)]
+    identify_path: Option<IdPathArg>,
+    /// Also search the identify probes' face templates with an HNSW graph (hnsw_rs, default build
+    /// parameters) built over the face rows, at each of these ef values (comma-separated): build time,
+    /// per-query latency and the share of exact search's rows at or above the candidate cosine and of the
+    /// contract's rows (fused score at or above the threshold) it returns.
+    #[arg(long, value_delimiter = ',')]
+    identify_hnsw: Vec<usize>,
+    /// Results asked of HNSW per query (`k'`, rescored exactly) with `--identify-hnsw`.
+    #[arg(long, default_value_t = 50)]
+    hnsw_k: usize,
+}
+
+/// `--identify-path` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum IdPathArg {
+    Ivf,
+    Sketch,
+    Exact,
+}
+
+/// `n` identify probes made from seeded live rows of `engine`'s store: every present template of the row,
+/// moved to a cosine drawn uniformly in [0.5, 0.95] with the row's template along a random orthogonal
+/// direction. Returns the probes and their source rows.
+fn identify_probes(engine: &Engine, n: usize, seed: u64) -> (Vec<Vec<Template>>, Vec<usize>) {
+    let snap = engine.snapshot();
+    let mut live: Vec<usize> = (0..snap.rows()).filter(|&r| !snap.is_deleted(r)).collect();
+    let k = n.min(live.len());
+    let mut rng = SplitMix(seed);
+    rng.shuffle_prefix(&mut live, k);
+    let mut probes = Vec::with_capacity(k);
+    for &r in &live[..k] {
+        let mut ts = Vec::new();
+        for spec in &snap.schema().modalities {
+            let (m, Some(view)) = (spec.modality, snap.f32_rows(spec.modality)) else {
+                continue;
+            };
+            if !snap.is_present(m, r) {
+                continue;
+            }
+            let x = view.row(r);
+            let c = 0.5 + 0.45 * (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            // A random direction orthogonal to x, normalised.
+            let mut w: Vec<f64> = (0..x.len()).map(|_| rng.normal()).collect();
+            let dot: f64 = w.iter().zip(x).map(|(a, &b)| a * f64::from(b)).sum();
+            w.iter_mut()
+                .zip(x)
+                .for_each(|(a, &b)| *a -= dot * f64::from(b));
+            let norm = w.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
+            let s = (1.0 - c * c).sqrt() / norm;
+            let vector = x
+                .iter()
+                .zip(&w)
+                .map(|(&b, a)| (c * f64::from(b) + s * a) as f32)
+                .collect();
+            ts.push(Template {
+                modality: m,
+                vector,
+                quality: 1.0,
+            });
+        }
+        probes.push(ts);
+    }
+    let sources = live[..k].to_vec();
+    (probes, sources)
+}
+
+/// HNSW against the identify contract on the face templates of `probes`: builds a graph over the store's
+/// face rows (hnsw_rs, `HnswParams::default()`: i8 graph, M 16, ef_construction 200, parallel inserts),
+/// then for each `ef` searches every probe one at a time (`k'` results rescored exactly) and counts the
+/// exact scan's rows at or above the face candidate cosine, and those whose fused score reaches the
+/// threshold, that it returns.
+fn hnsw_identify(
+    engine: &Engine,
+    probes: &[Vec<Template>],
+    efs: &[usize],
+    k: usize,
+    target_fpir: f64,
+) -> Result<serde_json::Value> {
+    use pacha_index::ann::AnnBuild;
+    let snap = engine.snapshot();
+    let cal = engine.calibration();
+    let mi = snap
+        .schema()
+        .modalities
+        .iter()
+        .position(|s| s.modality == Modality::Face)
+        .context("--identify-hnsw needs a face modality")?;
+    let view = snap.f32_rows(Modality::Face).context("no face rows")?;
+    let threshold = pacha_engine::fusion::threshold_for_fpir(target_fpir, snap.live())?;
+    let c = cal
+        .candidate_cosines(threshold)
+        .get(mi)
+        .copied()
+        .flatten()
+        .context("no face candidate cosine")?;
+    let t = Instant::now();
+    let graph = pacha_index::HnswIndex::build(view, &pacha_index::HnswParams::default())?;
+    let build_s = t.elapsed().as_secs_f64();
+    note(&format!(
+        "hnsw: built over {} rows in {build_s:.1} s ({:.0} inserts/s)",
+        view.rows(),
+        view.rows() as f64 / build_s
+    ));
+    // Exact rows at or above the candidate cosine, and the contract's (fused score ≥ threshold), per probe.
+    let faces: Vec<(usize, &[f32])> = probes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            p.iter()
+                .find(|t| t.modality == Modality::Face)
+                .map(|t| (i, t.vector.as_slice()))
+        })
+        .collect();
+    let exact: Vec<(HashSet<u32>, HashSet<u32>)> = faces
+        .iter()
+        .map(|&(i, q)| {
+            let probe = pacha_engine::matcher::Probe::new("probe", &probes[i], snap.schema());
+            let above: HashSet<u32> = (0..view.rows())
+                .filter(|&r| {
+                    snap.is_present(Modality::Face, r)
+                        && !snap.is_deleted(r)
+                        && pacha_index::dot_f32(q, view.row(r)) >= c
+                })
+                .map(|r| r as u32)
+                .collect();
+            let contract = match &probe {
+                Ok(p) => above
+                    .iter()
+                    .copied()
+                    .filter(|&r| {
+                        pacha_engine::matcher::compare_probe(&snap, &cal, p, r as usize)
+                            .fused
+                            .score
+                            >= threshold
+                    })
+                    .collect(),
+                Err(_) => HashSet::new(),
+            };
+            (above, contract)
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for &ef in efs {
+        let mut ms = Vec::with_capacity(faces.len());
+        let (mut b_found, mut b_all, mut c_found, mut c_all) = (0u64, 0u64, 0u64, 0u64);
+        for (&(_, q), (above, contract)) in faces.iter().zip(&exact) {
+            let t = Instant::now();
+            let got = pacha_index::search_rescored(&graph, q, view, k, k, ef, None)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let got: HashSet<u32> = got.iter().filter(|n| n.score >= c).map(|n| n.id).collect();
+            b_all += above.len() as u64;
+            b_found += above.iter().filter(|r| got.contains(r)).count() as u64;
+            c_all += contract.len() as u64;
+            c_found += contract.iter().filter(|r| got.contains(r)).count() as u64;
+        }
+        let lat = pacha_engine::identify::Latency::of(&ms);
+        note(&format!(
+            "hnsw ef {ef}: p50 {:.2} ms, p99 {:.2} ms; contract {c_found}/{c_all}, boundary {b_found}/{b_all}",
+            lat.p50_ms, lat.p99_ms
+        ));
+        rows.push(json!({"ef": ef, "k": k, "latency": lat,
+            "contract_found": c_found, "contract_pairs": c_all,
+            "boundary_found": b_found, "boundary_pairs": b_all}));
+    }
+    Ok(
+        json!({"rows": view.rows(), "build_seconds": build_s, "cosine": c,
+              "threshold": threshold, "params": pacha_index::HnswParams::default(), "by_ef": rows}),
+    )
 }
 
 fn parse_fingers(s: &str) -> Result<Vec<(u8, usize)>> {
@@ -585,6 +763,78 @@ fn main() -> Result<()> {
         });
     }
 
+    let mut identify = json!(null);
+    if a.identify_probes > 0 {
+        let (probes, sources) = identify_probes(&engine, a.identify_probes, a.seed ^ 0x1d3);
+        let opts = pacha_engine::engine::IdentifyOptions {
+            target_fpir: a.target_fpir,
+            ..Default::default()
+        };
+        if let (Some(ann), Some(p)) = (engine.index(), a.identify_path) {
+            use pacha_engine::idpath::ForcedPath;
+            ann.force_identify_path(Some(match p {
+                IdPathArg::Ivf => ForcedPath::Ivf,
+                IdPathArg::Sketch => ForcedPath::Sketch,
+                IdPathArg::Exact => ForcedPath::Exact,
+            }));
+        }
+        let t = Instant::now();
+        let batch = engine.identify_batch(
+            &probes,
+            &opts,
+            &pacha_engine::audit::AuditOptions {
+                probes: probes.len(),
+                ..Default::default()
+            },
+        )?;
+        let secs = t.elapsed().as_secs_f64();
+        let back = batch
+            .results
+            .iter()
+            .zip(&sources)
+            .filter(|&(r, &src)| {
+                r.candidates
+                    .iter()
+                    .any(|c| snap.row_of(&c.subject_id) == Some(src))
+            })
+            .count();
+        let above = sources
+            .iter()
+            .zip(&probes)
+            .filter(|&(&src, p)| {
+                let probe = pacha_engine::matcher::Probe::new("probe", p, snap.schema());
+                probe.is_ok_and(|pr| {
+                    pacha_engine::matcher::compare_probe(&snap, &cal, &pr, src)
+                        .fused
+                        .score
+                        >= batch.results.first().map_or(f64::INFINITY, |r| r.threshold)
+                })
+            })
+            .count();
+        note(&format!(
+            "identify: {} probes, p50 {:.2} ms, p99 {:.2} ms; sources back {back} of {above} above the threshold",
+            probes.len(),
+            batch.latency.p50_ms,
+            batch.latency.p99_ms
+        ));
+        let hnsw = if a.identify_hnsw.is_empty() {
+            json!(null)
+        } else {
+            hnsw_identify(&engine, &probes, &a.identify_hnsw, a.hnsw_k, a.target_fpir)?
+        };
+        identify = json!({
+            "hnsw": hnsw,
+            "plans": engine.index().map(|i| i.identify_plans()),
+            "forced_path": a.identify_path.map(|p| format!("{p:?}")),
+            "probes": probes.len(),
+            "latency": batch.latency,
+            "audit": batch.audit,
+            "sources_above_threshold": above,
+            "sources_returned": back,
+            "seconds_with_audit": secs,
+        });
+    }
+
     let dims: Vec<(String, usize)> = snap
         .schema()
         .modalities
@@ -619,6 +869,7 @@ fn main() -> Result<()> {
         },
         "planted": planted,
         "exact_sample": sample,
+        "identify": identify,
         "peak_rss_bytes": peak,
         "peak_rss_bytes_generate_ingest": rss_before_dedup_stages,
         "peak_rss_is_matching_only": peak_reset,

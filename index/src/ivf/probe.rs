@@ -236,8 +236,10 @@ impl Ivf {
             .collect();
         rows.sort_unstable();
         rows.dedup();
+        // Rayon over the members: a deep rule probes a large share of the rows.
         let mut out: Vec<(u32, f32)> = rows
-            .into_iter()
+            .into_par_iter()
+            .with_min_len(1024)
             .filter_map(|r| {
                 let s = dot_f32(query, base.row(r as usize));
                 (s >= t).then_some((r, s))
