@@ -886,7 +886,7 @@ pub fn fit_calibration(
         let mut imp: Vec<f64> = sampled_pairs.iter().map(|&(s, _)| s).collect();
         let default = current
             .model(m)
-            .copied()
+            .cloned()
             .unwrap_or_else(|| ModalityModel::default_for(m));
         let impostor = if imp.len() >= 10_000 {
             Gaussian::fit_upper_tail(&mut imp, 0.99, 0.9999)?
@@ -925,12 +925,8 @@ pub fn fit_calibration(
             gen_scores.len()
         ));
         // `imp` is sorted by the Gaussian fit: the body's knots and the tail's threshold come from it.
-        let mut model = ModalityModel {
-            genuine,
-            impostor,
-            impostor_tail: None,
-            impostor_body: ImpostorBody::from_sorted(&imp),
-        };
+        let mut model =
+            ModalityModel::new(genuine, impostor, None, ImpostorBody::from_sorted(&imp));
         let mut check = None;
         let mut bands = None;
         if options.tail_rows >= 2 && imp.len() >= ImpostorBody::MIN_SAMPLES {
@@ -947,7 +943,15 @@ pub fn fit_calibration(
                     )
                 })
                 .flatten();
-            match fit_tail(snap, m, options, &genuine_set, u, model, band_plan.as_ref())? {
+            match fit_tail(
+                snap,
+                m,
+                options,
+                &genuine_set,
+                u,
+                model.clone(),
+                band_plan.as_ref(),
+            )? {
                 Ok(fit) => {
                     model = fit.model;
                     check = Some(fit.check);
@@ -1295,7 +1299,7 @@ fn fit_tail(
     };
     let with_tail = ModalityModel {
         impostor_tail: Some(model),
-        ..base
+        ..base.clone()
     };
     let check = ModalityTailCheck::new(m, &with_tail, &count, options.seed, options.tail_rows);
     let Some(plan) = plan else {
@@ -1315,7 +1319,7 @@ fn fit_tail(
                 .map(|t| ModalityModel {
                     impostor_tail: Some(t),
                     impostor_body: *body,
-                    ..base
+                    ..base.clone()
                 })
                 .map_err(|e| format!("band {k}: {e}"))
         })

@@ -11,11 +11,16 @@
 //! pair of a pool of rows ([`crate::tail`], [`ModalityModel::impostor_tail`]): the Gaussian through two
 //! quantiles was measured 0.25× to 2× off at FMR 1e-7 (BENCHMARKS.md, "Calibration").
 //!
-//! The per-modality evidence is the log-likelihood ratio `L_m(s) = ln g_m(s) − ln i_m(s)`, made monotone
-//! non-decreasing in `s`, so a higher cosine is never weaker evidence: a convex quadratic is held flat below
-//! its minimum, and a concave one is continued past its maximum by the impostor log-rarity
-//! `ln(sf(t)/sf(s))` (see [`ModalityModel::llr`]). The fused statistic is `F = Σ L_m` over the modalities *both* records have; a missing
-//! modality contributes nothing (neither for nor against).
+//! The per-modality evidence is a log-likelihood ratio `L_m(s) = ln g_m(s) − ln f̂_m(s)` on the impostor
+//! density the model reads its FMRs off: `g_m` the genuine Gaussian, `f̂_m = −d/ds impostor_sf` (the GPD tail
+//! above its threshold, the sampled body's piecewise density below it, the Gaussian where neither is fitted).
+//! It is made monotone non-decreasing in `s`, so a higher cosine is never weaker evidence: held flat below its
+//! minimum, and above it raised at each step of a fine cosine grid by at least the impostor log-rarity
+//! `ln(sf(s_prev)/sf(s))`, so it keeps rising wherever the impostor survival falls and reaches the cap only
+//! where that survival is ~0 (see [`ModalityModel::llr`]; tabulated once per model). A model with neither
+//! tail nor body (defaults, older files) keeps the Gaussian ratio `ln g − ln i` with the same monotone rule,
+//! exactly as before ([`ModalityModel::gaussian_llr`]). The fused statistic is `F = Σ L_m` over the
+//! modalities *both* records have; a missing modality contributes nothing (neither for nor against).
 //!
 //! ## Calibration
 //! Under the impostor hypothesis the modalities are independent, so the distribution of `F` for a given set
@@ -38,9 +43,11 @@
 //! impostor body and tail. The LLR stays the pooled one (so the fusion's weighting is unchanged), but a pair's
 //! FMR is read off the fused-LLR distribution *of its bands* ([`Calibration::fuse_q`]): its score is the
 //! false-match rate among impostor pairs of the same qualities, so every band is held to the same FMR and the
-//! pooled FMR (their mixture) stays the target. Candidate cosines take, per modality, the pointwise lowest
-//! survival over the bands (a distribution stochastically below every band's; the convolution keeps that
-//! order), so a pair that reaches the threshold in any band is still kept.
+//! pooled FMR (their mixture) stays the target. The evidence is the pooled model's statistic, built on the
+//! pooled impostor density; a band's FMRs come from the band's own survival of that same statistic.
+//! Candidate cosines take, per modality, the pointwise lowest survival over the bands (a distribution
+//! stochastically below every band's; the convolution keeps that order), so a pair that reaches the
+//! threshold in any band is still kept.
 
 use crate::EngineError;
 use crate::tail::{CHECK_LEVELS, TailCheckRow, TailCount, TailModel, check_tail};
@@ -54,9 +61,9 @@ pub const GRID_STEP: f64 = 0.02;
 /// Smallest FMR reported; scores are capped at `-10·log10(MIN_FMR)` = 300.
 pub const MIN_FMR: f64 = 1e-30;
 /// Cap on a single modality's LLR, in nats (keeps the grids bounded; 60 nats ≈ 1e-26 odds).
-const LLR_CAP: f64 = 60.0;
+pub const LLR_CAP: f64 = 60.0;
 /// Floor on a single modality's LLR, in nats.
-const LLR_FLOOR: f64 = -20.0;
+pub const LLR_FLOOR: f64 = -20.0;
 /// Genuine-model draws behind [`Calibration::candidate_cosines_relaxed`].
 pub const RELAX_DRAWS: usize = 200_000;
 /// Most modalities fused (face + ten fingers fit).
@@ -202,7 +209,7 @@ pub fn norm_quantile(p: f64) -> f64 {
 }
 
 /// Genuine and impostor models of one modality.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModalityModel {
     /// Scores of the same person captured twice.
     pub genuine: Gaussian,
@@ -217,6 +224,49 @@ pub struct ModalityModel {
     /// the Gaussian there (defaults, older files, too few sampled pairs).
     #[serde(default)]
     pub impostor_body: Option<ImpostorBody>,
+    /// The evidence statistic of a model with a counted tail or a sampled body, tabulated on first use
+    /// ([`ModalityModel::llr`]). Not saved; a clone starts without it, so change a model's fields only
+    /// before its first `llr` (or on a clone).
+    #[serde(skip)]
+    pub(crate) llr_table: LlrTable,
+}
+
+/// Cosine steps of the tabulated evidence statistic over [-1, 1] (step ≈ 1.2·10⁻⁴).
+const LLR_TABLE_STEPS: usize = 16_384;
+
+/// A model's evidence statistic at `LLR_TABLE_STEPS + 1` equally spaced cosines from -1 to 1, built once.
+#[derive(Default)]
+pub(crate) struct LlrTable(OnceLock<BuiltTable>);
+
+/// A built [`LlrTable`] with the model it was built for (checked in debug builds).
+struct BuiltTable {
+    values: Box<[f64]>,
+    built_for: (Gaussian, Gaussian, Option<TailModel>, Option<ImpostorBody>),
+}
+
+impl Clone for LlrTable {
+    /// A clone starts empty: the cloned model's fields may be changed before its first use.
+    fn clone(&self) -> Self {
+        LlrTable::default()
+    }
+}
+
+impl PartialEq for LlrTable {
+    /// Derived data: equal models have equal tables.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for LlrTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.0.get().is_some() {
+            "built"
+        } else {
+            "not built"
+        };
+        write!(f, "LlrTable({state})")
+    }
 }
 
 /// Knots of an [`ImpostorBody`].
@@ -257,8 +307,9 @@ impl ImpostorBody {
             .then_some(ImpostorBody { cosines })
     }
 
-    /// The survival at `s` within the knots' span (`None` outside it).
-    fn sf(&self, s: f64) -> Option<f64> {
+    /// The survival at `s` within the knots' span and its log density (the slope of the log-linear piece
+    /// times the survival; −∞ between coinciding knots); `None` outside the span.
+    fn sf_and_ln_pdf(&self, s: f64) -> Option<(f64, f64)> {
         let c = &self.cosines;
         if s < c[0] || s > c[BODY_KNOTS - 1] {
             return None;
@@ -267,9 +318,10 @@ impl ImpostorBody {
         let (c0, c1) = (c[k - 1], c[k]);
         let (l0, l1) = (body_level(k - 1).ln(), body_level(k).ln());
         if c1 <= c0 {
-            return Some(body_level(k));
+            return Some((body_level(k), f64::NEG_INFINITY));
         }
-        Some((l0 + (l1 - l0) * (s - c0) / (c1 - c0)).exp())
+        let ln_sf = l0 + (l1 - l0) * (s - c0) / (c1 - c0);
+        Some((ln_sf.exp(), ln_sf + ((l0 - l1) / (c1 - c0)).ln()))
     }
 }
 
@@ -289,6 +341,7 @@ impl ModalityModel {
                 },
                 impostor_tail: None,
                 impostor_body: None,
+                llr_table: LlrTable::default(),
             },
             Modality::Finger(_) => ModalityModel {
                 genuine: Gaussian {
@@ -301,29 +354,70 @@ impl ModalityModel {
                 },
                 impostor_tail: None,
                 impostor_body: None,
+                llr_table: LlrTable::default(),
             },
+        }
+    }
+
+    /// A model from its parts (the evidence table is built on first use).
+    pub fn new(
+        genuine: Gaussian,
+        impostor: Gaussian,
+        impostor_tail: Option<TailModel>,
+        impostor_body: Option<ImpostorBody>,
+    ) -> Self {
+        ModalityModel {
+            genuine,
+            impostor,
+            impostor_tail,
+            impostor_body,
+            llr_table: LlrTable::default(),
         }
     }
 
     /// The impostor survival `P(S ≥ s)`: the tail model above its threshold, the sampled body below it, the
     /// Gaussian where neither is fitted.
     pub fn impostor_sf(&self, s: f64) -> f64 {
+        self.impostor_sf_and_ln_pdf(s).0
+    }
+
+    /// The impostor survival at `s` (as [`ModalityModel::impostor_sf`]) and the log of the density it implies,
+    /// `ln(−d/ds sf)`: the GPD density above the tail's threshold, the body's piecewise density between its
+    /// knots, the Gaussian density where neither is fitted, and −∞ where the survival is held flat (clamped
+    /// to a body level or to the tail's mass).
+    pub fn impostor_sf_and_ln_pdf(&self, s: f64) -> (f64, f64) {
         if let Some(t) = &self.impostor_tail
             && s >= t.u
         {
-            return t.sf(s);
+            return (t.sf(s), t.ln_pdf(s));
         }
+        let g = &self.impostor;
+        let gauss = || (g.sf(s), g.ln_pdf(s));
+        let flat = |level: f64| (level, f64::NEG_INFINITY);
         let below_tail = match &self.impostor_body {
-            Some(b) => match b.sf(s) {
+            Some(b) => match b.sf_and_ln_pdf(s) {
                 Some(p) => p,
-                None if s < b.cosines[0] => self.impostor.sf(s).max(body_level(0)),
-                None => self.impostor.sf(s).min(body_level(BODY_KNOTS - 1)),
+                None if s < b.cosines[0] => {
+                    let p = gauss();
+                    if p.0 > body_level(0) {
+                        p
+                    } else {
+                        flat(body_level(0))
+                    }
+                }
+                None => {
+                    let p = gauss();
+                    let last = body_level(BODY_KNOTS - 1);
+                    if p.0 < last { p } else { flat(last) }
+                }
             },
-            None => self.impostor.sf(s),
+            None => gauss(),
         };
         // Never below the tail's mass, so the survival stays monotone across the tail's threshold.
-        self.impostor_tail
-            .map_or(below_tail, |t| below_tail.max(t.p_u))
+        match self.impostor_tail {
+            Some(t) if below_tail.0 < t.p_u => flat(t.p_u),
+            _ => below_tail,
+        }
     }
 
     /// The raw (quadratic) log-likelihood ratio at cosine `s`.
@@ -348,16 +442,115 @@ impl ModalityModel {
         ))
     }
 
-    /// The monotone non-decreasing LLR at cosine `s`, clamped to a bounded range.
+    /// The modality's evidence at cosine `s`: a monotone non-decreasing statistic, clamped to
+    /// `[LLR_FLOOR, LLR_CAP]`, built on the impostor density the model reads its FMRs off.
+    ///
+    /// With a counted tail or a sampled body it is `L(s) = ln g(s) − ln f̂(s)`, `g` the genuine Gaussian's
+    /// density and `f̂ = −d/ds impostor_sf` ([`ModalityModel::impostor_sf_and_ln_pdf`]), made monotone on a
+    /// grid of [`LLR_TABLE_STEPS`] cosine steps (tabulated once, interpolated linearly): held flat below its
+    /// minimum, and above it raised at each step by the larger of `L`'s own rise and the impostor log-rarity
+    /// of the step, `ln(sf(s_prev)/sf(s))`. So it rises strictly wherever the impostor survival falls and
+    /// reaches the cap only where the survival is ~0; a heavy counted tail gives slowly growing evidence
+    /// instead of a Gaussian ratio saturated at the cap (which made one fused value — an atom with the FMR
+    /// of its lowest member — of every look-alike pair past cosine 0.55: BENCHMARKS.md, "Quality bands").
+    ///
+    /// A model with neither tail nor body (defaults, older calibration files) keeps the Gaussian ratio
+    /// exactly as before ([`ModalityModel::gaussian_llr`]).
+    pub fn llr(&self, s: f64) -> f64 {
+        let s = s.clamp(-1.0, 1.0);
+        if self.impostor_tail.is_none() && self.impostor_body.is_none() {
+            return self.gaussian_llr(s);
+        }
+        let t = self.llr_table.0.get_or_init(|| BuiltTable {
+            values: self.evidence_table(),
+            built_for: (
+                self.genuine,
+                self.impostor,
+                self.impostor_tail,
+                self.impostor_body,
+            ),
+        });
+        debug_assert!(
+            t.built_for
+                == (
+                    self.genuine,
+                    self.impostor,
+                    self.impostor_tail,
+                    self.impostor_body
+                ),
+            "a model's fields changed after its evidence table was built"
+        );
+        let v = &t.values;
+        let x = (s + 1.0) * (LLR_TABLE_STEPS as f64 / 2.0);
+        let k = (x.floor() as usize).min(LLR_TABLE_STEPS - 1);
+        let frac = x - k as f64;
+        v[k] + frac * (v[k + 1] - v[k])
+    }
+
+    /// The evidence statistic of [`ModalityModel::llr`] at the table's cosines (see there).
+    fn evidence_table(&self) -> Box<[f64]> {
+        let n = LLR_TABLE_STEPS;
+        let at = |k: usize| {
+            if k == n {
+                1.0
+            } else {
+                -1.0 + k as f64 * (2.0 / n as f64)
+            }
+        };
+        let pieces: Vec<(f64, f64)> = (0..=n)
+            .map(|k| self.impostor_sf_and_ln_pdf(at(k)))
+            .collect();
+        // The density ratio, NaN where the impostor density is 0 (the survival held flat there).
+        let ratio: Vec<f64> = (0..=n)
+            .map(|k| {
+                let ln_f = pieces[k].1;
+                if ln_f.is_finite() {
+                    self.genuine.ln_pdf(at(k)) - ln_f
+                } else {
+                    f64::NAN
+                }
+            })
+            .collect();
+        let Some(kmin) = (0..=n)
+            .filter(|&k| ratio[k].is_finite())
+            .min_by(|&a, &b| ratio[a].total_cmp(&ratio[b]))
+        else {
+            // No impostor density anywhere on the grid (cannot happen with a Gaussian part): the old ratio.
+            return (0..=n).map(|k| self.gaussian_llr(at(k))).collect();
+        };
+        let mut m = vec![ratio[kmin]; n + 1];
+        let mut last = ratio[kmin];
+        for k in kmin + 1..=n {
+            let (prev, sf) = (pieces[k - 1].0, pieces[k].0);
+            let rarity = if sf >= prev {
+                0.0
+            } else if sf > 0.0 {
+                (prev / sf).ln()
+            } else {
+                f64::INFINITY
+            };
+            let rise = if ratio[k].is_finite() {
+                let d = ratio[k] - last;
+                last = ratio[k];
+                d
+            } else {
+                0.0
+            };
+            m[k] = m[k - 1] + rise.max(rarity);
+        }
+        m.iter().map(|v| v.clamp(LLR_FLOOR, LLR_CAP)).collect()
+    }
+
+    /// The Gaussian log-likelihood ratio made monotone, clamped to a bounded range: the evidence of a model
+    /// with neither counted tail nor sampled body.
     ///
     /// Below a convex LLR's minimum the quadratic rises again: it is held flat there (low cosines, FMR ≈ 1).
     /// Beyond a concave LLR's maximum (an impostor model wider than the genuine one) the quadratic falls; it
     /// is continued by the impostor log-rarity `ln(sf(t) / sf(s))` instead of being held flat, so it keeps
     /// rising wherever the impostor survival falls. Held flat, every pair past the maximum would share one
     /// fused value, an atom whose FMR is that of its lowest member; continued, each pair's FMR follows its own
-    /// cosine. (The cap [`LLR_CAP`] still makes such an atom where the Gaussian ratio reaches it at cosines a
-    /// heavy counted tail calls only moderately rare: BENCHMARKS.md, "Quality bands", look-alike families.)
-    pub fn llr(&self, s: f64) -> f64 {
+    /// cosine.
+    pub fn gaussian_llr(&self, s: f64) -> f64 {
         let s = s.clamp(-1.0, 1.0);
         match self.turning_point() {
             Some((t, true)) => self.raw_llr(s.max(t)).clamp(LLR_FLOOR, LLR_CAP),
@@ -395,8 +588,9 @@ impl ModalityModel {
         Some(hi)
     }
 
-    /// The distribution of this modality's LLR under the impostor model, as masses on the LLR grid.
-    fn impostor_llr_pmf(&self) -> Pmf {
+    /// The distribution of `stat`'s evidence ([`ModalityModel::llr`]) under this model's impostor survival,
+    /// as masses on the LLR grid (a band's impostors on the pooled model's statistic).
+    fn impostor_llr_pmf(&self, stat: &ModalityModel) -> Pmf {
         let g = &self.impostor;
         let sf = |s: f64| self.impostor_sf(s);
         let (s_lo, s_hi) = ((g.mean - 12.0 * g.sd).max(-1.0), 1.0);
@@ -412,7 +606,7 @@ impl ModalityModel {
             let sf1 = if i + 1 == steps { 0.0 } else { sf(s1) };
             let w = prev_sf - sf1;
             prev_sf = sf1;
-            let l = self.llr(s1 - 0.5 * ds);
+            let l = stat.llr(s1 - 0.5 * ds);
             let bin = ((l / GRID_STEP).round() as i64).clamp(lo, hi);
             mass[(bin - lo) as usize] += w.max(0.0);
         }
@@ -735,7 +929,7 @@ impl Calibration {
     /// The survival function of the fused LLR over the modalities in `mask` (bits index `models`, only the
     /// first [`MAX_MODALITIES`] count), built on first use and shared without locking or reference counting.
     fn survival(&self, mask: u32) -> &Survival {
-        self.cached_survival(&self.cache, mask, &|_, model| model.impostor_llr_pmf())
+        self.cached_survival(&self.cache, mask, &|_, model| model.impostor_llr_pmf(model))
     }
 
     /// Like [`Calibration::survival`], but each banded modality contributes the pointwise lowest survival
@@ -746,10 +940,11 @@ impl Calibration {
             return self.survival(mask);
         }
         self.cached_survival(&self.envelope_cache, mask, &|i, model| {
-            let pooled = model.impostor_llr_pmf();
+            let pooled = model.impostor_llr_pmf(model);
             match self.bands(i) {
                 Some(b) => Pmf::lowest(
-                    std::iter::once(pooled).chain(b.models.iter().map(|m| m.impostor_llr_pmf())),
+                    std::iter::once(pooled)
+                        .chain(b.models.iter().map(|m| m.impostor_llr_pmf(model))),
                 ),
                 None => pooled,
             }
@@ -794,11 +989,12 @@ impl Calibration {
         }
         let built = Arc::new(self.convolved(mask, &|i| {
             let nibble = ((code >> (4 * i)) & 0xf) as usize;
+            let pooled = &self.models[i].1;
             match self.bands(i) {
                 Some(b) if nibble > 0 => {
-                    b.models[(nibble - 1).min(b.models.len() - 1)].impostor_llr_pmf()
+                    b.models[(nibble - 1).min(b.models.len() - 1)].impostor_llr_pmf(pooled)
                 }
-                _ => self.models[i].1.impostor_llr_pmf(),
+                _ => pooled.impostor_llr_pmf(pooled),
             }
         }));
         let mut w = self
@@ -1162,6 +1358,7 @@ mod tests {
             impostor: Gaussian { mean: 0.0, sd: 0.1 },
             impostor_tail: None,
             impostor_body: None,
+            llr_table: LlrTable::default(),
         };
         let (t, convex) = m.turning_point().unwrap();
         assert!(!convex && t > 0.5 && t < 0.7, "{t}");
@@ -1188,8 +1385,9 @@ mod tests {
             impostor: Gaussian { mean: 0.0, sd: 0.1 },
             impostor_tail: None,
             impostor_body: None,
+            llr_table: LlrTable::default(),
         };
-        let cal = Calibration::from_models(vec![(Modality::Face, m)], "concave");
+        let cal = Calibration::from_models(vec![(Modality::Face, m.clone())], "concave");
         let (t, _) = m.turning_point().unwrap();
         let (a, b) = (
             cal.fuse(&[(0, t as f32 + 0.02)]),
@@ -1211,7 +1409,7 @@ mod tests {
     #[test]
     fn single_modality_fmr_matches_the_gaussian_tail() {
         let cal = Calibration::defaults(&[Modality::Face]);
-        let model = cal.models[0].1;
+        let model = &cal.models[0].1;
         for s in [0.3f32, 0.4, 0.5] {
             let f = cal.fuse(&[(0, s)]);
             let want = model.impostor.sf(f64::from(s));
@@ -1225,7 +1423,7 @@ mod tests {
     fn fused_fmr_matches_monte_carlo_for_two_modalities() {
         use rand::{RngExt, SeedableRng};
         let cal = Calibration::defaults(&[Modality::Face, Modality::Finger(2)]);
-        let (mf, mg) = (cal.models[0].1, cal.models[1].1);
+        let (mf, mg) = (&cal.models[0].1, &cal.models[1].1);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let n = 400_000;
         let mut fused = Vec::with_capacity(n);
@@ -1424,6 +1622,7 @@ mod tests {
             impostor: gauss,
             impostor_tail: Some(tail),
             impostor_body: Some(body),
+            llr_table: LlrTable::default(),
         };
         // At sampled points within the body the survival is the sample's, within a few per cent.
         for q in [0.5, 0.1, 0.01, 0.001] {
@@ -1456,7 +1655,7 @@ mod tests {
         };
         let with = |m: &ModalityModel, sigma: f64| ModalityModel {
             impostor_tail: Some(tail(sigma)),
-            ..*m
+            ..m.clone()
         };
         let face = with(&ModalityModel::default_for(Modality::Face), 0.06);
         let finger = with(&ModalityModel::default_for(Modality::Finger(2)), 0.05);
@@ -1466,7 +1665,10 @@ mod tests {
             share: vec![0.5, 0.5],
         };
         let mut cal = Calibration::from_models(
-            vec![(Modality::Face, face), (Modality::Finger(2), finger)],
+            vec![
+                (Modality::Face, face.clone()),
+                (Modality::Finger(2), finger.clone()),
+            ],
             "test",
         );
         cal.quality_bands = vec![
@@ -1479,7 +1681,7 @@ mod tests {
     #[test]
     fn banded_scores_hold_each_band_to_its_own_tail() {
         let cal = banded(false);
-        let face = cal.models[0].1;
+        let face = cal.models[0].1.clone();
         let bands = cal.bands(0).unwrap();
         for s in [0.3f32, 0.4, 0.5] {
             let light = cal.fuse_q(&[(0, s, Some(0.2))]);
@@ -1583,5 +1785,269 @@ mod tests {
                 .iter()
                 .all(|(_, m)| m.impostor_tail.is_none() && m.impostor_body.is_none())
         );
+    }
+
+    /// The look-alike shape: a light Gaussian impostor body (N(−0.015, 0.05), its sampled body read off exact
+    /// quantiles) under a heavy counted GPD tail (ξ 1.13: survival ~1e-5 at cosine 0.555, ~5e-6 at 1), and a
+    /// genuine N(0.722, 0.054).
+    fn heavy_tailed() -> ModalityModel {
+        let imp = Gaussian {
+            mean: -0.015,
+            sd: 0.05,
+        };
+        let n = 40_000;
+        let sorted: Vec<f64> = (0..n)
+            .map(|i| imp.mean + imp.sd * norm_quantile((i as f64 + 0.5) / n as f64))
+            .collect();
+        let body = ImpostorBody::from_sorted(&sorted).unwrap();
+        let tail = TailModel {
+            u: body.cosines[BODY_KNOTS - 1],
+            p_u: crate::tail::TAIL_START,
+            xi: 1.13,
+            sigma: 0.01,
+            pairs: 800_000_000,
+            exceedances: 240_000,
+            truncated_at: None,
+        };
+        ModalityModel::new(
+            Gaussian {
+                mean: 0.722,
+                sd: 0.054,
+            },
+            imp,
+            Some(tail),
+            Some(body),
+        )
+    }
+
+    #[test]
+    fn evidence_on_a_heavy_counted_tail_rises_strictly_and_keeps_each_cosines_fmr() {
+        let m = heavy_tailed();
+        let sf_555 = m.impostor_sf(0.555);
+        assert!(sf_555 > 5e-6 && sf_555 < 2e-5, "{sf_555}");
+        // The Gaussian ratio saturates at the cap there (the old atom); the statistic does not.
+        assert_eq!(m.gaussian_llr(0.555), LLR_CAP);
+        assert!(m.llr(0.555) < 30.0, "{}", m.llr(0.555));
+        // Strictly increasing wherever the counted survival falls (above the floor), and below the cap
+        // wherever that survival is still ≥ 1e-20 (here: every cosine up to 1).
+        let mut prev: Option<(f64, f64)> = None;
+        let mut checked = 0;
+        for i in 0..=4000 {
+            let s = -1.0 + f64::from(i) * 0.0005;
+            let (l, sf) = (m.llr(s), m.impostor_sf(s));
+            assert!((LLR_FLOOR..=LLR_CAP).contains(&l), "{s}: {l}");
+            if sf >= 1e-20 {
+                assert!(l < LLR_CAP, "capped at {s} where the survival is {sf}");
+            }
+            if let Some((pl, psf)) = prev
+                && pl > LLR_FLOOR
+                && sf < psf
+            {
+                assert!(l > pl, "not rising at {s}: {l} <= {pl}");
+                checked += 1;
+            }
+            prev = Some((l, sf));
+        }
+        assert!(m.llr(0.35) > LLR_FLOOR, "the check covers the tail");
+        assert!(checked > 1000, "{checked}");
+        // Pairs past 0.555 spread over several nats instead of sharing one value.
+        assert!(
+            m.llr(0.95) - m.llr(0.555) > 1.5,
+            "{} {}",
+            m.llr(0.555),
+            m.llr(0.95)
+        );
+        // One modality: each pair's FMR is its own cosine's counted survival (the LLR grid rounds down by at
+        // most a step: never below it, a few per cent above).
+        let cal = Calibration::from_models(vec![(Modality::Face, m.clone())], "heavy");
+        // (Below about 0.3 the statistic sits at the floor: FMR 1, score 0, as for every model.)
+        assert!(m.llr(0.4) > LLR_FLOOR + 1.0);
+        for s in [0.4, 0.45, 0.5, 0.555, 0.6, 0.7, 0.8, 0.9, 0.99] {
+            let f = cal.fuse(&[(0, s as f32)]);
+            let want = m.impostor_sf(f64::from(s as f32));
+            assert!(
+                f.fmr >= want * 0.99 && f.fmr <= want * 1.1,
+                "{s}: fmr {} vs survival {want}",
+                f.fmr
+            );
+        }
+        // The inverse still finds the smallest cosine with a given evidence.
+        for l in [0.0, 5.0, 10.0] {
+            let c = m.cosine_for_llr(l).unwrap();
+            assert!(
+                (m.llr(c) - l).abs() < 1e-6 && m.llr(c - 1e-4) < l,
+                "{l}: {c}"
+            );
+        }
+        // A clone (fresh table) and a saved-and-read copy give the same values.
+        let back: ModalityModel =
+            serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        for s in [0.1, 0.45, 0.9] {
+            assert_eq!(back.llr(s), m.llr(s));
+            assert_eq!(m.clone().llr(s), m.llr(s));
+        }
+    }
+
+    /// The monotone Gaussian ratio as it was before the evidence table (copied from the code it replaced):
+    /// models without a tail or body must keep exactly these values.
+    fn old_llr(m: &ModalityModel, s: f64) -> f64 {
+        let s = s.clamp(-1.0, 1.0);
+        let raw = |s: f64| m.genuine.ln_pdf(s) - m.impostor.ln_pdf(s);
+        match m.turning_point() {
+            Some((t, true)) => raw(s.max(t)).clamp(LLR_FLOOR, LLR_CAP),
+            Some((t, false)) if s > t => {
+                let (at, beyond) = (m.impostor.sf(t), m.impostor.sf(s));
+                let rarity = if beyond > 0.0 {
+                    (at / beyond).ln().max(0.0)
+                } else {
+                    LLR_CAP
+                };
+                (raw(t) + rarity).clamp(LLR_FLOOR, LLR_CAP)
+            }
+            _ => raw(s).clamp(LLR_FLOOR, LLR_CAP),
+        }
+    }
+
+    #[test]
+    fn models_without_tail_or_body_score_exactly_as_before() {
+        let concave = ModalityModel::new(
+            Gaussian {
+                mean: 0.5,
+                sd: 0.05,
+            },
+            Gaussian { mean: 0.0, sd: 0.1 },
+            None,
+            None,
+        );
+        let models = [
+            ModalityModel::default_for(Modality::Face),
+            ModalityModel::default_for(Modality::Finger(2)),
+            concave,
+        ];
+        for m in &models {
+            for i in 0..=20_000 {
+                let s = -1.0 + f64::from(i) * 0.0001;
+                assert_eq!(m.llr(s).to_bits(), old_llr(m, s).to_bits(), "{s}");
+            }
+        }
+        // An old calibration file (no tails, bodies or bands) fuses on the old values.
+        let cal = Calibration::defaults(&[Modality::Face, Modality::Finger(2)]);
+        let mut v = serde_json::to_value(&cal).unwrap();
+        for entry in v["models"].as_array_mut().unwrap() {
+            let model = entry[1].as_object_mut().unwrap();
+            model.remove("impostor_tail");
+            model.remove("impostor_body");
+        }
+        let old: Calibration = serde_json::from_value(v).unwrap();
+        for (a, b) in [(0.2f32, 0.1f32), (0.45, 0.3), (0.7, 0.6)] {
+            let f = old.fuse(&[(0, a), (1, b)]);
+            let want =
+                old_llr(&old.models[0].1, f64::from(a)) + old_llr(&old.models[1].1, f64::from(b));
+            assert_eq!(f.llr.to_bits(), want.to_bits());
+            assert_eq!(f, cal.fuse(&[(0, a), (1, b)]));
+        }
+    }
+
+    #[test]
+    fn candidate_cosines_keep_every_passing_pair_with_a_heavy_tail() {
+        let mut finger = ModalityModel::default_for(Modality::Finger(2));
+        finger.impostor_tail = Some(TailModel {
+            u: 0.3,
+            p_u: 1e-4,
+            xi: 0.3,
+            sigma: 0.04,
+            pairs: 800_000_000,
+            exceedances: 80_000,
+            truncated_at: None,
+        });
+        let cal = Calibration::from_models(
+            vec![
+                (Modality::Face, heavy_tailed()),
+                (Modality::Finger(2), finger),
+                (
+                    Modality::Finger(7),
+                    ModalityModel::default_for(Modality::Finger(7)),
+                ),
+            ],
+            "heavy",
+        );
+        for thr in [30.0, threshold_for_fpir(1e-3, 1_000_000).unwrap()] {
+            let c = cal.candidate_cosines(thr);
+            let steps: Vec<f32> = (0..=60).map(|i| -0.2 + i as f32 * 0.02).collect();
+            let mut passing = 0;
+            for &a in &steps {
+                for &b in &steps {
+                    for &d in &steps {
+                        for subset in [&[0usize, 1, 2][..], &[0, 1], &[0, 2], &[1, 2], &[0]] {
+                            let all = [a, b, d];
+                            let pair: Vec<(usize, f32)> =
+                                subset.iter().map(|&i| (i, all[i])).collect();
+                            if cal.fuse(&pair).score < thr {
+                                continue;
+                            }
+                            passing += 1;
+                            let kept = pair.iter().any(|&(i, s)| c[i].is_some_and(|ci| s >= ci));
+                            assert!(kept, "{thr}: {pair:?} passes, not kept by {c:?}");
+                        }
+                    }
+                }
+            }
+            assert!(passing > 1000, "{thr}: {passing}");
+        }
+    }
+
+    mod random_models {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn model() -> impl Strategy<Value = ModalityModel> {
+            (
+                (0.2f64..0.9, 0.02f64..0.2),
+                (-0.1f64..0.2, 0.02f64..0.15),
+                proptest::option::of((2.0f64..4.0, -0.6f64..1.6, 0.005f64..0.1, -4.5f64..-2.5)),
+                proptest::option::of((-0.1f64..0.1, 0.02f64..0.15)),
+            )
+                .prop_map(|((gm, gs), (im, is), tail, body)| {
+                    let impostor = Gaussian { mean: im, sd: is };
+                    let body = body.and_then(|(bm, bs)| {
+                        let n = 20_000;
+                        let sorted: Vec<f64> = (0..n)
+                            .map(|i| bm + bs * norm_quantile((i as f64 + 0.5) / n as f64))
+                            .collect();
+                        ImpostorBody::from_sorted(&sorted)
+                    });
+                    let tail = tail.map(|(z, xi, sigma, lp)| TailModel {
+                        u: im + z * is,
+                        p_u: 10f64.powf(lp),
+                        xi,
+                        sigma,
+                        pairs: 1_000_000_000,
+                        exceedances: 10_000,
+                        truncated_at: None,
+                    });
+                    ModalityModel::new(Gaussian { mean: gm, sd: gs }, impostor, tail, body)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn evidence_is_monotone_bounded_and_inverts(m in model()) {
+                let mut prev = f64::NEG_INFINITY;
+                for i in 0..=8000 {
+                    let s = -1.0 + f64::from(i) * 0.00025;
+                    let l = m.llr(s);
+                    prop_assert!((LLR_FLOOR..=LLR_CAP).contains(&l), "{} at {}", l, s);
+                    prop_assert!(l >= prev, "falls at {}: {} < {}", s, l, prev);
+                    prev = l;
+                }
+                for l in [-5.0, 0.0, 5.0, 20.0] {
+                    if let Some(c) = m.cosine_for_llr(l) {
+                        prop_assert!(m.llr(c) >= l - 1e-9);
+                        prop_assert!(c <= -1.0 || m.llr(c - 1e-6) <= l);
+                    }
+                }
+            }
+        }
     }
 }

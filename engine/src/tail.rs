@@ -84,6 +84,11 @@ impl TailModel {
         self.p_u * gpd_sf(s - self.u, self.xi, self.sigma)
     }
 
+    /// `ln(−d/ds P(S ≥ s))` for `s ≥ u`: the log density of the tail (−∞ beyond a bounded tail's end).
+    pub fn ln_pdf(&self, s: f64) -> f64 {
+        self.p_u.ln() + gpd_ln_pdf((s - self.u).max(0.0), self.xi, self.sigma)
+    }
+
     /// Fits the tail by maximum likelihood to `scores` (the counted impostor scores at or above `u`, any
     /// order) out of `pairs` counted pairs; with `truncate_at = Some(v)`, only scores below `v` are used and
     /// the likelihood is conditioned on `S < v`.
