@@ -106,14 +106,7 @@ fn fused_count_finds_every_pair_a_brute_force_fusion_finds() {
     let snap = e.snapshot();
     let cal = e.calibration();
     let rows: Vec<usize> = (0..snap.rows()).collect();
-    let truth: HashSet<(usize, usize)> = pop
-        .truth
-        .iter()
-        .map(|(a, b)| {
-            let (x, y) = (snap.row_of(a).unwrap(), snap.row_of(b).unwrap());
-            (x.min(y), x.max(y))
-        })
-        .collect();
+    let truth = truth_rows(&snap, &pop.truth);
     let mut notes = Vec::new();
     let f = fused_count(&snap, &cal, &truth, rows.len(), &mut notes)
         .unwrap()
@@ -279,14 +272,7 @@ fn lookalike_families_keep_distinct_fused_values_and_a_fused_fmr_that_follows_th
         tail.xi > 0.5,
         "the families make the face tail heavy: {tail:?}"
     );
-    let truth: HashSet<(usize, usize)> = pop
-        .truth
-        .iter()
-        .map(|(a, b)| {
-            let (x, y) = (snap.row_of(a).unwrap(), snap.row_of(b).unwrap());
-            (x.min(y), x.max(y))
-        })
-        .collect();
+    let truth = truth_rows(&snap, &pop.truth);
     // Every impostor pair of the whole store that can reach score 30 (pigeonhole candidates, as
     // `fused_count` finds them).
     let pool = tail_pool(&snap, 0xf05e, snap.rows(), false);
@@ -376,3 +362,17 @@ fn lookalike_families_keep_distinct_fused_values_and_a_fused_fmr_that_follows_th
 /// face survival near 3–6e-5 from cosine 0.4 to 0.9 while the counted families end well before 0.9, so the
 /// family pairs gather at scores 40–50 (BENCHMARKS.md, "The LLR on the counted density").
 const FUSED_FACTOR: f64 = 6.0;
+
+/// The truth pairs as store row pairs `(smaller, larger)`.
+fn truth_rows(
+    snap: &pacha_engine::store::Snapshot,
+    truth: &[(String, String)],
+) -> HashSet<(usize, usize)> {
+    truth
+        .iter()
+        .map(|(a, b)| {
+            let (x, y) = (snap.row_of(a).unwrap(), snap.row_of(b).unwrap());
+            (x.min(y), x.max(y))
+        })
+        .collect()
+}
