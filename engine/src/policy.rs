@@ -332,11 +332,12 @@ pub fn plan_modality(
         dense.extend_from_slice(view.row(r as usize));
     }
     let skip = |q: u32| !live(q as usize);
-    let mut pairs: Vec<(usize, u32)> = pilot_pairs(snap, mi, &pilot, &dense, c, &skip)?
-        .into_iter()
-        .filter(|p| pilot[p.a as usize] != p.b)
-        .map(|p| (p.a as usize, p.b))
-        .collect();
+    let mut pairs: Vec<(usize, u32)> =
+        pilot_pairs(view, snap.i8_rows(m), &pilot, &dense, c, &skip)?
+            .into_iter()
+            .filter(|p| pilot[p.a as usize] != p.b)
+            .map(|p| (p.a as usize, p.b))
+            .collect();
     if pairs.len() > MAX_PILOT_PAIRS {
         SplitMix(PILOT_SEED ^ 0x5a5a).shuffle_prefix(&mut pairs, MAX_PILOT_PAIRS);
         pairs.truncate(MAX_PILOT_PAIRS);
@@ -468,41 +469,36 @@ pub fn plan_modality(
     Ok(plan)
 }
 
-/// Every pair (pilot row `a` — an index into `pilot`, whose f32 rows `dense` holds —, store row `b`) of
-/// modality `mi` with exact cosine (`dot_f32`) at least `c`, `b` not skipped, sorted by `(a, b)`: through
-/// the i8 codes where the store keeps them and a SIMD kernel runs ([`pilot_pairs_i8`]: 3.5× cheaper than
-/// the f32 GEMM with VNNI, 1.3× with AVX2 — BENCHMARKS.md "i8 threshold join"), else [`pilot_pairs_f32`].
+/// Every pair (pilot row `a` — an index into `pilot`, whose rows of `view` `dense` holds —, store row `b`)
+/// with exact cosine (`dot_f32`) at least `c`, `b` not skipped, sorted by `(a, b)`: through the i8 codes
+/// where the store keeps them (`codes`) and a SIMD kernel runs ([`pilot_pairs_i8`]: 3.5× cheaper than the
+/// f32 GEMM with VNNI, 1.3× with AVX2 — BENCHMARKS.md "i8 threshold join"), else [`pilot_pairs_f32`].
 /// Both return the same pairs.
 fn pilot_pairs(
-    snap: &Snapshot,
-    mi: usize,
+    view: RowsF32<'_>,
+    codes: Option<pacha_index::RowsI8<'_>>,
     pilot: &[u32],
     dense: &[f32],
     c: f32,
     skip: &(dyn Fn(u32) -> bool + Sync),
 ) -> Result<Vec<pacha_index::Pair>, EngineError> {
     use pacha_index::exact_i8::I8Kernel;
-    let m = snap.schema().modalities[mi].modality;
-    if snap.i8_rows(m).is_some() && I8Kernel::detect() != I8Kernel::Scalar {
-        pilot_pairs_i8(snap, mi, pilot, dense, c, skip)
-    } else {
-        pilot_pairs_f32(snap, mi, dense, c, skip)
+    match codes {
+        Some(codes) if I8Kernel::detect() != I8Kernel::Scalar => {
+            pilot_pairs_i8(view, codes, pilot, dense, c, skip)
+        }
+        _ => pilot_pairs_f32(view, dense, c, skip),
     }
 }
 
 /// [`pilot_pairs`] by the blocked f32 GEMM join (a small margin below `c`), filtered by `dot_f32`.
 fn pilot_pairs_f32(
-    snap: &Snapshot,
-    mi: usize,
+    view: RowsF32<'_>,
     dense: &[f32],
     c: f32,
     skip: &(dyn Fn(u32) -> bool + Sync),
 ) -> Result<Vec<pacha_index::Pair>, EngineError> {
-    let spec = &snap.schema().modalities[mi];
-    let view = snap
-        .f32_rows(spec.modality)
-        .ok_or_else(|| EngineError::InvalidArgument(format!("no {} rows", spec.modality)))?;
-    let probe = RowsF32::dense(dense, spec.dim)?;
+    let probe = RowsF32::dense(dense, view.dim())?;
     Ok(
         pacha_index::exact::threshold_join(probe, view, c - 1e-4, None, Some(skip))?
             .into_iter()
@@ -512,31 +508,29 @@ fn pilot_pairs_f32(
 }
 
 /// [`pilot_pairs`] by the i8 threshold join (every pair scanned through the codes, the rigorous error
-/// bound's survivors rescored with `dot_f32`: exact, like the GEMM join).
+/// bound's survivors rescored with `dot_f32`: exact, like the GEMM join). The pilot rows' codes, scales and
+/// L1 bounds are copied out of the store's.
 fn pilot_pairs_i8(
-    snap: &Snapshot,
-    mi: usize,
+    view: RowsF32<'_>,
+    codes: pacha_index::RowsI8<'_>,
     pilot: &[u32],
     dense: &[f32],
     c: f32,
     skip: &(dyn Fn(u32) -> bool + Sync),
 ) -> Result<Vec<pacha_index::Pair>, EngineError> {
     use pacha_index::exact_i8::{QuantRows, threshold_join_i8};
-    let spec = &snap.schema().modalities[mi];
-    let (m, d) = (spec.modality, spec.dim);
-    let (Some(view), Some(codes)) = (snap.f32_rows(m), snap.i8_rows(m)) else {
-        return Err(EngineError::InvalidArgument(format!(
-            "no {m} i8 codes in the store"
-        )));
-    };
+    let d = codes.dim();
+    let l1 = l1_bounds(codes);
     let mut pcodes: Vec<i8> = Vec::with_capacity(pilot.len() * d);
     let mut pscales = Vec::with_capacity(pilot.len());
+    let mut pl1 = Vec::with_capacity(pilot.len());
     for &r in pilot {
-        pcodes.extend_from_slice(codes.row(r as usize));
-        pscales.push(codes.scale(r as usize));
+        let r = r as usize;
+        pcodes.extend_from_slice(codes.row(r));
+        pscales.push(codes.scale(r));
+        pl1.push(l1[r]);
     }
     let pcodes = pacha_index::RowsI8::new(&pcodes, &pscales, pilot.len(), d, d)?;
-    let (pl1, l1) = (l1_bounds(pcodes), l1_bounds(codes));
     let (pairs, _) = threshold_join_i8(
         QuantRows::new(RowsF32::dense(dense, d)?, pcodes, &pl1)?,
         QuantRows::new(view, codes, &l1)?,
@@ -978,10 +972,10 @@ mod tests {
             .collect();
         engine.insert_batch(&batch).unwrap();
         let snap = engine.snapshot();
-        assert!(
-            snap.i8_rows(Modality::Face).is_some(),
-            "the store keeps i8 codes"
-        );
+        let view = snap.f32_rows(Modality::Face).unwrap();
+        let codes = snap
+            .i8_rows(Modality::Face)
+            .expect("the store keeps i8 codes");
         let pilot: Vec<u32> = (0..3000).step_by(7).collect();
         let mut dense = Vec::new();
         for &r in &pilot {
@@ -990,12 +984,12 @@ mod tests {
         let skip = |q: u32| q % 11 == 5;
         for c in [0.35f32, 0.5, 0.7] {
             let key = |p: &pacha_index::Pair| (p.a, p.b);
-            let a: Vec<(u32, u32)> = pilot_pairs_i8(&snap, 0, &pilot, &dense, c, &skip)
+            let a: Vec<(u32, u32)> = pilot_pairs_i8(view, codes, &pilot, &dense, c, &skip)
                 .unwrap()
                 .iter()
                 .map(key)
                 .collect();
-            let b: Vec<(u32, u32)> = pilot_pairs_f32(&snap, 0, &dense, c, &skip)
+            let b: Vec<(u32, u32)> = pilot_pairs_f32(view, &dense, c, &skip)
                 .unwrap()
                 .iter()
                 .map(key)
