@@ -460,25 +460,10 @@ unsafe fn scan_staged_avx512(
         }
         if w > 8 {
             let row = &rows[i * w..(i + 1) * w];
-            let mut acc = _mm512_setzero_si512();
-            let mut k = 8;
-            while k + 8 <= w {
-                // SAFETY: words k..k+8 lie within `row` and `q` (k + 8 ≤ w).
-                let (x, y) = unsafe {
-                    (
-                        _mm512_loadu_si512(row.as_ptr().add(k).cast()),
-                        _mm512_loadu_si512(q.as_ptr().add(k).cast()),
-                    )
-                };
-                acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(x, y)));
-                k += 8;
-            }
-            let tail: u32 = q[k..]
-                .iter()
-                .zip(&row[k..])
-                .map(|(x, y)| (x ^ y).count_ones())
-                .sum();
-            if h + _mm512_reduce_add_epi64(acc) as u32 + tail > cut.cut {
+            // SAFETY: this function runs with the same target features (avx512f, avx512vpopcntdq) that
+            // `hamming_avx512` needs; it bounds its own loads by both slices' lengths.
+            let rest = unsafe { hamming_avx512(&row[8..], &q[8..]) };
+            if h + rest > cut.cut {
                 continue;
             }
         }
