@@ -435,10 +435,10 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
     }
     assert_eq!(compared, 100);
 
-    // The same probes as one audited batch: the same answers, and an audit whose exact oracle counts what
-    // the gallery scans above found.
-    let batch = e
-        .identify_batch(
+    // The same probes as one audited batch (every probe audited): the same answers, and an audit whose
+    // exact oracle counts what the gallery scans above found.
+    let audited_batch = || {
+        e.identify_batch(
             &probes,
             &IdentifyOptions::default(),
             &pacha_engine::audit::AuditOptions {
@@ -446,7 +446,9 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
                 ..Default::default()
             },
         )
-        .unwrap();
+        .unwrap()
+    };
+    let batch = audited_batch();
     assert_eq!(batch.results, indexed_answers);
     let audit = batch.audit.expect("an indexed batch is audited");
     assert_eq!(audit.sampled_probes, 100);
@@ -476,16 +478,7 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
     e.index()
         .unwrap()
         .force_identify_path(Some(pacha_engine::idpath::ForcedPath::Sketch));
-    let sk = e
-        .identify_batch(
-            &probes,
-            &IdentifyOptions::default(),
-            &pacha_engine::audit::AuditOptions {
-                probes: 100,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let sk = audited_batch();
     e.index().unwrap().force_identify_path(None);
     let sa = sk.audit.unwrap();
     assert!(
