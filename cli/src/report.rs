@@ -142,7 +142,7 @@ fn tails_section(h: &mut String, r: &EvalReport) {
             let ratio = p.measured_fmr.map(|m| m / p.predicted_fmr);
             let _ = writeln!(
                 h,
-                "<tr><td class=\"num\">{:.0}</td><td class=\"num\">{:.0e}</td><td class=\"num\">{}</td></tr>",
+                "<tr><td class=\"num\">{:.0}</td><td class=\"num\">{:.2e}</td><td class=\"num\">{}</td></tr>",
                 p.threshold,
                 p.predicted_fmr,
                 esc(&ratio_cell(

@@ -167,7 +167,9 @@ pub struct CalibrationPoint {
     /// Threshold on the calibrated scale.
     #[serde(with = "nan_as_null")]
     pub threshold: f64,
-    /// FMR the score model predicts at that threshold.
+    /// FMR the score model predicts at that threshold: the share of the compared pairs it gives a score at
+    /// or above it, each pair at the lowest score it can attain there
+    /// ([`crate::fusion::Calibration::attainable_fmr`]; at most the nominal `10^(−threshold/10)`).
     #[serde(with = "nan_as_null")]
     pub predicted_fmr: f64,
     /// Share of sampled impostor pairs scoring `≥ threshold` (`None` without impostor samples).

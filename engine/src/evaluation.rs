@@ -4,13 +4,13 @@
 use crate::audit::clopper_pearson;
 use crate::engine::{TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, tail_pool};
 use crate::eval::{CalibrationPoint, EvalInput, EvalReport, FusedCount, ScoredPair};
-use crate::fusion::{Calibration, ModalityTailCheck};
+use crate::fusion::{Calibration, FusedKey, ModalityTailCheck};
 use crate::matcher::compare_rows;
 use crate::runio::RunData;
 use crate::tail::{TAIL_START, cosine_at};
 use crate::{Engine, EngineError};
 use rayon::prelude::*;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Calibrated-score thresholds at which the calibration check compares predicted and measured FMR.
 const CHECK_THRESHOLDS: [f64; 9] = [10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0];
@@ -94,10 +94,22 @@ pub fn evaluate_run(
     }
     let (mut impostor, imp_fused) = collect(&imp_rows);
     impostor.push(("fused".to_string(), imp_fused.clone()));
+    let mut sample_keys: HashMap<FusedKey, u64> = HashMap::new();
+    for &(a, b) in &imp_rows {
+        let key = pair_key(
+            &cal,
+            &row_members(&snap, &cal, a),
+            &row_members(&snap, &cal, b),
+        );
+        *sample_keys.entry(key).or_default() += 1;
+    }
     let predicted: Vec<(f64, f64)> = CHECK_THRESHOLDS
         .iter()
-        .map(|&t| (t, crate::fusion::fmr_from_score(t)))
+        .copied()
+        .zip(predicted_shares(&sample_keys, &cal, &CHECK_THRESHOLDS))
         .collect();
+    let mut attain_notes = Vec::new();
+    attainable_notes("calibration check", &predicted, &mut attain_notes);
 
     let input = EvalInput {
         subjects: &subjects,
@@ -110,6 +122,7 @@ pub fn evaluate_run(
         impostor_fused: &imp_fused,
     };
     let mut report = crate::eval::evaluate(&input);
+    report.notes.extend(attain_notes);
     mark_incomplete(&mut report, &run.summary, run.threshold);
     if counts.tail_rows >= 2 {
         report.tail_checks =
@@ -267,10 +280,12 @@ pub fn fused_count(
         .par_iter()
         .map(|&(a, b)| compare_rows(snap, cal, a, b).fused.score)
         .collect();
-    let points = FUSED_THRESHOLDS
+    let predicted = predicted_shares(&pool_keys(snap, cal, &pool), cal, &FUSED_THRESHOLDS);
+    let labelled: Vec<(f64, f64)> = FUSED_THRESHOLDS.iter().copied().zip(predicted).collect();
+    attainable_notes("fused check", &labelled, notes);
+    let points = labelled
         .iter()
-        .map(|&t| {
-            let predicted = crate::fusion::fmr_from_score(t);
+        .map(|&(t, predicted)| {
             let events = scores.iter().filter(|&&s| s >= t).count();
             let resolved = predicted * pairs as f64 >= 1.0;
             CalibrationPoint {
@@ -288,6 +303,107 @@ pub fn fused_count(
         pairs,
         points,
     }))
+}
+
+/// Per fused model index, the row's pair quality for that modality when the row has its template.
+fn row_members(snap: &crate::store::Snapshot, cal: &Calibration, r: usize) -> Vec<Option<f32>> {
+    cal.models
+        .iter()
+        .map(|(m, _)| snap.template(*m, r).map(|_| snap.quality(*m, r)))
+        .collect()
+}
+
+/// The fused distribution a pair of rows with these members is scored on, as
+/// [`crate::matcher::compare_rows`] scores it: the modalities both have, at the lower of the two qualities.
+fn pair_key(cal: &Calibration, a: &[Option<f32>], b: &[Option<f32>]) -> FusedKey {
+    let shared: Vec<(usize, Option<f32>)> = a
+        .iter()
+        .zip(b)
+        .enumerate()
+        .filter_map(|(i, (x, y))| Some((i, Some(x.as_ref()?.min(*y.as_ref()?)))))
+        .collect();
+    cal.fused_key(&shared)
+}
+
+/// How many of the pairs of `pool` are scored on each fused distribution. Rows are grouped by what decides
+/// their pairs' distribution (per modality: absent, or its quality band), so the count takes one key per pair
+/// of groups, not per pair of rows; the band of a pair is the lower of its rows' bands (bands rise with
+/// quality), which one representative quality per group gives.
+fn pool_keys(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    pool: &[usize],
+) -> HashMap<FusedKey, u64> {
+    // Per group (each modality absent or in its band): its rows and one row's members.
+    type Group = (u64, Vec<Option<f32>>);
+    let mut groups: HashMap<Vec<Option<usize>>, Group> = HashMap::new();
+    for &r in pool {
+        let members = row_members(snap, cal, r);
+        let group = members
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.map(|q| cal.bands(i).map_or(0, |b| b.band(q))))
+            .collect();
+        groups.entry(group).or_insert((0, members)).0 += 1;
+    }
+    let groups: Vec<Group> = groups.into_values().collect();
+    let mut keys: HashMap<FusedKey, u64> = HashMap::new();
+    for (i, (na, a)) in groups.iter().enumerate() {
+        for (j, (nb, b)) in groups.iter().enumerate().skip(i) {
+            let pairs = if i == j {
+                na * na.saturating_sub(1) / 2
+            } else {
+                na * nb
+            };
+            *keys.entry(pair_key(cal, a, b)).or_default() += pairs;
+        }
+    }
+    keys
+}
+
+/// The share of pairs the calibration predicts at or above each threshold, over pairs counted per fused
+/// distribution in `keys`: each at the lowest score it can attain at or above the threshold
+/// ([`Calibration::attainable_fmr`]), which the measured share is compared with.
+fn predicted_shares(
+    keys: &HashMap<FusedKey, u64>,
+    cal: &Calibration,
+    thresholds: &[f64],
+) -> Vec<f64> {
+    let total: u64 = keys.values().sum();
+    thresholds
+        .iter()
+        .map(|&t| {
+            if total == 0 {
+                return crate::fusion::fmr_from_score(t);
+            }
+            keys.iter()
+                .map(|(k, &n)| n as f64 * cal.attainable_fmr(*k, t))
+                .sum::<f64>()
+                / total as f64
+        })
+        .collect()
+}
+
+/// Notes the thresholds whose predicted share lies well below the nominal FMR `10^(−t/10)`: scores jump
+/// there, and the prediction is the model's share at the lowest score the pairs can attain.
+fn attainable_notes(what: &str, predicted: &[(f64, f64)], notes: &mut Vec<String>) {
+    let jumps: Vec<String> = predicted
+        .iter()
+        .filter(|&&(t, p)| p < 0.9 * crate::fusion::fmr_from_score(t))
+        .map(|&(t, p)| {
+            format!(
+                "{t:.0}: {p:.3e} (nominal {:.0e})",
+                crate::fusion::fmr_from_score(t)
+            )
+        })
+        .collect();
+    if !jumps.is_empty() {
+        notes.push(format!(
+            "{what}: the model's fused scores jump over these thresholds (atoms at the LLR floor), so each is \
+             predicted at the lowest score its pairs can attain above it: {}",
+            jumps.join(", ")
+        ));
+    }
 }
 
 /// False matches a calibration point needs before its measured FMR counts as resolved (relative standard

@@ -820,6 +820,14 @@ impl QualityBands {
     }
 }
 
+/// Which fused distribution scores a pair: the modalities it shares (bit `i` for model index `i`) and the
+/// quality band of each (4 bits per modality, band `k` coded `k + 1`, 0 for the pooled model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FusedKey {
+    mask: u32,
+    code: u64,
+}
+
 /// Fitted score models for every modality of a schema, with cached fused-LLR distributions.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Calibration {
@@ -1019,40 +1027,81 @@ impl Calibration {
     /// templates' qualities) picks the band of a banded modality, and the FMR is read off the fused
     /// distribution of those bands (pooled where a modality has no bands or the quality is unknown).
     pub fn fuse_q(&self, scores: &[(usize, f32, Option<f32>)]) -> FusedScore {
-        let mut mask = 0u32;
+        let mut key = FusedKey::default();
         let mut llr = 0.0;
-        let mut code = 0u64;
         for &(i, s, q) in scores {
-            if i >= MAX_MODALITIES {
-                continue;
-            }
-            if let Some((_, model)) = self.models.get(i) {
-                mask |= 1 << i;
-                llr += model.llr(f64::from(s));
-                if let (Some(b), Some(q)) = (self.bands(i), q) {
-                    // Band k is coded k + 1; 0 means pooled.
-                    code |= (b.band(q) as u64 + 1) << (4 * i);
-                }
+            if self.add_to_key(&mut key, i, q) {
+                llr += self.models[i].1.llr(f64::from(s));
             }
         }
-        if mask == 0 {
+        if key.mask == 0 {
             return FusedScore {
                 llr: 0.0,
                 fmr: 1.0,
                 score: 0.0,
             };
         }
-        let fmr = if code == 0 {
-            self.survival(mask).fmr(llr)
-        } else {
-            self.banded_survival(mask, code).fmr(llr)
-        }
-        .clamp(MIN_FMR, 1.0);
+        let fmr = self.with_survival(key, |s| s.fmr(llr)).clamp(MIN_FMR, 1.0);
         FusedScore {
             llr,
             fmr,
             score: score_from_fmr(fmr),
         }
+    }
+
+    /// Adds modality `i` scored at pair quality `q` to `key` as [`Calibration::fuse_q`] scores it; false
+    /// (and `key` unchanged) when `i` is not a fused modality of this calibration.
+    fn add_to_key(&self, key: &mut FusedKey, i: usize, q: Option<f32>) -> bool {
+        if i >= MAX_MODALITIES || i >= self.models.len() {
+            return false;
+        }
+        key.mask |= 1 << i;
+        if let (Some(b), Some(q)) = (self.bands(i), q) {
+            // Band k is coded k + 1; 0 means pooled.
+            key.code |= (b.band(q) as u64 + 1) << (4 * i);
+        }
+        true
+    }
+
+    /// Runs `f` on the fused survival that scores pairs of `key`.
+    fn with_survival<T>(&self, key: FusedKey, f: impl FnOnce(&Survival) -> T) -> T {
+        if key.code == 0 {
+            f(self.survival(key.mask))
+        } else {
+            f(&self.banded_survival(key.mask, key.code))
+        }
+    }
+
+    /// The fused distribution a pair is scored on, from its shared modalities as `(model index, pair
+    /// quality)`: what [`Calibration::attainable_fmr`] needs to predict a share of pairs without cosines.
+    pub fn fused_key(&self, members: &[(usize, Option<f32>)]) -> FusedKey {
+        let mut key = FusedKey::default();
+        for &(i, q) in members {
+            self.add_to_key(&mut key, i, q);
+        }
+        key
+    }
+
+    /// The share of impostor pairs of `key` the model gives a fused score of at least `score`.
+    ///
+    /// Scores are read off a distribution with atoms (every modality's LLR floor, the grid), so they jump:
+    /// with most impostor mass at the floor, a single modality gives score 0 or at least the score of the
+    /// mass above the floor, and no pair can score in between. The nominal FMR `10^(−score/10)` then
+    /// overstates the share predicted at or above `score`; this is the model's FMR at the lowest attainable
+    /// score at or above it, which a measured count must be compared with. At most the nominal FMR.
+    pub fn attainable_fmr(&self, key: FusedKey, score: f64) -> f64 {
+        if key.mask == 0 {
+            // No shared modality: score 0, never above a positive threshold.
+            return if score <= 0.0 { 1.0 } else { 0.0 };
+        }
+        let nominal = fmr_from_score(score);
+        self.with_survival(key, |s| {
+            // The grid's sums carry rounding (the total mass can read 1 + 1e-16): compare with a margin.
+            s.sf.iter()
+                .copied()
+                .find(|&p| p <= nominal * (1.0 + 1e-9))
+                .map_or(0.0, |p| p.min(nominal))
+        })
     }
 
     /// Greedy relaxation of complete budgets `b` (see [`Calibration::candidate_cosines_relaxed`]).
@@ -1448,6 +1497,63 @@ mod tests {
                 surv > measured * 0.7 && surv < measured * 1.5,
                 "q={q}: fused fmr {surv} vs MC {measured}"
             );
+        }
+    }
+
+    #[test]
+    fn attainable_fmr_is_the_largest_fmr_a_pair_at_or_above_the_score_gets() {
+        // A narrow impostor model puts almost all impostor mass on the LLR floor (as look-alike families did).
+        let narrow = ModalityModel {
+            impostor: Gaussian {
+                mean: 0.0,
+                sd: 0.03,
+            },
+            ..ModalityModel::default_for(Modality::Face)
+        };
+        for cal in [
+            Calibration::defaults(&[Modality::Face]),
+            Calibration::from_models(vec![(Modality::Face, narrow)], "test"),
+            Calibration::defaults(&[Modality::Face, Modality::Finger(2)]),
+        ] {
+            let n = cal.models.len();
+            let key = cal.fused_key(&(0..n).map(|i| (i, None)).collect::<Vec<_>>());
+            // Every cosine pair on a fine grid (the second modality coarser), fused.
+            let steps: Vec<f32> = (-100..=1000).map(|k| k as f32 / 1000.0).collect();
+            let mut fused = Vec::new();
+            for &a in &steps {
+                if n == 1 {
+                    fused.push(cal.fuse(&[(0, a)]));
+                } else {
+                    for &b in steps.iter().step_by(10) {
+                        fused.push(cal.fuse(&[(0, a), (1, b)]));
+                    }
+                }
+            }
+            let mut jumped = false;
+            for t in (0..=90).map(f64::from) {
+                let p = cal.attainable_fmr(key, t);
+                let nominal = fmr_from_score(t);
+                assert!(
+                    p <= nominal,
+                    "{n} modalities, score {t}: {p} > nominal {nominal}"
+                );
+                // No pair scoring at or above t has an FMR above p, and some pair has FMR p (up to the
+                // cosine grid of the scan).
+                let top = fused
+                    .iter()
+                    .filter(|f| f.score >= t)
+                    .map(|f| f.fmr)
+                    .fold(0.0, f64::max);
+                assert!(top <= p * (1.0 + 1e-9), "{n}, {t}: a pair at {top} > {p}");
+                assert!(
+                    top >= p * 0.8 || p < 1e-12,
+                    "{n}, {t}: {p} not attained ({top})"
+                );
+                jumped |= p < 0.7 * nominal;
+            }
+            // One modality: the floor atom makes scores just above 0 unattainable (two smooth it out).
+            assert!(jumped || n > 1, "{n} modalities: no jump seen");
+            assert_eq!(cal.attainable_fmr(FusedKey::default(), 10.0), 0.0);
         }
     }
 
