@@ -201,7 +201,8 @@ fn out_of_sample_tails(
             let own = tail_pool(snap, seed, own_cap, false);
             let shared = pool.iter().filter(|r| own.binary_search(r).is_ok()).count();
             notes.push(format!(
-                "{m} tail check: the store has {} live rows, so the check's pool of {} shares {shared} rows with                  the calibration's (not fully out of sample)",
+                "{m} tail check: the store has {} live rows, so the check's pool of {} shares {shared} rows with \
+                 the calibration's (not fully out of sample)",
                 snap.live(),
                 pool.len()
             ));
@@ -242,11 +243,60 @@ pub fn fused_count(
     pool_rows: usize,
     notes: &mut Vec<String>,
 ) -> Result<Option<FusedCount>, EngineError> {
+    fused_count_capped(snap, cal, truth, pool_rows, FUSED_MAX_CANDIDATES, notes)
+}
+
+/// [`fused_count`] holding at most `max_candidates` candidate pairs: it counts from the lowest threshold
+/// whose candidates the model expects to fit in half of that, and marks the thresholds below as not counted.
+pub fn fused_count_capped(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    truth: &HashSet<(usize, usize)>,
+    pool_rows: usize,
+    max_candidates: usize,
+    notes: &mut Vec<String>,
+) -> Result<Option<FusedCount>, EngineError> {
     let pool = tail_pool(snap, 0xf05e, pool_rows, false);
     if pool.len() < 2 {
         return Ok(None);
     }
-    let cosines = cal.candidate_cosines(FUSED_THRESHOLDS[0]);
+    // Count from the lowest threshold whose candidates the model expects to fit in memory: a large pool
+    // (the one that resolves FMR 1e-9) holds too many pairs at score 30, and its low points are resolved by
+    // a smaller pool anyway.
+    let all_pairs = (pool.len() as f64) * (pool.len() as f64 - 1.0) / 2.0;
+    let expected_candidates = |t: f64| -> f64 {
+        let cosines = cal.candidate_cosines(t);
+        let share: f64 = cal
+            .models
+            .iter()
+            .zip(&cosines)
+            .filter_map(|((_, model), c)| c.map(|c| model.impostor_sf(f64::from(c))))
+            .sum();
+        share * all_pairs
+    };
+    let Some(start) = FUSED_THRESHOLDS
+        .iter()
+        .position(|&t| expected_candidates(t) <= max_candidates as f64 / 2.0)
+    else {
+        notes.push(format!(
+            "fused check skipped: even at score {} the {} rows' pairs would give about {:.0} candidate \
+             pairs (at most {max_candidates} are held)",
+            FUSED_THRESHOLDS[FUSED_THRESHOLDS.len() - 1],
+            pool.len(),
+            expected_candidates(FUSED_THRESHOLDS[FUSED_THRESHOLDS.len() - 1])
+        ));
+        return Ok(None);
+    };
+    if start > 0 {
+        notes.push(format!(
+            "fused check counted from score {}: below it the {} rows' pairs would give about {:.0} candidate \
+             pairs (at most {max_candidates} are held); a smaller --fused-rows counts the lower scores",
+            FUSED_THRESHOLDS[start],
+            pool.len(),
+            expected_candidates(FUSED_THRESHOLDS[start - 1])
+        ));
+    }
+    let cosines = cal.candidate_cosines(FUSED_THRESHOLDS[start]);
     let mut candidates: HashSet<(usize, usize)> = HashSet::new();
     for (i, (m, _)) in cal.models.iter().enumerate() {
         let Some(Some(c)) = cosines.get(i) else {
@@ -256,10 +306,11 @@ pub fn fused_count(
             continue;
         };
         candidates.extend(count);
-        if candidates.len() > FUSED_MAX_CANDIDATES {
+        if candidates.len() > max_candidates {
             notes.push(format!(
-                "fused check skipped: more than {FUSED_MAX_CANDIDATES} candidate pairs reach score {} in the                  pool of {} rows",
-                FUSED_THRESHOLDS[0],
+                "fused check skipped: more than {max_candidates} candidate pairs reach score {} in the \
+                 pool of {} rows",
+                FUSED_THRESHOLDS[start],
                 pool.len()
             ));
             return Ok(None);
@@ -285,14 +336,16 @@ pub fn fused_count(
     attainable_notes("fused check", &labelled, notes);
     let points = labelled
         .iter()
-        .map(|&(t, predicted)| {
+        .enumerate()
+        .map(|(k, &(t, predicted))| {
             let events = scores.iter().filter(|&&s| s >= t).count();
-            let resolved = predicted * pairs as f64 >= 1.0;
+            // Below the first counted threshold the candidates were not gathered: not counted.
+            let resolved = k >= start && predicted * pairs as f64 >= 1.0;
             CalibrationPoint {
                 threshold: t,
                 predicted_fmr: predicted,
                 measured_fmr: resolved.then(|| events as f64 / pairs as f64),
-                false_matches: events,
+                false_matches: if k >= start { events } else { 0 },
                 impostor_samples: usize::try_from(pairs).unwrap_or(usize::MAX),
                 measured_ci: resolved.then(|| clopper_pearson(events as u64, pairs, 0.95)),
             }
