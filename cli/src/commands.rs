@@ -797,6 +797,32 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
             cells.join(", ")
         ));
     }
+    if let Some(d) = r.dependence.first() {
+        let cells: Vec<String> = r
+            .dependence
+            .iter()
+            .map(|d| match d.ratio {
+                Some(q) => format!(
+                    "{} at {:.0e}: {q:.2} ({} vs {:.0})",
+                    d.modalities.join("+"),
+                    d.level,
+                    d.joint,
+                    d.expected
+                ),
+                None => format!(
+                    "{} at {:.0e}: under one expected",
+                    d.modalities.join("+"),
+                    d.level
+                ),
+            })
+            .collect();
+        ui.out(format!(
+            "  modalities exceeding their impostor tails together ÷ independence (pairs together vs expected, {} \
+             pairs): {}",
+            d.pairs,
+            cells.join(", ")
+        ));
+    }
 }
 
 fn report(a: &crate::ReportArgs, ui: Ui) -> Result<(), Failure> {

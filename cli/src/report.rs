@@ -155,6 +155,31 @@ fn tails_section(h: &mut String, r: &EvalReport) {
         }
         h.push_str("</table>\n");
     }
+    if !r.dependence.is_empty() {
+        h.push_str(
+            "<h3>Modalities of the same impostor pair exceeding their tails together, against independence</h3>\n\
+             <table id=\"dependence\">\n<tr><th>modalities</th><th>tail level each</th><th>pairs counted</th>\
+             <th>together</th><th>independence predicts</th><th>ratio [95 % CI]</th></tr>\n",
+        );
+        for d in &r.dependence {
+            let ratio = match (d.ratio, d.ratio_ci) {
+                (Some(q), Some((lo, hi))) => format!("{q:.2} [{lo:.2}, {hi:.2}]"),
+                _ => "under one expected".to_string(),
+            };
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td class=\"num\">{:.0e}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{:.1}</td><td class=\"num\">{}</td></tr>",
+                esc(&d.modalities.join(" + ")),
+                d.level,
+                d.pairs,
+                d.joint,
+                d.expected,
+                esc(&ratio),
+            );
+        }
+        h.push_str("</table>\n");
+    }
 }
 
 /// The metrics tables: counts, recall/precision, FNIR at FPIR, notes, cluster sizes.
@@ -843,6 +868,17 @@ mod tests {
             }),
             tail_checks: Vec::new(),
             fused_count: None,
+            dependence: vec![pacha_engine::eval::CoExceedance {
+                modalities: vec!["face".into(), "finger2".into()],
+                level: 1e-3,
+                cosines: vec![0.41, 0.37],
+                marginal: vec![200_000, 200_000],
+                pairs: 200_000_000,
+                joint: 230,
+                expected: 200.0,
+                ratio: Some(1.15),
+                ratio_ci: Some((1.0, 1.31)),
+            }],
         }
     }
 
@@ -889,6 +925,8 @@ mod tests {
                 "svg at {i} lacks a title"
             );
         }
+        assert!(html.contains("<table id=\"dependence\">"));
+        assert!(html.contains("<td>face + finger2</td>") && html.contains("1.15 [1.00, 1.31]"));
         assert!(html.starts_with("<!DOCTYPE html>"));
         assert!(html.trim_end().ends_with("</html>"));
         assert!(

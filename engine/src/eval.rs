@@ -243,6 +243,36 @@ pub struct EvalReport {
     /// The fused score checked against every pair of a pool of rows, labelled genuine pairs left out.
     #[serde(default)]
     pub fused_count: Option<FusedCount>,
+    /// How often modalities of the same impostor pair exceed their tails together, against independence.
+    #[serde(default)]
+    pub dependence: Vec<CoExceedance>,
+}
+
+/// Two or more modalities of the same impostor pairs exceeding their own tail levels together, counted on
+/// every pair of a pool, against what independence predicts from the counted marginals. The fused model
+/// adds modality LLRs and convolves their impostor distributions, which assumes independence given the
+/// quality bands; a ratio near 1 shows the assumption holds at that level, a ratio well above 1 that the
+/// fused FMR there is optimistic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoExceedance {
+    /// The modalities (keys) counted together.
+    pub modalities: Vec<String>,
+    /// The impostor tail level each modality's cosine is set at (from its calibrated model).
+    pub level: f64,
+    /// Per modality, the cosine at `level`.
+    pub cosines: Vec<f32>,
+    /// Per modality, the pool's pairs at or above its cosine.
+    pub marginal: Vec<u64>,
+    /// Pairs of the pool (labelled genuine pairs left out).
+    pub pairs: u64,
+    /// Pairs at or above every modality's cosine at once.
+    pub joint: u64,
+    /// What independence predicts: `pairs · Π (marginal / pairs)`.
+    pub expected: f64,
+    /// `joint / expected` (`None` when fewer than one joint event is expected).
+    pub ratio: Option<f64>,
+    /// Two-sided 95 % Clopper–Pearson interval of the ratio (the marginals' own error is far smaller).
+    pub ratio_ci: Option<(f64, f64)>,
 }
 
 /// Predicted against measured fused FMR over every pair of a pool of rows (not a sample of pairs).
@@ -737,6 +767,7 @@ pub fn evaluate(input: &EvalInput) -> EvalReport {
         run_audit: None,
         tail_checks: Vec::new(),
         fused_count: None,
+        dependence: Vec::new(),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::audit::clopper_pearson;
 use crate::engine::{TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, tail_pool};
-use crate::eval::{CalibrationPoint, EvalInput, EvalReport, FusedCount, ScoredPair};
+use crate::eval::{CalibrationPoint, CoExceedance, EvalInput, EvalReport, FusedCount, ScoredPair};
 use crate::fusion::{Calibration, FusedKey, ModalityTailCheck};
 use crate::matcher::compare_rows;
 use crate::runio::RunData;
@@ -135,6 +135,14 @@ pub fn evaluate_run(
             &truth_set,
             counts.fused_rows,
             &mut report.notes,
+        )?;
+    }
+    if counts.fused_rows >= 2 && cal.models.len() >= 2 {
+        report.dependence = modality_dependence(
+            &snap,
+            &cal,
+            &truth_set,
+            counts.fused_rows.min(DEPENDENCE_ROWS),
         )?;
     }
     // The calibration check resolves only FMRs its impostor sample can see.
@@ -457,6 +465,93 @@ fn attainable_notes(what: &str, predicted: &[(f64, f64)], notes: &mut Vec<String
             jumps.join(", ")
         ));
     }
+}
+
+/// Most rows of the dependence check's pool: at the 1e-2 level each modality keeps about 5 M of its 5·10⁸
+/// pairs.
+const DEPENDENCE_ROWS: usize = 30_000;
+/// Impostor tail levels at which the dependence check counts modalities exceeding together.
+pub const DEPENDENCE_LEVELS: [f64; 2] = [1e-2, 1e-3];
+
+/// Counts, on every pair of a seeded pool of `pool_rows` rows (the fused check's pool, or its first rows),
+/// how often each pair of modalities, and all of them when there are more than two, exceed their own
+/// impostor tail level together, against independence (see [`CoExceedance`]). Labelled genuine pairs are
+/// left out: a duplicate enrolment is expected to match in every modality.
+pub fn modality_dependence(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    truth: &HashSet<(usize, usize)>,
+    pool_rows: usize,
+) -> Result<Vec<CoExceedance>, EngineError> {
+    let pool = tail_pool(snap, 0xf05e, pool_rows, false);
+    let n = cal.models.len();
+    if pool.len() < 2 || n < 2 {
+        return Ok(Vec::new());
+    }
+    let in_pool: HashSet<usize> = pool.iter().copied().collect();
+    let excluded = truth
+        .iter()
+        .filter(|(a, b)| in_pool.contains(a) && in_pool.contains(b))
+        .count() as u64;
+    let p = pool.len() as u64;
+    let pairs = (p * (p - 1) / 2).saturating_sub(excluded);
+    // Subsets: every pair of modalities, and all of them when there are more than two.
+    let mut subsets: Vec<Vec<usize>> = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            subsets.push(vec![i, j]);
+        }
+    }
+    if n > 2 {
+        subsets.push((0..n).collect());
+    }
+    let mut out = Vec::new();
+    for level in DEPENDENCE_LEVELS {
+        let mut cosines = Vec::with_capacity(n);
+        let mut sets: Vec<HashSet<(usize, usize)>> = Vec::with_capacity(n);
+        for (m, model) in &cal.models {
+            let c = cosine_at(&|s| model.impostor_sf(s), level);
+            let found = count_pool_tail_pairs(snap, *m, &pool, c)?.unwrap_or_default();
+            cosines.push(c as f32);
+            sets.push(found.into_iter().filter(|q| !truth.contains(q)).collect());
+        }
+        for members in &subsets {
+            let smallest = members
+                .iter()
+                .copied()
+                .min_by_key(|&i| sets[i].len())
+                .unwrap_or(members[0]);
+            let joint = sets[smallest]
+                .iter()
+                .filter(|q| {
+                    members
+                        .iter()
+                        .all(|&i| i == smallest || sets[i].contains(q))
+                })
+                .count() as u64;
+            let marginal: Vec<u64> = members.iter().map(|&i| sets[i].len() as u64).collect();
+            let expected = marginal
+                .iter()
+                .fold(pairs as f64, |e, &k| e * k as f64 / pairs.max(1) as f64);
+            let resolved = expected >= 1.0;
+            out.push(CoExceedance {
+                modalities: members.iter().map(|&i| cal.models[i].0.key()).collect(),
+                level,
+                cosines: members.iter().map(|&i| cosines[i]).collect(),
+                marginal,
+                pairs,
+                joint,
+                expected,
+                ratio: resolved.then(|| joint as f64 / expected),
+                ratio_ci: resolved.then(|| {
+                    let (lo, hi) = clopper_pearson(joint, pairs, 0.95);
+                    let share = expected / pairs as f64;
+                    (lo / share, hi / share)
+                }),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// False matches a calibration point needs before its measured FMR counts as resolved (relative standard

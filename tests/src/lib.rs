@@ -45,11 +45,23 @@ pub fn config(records: u64, seed: u64) -> PopulationConfig {
 /// Generates `cfg` straight into a new engine in `dir` (no intermediate files), keeping only `keep`
 /// modalities (all when `None`).
 pub fn load(dir: &Path, cfg: &PopulationConfig, keep: Option<&[Modality]>) -> Loaded {
+    load_edited(dir, cfg, keep, &|_| {})
+}
+
+/// Like [`load`], with `edit` applied to each generated batch before it is inserted (to build populations
+/// the generator does not make, e.g. modalities that move together).
+pub fn load_edited(
+    dir: &Path,
+    cfg: &PopulationConfig,
+    keep: Option<&[Modality]>,
+    edit: &dyn Fn(&mut pacha_datasets::RecordBatch),
+) -> Loaded {
     let g = Generator::new(cfg.clone()).expect("valid config");
     let kept = |m: Modality| keep.is_none_or(|k| k.contains(&m));
     let schema = Schema::of(g.modalities().into_iter().filter(|(m, _)| kept(*m)));
     let engine = Engine::create(dir, schema).expect("create engine");
     for mut b in g.batches(4096) {
+        edit(&mut b.records);
         b.records.blocks.retain(|blk| kept(blk.modality));
         // A record left without any template (possible when modalities are dropped) is not enrollable.
         let keep_rows: Vec<bool> = (0..b.records.len())

@@ -4,8 +4,8 @@
 
 use pacha_engine::Modality;
 use pacha_engine::engine::CalibrateOptions;
-use pacha_engine::evaluation::{fused_count, fused_count_capped};
-use pacha_tests::{config, load};
+use pacha_engine::evaluation::{fused_count, fused_count_capped, modality_dependence};
+use pacha_tests::{config, load, load_edited};
 use std::collections::{HashMap, HashSet};
 
 #[test]
@@ -410,6 +410,88 @@ fn lookalike_families_keep_distinct_fused_values_and_a_fused_fmr_that_follows_th
             (1.0 / FUSED_FACTOR..FUSED_FACTOR).contains(&q),
             "score {t}: {q}"
         );
+    }
+}
+
+#[test]
+fn dependence_check_sees_modalities_that_move_together_and_not_independent_ones() {
+    // Coupled: each finger-2 template leans on its own record's face (its first 256 components), so the
+    // same impostor pair scores high in both; the generator draws the two independently.
+    let couple = |b: &mut pacha_datasets::RecordBatch| {
+        let face = b
+            .blocks
+            .iter()
+            .position(|k| k.modality == Modality::Face)
+            .unwrap();
+        let finger = b
+            .blocks
+            .iter()
+            .position(|k| k.modality == Modality::Finger(2))
+            .unwrap();
+        let dim = b.blocks[finger].dim;
+        for i in 0..b.len() {
+            if !(b.blocks[face].present[i] && b.blocks[finger].present[i]) {
+                continue;
+            }
+            let f: Vec<f32> = b.blocks[face].row(i)[..dim].to_vec();
+            let fn_ = f.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let row = &mut b.blocks[finger].data[i * dim..(i + 1) * dim];
+            for (x, y) in row.iter_mut().zip(&f) {
+                *x = 0.4 * *x + 0.6 * y / fn_;
+            }
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= n);
+        }
+    };
+    for coupled in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let pop = if coupled {
+            load_edited(dir.path(), &config(6_000, 21), None, &couple)
+        } else {
+            load(dir.path(), &config(6_000, 21), None)
+        };
+        let e = &pop.engine;
+        e.calibrate(&CalibrateOptions {
+            genuine: Some(&pop.truth),
+            tail_rows: 3_000,
+            ..CalibrateOptions::default()
+        })
+        .unwrap();
+        let snap = e.snapshot();
+        let cal = e.calibration();
+        let truth = truth_rows(&snap, &pop.truth);
+        let d = modality_dependence(&snap, &cal, &truth, snap.rows()).unwrap();
+        // Pairs of the three modalities and all three, at two levels.
+        assert_eq!(d.len(), 2 * 4, "{d:?}");
+        let pair = d
+            .iter()
+            .find(|c| c.level == 1e-2 && c.modalities == ["face", "finger2"])
+            .expect("face + finger2 at 1e-2");
+        // The marginals are the counted pairs at the model's cosines: near the level.
+        for &m in &pair.marginal {
+            let share = m as f64 / pair.pairs as f64;
+            assert!((0.3e-2..3e-2).contains(&share), "{share}");
+        }
+        let ratio = pair.ratio.expect("events expected");
+        let (lo, hi) = pair.ratio_ci.unwrap();
+        eprintln!(
+            "coupled {coupled}: {} together vs {:.0} expected, ratio {ratio:.2} [{lo:.2}, {hi:.2}]",
+            pair.joint, pair.expected
+        );
+        assert!(pair.expected > 500.0, "{}", pair.expected);
+        if coupled {
+            assert!(lo > 3.0, "coupled modalities: {ratio} [{lo}, {hi}]");
+        } else {
+            assert!(
+                (0.8..1.25).contains(&ratio),
+                "independent modalities: {ratio}"
+            );
+            let fingers = d
+                .iter()
+                .find(|c| c.level == 1e-2 && c.modalities == ["finger2", "finger7"])
+                .unwrap();
+            assert!((0.8..1.25).contains(&fingers.ratio.unwrap()), "{fingers:?}");
+        }
     }
 }
 
