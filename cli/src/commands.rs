@@ -787,7 +787,16 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
                     m / p.predicted_fmr,
                     p.false_matches
                 ),
-                None => format!("{:.0}: not counted", p.threshold),
+                // Under one predicted event: the count cannot resolve the prediction (0 events agree with it).
+                None if p.predicted_fmr * f.pairs as f64 >= 1.0 => {
+                    format!("{:.0}: not counted", p.threshold)
+                }
+                None => format!(
+                    "{:.0}: unresolved ({} events, {:.1e} predicted)",
+                    p.threshold,
+                    p.false_matches,
+                    p.predicted_fmr * f.pairs as f64
+                ),
             })
             .collect();
         ui.out(format!(

@@ -984,7 +984,7 @@ pub fn fit_calibration(
         drop(sampled_pairs);
         if let Some(t) = &model.impostor_tail {
             notes.push(format!(
-                "{m}: tail GPD above {:.4} (p_u {:.2e}, xi {:.3}, sigma {:.4}) from {} of {} counted pairs{}",
+                "{m}: tail GPD above {:.4} (p_u {:.2e}, xi {:.3}, sigma {:.4}) from {} of {} counted pairs{}{}",
                 t.u,
                 t.p_u,
                 t.xi,
@@ -992,7 +992,12 @@ pub fn fit_calibration(
                 t.exceedances,
                 t.pairs,
                 t.truncated_at
-                    .map_or(String::new(), |v| format!(", truncated at {v:.4} (unlabelled)"))
+                    .map_or(String::new(), |v| format!(", truncated at {v:.4} (unlabelled)")),
+                t.top.map_or(String::new(), |p| format!(
+                    "; the model reads the count itself down to {:.2e} (cosine {:.4}) and a GPD fitted to the {} \
+                     counted pairs above it beyond (xi {:.3}, sigma {:.4})",
+                    p.p_top, p.u, p.exceedances, p.xi, p.sigma
+                ))
             ));
         }
         tail_checks.extend(check);

@@ -1722,6 +1722,7 @@ mod tests {
             pairs: 1_000_000,
             exceedances: 250,
             truncated_at: None,
+            top: None,
         };
         let model = ModalityModel {
             genuine: Gaussian { mean: 0.7, sd: 0.1 },
@@ -1758,6 +1759,7 @@ mod tests {
             pairs: 1_000_000,
             exceedances: 50_000,
             truncated_at: None,
+            top: None,
         };
         let with = |m: &ModalityModel, sigma: f64| ModalityModel {
             impostor_tail: Some(tail(sigma)),
@@ -1914,6 +1916,7 @@ mod tests {
             pairs: 800_000_000,
             exceedances: 240_000,
             truncated_at: None,
+            top: None,
         };
         ModalityModel::new(
             Gaussian {
@@ -2065,6 +2068,7 @@ mod tests {
             pairs: 800_000_000,
             exceedances: 80_000,
             truncated_at: None,
+            top: None,
         });
         let cal = Calibration::from_models(
             vec![
@@ -2130,6 +2134,7 @@ mod tests {
                         pairs: 1_000_000_000,
                         exceedances: 10_000,
                         truncated_at: None,
+                        top: None,
                     });
                     ModalityModel::new(Gaussian { mean: gm, sd: gs }, impostor, tail, body)
                 })
