@@ -1116,22 +1116,41 @@ pub fn count_pool_tail_pairs(
     pool: &[usize],
     c: f64,
 ) -> Result<Option<Vec<(usize, usize)>>, EngineError> {
+    let mut out = Vec::new();
+    let held = stream_pool_pairs(snap, m, pool, c, &mut |batch| out.extend_from_slice(batch))?;
+    Ok(held.then_some(out))
+}
+
+/// A consumer of batches of row pairs.
+pub type PairSink<'a> = dyn FnMut(&[(usize, usize)]) + 'a;
+
+/// Streams to `sink`, batch by batch, every pair `(a, b)` (store rows, `a < b`) of `pool` whose modality-`m`
+/// cosine is at least `c` (exact GEMM self-join); false when fewer than 2 pool rows hold `m`. Memory is one
+/// batch, whatever the number of pairs.
+pub fn stream_pool_pairs(
+    snap: &Snapshot,
+    m: Modality,
+    pool: &[usize],
+    c: f64,
+    sink: &mut PairSink<'_>,
+) -> Result<bool, EngineError> {
     let Some((data, pool_rows, dim)) = pool_templates(snap, m, pool)? else {
-        return Ok(None);
+        return Ok(false);
     };
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("pool of {m}: {e}")))?;
-    let mut out = Vec::new();
+    let mut rows = Vec::new();
     pacha_index::exact::self_join_with(view, c as f32, None, &mut |batch| {
-        out.extend(
-            batch
-                .iter()
-                .map(|p| (pool_rows[p.a as usize], pool_rows[p.b as usize])),
-        );
+        rows.clear();
+        rows.extend(batch.iter().map(|p| {
+            let (a, b) = (pool_rows[p.a as usize], pool_rows[p.b as usize]);
+            (a.min(b), a.max(b))
+        }));
+        sink(&rows);
         std::ops::ControlFlow::Continue(())
     })
     .map_err(|e| EngineError::Calibration(format!("joining the pool of {m}: {e}")))?;
-    Ok(Some(out))
+    Ok(true)
 }
 
 /// Templates of one modality held by a pool of rows: dense data, their row numbers, the dimension.

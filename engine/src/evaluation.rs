@@ -1,14 +1,18 @@
 //! Evaluation of a dedup run against ground truth: gathers the genuine and impostor score samples from the
 //! store and hands everything to [`crate::eval::evaluate`].
 
+use crate::Modality;
 use crate::audit::clopper_pearson;
-use crate::engine::{TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, tail_pool};
+use crate::engine::{
+    TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, stream_pool_pairs, tail_pool,
+};
 use crate::eval::{CalibrationPoint, CoExceedance, EvalInput, EvalReport, FusedCount, ScoredPair};
 use crate::fusion::{Calibration, FusedKey, ModalityTailCheck};
-use crate::matcher::compare_rows;
+use crate::matcher::{compare_rows, fused_rows};
 use crate::runio::RunData;
 use crate::tail::{TAIL_START, cosine_at};
 use crate::{Engine, EngineError};
+use pacha_index::kernels::dot_f32;
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
@@ -187,8 +191,6 @@ impl Default for EvalCounts {
 }
 /// Fused-score thresholds of the fused check.
 pub const FUSED_THRESHOLDS: [f64; 7] = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0];
-/// Most candidate pairs the fused check rescores before it gives up (memory bound).
-const FUSED_MAX_CANDIDATES: usize = 50_000_000;
 
 /// Checks each modality's impostor model on every pair of a pool disjoint from the calibration's (the rows
 /// whose hash is largest where the calibration took the smallest), labelled genuine pairs left out.
@@ -241,9 +243,13 @@ fn out_of_sample_tails(
 }
 
 /// Scores every pair of a seeded pool of `pool_rows` live rows on the fused scale and compares the share at or
-/// above each of [`FUSED_THRESHOLDS`] with the FMR the calibration predicts there. Pairs that can reach the
+/// above each of [`FUSED_THRESHOLDS`] with the share the calibration predicts there. Pairs that can reach the
 /// lowest threshold are found per modality by the exact GEMM join at the calibration's complete candidate
-/// cosines (pigeonhole: no pair that reaches it is missed), then fused.
+/// cosines (pigeonhole: no pair that reaches it is missed) and streamed: each is fused in the first modality
+/// (in model order) whose cosine it reaches, so it is counted once without holding the candidates, and a
+/// pool of 320 000 rows (5·10¹⁰ pairs, what FMR 1e-9 needs) costs time, not memory. (A pair whose cosine
+/// sits within f32 rounding of an earlier modality's candidate cosine could be counted twice or not at all;
+/// the GEMM and the scalar dot agree to about 1e-7.)
 pub fn fused_count(
     snap: &crate::store::Snapshot,
     cal: &Calibration,
@@ -251,78 +257,52 @@ pub fn fused_count(
     pool_rows: usize,
     notes: &mut Vec<String>,
 ) -> Result<Option<FusedCount>, EngineError> {
-    fused_count_capped(snap, cal, truth, pool_rows, FUSED_MAX_CANDIDATES, notes)
-}
-
-/// [`fused_count`] holding at most `max_candidates` candidate pairs: it counts from the lowest threshold
-/// whose candidates the model expects to fit in half of that, and marks the thresholds below as not counted.
-pub fn fused_count_capped(
-    snap: &crate::store::Snapshot,
-    cal: &Calibration,
-    truth: &HashSet<(usize, usize)>,
-    pool_rows: usize,
-    max_candidates: usize,
-    notes: &mut Vec<String>,
-) -> Result<Option<FusedCount>, EngineError> {
     let pool = tail_pool(snap, 0xf05e, pool_rows, false);
     if pool.len() < 2 {
         return Ok(None);
     }
-    // Count from the lowest threshold whose candidates the model expects to fit in memory: a large pool
-    // (the one that resolves FMR 1e-9) holds too many pairs at score 30, and its low points are resolved by
-    // a smaller pool anyway.
-    let all_pairs = (pool.len() as f64) * (pool.len() as f64 - 1.0) / 2.0;
-    let expected_candidates = |t: f64| -> f64 {
-        let cosines = cal.candidate_cosines(t);
-        let share: f64 = cal
-            .models
-            .iter()
-            .zip(&cosines)
-            .filter_map(|((_, model), c)| c.map(|c| model.impostor_sf(f64::from(c))))
-            .sum();
-        share * all_pairs
-    };
-    let Some(start) = FUSED_THRESHOLDS
-        .iter()
-        .position(|&t| expected_candidates(t) <= max_candidates as f64 / 2.0)
-    else {
-        notes.push(format!(
-            "fused check skipped: even at score {} the {} rows' pairs would give about {:.0} candidate \
-             pairs (at most {max_candidates} are held)",
-            FUSED_THRESHOLDS[FUSED_THRESHOLDS.len() - 1],
-            pool.len(),
-            expected_candidates(FUSED_THRESHOLDS[FUSED_THRESHOLDS.len() - 1])
-        ));
-        return Ok(None);
-    };
-    if start > 0 {
-        notes.push(format!(
-            "fused check counted from score {}: below it the {} rows' pairs would give about {:.0} candidate \
-             pairs (at most {max_candidates} are held); a smaller --fused-rows counts the lower scores",
-            FUSED_THRESHOLDS[start],
-            pool.len(),
-            expected_candidates(FUSED_THRESHOLDS[start - 1])
-        ));
-    }
-    let cosines = cal.candidate_cosines(FUSED_THRESHOLDS[start]);
-    let mut candidates: HashSet<(usize, usize)> = HashSet::new();
+    let cosines = cal.candidate_cosines(FUSED_THRESHOLDS[0]);
+    // Per threshold, impostor pairs at or above it.
+    let mut events = [0u64; FUSED_THRESHOLDS.len()];
     for (i, (m, _)) in cal.models.iter().enumerate() {
         let Some(Some(c)) = cosines.get(i) else {
             continue;
         };
-        let Some(count) = count_pool_tail_pairs(snap, *m, &pool, f64::from(*c))? else {
-            continue;
-        };
-        candidates.extend(count);
-        if candidates.len() > max_candidates {
-            notes.push(format!(
-                "fused check skipped: more than {max_candidates} candidate pairs reach score {} in the \
-                 pool of {} rows",
-                FUSED_THRESHOLDS[start],
-                pool.len()
-            ));
-            return Ok(None);
-        }
+        // The earlier modalities' candidate cosines: a pair reaching one was scored there.
+        let earlier: Vec<(Modality, f32)> = cal.models[..i]
+            .iter()
+            .zip(&cosines)
+            .filter_map(|((m, _), c)| Some((*m, (*c)?)))
+            .collect();
+        stream_pool_pairs(snap, *m, &pool, f64::from(*c), &mut |batch| {
+            let counted = batch
+                .par_iter()
+                .filter(|p| !truth.contains(p))
+                .filter(|&&(a, b)| {
+                    !earlier.iter().any(|&(e, ce)| {
+                        match (snap.template(e, a), snap.template(e, b)) {
+                            (Some(x), Some(y)) => dot_f32(x, y) >= ce,
+                            _ => false,
+                        }
+                    })
+                })
+                .map(|&(a, b)| {
+                    let s = fused_rows(snap, cal, a, b).score;
+                    let mut e = [0u64; FUSED_THRESHOLDS.len()];
+                    for (k, t) in FUSED_THRESHOLDS.iter().enumerate() {
+                        e[k] = u64::from(s >= *t);
+                    }
+                    e
+                })
+                .reduce(
+                    || [0u64; FUSED_THRESHOLDS.len()],
+                    |mut x, y| {
+                        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+                        x
+                    },
+                );
+            events.iter_mut().zip(counted).for_each(|(a, b)| *a += b);
+        })?;
     }
     let in_pool: HashSet<usize> = pool.iter().copied().collect();
     let excluded = truth
@@ -331,31 +311,21 @@ pub fn fused_count_capped(
         .count() as u64;
     let n = pool.len() as u64;
     let pairs = (n * (n - 1) / 2).saturating_sub(excluded);
-    let list: Vec<(usize, usize)> = candidates
-        .into_iter()
-        .filter(|p| !truth.contains(p))
-        .collect();
-    let scores: Vec<f64> = list
-        .par_iter()
-        .map(|&(a, b)| compare_rows(snap, cal, a, b).fused.score)
-        .collect();
     let predicted = predicted_shares(&pool_keys(snap, cal, &pool), cal, &FUSED_THRESHOLDS);
     let labelled: Vec<(f64, f64)> = FUSED_THRESHOLDS.iter().copied().zip(predicted).collect();
     attainable_notes("fused check", &labelled, notes);
     let points = labelled
         .iter()
-        .enumerate()
-        .map(|(k, &(t, predicted))| {
-            let events = scores.iter().filter(|&&s| s >= t).count();
-            // Below the first counted threshold the candidates were not gathered: not counted.
-            let resolved = k >= start && predicted * pairs as f64 >= 1.0;
+        .zip(events)
+        .map(|(&(t, predicted), events)| {
+            let resolved = predicted * pairs as f64 >= 1.0;
             CalibrationPoint {
                 threshold: t,
                 predicted_fmr: predicted,
                 measured_fmr: resolved.then(|| events as f64 / pairs as f64),
-                false_matches: if k >= start { events } else { 0 },
+                false_matches: usize::try_from(events).unwrap_or(usize::MAX),
                 impostor_samples: usize::try_from(pairs).unwrap_or(usize::MAX),
-                measured_ci: resolved.then(|| clopper_pearson(events as u64, pairs, 0.95)),
+                measured_ci: resolved.then(|| clopper_pearson(events, pairs, 0.95)),
             }
         })
         .collect();
