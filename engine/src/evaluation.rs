@@ -304,13 +304,7 @@ pub fn fused_count(
             events.iter_mut().zip(counted).for_each(|(a, b)| *a += b);
         })?;
     }
-    let in_pool: HashSet<usize> = pool.iter().copied().collect();
-    let excluded = truth
-        .iter()
-        .filter(|(a, b)| in_pool.contains(a) && in_pool.contains(b))
-        .count() as u64;
-    let n = pool.len() as u64;
-    let pairs = (n * (n - 1) / 2).saturating_sub(excluded);
+    let pairs = pool_impostor_pairs(&pool, truth);
     let predicted = predicted_shares(&pool_keys(snap, cal, &pool), cal, &FUSED_THRESHOLDS);
     let labelled: Vec<(f64, f64)> = FUSED_THRESHOLDS.iter().copied().zip(predicted).collect();
     attainable_notes("fused check", &labelled, notes);
@@ -334,6 +328,17 @@ pub fn fused_count(
         pairs,
         points,
     }))
+}
+
+/// The pairs of `pool` minus the labelled genuine pairs among them.
+fn pool_impostor_pairs(pool: &[usize], truth: &HashSet<(usize, usize)>) -> u64 {
+    let in_pool: HashSet<usize> = pool.iter().copied().collect();
+    let excluded = truth
+        .iter()
+        .filter(|(a, b)| in_pool.contains(a) && in_pool.contains(b))
+        .count() as u64;
+    let n = pool.len() as u64;
+    (n * n.saturating_sub(1) / 2).saturating_sub(excluded)
 }
 
 /// Per fused model index, the row's pair quality for that modality when the row has its template.
@@ -458,13 +463,7 @@ pub fn modality_dependence(
     if pool.len() < 2 || n < 2 {
         return Ok(Vec::new());
     }
-    let in_pool: HashSet<usize> = pool.iter().copied().collect();
-    let excluded = truth
-        .iter()
-        .filter(|(a, b)| in_pool.contains(a) && in_pool.contains(b))
-        .count() as u64;
-    let p = pool.len() as u64;
-    let pairs = (p * (p - 1) / 2).saturating_sub(excluded);
+    let pairs = pool_impostor_pairs(&pool, truth);
     // Subsets: every pair of modalities, and all of them when there are more than two.
     let mut subsets: Vec<Vec<usize>> = Vec::new();
     for i in 0..n {
