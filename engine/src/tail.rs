@@ -143,12 +143,12 @@ fn gpd_ln_pdf(y: f64, xi: f64, sigma: f64) -> f64 {
     }
 }
 
-/// Negative log-likelihood of excesses `ys` under a GPD (ξ, σ), conditioned on staying below `ymax_trunc`.
-fn gpd_nll(ys: &[f64], xi: f64, sigma: f64, ymax_trunc: Option<f64>) -> f64 {
+/// Negative log-likelihood of excesses `ys` (the largest `y_max`) under a GPD (ξ, σ), conditioned on staying
+/// below `ymax_trunc`.
+fn gpd_nll(ys: &[f64], y_max: f64, xi: f64, sigma: f64, ymax_trunc: Option<f64>) -> f64 {
     if sigma.is_nan() || sigma <= 0.0 {
         return f64::INFINITY;
     }
-    let y_max = ys.iter().copied().fold(0.0f64, f64::max);
     if xi < 0.0 && 1.0 + xi * y_max / sigma <= 0.0 {
         return f64::INFINITY;
     }
@@ -163,17 +163,18 @@ fn gpd_nll(ys: &[f64], xi: f64, sigma: f64, ymax_trunc: Option<f64>) -> f64 {
     if ll.is_finite() { -ll } else { f64::INFINITY }
 }
 
-/// Maximum-likelihood GPD (ξ, σ) of excesses `ys` (truncated at `ymax_trunc`) and its negative log-likelihood.
-fn gpd_fit(ys: &[f64], ymax_trunc: Option<f64>) -> (f64, f64, f64) {
+/// Maximum-likelihood GPD (ξ, σ) of excesses `ys` (truncated at `ymax_trunc`).
+fn gpd_fit(ys: &[f64], ymax_trunc: Option<f64>) -> (f64, f64) {
     let mean = ys.iter().sum::<f64>() / ys.len().max(1) as f64;
+    let y_max = ys.iter().copied().fold(0.0f64, f64::max);
     let start = [0.0, mean.max(1e-6).ln()];
-    let (best, nll) = nelder_mead(
-        |p| gpd_nll(ys, p[0], p[1].exp(), ymax_trunc),
+    let (best, _) = nelder_mead(
+        |p| gpd_nll(ys, y_max, p[0], p[1].exp(), ymax_trunc),
         start,
         [0.1, 0.3],
         400,
     );
-    (best[0], best[1].exp(), nll)
+    (best[0], best[1].exp())
 }
 
 impl TailModel {
@@ -224,7 +225,7 @@ impl TailModel {
             )));
         }
         let ymax_trunc = truncate_at.map(|v| v - u);
-        let (xi, sigma, _) = gpd_fit(&ys, ymax_trunc);
+        let (xi, sigma) = gpd_fit(&ys, ymax_trunc);
         if !(xi.is_finite() && sigma.is_finite() && sigma > 0.0) {
             return Err(EngineError::Calibration(format!(
                 "the tail fit above {u:.4} did not converge (xi {xi}, sigma {sigma})"
@@ -287,7 +288,7 @@ impl TailModel {
         if ys.len() < MIN_EXCEEDANCES {
             return None;
         }
-        let (xi, sigma, _) = gpd_fit(&ys, None);
+        let (xi, sigma) = gpd_fit(&ys, None);
         let counted_top = (sorted.len() - sorted.partition_point(|&x| x < top_u)) as f64 / n;
         (xi.is_finite() && sigma.is_finite() && sigma > 0.0).then_some(TopPiece {
             cosines,
