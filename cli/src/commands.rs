@@ -788,21 +788,21 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
                     p.false_matches
                 ),
                 // Under one predicted event: the count cannot resolve the prediction (0 events agree with it).
-                None if p.predicted_fmr * f.pairs as f64 >= 1.0 => {
+                None if p.predicted_fmr * p.impostor_samples as f64 >= 1.0 => {
                     format!("{:.0}: not counted", p.threshold)
                 }
                 None => format!(
                     "{:.0}: unresolved ({} events, {:.1e} predicted)",
                     p.threshold,
                     p.false_matches,
-                    p.predicted_fmr * f.pairs as f64
+                    p.predicted_fmr * p.impostor_samples as f64
                 ),
             })
             .collect();
         ui.out(format!(
-            "  fused score, measured/predicted FMR (events) over all {} pairs of {} rows: {}",
-            f.pairs,
+            "  fused score, measured/predicted FMR (events) over every pair of pools of up to {} rows ({} pairs): {}",
             f.pool_rows,
+            f.pairs,
             cells.join(", ")
         ));
     }

@@ -134,16 +134,20 @@ fn tails_section(h: &mut String, r: &EvalReport) {
     if let Some(f) = &r.fused_count {
         let _ = writeln!(
             h,
-            "<h3>Fused score: measured ÷ predicted FMR over all {} pairs of {} rows</h3>\n\
-             <table id=\"fused-count\">\n<tr><th>score</th><th>predicted FMR</th><th>measured ÷ predicted</th></tr>",
-            f.pairs, f.pool_rows
+            "<h3>Fused score: measured ÷ predicted FMR over all pairs of pools of up to {} rows</h3>\n\
+             <table id=\"fused-count\">\n<tr><th>score</th><th>rows</th><th>pairs counted</th><th>predicted FMR</th>\
+             <th>measured ÷ predicted</th></tr>",
+            f.pool_rows
         );
-        for p in &f.points {
+        for (k, p) in f.points.iter().enumerate() {
+            let rows = f.point_rows.get(k).copied().unwrap_or(f.pool_rows);
             let ratio = p.measured_fmr.map(|m| m / p.predicted_fmr);
             let _ = writeln!(
                 h,
-                "<tr><td class=\"num\">{:.0}</td><td class=\"num\">{:.2e}</td><td class=\"num\">{}</td></tr>",
+                "<tr><td class=\"num\">{:.0}</td><td class=\"num\">{rows}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{:.2e}</td><td class=\"num\">{}</td></tr>",
                 p.threshold,
+                p.impostor_samples,
                 p.predicted_fmr,
                 esc(&ratio_cell(
                     p.predicted_fmr,

@@ -284,6 +284,10 @@ pub struct FusedCount {
     pub pairs: u64,
     /// One point per fused-score threshold; `measured_fmr` is `None` where the count expects under one event.
     pub points: Vec<CalibrationPoint>,
+    /// Per point, the rows of the nested sub-pool it was counted on (low scores, whose candidates are many,
+    /// on fewer rows; see [`crate::evaluation::fused_count`]). Empty in reports written before it existed.
+    #[serde(default)]
+    pub point_rows: Vec<usize>,
 }
 
 /// Serialises non-finite `f64` as `null` and reads `null` back as `NaN` (JSON has no NaN).

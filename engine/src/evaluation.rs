@@ -242,14 +242,24 @@ fn out_of_sample_tails(
     Ok(out)
 }
 
-/// Scores every pair of a seeded pool of `pool_rows` live rows on the fused scale and compares the share at or
-/// above each of [`FUSED_THRESHOLDS`] with the share the calibration predicts there. Pairs that can reach the
-/// lowest threshold are found per modality by the exact GEMM join at the calibration's complete candidate
-/// cosines (pigeonhole: no pair that reaches it is missed) and streamed: each is fused in the first modality
-/// (in model order) whose cosine it reaches, so it is counted once without holding the candidates, and a
-/// pool of 320 000 rows (5·10¹⁰ pairs, what FMR 1e-9 needs) costs time, not memory. (A pair whose cosine
-/// sits within f32 rounding of an earlier modality's candidate cosine could be counted twice or not at all;
-/// the GEMM and the scalar dot agree to about 1e-7.)
+/// Candidate pairs (summed over modalities, as the impostor models predict them) one pass of the fused
+/// check may stream: about a minute of fusing on two cores.
+pub const FUSED_CANDIDATES: f64 = 2e8;
+
+/// Scores every pair of a seeded pool of up to `pool_rows` live rows on the fused scale and compares the
+/// share at or above each of [`FUSED_THRESHOLDS`] with the share the calibration predicts there. Pairs that
+/// can reach a threshold are found per modality by the exact GEMM join at the calibration's complete
+/// candidate cosines (pigeonhole: no pair that reaches it is missed) and streamed: each is fused in the first
+/// modality (in model order) whose cosine it reaches, so it is counted once without holding the candidates.
+/// (A pair whose cosine sits within f32 rounding of an earlier modality's candidate cosine could be counted
+/// twice or not at all; the GEMM and the scalar dot agree to about 1e-7.)
+///
+/// A low threshold's candidate cosines are low: at score 30 a large share of all pairs are candidates, and a
+/// pool of 320 000 rows (5·10¹⁰ pairs, what FMR 1e-9 needs) would fuse billions of them. So each threshold
+/// is counted on the largest nested sub-pool (the same seeded order, fewer rows) whose predicted candidates
+/// stay within [`FUSED_CANDIDATES`]; thresholds sharing a sub-pool share one pass. Low scores, which are
+/// common, are resolved on fewer rows; each point's `impostor_samples` says how many pairs it counted, and a
+/// note names the thresholds counted on fewer rows than asked for.
 pub fn fused_count(
     snap: &crate::store::Snapshot,
     cal: &Calibration,
@@ -257,13 +267,99 @@ pub fn fused_count(
     pool_rows: usize,
     notes: &mut Vec<String>,
 ) -> Result<Option<FusedCount>, EngineError> {
-    let pool = tail_pool(snap, 0xf05e, pool_rows, false);
-    if pool.len() < 2 {
+    fused_count_within(snap, cal, truth, pool_rows, FUSED_CANDIDATES, notes)
+}
+
+/// Seed of the fused check's pool ([`tail_pool`] order: a smaller pool is the first rows of a larger one).
+pub const FUSED_POOL_SEED: u64 = 0xf05e;
+
+/// [`fused_count`] with the per-pass candidate budget `max_candidates`.
+pub fn fused_count_within(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    truth: &HashSet<(usize, usize)>,
+    pool_rows: usize,
+    max_candidates: f64,
+    notes: &mut Vec<String>,
+) -> Result<Option<FusedCount>, EngineError> {
+    let full = tail_pool(snap, FUSED_POOL_SEED, pool_rows, false).len();
+    if full < 2 {
         return Ok(None);
     }
-    let cosines = cal.candidate_cosines(FUSED_THRESHOLDS[0]);
+    // Per threshold, the rows of the sub-pool it is counted on (never fewer than a lower threshold's).
+    let mut rows_at = Vec::with_capacity(FUSED_THRESHOLDS.len());
+    for &t in &FUSED_THRESHOLDS {
+        let share: f64 = cal
+            .models
+            .iter()
+            .zip(cal.candidate_cosines(t))
+            .map(|((_, model), c)| c.map_or(0.0, |c| model.impostor_sf(f64::from(c))))
+            .sum();
+        // n(n-1)/2 · share ≤ budget.
+        let fit = (2.0 * max_candidates / share.max(f64::MIN_POSITIVE))
+            .sqrt()
+            .floor();
+        let rows = if fit >= full as f64 {
+            full
+        } else {
+            (fit as usize).max(2)
+        };
+        let prev = rows_at.last().copied().unwrap_or(2);
+        rows_at.push(rows.max(prev));
+    }
+    let mut points = Vec::with_capacity(FUSED_THRESHOLDS.len());
+    let mut point_rows = Vec::with_capacity(FUSED_THRESHOLDS.len());
+    let mut largest = (0, 0);
+    let mut k = 0;
+    while k < FUSED_THRESHOLDS.len() {
+        let rows = rows_at[k];
+        let group = rows_at[k..].iter().take_while(|&&r| r == rows).count();
+        let thresholds = &FUSED_THRESHOLDS[k..k + group];
+        let pool = tail_pool(snap, FUSED_POOL_SEED, rows, false);
+        let (pairs, pass) = fused_pass(snap, cal, truth, &pool, thresholds, notes)?;
+        if rows < full {
+            notes.push(format!(
+                "fused check: score{} {} counted on {} of the pool's {full} rows (their candidates would \
+                 exceed {max_candidates:.0e} on the whole pool)",
+                if group > 1 { "s" } else { "" },
+                thresholds
+                    .iter()
+                    .map(|t| format!("{t:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                pool.len(),
+            ));
+        }
+        largest = (pool.len(), pairs);
+        point_rows.extend(std::iter::repeat_n(pool.len(), pass.len()));
+        points.extend(pass);
+        k += group;
+    }
+    Ok(Some(FusedCount {
+        pool_rows: largest.0,
+        pairs: largest.1,
+        points,
+        point_rows,
+    }))
+}
+
+/// One pass of the fused check: every impostor pair of `pool` at or above each of `thresholds` (ascending),
+/// against the calibration's prediction for the pool. Returns the pool's impostor pairs and one point per
+/// threshold.
+fn fused_pass(
+    snap: &crate::store::Snapshot,
+    cal: &Calibration,
+    truth: &HashSet<(usize, usize)>,
+    pool: &[usize],
+    thresholds: &[f64],
+    notes: &mut Vec<String>,
+) -> Result<(u64, Vec<CalibrationPoint>), EngineError> {
+    let Some(&lowest) = thresholds.first() else {
+        return Ok((0, Vec::new()));
+    };
+    let cosines = cal.candidate_cosines(lowest);
     // Per threshold, impostor pairs at or above it.
-    let mut events = [0u64; FUSED_THRESHOLDS.len()];
+    let mut events = vec![0u64; thresholds.len()];
     for (i, (m, _)) in cal.models.iter().enumerate() {
         let Some(Some(c)) = cosines.get(i) else {
             continue;
@@ -274,7 +370,7 @@ pub fn fused_count(
             .zip(&cosines)
             .filter_map(|((m, _), c)| Some((*m, (*c)?)))
             .collect();
-        stream_pool_pairs(snap, *m, &pool, f64::from(*c), &mut |batch| {
+        stream_pool_pairs(snap, *m, pool, f64::from(*c), &mut |batch| {
             let counted = batch
                 .par_iter()
                 .filter(|p| !truth.contains(p))
@@ -288,14 +384,13 @@ pub fn fused_count(
                 })
                 .map(|&(a, b)| {
                     let s = fused_rows(snap, cal, a, b).score;
-                    let mut e = [0u64; FUSED_THRESHOLDS.len()];
-                    for (k, t) in FUSED_THRESHOLDS.iter().enumerate() {
-                        e[k] = u64::from(s >= *t);
-                    }
-                    e
+                    thresholds
+                        .iter()
+                        .map(|t| u64::from(s >= *t))
+                        .collect::<Vec<_>>()
                 })
                 .reduce(
-                    || [0u64; FUSED_THRESHOLDS.len()],
+                    || vec![0u64; thresholds.len()],
                     |mut x, y| {
                         x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
                         x
@@ -304,9 +399,9 @@ pub fn fused_count(
             events.iter_mut().zip(counted).for_each(|(a, b)| *a += b);
         })?;
     }
-    let pairs = pool_impostor_pairs(&pool, truth);
-    let predicted = predicted_shares(&pool_keys(snap, cal, &pool), cal, &FUSED_THRESHOLDS);
-    let labelled: Vec<(f64, f64)> = FUSED_THRESHOLDS.iter().copied().zip(predicted).collect();
+    let pairs = pool_impostor_pairs(pool, truth);
+    let predicted = predicted_shares(&pool_keys(snap, cal, pool), cal, thresholds);
+    let labelled: Vec<(f64, f64)> = thresholds.iter().copied().zip(predicted).collect();
     attainable_notes("fused check", &labelled, notes);
     let points = labelled
         .iter()
@@ -323,11 +418,7 @@ pub fn fused_count(
             }
         })
         .collect();
-    Ok(Some(FusedCount {
-        pool_rows: pool.len(),
-        pairs,
-        points,
-    }))
+    Ok((pairs, points))
 }
 
 /// The pairs of `pool` minus the labelled genuine pairs among them.
@@ -458,7 +549,7 @@ pub fn modality_dependence(
     truth: &HashSet<(usize, usize)>,
     pool_rows: usize,
 ) -> Result<Vec<CoExceedance>, EngineError> {
-    let pool = tail_pool(snap, 0xf05e, pool_rows, false);
+    let pool = tail_pool(snap, FUSED_POOL_SEED, pool_rows, false);
     let n = cal.models.len();
     if pool.len() < 2 || n < 2 {
         return Ok(Vec::new());

@@ -4,7 +4,10 @@
 
 use pacha_engine::Modality;
 use pacha_engine::engine::CalibrateOptions;
-use pacha_engine::evaluation::{fused_count, modality_dependence};
+use pacha_engine::engine::tail_pool;
+use pacha_engine::evaluation::{
+    FUSED_POOL_SEED, FUSED_THRESHOLDS, fused_count, fused_count_within, modality_dependence,
+};
 use pacha_tests::{config, load, load_edited};
 use std::collections::{HashMap, HashSet};
 
@@ -114,8 +117,13 @@ fn fused_count_finds_every_pair_a_brute_force_fusion_finds() {
     assert!(notes.is_empty(), "{notes:?}");
     let n = rows.len() as u64;
     assert_eq!(f.pairs, n * (n - 1) / 2 - truth.len() as u64);
+    assert_eq!(
+        f.point_rows,
+        vec![rows.len(); 7],
+        "no pass exceeds the budget"
+    );
     // Brute force over every pair: the pigeonhole candidates must lose none at or above score 30.
-    let mut brute = [0usize; 7];
+    let mut scored = Vec::new();
     for a in 0..rows.len() {
         for b in a + 1..rows.len() {
             if truth.contains(&(a, b)) {
@@ -124,18 +132,50 @@ fn fused_count_finds_every_pair_a_brute_force_fusion_finds() {
             let s = pacha_engine::matcher::compare_rows(&snap, &cal, a, b)
                 .fused
                 .score;
-            for (k, t) in pacha_engine::evaluation::FUSED_THRESHOLDS
-                .iter()
-                .enumerate()
-            {
-                if s >= *t {
-                    brute[k] += 1;
-                }
+            if s >= FUSED_THRESHOLDS[0] {
+                scored.push((a, b, s));
             }
         }
     }
+    let brute_in = |rows: &HashSet<usize>| -> Vec<usize> {
+        FUSED_THRESHOLDS
+            .iter()
+            .map(|t| {
+                scored
+                    .iter()
+                    .filter(|(a, b, s)| s >= t && rows.contains(a) && rows.contains(b))
+                    .count()
+            })
+            .collect()
+    };
+    let brute = brute_in(&rows.iter().copied().collect());
     let counted: Vec<usize> = f.points.iter().map(|p| p.false_matches).collect();
-    assert_eq!(counted, brute.to_vec());
+    assert_eq!(counted, brute);
+    // A candidate budget the low scores exceed: they are counted on nested sub-pools (the pool's seeded
+    // order, fewer rows), and every point still equals the brute-force count over its own rows.
+    let mut notes = Vec::new();
+    let budgeted = fused_count_within(&snap, &cal, &truth, rows.len(), 2e5, &mut notes)
+        .unwrap()
+        .expect("a count");
+    let rows_at = &budgeted.point_rows;
+    assert!(
+        rows_at[0] < rows.len() && rows_at[6] == rows.len(),
+        "{rows_at:?}"
+    );
+    assert!(rows_at.windows(2).all(|w| w[0] <= w[1]), "{rows_at:?}");
+    assert!(notes.iter().any(|n| n.contains("counted on")), "{notes:?}");
+    for (k, p) in budgeted.points.iter().enumerate() {
+        let sub: HashSet<usize> = tail_pool(&snap, FUSED_POOL_SEED, rows_at[k], false)
+            .into_iter()
+            .collect();
+        assert_eq!(p.false_matches, brute_in(&sub)[k], "score {}", p.threshold);
+        let n = rows_at[k] as u64;
+        let labelled = truth
+            .iter()
+            .filter(|(a, b)| sub.contains(a) && sub.contains(b))
+            .count() as u64;
+        assert_eq!(p.impostor_samples as u64, n * (n - 1) / 2 - labelled);
+    }
     // The prediction, pair by pair: each pair's fused distribution (shared modalities at the lower quality)
     // at the lowest score it can attain at or above each threshold, over every pair of the pool.
     let mut keys: HashMap<pacha_engine::fusion::FusedKey, u64> = HashMap::new();
