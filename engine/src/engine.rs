@@ -493,6 +493,18 @@ impl Engine {
         let snap = self.snapshot();
         let cal = self.matching_calibration(&snap)?;
         let probe = Probe::new("probe", probe, snap.schema())?;
+        self.identify_probe(&snap, &cal, &probe, options)
+    }
+
+    /// [`Engine::identify`] of a validated probe against one snapshot and calibration (a batch searches
+    /// every probe, and audits them, against the same ones).
+    pub(crate) fn identify_probe(
+        &self,
+        snap: &Snapshot,
+        cal: &Calibration,
+        probe: &Probe,
+        options: &IdentifyOptions<'_>,
+    ) -> Result<IdentifyResult, EngineError> {
         if options.max_results == 0 {
             return Err(EngineError::InvalidArgument(
                 "max_results must be at least 1".into(),
@@ -516,7 +528,7 @@ impl Engine {
             Some(r) => r,
             None => {
                 let mut rows: Vec<usize> = self
-                    .identify_candidates(&snap, &cal, &probe, floor)?
+                    .identify_candidates(snap, cal, probe, floor)?
                     .into_iter()
                     .flatten()
                     .collect();
@@ -529,7 +541,7 @@ impl Engine {
         let mut cands: Vec<(usize, Comparison)> = rows
             .par_iter()
             .filter(|&&r| !snap.is_deleted(r))
-            .map(|&r| (r, compare_probe(&snap, &cal, &probe, r)))
+            .map(|&r| (r, compare_probe(snap, cal, probe, r)))
             .filter(|(_, c)| c.fused.score >= floor)
             .collect();
         cands.sort_by(|a, b| {

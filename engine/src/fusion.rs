@@ -209,7 +209,7 @@ pub fn norm_quantile(p: f64) -> f64 {
 }
 
 /// Genuine and impostor models of one modality.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModalityModel {
     /// Scores of the same person captured twice.
     pub genuine: Gaussian,
@@ -231,6 +231,24 @@ pub struct ModalityModel {
     pub(crate) llr_table: LlrTable,
 }
 
+impl PartialEq for ModalityModel {
+    /// Equal fitted models; the evidence table is derived from them (built or not) and is not compared.
+    fn eq(&self, other: &Self) -> bool {
+        // Destructured so that a new field cannot be left out of the comparison unnoticed.
+        let ModalityModel {
+            genuine,
+            impostor,
+            impostor_tail,
+            impostor_body,
+            llr_table: _,
+        } = self;
+        *genuine == other.genuine
+            && *impostor == other.impostor
+            && *impostor_tail == other.impostor_tail
+            && *impostor_body == other.impostor_body
+    }
+}
+
 /// Cosine steps of the tabulated evidence statistic over [-1, 1] (step ≈ 1.2·10⁻⁴).
 const LLR_TABLE_STEPS: usize = 16_384;
 
@@ -248,13 +266,6 @@ impl Clone for LlrTable {
     /// A clone starts empty: the cloned model's fields may be changed before its first use.
     fn clone(&self) -> Self {
         LlrTable::default()
-    }
-}
-
-impl PartialEq for LlrTable {
-    /// Derived data: equal models have equal tables.
-    fn eq(&self, _: &Self) -> bool {
-        true
     }
 }
 

@@ -130,18 +130,21 @@ impl Engine {
         options: &IdentifyOptions<'_>,
         audit: &AuditOptions,
     ) -> Result<IdentifyBatch, EngineError> {
+        // One snapshot and calibration for every search and the audit: rows committed meanwhile are in
+        // neither, so the audit checks exactly what the searches saw.
         let snap = self.snapshot();
         let valid: Vec<Probe> = probes
             .iter()
             .enumerate()
             .map(|(i, p)| Probe::new(&format!("probe {i}"), p, snap.schema()))
             .collect::<Result<_, _>>()?;
+        let cal = self.matching_calibration(&snap)?;
         let mut ms = Vec::with_capacity(probes.len());
-        let results = probes
+        let results = valid
             .iter()
             .map(|p| {
                 let t = Instant::now();
-                let r = self.identify(p, options);
+                let r = self.identify_probe(&snap, &cal, p, options);
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
                 r
             })
@@ -155,7 +158,6 @@ impl Engine {
             });
         }
         let t0 = Instant::now();
-        let cal = self.matching_calibration(&snap)?;
         let n = options.gallery.map_or(snap.live(), |g| g.len());
         let threshold = threshold_for_fpir(options.target_fpir, n)?;
         let floor = options.min_score.unwrap_or(threshold);

@@ -124,7 +124,7 @@ pub(crate) fn plan(
     let mut predicted = vec![("exact".to_string(), n * EXACT_ROW_S_512 * scale * 1e3)];
     let mut best = (IdentifyPath::Exact, predicted[0].1, Some(0.0));
     // The pilot (one-way: only the query probes).
-    let pilot = plan_modality(snap, ivf, mi, t, Visits::OneWay, None, None)?;
+    let pilot = plan_modality(snap, ivf, mi, t, Visits::OneWay, None, None, None)?;
     let members = if n > 0.0 {
         pilot.predicted_products / n
     } else {

@@ -275,7 +275,10 @@ fn pair_needs(
 }
 
 /// Plans modality `mi` (schema position) of `snap` for a join at cosine `c` over rows `0..snap.rows()`,
-/// against the partition `ivf` (the saved index's centroids; rows need not be indexed).
+/// against the partition `ivf` (the saved index's centroids; rows need not be indexed). `l1` is the L1
+/// bounds of the store's i8 codes of the modality when the caller holds them (the pilot's i8 join needs
+/// them; `None` computes them).
+#[allow(clippy::too_many_arguments)]
 pub fn plan_modality(
     snap: &Snapshot,
     ivf: &Ivf,
@@ -284,6 +287,7 @@ pub fn plan_modality(
     visits: Visits,
     filter: Option<FilterModel>,
     i8: Option<I8Model>,
+    l1: Option<&[f32]>,
 ) -> Result<ModalityPlan, EngineError> {
     let t0 = Instant::now();
     let spec = &snap.schema().modalities[mi];
@@ -333,7 +337,7 @@ pub fn plan_modality(
     }
     let skip = |q: u32| !live(q as usize);
     let mut pairs: Vec<(usize, u32)> =
-        pilot_pairs(view, snap.i8_rows(m), &pilot, &dense, c, &skip)?
+        pilot_pairs(view, snap.i8_rows(m), l1, &pilot, &dense, c, &skip)?
             .into_iter()
             .filter(|p| pilot[p.a as usize] != p.b)
             .map(|p| (p.a as usize, p.b))
@@ -477,6 +481,7 @@ pub fn plan_modality(
 fn pilot_pairs(
     view: RowsF32<'_>,
     codes: Option<pacha_index::RowsI8<'_>>,
+    l1: Option<&[f32]>,
     pilot: &[u32],
     dense: &[f32],
     c: f32,
@@ -485,7 +490,7 @@ fn pilot_pairs(
     use pacha_index::exact_i8::I8Kernel;
     match codes {
         Some(codes) if I8Kernel::detect() != I8Kernel::Scalar => {
-            pilot_pairs_i8(view, codes, pilot, dense, c, skip)
+            pilot_pairs_i8(view, codes, l1, pilot, dense, c, skip)
         }
         _ => pilot_pairs_f32(view, dense, c, skip),
     }
@@ -509,10 +514,12 @@ fn pilot_pairs_f32(
 
 /// [`pilot_pairs`] by the i8 threshold join (every pair scanned through the codes, the rigorous error
 /// bound's survivors rescored with `dot_f32`: exact, like the GEMM join). The pilot rows' codes, scales and
-/// L1 bounds are copied out of the store's.
+/// L1 bounds are copied out of the store's; `l1` holds the store's bounds when the caller has them (`None`:
+/// computed here).
 fn pilot_pairs_i8(
     view: RowsF32<'_>,
     codes: pacha_index::RowsI8<'_>,
+    l1: Option<&[f32]>,
     pilot: &[u32],
     dense: &[f32],
     c: f32,
@@ -520,7 +527,14 @@ fn pilot_pairs_i8(
 ) -> Result<Vec<pacha_index::Pair>, EngineError> {
     use pacha_index::exact_i8::{QuantRows, threshold_join_i8};
     let d = codes.dim();
-    let l1 = l1_bounds(codes);
+    let owned;
+    let l1 = match l1 {
+        Some(l1) => l1,
+        None => {
+            owned = l1_bounds(codes);
+            &owned[..]
+        }
+    };
     let mut pcodes: Vec<i8> = Vec::with_capacity(pilot.len() * d);
     let mut pscales = Vec::with_capacity(pilot.len());
     let mut pl1 = Vec::with_capacity(pilot.len());
@@ -533,7 +547,7 @@ fn pilot_pairs_i8(
     let pcodes = pacha_index::RowsI8::new(&pcodes, &pscales, pilot.len(), d, d)?;
     let (pairs, _) = threshold_join_i8(
         QuantRows::new(RowsF32::dense(dense, d)?, pcodes, &pl1)?,
-        QuantRows::new(view, codes, &l1)?,
+        QuantRows::new(view, codes, l1)?,
         c,
         None,
         Some(skip),
@@ -724,8 +738,16 @@ impl RunIndex {
                 .copied()
                 .flatten()
                 .and_then(|imp| I8Model::of(snap, mi, c, imp));
+            // The codes' L1 bounds, computed once: for the pilot's i8 join (when a partition is planned
+            // against) and kept for the run if its path or the store's size needs them.
+            let mut l1 = match (saved, snap.i8_rows(m)) {
+                (Some(_), Some(codes)) => Some(l1_bounds(codes)),
+                _ => None,
+            };
             let plan = match saved {
-                Some(ivf) => plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter, i8)?,
+                Some(ivf) => {
+                    plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter, i8, l1.as_deref())?
+                }
                 None => {
                     let n = (0..snap.rows()).filter(|&r| live(r)).count() as f64;
                     let mut plan = ModalityPlan {
@@ -788,7 +810,7 @@ impl RunIndex {
                 _ => None,
             };
             let l1 = match (snap.past_ram() || plan.path == "exact-i8", snap.i8_rows(m)) {
-                (true, Some(codes)) => Some(l1_bounds(codes)),
+                (true, Some(codes)) => Some(l1.take().unwrap_or_else(|| l1_bounds(codes))),
                 _ => None,
             };
             tracing::info!(
@@ -984,7 +1006,7 @@ mod tests {
         let skip = |q: u32| q % 11 == 5;
         for c in [0.35f32, 0.5, 0.7] {
             let key = |p: &pacha_index::Pair| (p.a, p.b);
-            let a: Vec<(u32, u32)> = pilot_pairs_i8(view, codes, &pilot, &dense, c, &skip)
+            let a: Vec<(u32, u32)> = pilot_pairs_i8(view, codes, None, &pilot, &dense, c, &skip)
                 .unwrap()
                 .iter()
                 .map(key)
@@ -997,6 +1019,15 @@ mod tests {
             assert!(a.len() > 20, "cosine {c}: only {} pairs", a.len());
             assert!(a.iter().all(|&(_, q)| q % 11 != 5), "a skipped row paired");
             assert_eq!(a, b, "cosine {c}");
+            // The caller's L1 bounds (the run's, computed once) give the same pairs.
+            let l1 = l1_bounds(codes);
+            let given: Vec<(u32, u32)> =
+                pilot_pairs_i8(view, codes, Some(&l1), &pilot, &dense, c, &skip)
+                    .unwrap()
+                    .iter()
+                    .map(key)
+                    .collect();
+            assert_eq!(given, a, "cosine {c}");
         }
     }
 }
