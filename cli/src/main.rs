@@ -423,7 +423,7 @@ pub struct EvalArgs {
     pub impostor_pairs: usize,
     /// Rows whose every pair the per-modality tail check counts (a pool disjoint from the calibration's
     /// where the store is large enough; 0 skips the check).
-    #[arg(long, default_value_t = pacha_engine::engine::TAIL_ROWS)]
+    #[arg(long, default_value_t = pacha_engine::evaluation::CHECK_ROWS)]
     pub tail_rows: usize,
     /// Rows whose every pair the fused-score check counts (0 skips it).
     #[arg(long, default_value_t = pacha_engine::evaluation::FUSED_POOL_ROWS)]

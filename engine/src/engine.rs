@@ -106,9 +106,12 @@ pub const QUALITY_BANDS: usize = 3;
 /// one by at least this factor (either way); below it, quality does not measurably move the tail.
 pub const BAND_EFFECT_MIN: f64 = 1.25;
 
-/// Default pool of rows whose all pairs a calibration counts for the impostor tail: 40 000 rows are
-/// 8·10⁸ pairs, enough to resolve an FMR of 1e-7 with 80 events.
-pub const TAIL_ROWS: usize = 40_000;
+/// Default pool of rows whose all pairs a calibration counts for the impostor tail: 60 000 rows are
+/// 1.8·10⁹ pairs, enough to resolve an FMR of 1e-7 with 180 events. 40 000 rows (8·10⁸ pairs) left the
+/// structured population's face 1.5–2.1× under its out-of-sample count at 1e-6–1e-7: where families put
+/// correlated pairs in the tail, which families fall in the pool varies, and a larger pool averages more of
+/// them (BENCHMARKS.md, "Calibration pool size"). The count costs about twice the 40 000 rows' time.
+pub const TAIL_ROWS: usize = 60_000;
 
 impl Default for CalibrateOptions<'_> {
     fn default() -> Self {

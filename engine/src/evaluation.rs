@@ -171,6 +171,10 @@ pub fn evaluate_run(
 /// Rows whose every pair the fused check scores (2·10⁸ pairs: FMR 1e-7 expects 20 events).
 pub const FUSED_POOL_ROWS: usize = 20_000;
 
+/// Rows of the per-modality tail check's pool by default: 40 000 rows (8·10⁸ pairs, FMR 1e-7 expects 80
+/// events), fully disjoint from the default calibration pool ([`TAIL_ROWS`]) from 100 000 live rows on.
+pub const CHECK_ROWS: usize = 40_000;
+
 /// How many rows the exhaustive checks of an evaluation count all pairs of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EvalCounts {
@@ -184,7 +188,7 @@ pub struct EvalCounts {
 impl Default for EvalCounts {
     fn default() -> Self {
         EvalCounts {
-            tail_rows: TAIL_ROWS,
+            tail_rows: CHECK_ROWS,
             fused_rows: FUSED_POOL_ROWS,
         }
     }

@@ -524,7 +524,7 @@ class Store:
         impostor_pairs: int = 1_000_000,
         seed: int = 0x5EED,
         *,
-        tail_rows: int = 40_000,
+        tail_rows: int = 60_000,
         quality_bands: int = 3,
     ) -> Dict[str, Any]:
         """Fits the score models from the store (impostor pairs sampled from it; genuine models from labelled
