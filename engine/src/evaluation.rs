@@ -290,13 +290,18 @@ pub fn fused_count_within(
     if full < 2 {
         return Ok(None);
     }
-    // Per threshold, the rows of the sub-pool it is counted on (never fewer than a lower threshold's).
+    // Per threshold, its complete candidate cosines and the rows of the sub-pool it is counted on (never
+    // fewer than a lower threshold's).
+    let cosines_at: Vec<Vec<Option<f32>>> = FUSED_THRESHOLDS
+        .iter()
+        .map(|&t| cal.candidate_cosines(t))
+        .collect();
     let mut rows_at = Vec::with_capacity(FUSED_THRESHOLDS.len());
-    for &t in &FUSED_THRESHOLDS {
+    for cosines in &cosines_at {
         let share: f64 = cal
             .models
             .iter()
-            .zip(cal.candidate_cosines(t))
+            .zip(cosines)
             .map(|((_, model), c)| c.map_or(0.0, |c| model.impostor_sf(f64::from(c))))
             .sum();
         // n(n-1)/2 · share ≤ budget.
@@ -320,7 +325,7 @@ pub fn fused_count_within(
         let group = rows_at[k..].iter().take_while(|&&r| r == rows).count();
         let thresholds = &FUSED_THRESHOLDS[k..k + group];
         let pool = tail_pool(snap, FUSED_POOL_SEED, rows, false);
-        let (pairs, pass) = fused_pass(snap, cal, truth, &pool, thresholds, notes)?;
+        let (pairs, pass) = fused_pass(snap, cal, truth, &pool, thresholds, &cosines_at[k], notes)?;
         if rows < full {
             notes.push(format!(
                 "fused check: score{} {} counted on {} of the pool's {full} rows (their candidates would \
@@ -347,7 +352,8 @@ pub fn fused_count_within(
     }))
 }
 
-/// One pass of the fused check: every impostor pair of `pool` at or above each of `thresholds` (ascending),
+/// One pass of the fused check: every impostor pair of `pool` at or above each of `thresholds` (ascending, at
+/// most [`FUSED_THRESHOLDS`]' count), found at `cosines` (the lowest threshold's complete candidate cosines),
 /// against the calibration's prediction for the pool. Returns the pool's impostor pairs and one point per
 /// threshold.
 fn fused_pass(
@@ -356,14 +362,11 @@ fn fused_pass(
     truth: &HashSet<(usize, usize)>,
     pool: &[usize],
     thresholds: &[f64],
+    cosines: &[Option<f32>],
     notes: &mut Vec<String>,
 ) -> Result<(u64, Vec<CalibrationPoint>), EngineError> {
-    let Some(&lowest) = thresholds.first() else {
-        return Ok((0, Vec::new()));
-    };
-    let cosines = cal.candidate_cosines(lowest);
-    // Per threshold, impostor pairs at or above it.
-    let mut events = vec![0u64; thresholds.len()];
+    // Per threshold, impostor pairs at or above it (a fixed array: no allocation per candidate pair).
+    let mut events = [0u64; FUSED_THRESHOLDS.len()];
     for (i, (m, _)) in cal.models.iter().enumerate() {
         let Some(Some(c)) = cosines.get(i) else {
             continue;
@@ -371,7 +374,7 @@ fn fused_pass(
         // The earlier modalities' candidate cosines: a pair reaching one was scored there.
         let earlier: Vec<(Modality, f32)> = cal.models[..i]
             .iter()
-            .zip(&cosines)
+            .zip(cosines)
             .filter_map(|((m, _), c)| Some((*m, (*c)?)))
             .collect();
         stream_pool_pairs(snap, *m, pool, f64::from(*c), &mut |batch| {
@@ -388,13 +391,14 @@ fn fused_pass(
                 })
                 .map(|&(a, b)| {
                     let s = fused_rows(snap, cal, a, b).score;
-                    thresholds
-                        .iter()
-                        .map(|t| u64::from(s >= *t))
-                        .collect::<Vec<_>>()
+                    let mut e = [0u64; FUSED_THRESHOLDS.len()];
+                    for (k, t) in thresholds.iter().enumerate() {
+                        e[k] = u64::from(s >= *t);
+                    }
+                    e
                 })
                 .reduce(
-                    || vec![0u64; thresholds.len()],
+                    || [0u64; FUSED_THRESHOLDS.len()],
                     |mut x, y| {
                         x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
                         x

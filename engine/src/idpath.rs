@@ -31,6 +31,7 @@ use pacha_index::kernels::dot_f32;
 use pacha_index::sketch::{Sketcher, Sketches, StagedCut, choose_cut, drop_probability};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::cell::OnceCell;
 use std::time::Instant;
 
 /// Seconds per indexed row of the exact scan (a streamed 512-d f32 row and `dot_f32`), both cores.
@@ -124,7 +125,16 @@ pub(crate) fn plan(
     let mut predicted = vec![("exact".to_string(), n * EXACT_ROW_S_512 * scale * 1e3)];
     let mut best = (IdentifyPath::Exact, predicted[0].1, Some(0.0));
     // The pilot (one-way: only the query probes).
-    let pilot = plan_modality(snap, ivf, mi, t, Visits::OneWay, None, None, None)?;
+    let pilot = plan_modality(
+        snap,
+        ivf,
+        mi,
+        t,
+        Visits::OneWay,
+        None,
+        None,
+        &OnceCell::new(),
+    )?;
     let members = if n > 0.0 {
         pilot.predicted_products / n
     } else {

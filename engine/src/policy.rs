@@ -32,6 +32,7 @@ use pacha_index::quant::l1_bounds;
 use pacha_index::rng::SplitMix;
 use pacha_index::sketch::{Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
+use std::cell::OnceCell;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -275,9 +276,9 @@ fn pair_needs(
 }
 
 /// Plans modality `mi` (schema position) of `snap` for a join at cosine `c` over rows `0..snap.rows()`,
-/// against the partition `ivf` (the saved index's centroids; rows need not be indexed). `l1` is the L1
-/// bounds of the store's i8 codes of the modality when the caller holds them (the pilot's i8 join needs
-/// them; `None` computes them).
+/// against the partition `ivf` (the saved index's centroids; rows need not be indexed). `l1` holds the L1
+/// bounds of the modality's i8 codes once computed: the pilot's i8 join fills it if it needs them, so a
+/// caller that needs them afterwards computes them at most once.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_modality(
     snap: &Snapshot,
@@ -287,7 +288,7 @@ pub fn plan_modality(
     visits: Visits,
     filter: Option<FilterModel>,
     i8: Option<I8Model>,
-    l1: Option<&[f32]>,
+    l1: &OnceCell<Vec<f32>>,
 ) -> Result<ModalityPlan, EngineError> {
     let t0 = Instant::now();
     let spec = &snap.schema().modalities[mi];
@@ -481,7 +482,7 @@ pub fn plan_modality(
 fn pilot_pairs(
     view: RowsF32<'_>,
     codes: Option<pacha_index::RowsI8<'_>>,
-    l1: Option<&[f32]>,
+    l1: &OnceCell<Vec<f32>>,
     pilot: &[u32],
     dense: &[f32],
     c: f32,
@@ -514,12 +515,11 @@ fn pilot_pairs_f32(
 
 /// [`pilot_pairs`] by the i8 threshold join (every pair scanned through the codes, the rigorous error
 /// bound's survivors rescored with `dot_f32`: exact, like the GEMM join). The pilot rows' codes, scales and
-/// L1 bounds are copied out of the store's; `l1` holds the store's bounds when the caller has them (`None`:
-/// computed here).
+/// L1 bounds are copied out of the store's; `l1` holds the store's bounds, computed here if it is empty.
 fn pilot_pairs_i8(
     view: RowsF32<'_>,
     codes: pacha_index::RowsI8<'_>,
-    l1: Option<&[f32]>,
+    l1: &OnceCell<Vec<f32>>,
     pilot: &[u32],
     dense: &[f32],
     c: f32,
@@ -527,14 +527,7 @@ fn pilot_pairs_i8(
 ) -> Result<Vec<pacha_index::Pair>, EngineError> {
     use pacha_index::exact_i8::{QuantRows, threshold_join_i8};
     let d = codes.dim();
-    let owned;
-    let l1 = match l1 {
-        Some(l1) => l1,
-        None => {
-            owned = l1_bounds(codes);
-            &owned[..]
-        }
-    };
+    let l1 = l1.get_or_init(|| l1_bounds(codes));
     let mut pcodes: Vec<i8> = Vec::with_capacity(pilot.len() * d);
     let mut pscales = Vec::with_capacity(pilot.len());
     let mut pl1 = Vec::with_capacity(pilot.len());
@@ -738,16 +731,11 @@ impl RunIndex {
                 .copied()
                 .flatten()
                 .and_then(|imp| I8Model::of(snap, mi, c, imp));
-            // The codes' L1 bounds, computed once: for the pilot's i8 join (when a partition is planned
-            // against) and kept for the run if its path or the store's size needs them.
-            let mut l1 = match (saved, snap.i8_rows(m)) {
-                (Some(_), Some(codes)) => Some(l1_bounds(codes)),
-                _ => None,
-            };
+            // The codes' L1 bounds, computed at most once: by the pilot's i8 join if it runs, and kept for
+            // the run if its path or the store's size needs them.
+            let l1 = OnceCell::new();
             let plan = match saved {
-                Some(ivf) => {
-                    plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter, i8, l1.as_deref())?
-                }
+                Some(ivf) => plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter, i8, &l1)?,
                 None => {
                     let n = (0..snap.rows()).filter(|&r| live(r)).count() as f64;
                     let mut plan = ModalityPlan {
@@ -810,7 +798,7 @@ impl RunIndex {
                 _ => None,
             };
             let l1 = match (snap.past_ram() || plan.path == "exact-i8", snap.i8_rows(m)) {
-                (true, Some(codes)) => Some(l1.take().unwrap_or_else(|| l1_bounds(codes))),
+                (true, Some(codes)) => Some(l1.into_inner().unwrap_or_else(|| l1_bounds(codes))),
                 _ => None,
             };
             tracing::info!(
@@ -1006,11 +994,12 @@ mod tests {
         let skip = |q: u32| q % 11 == 5;
         for c in [0.35f32, 0.5, 0.7] {
             let key = |p: &pacha_index::Pair| (p.a, p.b);
-            let a: Vec<(u32, u32)> = pilot_pairs_i8(view, codes, None, &pilot, &dense, c, &skip)
-                .unwrap()
-                .iter()
-                .map(key)
-                .collect();
+            let a: Vec<(u32, u32)> =
+                pilot_pairs_i8(view, codes, &OnceCell::new(), &pilot, &dense, c, &skip)
+                    .unwrap()
+                    .iter()
+                    .map(key)
+                    .collect();
             let b: Vec<(u32, u32)> = pilot_pairs_f32(view, &dense, c, &skip)
                 .unwrap()
                 .iter()
@@ -1019,10 +1008,13 @@ mod tests {
             assert!(a.len() > 20, "cosine {c}: only {} pairs", a.len());
             assert!(a.iter().all(|&(_, q)| q % 11 != 5), "a skipped row paired");
             assert_eq!(a, b, "cosine {c}");
-            // The caller's L1 bounds (the run's, computed once) give the same pairs.
-            let l1 = l1_bounds(codes);
+            // The caller's L1 bounds (the run's, computed once) give the same pairs, and an empty cell is
+            // filled with the store's bounds.
+            let filled = OnceCell::new();
+            pilot_pairs_i8(view, codes, &filled, &pilot, &dense, c, &skip).unwrap();
+            assert_eq!(filled.get(), Some(&l1_bounds(codes)), "cosine {c}");
             let given: Vec<(u32, u32)> =
-                pilot_pairs_i8(view, codes, Some(&l1), &pilot, &dense, c, &skip)
+                pilot_pairs_i8(view, codes, &filled, &pilot, &dense, c, &skip)
                     .unwrap()
                     .iter()
                     .map(key)
