@@ -298,17 +298,16 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
 /// A modality's tail check as text: measured ÷ predicted FMR per level, for the model in use and for the
 /// Gaussian alone, with the events behind each figure.
 fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
-    let cell = |r: &pacha_engine::tail::TailCheckRow| match (r.ratio, r.ci) {
+    let cell = |r: &pacha_engine::tail::TailCheckRow| match (r.ratio, r.ratio_ci) {
         (Some(q), Some((lo, hi))) => format!(
-            "{q:>6.2} [{:.2}, {:.2}] {:>7}",
-            lo / r.level,
-            hi / r.level,
-            r.events
+            "{q:>6.2} [{lo:.2}, {hi:.2}] {:>7} ×{:<4.1}",
+            r.events,
+            r.design_effect.unwrap_or(1.0)
         ),
-        _ => format!("{:>28}", "not counted"),
+        _ => format!("{:>34}", "not counted"),
     };
     let mut out = format!(
-        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out): measured/predicted FMR [95 % CI] events\n  {:>8}  {:>28}  {:>28}",
+        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>34}  {:>34}",
         c.modality, c.pairs, c.excluded_genuine, "FMR", "model in use", "gaussian alone"
     );
     for (m, g) in c.model.iter().zip(&c.gaussian) {
@@ -316,7 +315,7 @@ fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
     }
     for b in &c.bands {
         out.push_str(&format!(
-            "\n  {} pairs of quality [{:.3}, {:.3}): {} counted\n  {:>8}  {:>28}  {:>28}",
+            "\n  {} pairs of quality [{:.3}, {:.3}): {} counted\n  {:>8}  {:>34}  {:>34}",
             c.modality, b.lo, b.hi, b.pairs, "FMR", "band model", "pooled model"
         ));
         for (m, p) in b.model.iter().zip(&b.pooled) {
@@ -782,10 +781,14 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
             .iter()
             .map(|p| match p.measured_fmr {
                 Some(m) => format!(
-                    "{:.0}: {:.2} ({})",
+                    "{:.0}: {:.2} ({}{})",
                     p.threshold,
                     m / p.predicted_fmr,
-                    p.false_matches
+                    p.false_matches,
+                    match p.design_effect {
+                        Some(d) if d >= 1.05 => format!(", ×{d:.1}"),
+                        _ => String::new(),
+                    }
                 ),
                 // Under one predicted event: the count cannot resolve the prediction (0 events agree with it).
                 None if p.predicted_fmr * p.impostor_samples as f64 >= 1.0 => {
@@ -800,7 +803,7 @@ pub fn print_eval(r: &pacha_engine::eval::EvalReport, ui: Ui) {
             })
             .collect();
         ui.out(format!(
-            "  fused score, measured/predicted FMR (events) over every pair of pools of up to {} rows ({} pairs): {}",
+            "  fused score, measured/predicted FMR (events, ×design effect) over every pair of pools of up to {} rows ({} pairs): {}",
             f.pool_rows,
             f.pairs,
             cells.join(", ")

@@ -83,6 +83,27 @@ fn ratio_cell(level: f64, ratio: Option<f64>, ci: Option<(f64, f64)>, events: u6
     }
 }
 
+/// ` (design effect d)` where a count's events cluster on shared rows enough to say so.
+fn clustered(design_effect: Option<f64>) -> String {
+    match design_effect {
+        Some(d) if d >= 1.05 => format!(" (design effect {d:.1})"),
+        _ => String::new(),
+    }
+}
+
+/// A tail check's cell: measured ÷ predicted, its 95 % interval (widened by the calibration count's spread
+/// out of sample), the events and, where they cluster on shared rows, the design effect.
+fn tail_cell(r: &pacha_engine::tail::TailCheckRow) -> String {
+    match (r.ratio, r.ratio_ci) {
+        (Some(q), Some((lo, hi))) => format!(
+            "{q:.2} [{lo:.2}, {hi:.2}] · {} events{}",
+            r.events,
+            clustered(r.design_effect)
+        ),
+        _ => format!("not counted ({} events)", r.events),
+    }
+}
+
 /// The exhaustive checks of the score models: per modality against every pair of a pool, and fused.
 fn tails_section(h: &mut String, r: &EvalReport) {
     if !r.tail_checks.is_empty() {
@@ -99,8 +120,8 @@ fn tails_section(h: &mut String, r: &EvalReport) {
                     esc(&c.modality),
                     c.pairs,
                     m.level,
-                    esc(&ratio_cell(m.level, m.ratio, m.ci, m.events)),
-                    esc(&ratio_cell(g.level, g.ratio, g.ci, g.events)),
+                    esc(&tail_cell(m)),
+                    esc(&tail_cell(g)),
                 );
             }
         }
@@ -122,8 +143,8 @@ fn tails_section(h: &mut String, r: &EvalReport) {
                             b.hi,
                             b.pairs,
                             m.level,
-                            esc(&ratio_cell(m.level, m.ratio, m.ci, m.events)),
-                            esc(&ratio_cell(p.level, p.ratio, p.ci, p.events)),
+                            esc(&tail_cell(m)),
+                            esc(&tail_cell(p)),
                         );
                     }
                 }
@@ -149,11 +170,15 @@ fn tails_section(h: &mut String, r: &EvalReport) {
                 p.threshold,
                 p.impostor_samples,
                 p.predicted_fmr,
-                esc(&ratio_cell(
-                    p.predicted_fmr,
-                    ratio,
-                    p.measured_ci,
-                    p.false_matches as u64
+                esc(&format!(
+                    "{}{}",
+                    ratio_cell(
+                        p.predicted_fmr,
+                        ratio,
+                        p.measured_ci,
+                        p.false_matches as u64
+                    ),
+                    clustered(p.design_effect)
                 )),
             );
         }
@@ -846,6 +871,7 @@ mod tests {
                         100_000,
                         0.95,
                     )),
+                    design_effect: None,
                 })
                 .collect(),
             cluster_sizes: vec![(2, 80), (3, 4), (7, 1)],

@@ -204,11 +204,17 @@ pub struct Audit {
 
 /// Two-sided Clopper–Pearson interval of a binomial proportion `k / n` at confidence `conf`.
 pub fn clopper_pearson(k: u64, n: u64, conf: f64) -> (f64, f64) {
-    if n == 0 {
+    clopper_pearson_real(k.min(n) as f64, n as f64, conf)
+}
+
+/// [`clopper_pearson`] for a real-valued effective count `k` of `n` (a clustered count divided by its
+/// design effect: the Korn–Graubard interval).
+pub fn clopper_pearson_real(k: f64, n: f64, conf: f64) -> (f64, f64) {
+    if n <= 0.0 {
         return (0.0, 1.0);
     }
     let alpha = (1.0 - conf) / 2.0;
-    let (k, nf) = (k.min(n) as f64, n as f64);
+    let (k, nf) = (k.clamp(0.0, n), n);
     let lower = if k == 0.0 {
         0.0
     } else {

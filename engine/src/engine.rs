@@ -1109,17 +1109,7 @@ pub fn count_pool_tail_banded(
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("tail pool of {m}: {e}")))?;
     let bands = tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded)?;
-    let mut scores: Vec<f64> = bands
-        .iter()
-        .flat_map(|b| b.scores.iter().copied())
-        .collect();
-    scores.sort_by(f64::total_cmp);
-    let all = tail::TailCount {
-        pairs: bands.iter().map(|b| b.pairs).sum(),
-        scores,
-        threshold: u,
-        excluded: bands.iter().map(|b| b.excluded).sum(),
-    };
+    let all = tail::TailCount::merge(&bands, u);
     Ok(Some((all, bands)))
 }
 

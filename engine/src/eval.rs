@@ -182,6 +182,11 @@ pub struct CalibrationPoint {
     /// few false matches the measurement cannot tell predicted from measured, and the interval says how far.
     #[serde(default)]
     pub measured_ci: Option<(f64, f64)>,
+    /// Where the measurement counted every pair of a pool (the fused check): how much its events cluster on
+    /// shared rows ([`crate::tail::design_effect`]); `measured_ci` is then the interval of the effective
+    /// count. `None` for sampled pairs.
+    #[serde(default)]
+    pub design_effect: Option<f64>,
 }
 
 /// The result of [`evaluate`].
@@ -578,6 +583,7 @@ fn calibration(predicted: &[(f64, f64)], impostor_fused: &[f64]) -> Vec<Calibrat
                 impostor_samples: n,
                 measured_ci: (n > 0)
                     .then(|| crate::audit::clopper_pearson(false_matches as u64, n as u64, 0.95)),
+                design_effect: None,
             }
         })
         .collect()

@@ -2,7 +2,7 @@
 //! store and hands everything to [`crate::eval::evaluate`].
 
 use crate::Modality;
-use crate::audit::clopper_pearson;
+use crate::audit::{clopper_pearson, clopper_pearson_real};
 use crate::engine::{
     TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, stream_pool_pairs, tail_pool,
 };
@@ -211,7 +211,8 @@ fn out_of_sample_tails(
         let (seed, own_cap) =
             fitted.map_or((0x5eed, TAIL_ROWS), |c| (c.pool_seed, c.pool_cap.max(2)));
         let pool = tail_pool(snap, seed, rows, true);
-        if own_cap + rows > snap.live() && fitted.is_some() {
+        let disjoint = own_cap + rows <= snap.live();
+        if !disjoint && fitted.is_some() {
             let own = tail_pool(snap, seed, own_cap, false);
             let shared = pool.iter().filter(|r| own.binary_search(r).is_ok()).count();
             notes.push(format!(
@@ -237,13 +238,54 @@ fn out_of_sample_tails(
         let edges = bands.map_or(&[][..], |b| &b.edges[..]);
         if let Some((count, by_band)) = count_pool_tail_banded(snap, *m, &pool, u, truth, edges)? {
             let check = ModalityTailCheck::new(*m, model, &count, seed, rows);
-            out.push(match bands {
+            let check = match bands {
                 Some(b) => check.with_bands(model, b, &by_band),
                 None => check,
-            });
+            };
+            // Two disjoint pools sample independently: the model's own sampling spread adds to the check's.
+            let check = match fitted {
+                Some(f) if disjoint => check.against_calibration(f),
+                _ => check,
+            };
+            spread_notes(&check, notes);
+            out.push(check);
         }
     }
     Ok(out)
+}
+
+/// Events behind a ratio from which the tail check holds the model to [`TAIL_TOLERANCE`].
+pub const TAIL_RESOLVED_EVENTS: u64 = 50;
+/// How far measured ÷ predicted may stray from 1 where enough events were counted.
+pub const TAIL_TOLERANCE: f64 = 1.5;
+
+/// Notes, for each model row of an out-of-sample tail check with at least [`TAIL_RESOLVED_EVENTS`] events
+/// whose ratio strays beyond [`TAIL_TOLERANCE`], whether the two pools' sampling spread (clustered events
+/// included) accounts for it.
+fn spread_notes(check: &ModalityTailCheck, notes: &mut Vec<String>) {
+    for r in &check.model {
+        let (Some(q), Some((lo, hi))) = (r.ratio, r.ratio_ci) else {
+            continue;
+        };
+        if r.events < TAIL_RESOLVED_EVENTS || (1.0 / TAIL_TOLERANCE..=TAIL_TOLERANCE).contains(&q) {
+            continue;
+        }
+        let verdict = if (lo..=hi).contains(&1.0) {
+            "so the difference is within what two samples of one population can show by chance"
+        } else {
+            "so chance alone explains it only at odds under 5 %"
+        };
+        notes.push(format!(
+            "{} tail check at FMR {:.0e}: measured ÷ predicted {q:.2} on {} events (design effect {:.1}: worth {:.0} \
+             independent pairs); the 95 % interval, counting both pools' sampling spread where they are disjoint, \
+             is {lo:.2}–{hi:.2}, {verdict}",
+            check.modality,
+            r.level,
+            r.events,
+            r.design_effect.unwrap_or(1.0),
+            r.effective_events(),
+        ));
+    }
 }
 
 /// Candidate pairs (summed over modalities, as the impostor models predict them) one pass of the fused
@@ -365,8 +407,9 @@ fn fused_pass(
     cosines: &[Option<f32>],
     notes: &mut Vec<String>,
 ) -> Result<(u64, Vec<CalibrationPoint>), EngineError> {
-    // Per threshold, impostor pairs at or above it (a fixed array: no allocation per candidate pair).
-    let mut events = [0u64; FUSED_THRESHOLDS.len()];
+    // Impostor pairs at or above the lowest threshold, with how many thresholds each reaches (thresholds
+    // ascend): the events, and the rows they share for the design effect.
+    let mut hits: Vec<(usize, usize, usize)> = Vec::new();
     for (i, (m, _)) in cal.models.iter().enumerate() {
         let Some(Some(c)) = cosines.get(i) else {
             continue;
@@ -389,32 +432,32 @@ fn fused_pass(
                         }
                     })
                 })
-                .map(|&(a, b)| {
+                .filter_map(|&(a, b)| {
                     let s = fused_rows(snap, cal, a, b).score;
-                    let mut e = [0u64; FUSED_THRESHOLDS.len()];
-                    for (k, t) in thresholds.iter().enumerate() {
-                        e[k] = u64::from(s >= *t);
-                    }
-                    e
+                    let reached = thresholds.iter().filter(|&&t| s >= t).count();
+                    (reached > 0).then_some((a, b, reached))
                 })
-                .reduce(
-                    || [0u64; FUSED_THRESHOLDS.len()],
-                    |mut x, y| {
-                        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
-                        x
-                    },
-                );
-            events.iter_mut().zip(counted).for_each(|(a, b)| *a += b);
+                .collect::<Vec<_>>();
+            hits.extend(counted);
         })?;
     }
     let pairs = pool_impostor_pairs(pool, truth);
+    let events: Vec<u64> = (0..thresholds.len())
+        .map(|k| hits.iter().filter(|h| h.2 > k).count() as u64)
+        .collect();
+    let design_effects: Vec<f64> = (0..thresholds.len())
+        .map(|k| {
+            let at = hits.iter().filter(|h| h.2 > k);
+            crate::tail::design_effect(pairs, at.map(|&(a, b, _)| (a as u64, b as u64)))
+        })
+        .collect();
     let predicted = predicted_shares(&pool_keys(snap, cal, pool), cal, thresholds);
     let labelled: Vec<(f64, f64)> = thresholds.iter().copied().zip(predicted).collect();
     attainable_notes("fused check", &labelled, notes);
     let points = labelled
         .iter()
-        .zip(events)
-        .map(|(&(t, predicted), events)| {
+        .zip(events.iter().zip(design_effects))
+        .map(|(&(t, predicted), (&events, d))| {
             let resolved = predicted * pairs as f64 >= 1.0;
             CalibrationPoint {
                 threshold: t,
@@ -422,7 +465,9 @@ fn fused_pass(
                 measured_fmr: resolved.then(|| events as f64 / pairs as f64),
                 false_matches: usize::try_from(events).unwrap_or(usize::MAX),
                 impostor_samples: usize::try_from(pairs).unwrap_or(usize::MAX),
-                measured_ci: resolved.then(|| clopper_pearson(events, pairs, 0.95)),
+                measured_ci: resolved
+                    .then(|| clopper_pearson_real(events as f64 / d, pairs as f64 / d, 0.95)),
+                design_effect: resolved.then_some(d),
             }
         })
         .collect();

@@ -785,6 +785,31 @@ impl ModalityTailCheck {
         }
     }
 
+    /// This check made on a pool other than the calibration's, each model row's `ratio_ci` widened by the
+    /// sampling spread of the calibration's own count at that level (`fitted`, the calibration's check of the
+    /// same model; see [`TailCheckRow::against_model_count`]). The Gaussian rows are left as they are.
+    pub fn against_calibration(mut self, fitted: &ModalityTailCheck) -> Self {
+        fn widen(rows: Vec<TailCheckRow>, fitted: &[TailCheckRow]) -> Vec<TailCheckRow> {
+            rows.into_iter()
+                .map(|r| match fitted.iter().find(|f| f.level == r.level) {
+                    Some(f) => r.against_model_count(f),
+                    None => r,
+                })
+                .collect()
+        }
+        self.model = widen(std::mem::take(&mut self.model), &fitted.model);
+        for b in &mut self.bands {
+            if let Some(fb) = fitted
+                .bands
+                .iter()
+                .find(|fb| fb.lo == b.lo && fb.hi == b.hi)
+            {
+                b.model = widen(std::mem::take(&mut b.model), &fb.model);
+            }
+        }
+        self
+    }
+
     /// Adds the per-band checks of `bands` against `counts` (one per band) and of the pooled `model`.
     pub fn with_bands(
         mut self,

@@ -23,10 +23,11 @@
 //!    model extrapolates, and the check says so instead of printing a ratio.
 
 use crate::EngineError;
-use crate::audit::clopper_pearson;
+use crate::audit::clopper_pearson_real;
 use pacha_index::exact::{Pair, self_join_with};
 use pacha_index::view::RowsF32;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 /// Survival level at which an unlabelled fit is truncated (see the module doc).
@@ -376,6 +377,9 @@ pub struct TailCount {
     pub pairs: u64,
     /// Scores at or above the threshold, ascending.
     pub scores: Vec<f64>,
+    /// The two pool rows (positions in the counted pool) of each kept score, parallel to `scores`; empty
+    /// where the count did not keep them (then [`TailCount::design_effect`] is 1).
+    pub members: Vec<(u32, u32)>,
     /// The threshold the join kept scores from.
     pub threshold: f64,
     /// Pairs left out because the caller labelled them genuine.
@@ -387,6 +391,53 @@ impl TailCount {
     pub fn at_or_above(&self, s: f64) -> u64 {
         (self.scores.len() - self.scores.partition_point(|&x| x < s)) as u64
     }
+    /// How much the pairs at or above `s` cluster on shared rows: the variance of their count over the
+    /// variance a count of independent pairs would have (1 for independent pairs, never below 1).
+    ///
+    /// The pairs of a pool are not independent: every row takes part in `n − 1` of them, and a row near many
+    /// others (a hub) puts many events into one count. With `S_i` the events row `i` takes part in and `C`
+    /// their total, the count's variance is estimated as `C (1 − p) + Σ S_i (S_i − 1) − 4 C² (n − 2) / (n (n − 1))`
+    /// (the covariance of pairs sharing a row, minus what independent pairs would share by chance; `n` rows
+    /// as the pool's pair count implies). A design effect `d` makes `C` events worth `C / d` independent ones.
+    pub fn design_effect(&self, s: f64) -> f64 {
+        if self.members.len() != self.scores.len() {
+            return 1.0;
+        }
+        let from = self.scores.partition_point(|&x| x < s);
+        let events = self.members[from..]
+            .iter()
+            .map(|&(a, b)| (u64::from(a), u64::from(b)));
+        design_effect(self.pairs, events)
+    }
+
+    /// Merges counts of disjoint pair sets of one pool (the bands of a banded count) into one.
+    pub fn merge(parts: &[TailCount], threshold: f64) -> TailCount {
+        let mut kept: Vec<(f64, (u32, u32))> = parts
+            .iter()
+            .flat_map(|b| {
+                let members = b
+                    .members
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat((u32::MAX, u32::MAX)));
+                b.scores.iter().copied().zip(members)
+            })
+            .collect();
+        kept.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let complete = parts.iter().all(|b| b.members.len() == b.scores.len());
+        TailCount {
+            pairs: parts.iter().map(|b| b.pairs).sum(),
+            scores: kept.iter().map(|k| k.0).collect(),
+            members: if complete {
+                kept.iter().map(|k| k.1).collect()
+            } else {
+                Vec::new()
+            },
+            threshold,
+            excluded: parts.iter().map(|b| b.excluded).sum(),
+        }
+    }
+
     /// The score with `k` counted pairs at or above it (the k-th highest), if at least `k` were kept.
     pub fn kth_highest(&self, k: u64) -> Option<f64> {
         let k = usize::try_from(k).ok()?;
@@ -425,7 +476,7 @@ pub fn count_tail_banded(
             rows.rows()
         )));
     }
-    let mut scores = vec![Vec::new(); bands];
+    let mut kept: Vec<Vec<(f64, (u32, u32))>> = vec![Vec::new(); bands];
     let mut excluded_seen = vec![0u64; bands];
     self_join_with(rows, threshold, None, &mut |batch: &[Pair]| {
         for p in batch {
@@ -434,7 +485,7 @@ pub fn count_tail_banded(
             if exclude(i, j) {
                 excluded_seen[band] += 1;
             } else {
-                scores[band].push(f64::from(p.score));
+                kept[band].push((f64::from(p.score), (p.a, p.b)));
             }
         }
         ControlFlow::Continue(())
@@ -449,18 +500,40 @@ pub fn count_tail_banded(
             let n = members[k];
             let above: u64 = members[k + 1..].iter().sum();
             let all = n * n.saturating_sub(1) / 2 + n * above;
-            let mut s = std::mem::take(&mut scores[k]);
-            s.sort_by(f64::total_cmp);
+            let mut s = std::mem::take(&mut kept[k]);
+            s.sort_by(|x, y| x.0.total_cmp(&y.0));
             // Excluded pairs below the threshold never reached the sink; the caller knows how many there are.
             let excluded = excluded_total[k].max(excluded_seen[k]);
             TailCount {
                 pairs: all.saturating_sub(excluded),
-                scores: s,
+                scores: s.iter().map(|x| x.0).collect(),
+                members: s.iter().map(|x| x.1).collect(),
                 threshold: f64::from(threshold),
                 excluded,
             }
         })
         .collect())
+}
+
+/// The design effect of a count of `events` (each given by its two rows) among `pairs` pairs of a pool: see
+/// [`TailCount::design_effect`]. 1 without events.
+pub fn design_effect(pairs: u64, events: impl Iterator<Item = (u64, u64)>) -> f64 {
+    let mut per_row: HashMap<u64, u64> = HashMap::new();
+    let mut c = 0u64;
+    for (a, b) in events {
+        *per_row.entry(a).or_default() += 1;
+        *per_row.entry(b).or_default() += 1;
+        c += 1;
+    }
+    if c == 0 || pairs < 3 {
+        return 1.0;
+    }
+    let c = c as f64;
+    let shared: f64 = per_row.values().map(|&k| (k * (k - 1)) as f64).sum();
+    let n = 0.5 * (1.0 + (1.0 + 8.0 * pairs as f64).sqrt());
+    let p = c / pairs as f64;
+    let chance = 4.0 * c * c * (n - 2.0) / (n * (n - 1.0));
+    ((c * (1.0 - p) + shared - chance) / c).max(1.0)
 }
 
 /// One row of a tail check: a model's prediction at an FMR level against the count.
@@ -479,8 +552,42 @@ pub struct TailCheckRow {
     pub measured: Option<f64>,
     /// `measured / level`.
     pub ratio: Option<f64>,
-    /// Two-sided 95 % Clopper–Pearson interval of the measured FMR.
+    /// Two-sided 95 % interval of the measured FMR: Clopper–Pearson on the effective count (events and pairs
+    /// divided by `design_effect`), so it widens where the events cluster on a few rows.
     pub ci: Option<(f64, f64)>,
+    /// The count's design effect at this cosine ([`TailCount::design_effect`]); `None` where unresolved.
+    #[serde(default)]
+    pub design_effect: Option<f64>,
+    /// 95 % interval of `ratio`. Checked against its own count: `ci / level`. Checked out of sample
+    /// ([`TailCheckRow::against_model_count`]): widened by the sampling spread of the count the model was
+    /// fitted to, so it says whether two pools of one population could disagree this much by chance.
+    #[serde(default)]
+    pub ratio_ci: Option<(f64, f64)>,
+}
+
+impl TailCheckRow {
+    /// The events the count is worth as independent pairs (`events / design_effect`).
+    pub fn effective_events(&self) -> f64 {
+        self.events as f64 / self.design_effect.unwrap_or(1.0)
+    }
+
+    /// This row checked out of sample, its `ratio_ci` widened by `fitted`, the same model's check at the same
+    /// level against the count it was fitted to: where the model reads its own count, its prediction carries
+    /// that count's sampling error, `design_effect / events` in relative variance (a lower bound where it
+    /// extrapolates). The two pools are independent, so the log-ratio's variance is the sum of both
+    /// (normal approximation on the log scale). Unchanged where either side is unresolved or has no events.
+    pub fn against_model_count(mut self, fitted: &TailCheckRow) -> Self {
+        let (Some(r), Some(d1), Some(d2)) = (self.ratio, fitted.design_effect, self.design_effect)
+        else {
+            return self;
+        };
+        if fitted.events == 0 || self.events == 0 || r <= 0.0 {
+            return self;
+        }
+        let sd = (d1 / fitted.events as f64 + d2 / self.events as f64).sqrt();
+        self.ratio_ci = Some((r * (-1.96 * sd).exp(), r * (1.96 * sd).exp()));
+        self
+    }
 }
 
 /// Where a model's survival `sf` (decreasing in the cosine) equals `level` (bisection over `[-1, 1]`).
@@ -506,6 +613,9 @@ pub fn check_tail(sf: &dyn Fn(f64) -> f64, count: &TailCount, levels: &[f64]) ->
             let resolved =
                 cosine >= count.threshold && count.pairs > 0 && level * count.pairs as f64 >= 1.0;
             let measured = resolved.then(|| events as f64 / count.pairs as f64);
+            let design_effect = resolved.then(|| count.design_effect(cosine));
+            let ci = design_effect
+                .map(|d| clopper_pearson_real(events as f64 / d, count.pairs as f64 / d, 0.95));
             TailCheckRow {
                 level,
                 cosine,
@@ -513,7 +623,9 @@ pub fn check_tail(sf: &dyn Fn(f64) -> f64, count: &TailCount, levels: &[f64]) ->
                 pairs: count.pairs,
                 measured,
                 ratio: measured.map(|m| m / level),
-                ci: resolved.then(|| clopper_pearson(events, count.pairs, 0.95)),
+                ci,
+                design_effect,
+                ratio_ci: ci.map(|(lo, hi)| (lo / level, hi / level)),
             }
         })
         .collect()
@@ -738,6 +850,7 @@ mod tests {
         let c = TailCount {
             pairs: 1000,
             scores: vec![0.5, 0.6, 0.7],
+            members: vec![(0, 1), (2, 3), (4, 5)],
             threshold: 0.4,
             excluded: 0,
         };
@@ -756,5 +869,122 @@ mod tests {
             rows[2].measured, None,
             "1e-5 of 1000 pairs cannot be measured"
         );
+        assert_eq!(rows[1].design_effect, Some(1.0), "two events on four rows");
+        assert_eq!(rows[1].ci, Some(clopper_pearson_real(2.0, 1000.0, 0.95)));
+    }
+
+    /// A count of `pairs` pairs whose events (all scoring 1) are `members`.
+    fn events_count(pairs: u64, members: Vec<(u32, u32)>) -> TailCount {
+        TailCount {
+            pairs,
+            scores: vec![1.0; members.len()],
+            members,
+            threshold: 0.5,
+            excluded: 0,
+        }
+    }
+
+    #[test]
+    fn design_effect_counts_events_sharing_a_row() {
+        // One hub holding 100 events with distinct partners among 1000 rows: S_hub = 100, the others 1.
+        let c = events_count(499_500, (1..=100).map(|j| (0, j)).collect());
+        let (n, k) = (1000.0f64, 100.0f64);
+        let want = (k * (1.0 - k / 499_500.0) + k * (k - 1.0)
+            - 4.0 * k * k * (n - 2.0) / (n * (n - 1.0)))
+            / k;
+        assert!(
+            (c.design_effect(0.9) - want).abs() < 1e-9,
+            "{}",
+            c.design_effect(0.9)
+        );
+        assert!(c.design_effect(0.9) > 95.0);
+        // The same events on disjoint rows: as independent as pairs can be.
+        let c = events_count(499_500, (0..100).map(|j| (2 * j, 2 * j + 1)).collect());
+        assert_eq!(c.design_effect(0.9), 1.0);
+        // Above every score: no events, nothing to inflate.
+        assert_eq!(c.design_effect(1.5), 1.0);
+        // Scores without members (a count that did not keep them): no claim of clustering.
+        let c = TailCount {
+            members: Vec::new(),
+            ..c
+        };
+        assert_eq!(c.design_effect(0.9), 1.0);
+    }
+
+    #[test]
+    fn out_of_sample_interval_adds_the_model_counts_spread() {
+        let row = |events: u64, d: Option<f64>, ratio: Option<f64>| TailCheckRow {
+            level: 1e-6,
+            cosine: 0.5,
+            events,
+            pairs: 100_000_000,
+            measured: ratio.map(|r| r * 1e-6),
+            ratio,
+            ci: Some((0.5e-6, 2e-6)),
+            design_effect: d,
+            ratio_ci: Some((0.5, 2.0)),
+        };
+        // Log-ratio variance 4/100 + 2/50 = 0.08.
+        let widened =
+            row(50, Some(2.0), Some(1.6)).against_model_count(&row(100, Some(4.0), Some(1.0)));
+        let sd = 0.08f64.sqrt();
+        let (lo, hi) = widened.ratio_ci.unwrap();
+        assert!((lo - 1.6 * (-1.96 * sd).exp()).abs() < 1e-12);
+        assert!((hi - 1.6 * (1.96 * sd).exp()).abs() < 1e-12);
+        // A side without events or unresolved: left as it was.
+        let kept = row(50, Some(2.0), Some(1.6)).against_model_count(&row(0, Some(1.0), Some(0.0)));
+        assert_eq!(kept.ratio_ci, Some((0.5, 2.0)));
+        let kept = row(50, None, None).against_model_count(&row(100, Some(4.0), Some(1.0)));
+        assert_eq!(kept.ratio_ci, Some((0.5, 2.0)));
+    }
+
+    /// The design effect predicts the spread of counts across pools: pairs are events with probability
+    /// `p · w_i · w_j`, a few rows being hubs (`w` = 12), and the variance of the count over replicate
+    /// pools is compared with the mean count times the mean estimated design effect.
+    #[test]
+    fn design_effect_predicts_the_spread_of_clustered_counts() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let n = 400u32;
+        let pairs = u64::from(n) * u64::from(n - 1) / 2;
+        for hub_share in [0.0, 0.03] {
+            let (mut counts, mut deffs) = (Vec::new(), Vec::new());
+            for _ in 0..300 {
+                let w: Vec<f64> = (0..n)
+                    .map(|_| {
+                        if rng.random::<f64>() < hub_share {
+                            12.0
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                let p = 150.0 / pairs as f64 / (1.0 + hub_share * 11.0).powi(2);
+                let mut members = Vec::new();
+                for i in 0..n {
+                    for j in i + 1..n {
+                        if rng.random::<f64>() < p * w[i as usize] * w[j as usize] {
+                            members.push((i, j));
+                        }
+                    }
+                }
+                let c = events_count(pairs, members);
+                counts.push(c.scores.len() as f64);
+                deffs.push(c.design_effect(0.9));
+            }
+            let k = counts.len() as f64;
+            let mean = counts.iter().sum::<f64>() / k;
+            let var = counts.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / (k - 1.0);
+            let deff = deffs.iter().sum::<f64>() / k;
+            let measured = var / mean;
+            assert!(
+                (measured / deff - 1.0).abs() < 0.3,
+                "hub share {hub_share}: variance/mean {measured:.2}, mean design effect {deff:.2}"
+            );
+            if hub_share > 0.0 {
+                assert!(deff > 3.0, "hubs must inflate the variance: {deff:.2}");
+            } else {
+                assert!(deff < 1.2, "independent pairs: {deff:.2}");
+            }
+        }
     }
 }

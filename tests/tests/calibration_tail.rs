@@ -53,6 +53,29 @@ fn calibration_fits_and_checks_a_counted_tail_and_reopens_with_it() {
             let q = row.ratio.unwrap();
             assert!((0.85..1.18).contains(&q), "{m} at {}: {q}", row.level);
         }
+        // Every resolved row says how much its events cluster on shared rows; its interval is the effective
+        // count's (wider than the Poisson one wherever the design effect exceeds 1), around the measurement.
+        for row in check.model.iter().filter(|r| r.measured.is_some()) {
+            let d = row.design_effect.unwrap();
+            assert!(d >= 1.0 && d.is_finite(), "{m} at {}: {d}", row.level);
+            let (lo, hi) = row.ci.unwrap();
+            let measured = row.measured.unwrap();
+            assert!(lo <= measured && measured <= hi, "{m} at {}", row.level);
+            let (plo, phi) = pacha_engine::audit::clopper_pearson(row.events, row.pairs, 0.95);
+            assert!(
+                lo <= plo * (1.0 + 1e-9) && hi >= phi * (1.0 - 1e-9),
+                "{m} at {}",
+                row.level
+            );
+            assert_eq!(row.ratio_ci, Some((lo / row.level, hi / row.level)));
+        }
+        assert!(
+            check
+                .model
+                .iter()
+                .any(|r| r.design_effect.unwrap_or(1.0) > 1.0),
+            "{m}: families and look-alikes share rows among the counted events"
+        );
         // Levels beyond what 3.2e7 pairs can resolve are marked, not given a ratio.
         let deep = check.model.iter().find(|r| r.level == 1e-9).unwrap();
         assert_eq!(deep.ratio, None);
@@ -151,6 +174,23 @@ fn fused_count_finds_every_pair_a_brute_force_fusion_finds() {
     let brute = brute_in(&rows.iter().copied().collect());
     let counted: Vec<usize> = f.points.iter().map(|p| p.false_matches).collect();
     assert_eq!(counted, brute);
+    // The design effect is the brute-force events' own (the rows they share), and the interval is that of
+    // the effective count, around the measurement.
+    for (k, p) in f.points.iter().enumerate() {
+        let Some(m) = p.measured_fmr else { continue };
+        let events = scored
+            .iter()
+            .filter(|(_, _, s)| *s >= FUSED_THRESHOLDS[k])
+            .map(|&(a, b, _)| (a as u64, b as u64));
+        let want = pacha_engine::tail::design_effect(f.pairs, events);
+        assert_eq!(p.design_effect, Some(want), "score {}", p.threshold);
+        let (lo, hi) = p.measured_ci.unwrap();
+        assert!(
+            lo <= m && m <= hi,
+            "score {}: {m} outside [{lo}, {hi}]",
+            p.threshold
+        );
+    }
     // A candidate budget the low scores exceed: they are counted on nested sub-pools (the pool's seeded
     // order, fewer rows), and every point still equals the brute-force count over its own rows.
     let mut notes = Vec::new();
