@@ -300,14 +300,14 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
 fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
     let cell = |r: &pacha_engine::tail::TailCheckRow| match (r.ratio, r.ratio_ci) {
         (Some(q), Some((lo, hi))) => format!(
-            "{q:>6.2} [{lo:.2}, {hi:.2}] {:>7} ×{:<4.1}",
+            "{q:>6.2} [{lo:.2}, {hi:.2}] {:>7} ×{:<5.1}",
             r.events,
             r.design_effect.unwrap_or(1.0)
         ),
-        _ => format!("{:>34}", "not counted"),
+        _ => format!("{:>35}", "not counted"),
     };
     let mut out = format!(
-        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>34}  {:>34}",
+        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>35}  {:>35}",
         c.modality, c.pairs, c.excluded_genuine, "FMR", "model in use", "gaussian alone"
     );
     for (m, g) in c.model.iter().zip(&c.gaussian) {
@@ -315,7 +315,7 @@ fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
     }
     for b in &c.bands {
         out.push_str(&format!(
-            "\n  {} pairs of quality [{:.3}, {:.3}): {} counted\n  {:>8}  {:>34}  {:>34}",
+            "\n  {} pairs of quality [{:.3}, {:.3}): {} counted\n  {:>8}  {:>35}  {:>35}",
             c.modality, b.lo, b.hi, b.pairs, "FMR", "band model", "pooled model"
         ));
         for (m, p) in b.model.iter().zip(&b.pooled) {
