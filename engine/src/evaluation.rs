@@ -809,4 +809,50 @@ mod tests {
         mark_incomplete(&mut r, &crate::dedup::DedupSummary::default(), 40.0);
         assert!(r.det.iter().all(|p| !p.incomplete) && r.notes.len() == n);
     }
+
+    #[test]
+    fn spread_notes_name_ratios_beyond_the_tolerance_and_say_whether_chance_explains_them() {
+        use crate::tail::TailCheckRow;
+        let row = |level: f64, events: u64, ratio: f64, ci: (f64, f64)| TailCheckRow {
+            level,
+            cosine: 0.5,
+            events,
+            pairs: 1_000_000_000,
+            measured: Some(ratio * level),
+            ratio: Some(ratio),
+            ci: Some((ci.0 * level, ci.1 * level)),
+            design_effect: Some(4.0),
+            ratio_ci: Some(ci),
+        };
+        let check = ModalityTailCheck {
+            modality: "face".into(),
+            pairs: 1_000_000_000,
+            excluded_genuine: 0,
+            model: vec![
+                row(1e-5, 10_000, 1.2, (1.1, 1.3)), // within 1.5×: no note
+                row(1e-6, 1_000, 1.7, (0.9, 3.1)),  // beyond, but chance allows it
+                row(1e-7, 100, 0.5, (0.3, 0.8)),    // beyond, outside the interval
+                row(1e-8, 10, 3.0, (0.5, 9.0)),     // too few events to hold the model to 1.5×
+            ],
+            gaussian: Vec::new(),
+            pool_seed: 0,
+            pool_cap: 0,
+            bands: Vec::new(),
+        };
+        let mut notes = Vec::new();
+        spread_notes(&check, &mut notes);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].contains("1e-6") && notes[0].contains("1.70"),
+            "{}",
+            notes[0]
+        );
+        assert!(notes[0].contains("design effect 4.0") && notes[0].contains("worth 250"));
+        assert!(notes[0].contains("by chance"), "{}", notes[0]);
+        assert!(
+            notes[1].contains("1e-7") && notes[1].contains("under 5 %"),
+            "{}",
+            notes[1]
+        );
+    }
 }
