@@ -412,22 +412,18 @@ impl TailCount {
 
     /// Merges counts of disjoint pair sets of one pool (the bands of a banded count) into one.
     pub fn merge(parts: &[TailCount], threshold: f64) -> TailCount {
-        let mut kept: Vec<(f64, (u32, u32))> = parts
-            .iter()
-            .flat_map(|b| {
-                let members = b
-                    .members
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat((u32::MAX, u32::MAX)));
-                b.scores.iter().copied().zip(members)
-            })
-            .collect();
-        kept.sort_by(|x, y| x.0.total_cmp(&y.0));
         let complete = parts.iter().all(|b| b.members.len() == b.scores.len());
+        let mut kept: Vec<(f64, (u32, u32))> = Vec::new();
+        for b in parts {
+            for (k, &s) in b.scores.iter().enumerate() {
+                kept.push((s, b.members.get(k).copied().unwrap_or_default()));
+            }
+        }
+        kept.sort_by(|x, y| x.0.total_cmp(&y.0));
         TailCount {
             pairs: parts.iter().map(|b| b.pairs).sum(),
             scores: kept.iter().map(|k| k.0).collect(),
+            // Members only where every part kept them: a partial list would misplace the design effect.
             members: if complete {
                 kept.iter().map(|k| k.1).collect()
             } else {
@@ -909,6 +905,27 @@ mod tests {
             ..c
         };
         assert_eq!(c.design_effect(0.9), 1.0);
+    }
+
+    #[test]
+    fn merged_bands_keep_each_score_with_its_rows() {
+        let part = |scores: Vec<f64>, members: Vec<(u32, u32)>, pairs| TailCount {
+            pairs,
+            scores,
+            members,
+            threshold: 0.5,
+            excluded: 1,
+        };
+        let a = part(vec![0.6, 0.9], vec![(0, 1), (2, 3)], 10);
+        let b = part(vec![0.7], vec![(4, 5)], 5);
+        let m = TailCount::merge(&[a.clone(), b], 0.5);
+        assert_eq!(m.scores, vec![0.6, 0.7, 0.9]);
+        assert_eq!(m.members, vec![(0, 1), (4, 5), (2, 3)]);
+        assert_eq!((m.pairs, m.excluded), (15, 2));
+        // A part without its rows: no members at all, so no design effect is claimed.
+        let m = TailCount::merge(&[a, part(vec![0.7], Vec::new(), 5)], 0.5);
+        assert!(m.members.is_empty());
+        assert_eq!(m.design_effect(0.5), 1.0);
     }
 
     #[test]
