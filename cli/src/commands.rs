@@ -278,6 +278,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         seed: a.seed,
         tail_rows: a.tail_rows,
         quality_bands: a.quality_bands,
+        tail_pool: a.tail_pool.pool(),
         ..CalibrateOptions::default()
     };
     let t = Instant::now();
@@ -306,8 +307,12 @@ fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
         ),
         _ => format!("{:>35}", "not counted"),
     };
+    let pool = match c.pool_kind {
+        pacha_engine::engine::TailPool::Uniform => "",
+        pacha_engine::engine::TailPool::Hubs => ", a hub-stratified pool: shares weighted",
+    };
     let mut out = format!(
-        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>35}  {:>35}",
+        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out{pool}): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>35}  {:>35}",
         c.modality, c.pairs, c.excluded_genuine, "FMR", "model in use", "gaussian alone"
     );
     for (m, g) in c.model.iter().zip(&c.gaussian) {

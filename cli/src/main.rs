@@ -217,6 +217,31 @@ pub struct CalibrateArgs {
     /// template quality); kept only where qualities vary and move the tail. 0 or 1: pooled models only.
     #[arg(long, default_value_t = pacha_engine::engine::QUALITY_BANDS)]
     pub quality_bands: usize,
+    /// How the tail count's rows are drawn: `hubs` (per modality, rows near many others kept with
+    /// certainty, the others sampled, each pair weighted by the inverse of its rows' chances: the store's
+    /// FMR with far less spread; one more join of every row against 2 000–10 000 reference rows) or
+    /// `uniform` (a seeded sample shared by every modality, the default until the eleventh session).
+    #[arg(long, value_enum, default_value_t = TailPoolArg::Hubs)]
+    pub tail_pool: TailPoolArg,
+}
+
+/// How `calibrate` draws the rows of its tail count.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TailPoolArg {
+    /// A seeded uniform sample of live rows.
+    Uniform,
+    /// Hub-stratified, Horvitz–Thompson weighted.
+    Hubs,
+}
+
+impl TailPoolArg {
+    /// The engine's pool kind.
+    pub fn pool(self) -> pacha_engine::engine::TailPool {
+        match self {
+            TailPoolArg::Uniform => pacha_engine::engine::TailPool::Uniform,
+            TailPoolArg::Hubs => pacha_engine::engine::TailPool::Hubs,
+        }
+    }
 }
 
 /// Format of a run's hits and clusters tables.

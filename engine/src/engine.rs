@@ -98,6 +98,23 @@ pub struct CalibrateOptions<'a> {
     /// kept only where the store's qualities vary and they move the impostor tail. Default
     /// [`QUALITY_BANDS`].
     pub quality_bands: usize,
+    /// How the tail count's pool is drawn (default [`TailPool::Hubs`]).
+    pub tail_pool: TailPool,
+}
+
+/// How a calibration draws the rows whose every pair it counts for the impostor tail. (`Uniform` is the
+/// serde default: calibration files from before the hub pool were counted on uniform pools.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TailPool {
+    /// A seeded uniform sample of live rows ([`tail_pool`]), shared by every modality. Its count of a
+    /// store with hubs (rows near many others) varies from pool to pool far beyond Poisson: ±30 % at 1e-7
+    /// on 60 000 of 100 000 rows (BENCHMARKS.md, "Hubs").
+    #[default]
+    Uniform,
+    /// Per modality, rows drawn with a chance that grows with their hubness, each counted pair weighted by
+    /// the inverse of its rows' chances ([`hub_pool`]): the hubs, which put many events into one count, are
+    /// counted with certainty, so the count estimates the store's FMR with far less spread.
+    Hubs,
 }
 
 /// Default number of quality bands per modality.
@@ -122,6 +139,7 @@ impl Default for CalibrateOptions<'_> {
             seed: 0x5eed,
             tail_rows: TAIL_ROWS,
             quality_bands: QUALITY_BANDS,
+            tail_pool: TailPool::Hubs,
         }
     }
 }
@@ -738,13 +756,17 @@ impl Engine {
         };
         let (cal, samples) = fit_calibration(&snap, &current, options)?;
         let params = format!(
-            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {} quality_bands {}",
+            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {} quality_bands {}{}",
             options.impostor_pairs,
             options.pool_rows,
             options.seed,
             options.genuine.map_or(0, <[_]>::len),
             options.tail_rows,
-            options.quality_bands
+            options.quality_bands,
+            match options.tail_pool {
+                TailPool::Uniform => "",
+                TailPool::Hubs => " tail_pool hubs",
+            }
         );
         let id = DerivedIdentity::of(&snap, params);
         save_calibration_file(self.store.dir(), &cal, &id)?;
@@ -1046,6 +1068,112 @@ pub fn tail_pool(snap: &Snapshot, seed: u64, cap: usize, from_top: bool) -> Vec<
     live
 }
 
+/// Most rows of the reference sample a hub pool ranks every row against ([`hub_pool`]).
+pub const HUB_REFERENCE_ROWS: usize = 10_000;
+/// Fewest reference rows, whatever the store's size.
+pub const HUB_REFERENCE_MIN: usize = 2_000;
+/// Row pairs the hub ranking may score (rows × reference rows): 10 000 reference rows up to 300 000 rows,
+/// 3 000 at 1 M, 2 000 from 1.5 M on (a 10 M store's ranking is then 2·10¹⁰ pairs).
+pub const HUB_RANKING_PAIRS: f64 = 3e9;
+
+/// A hub-stratified pool of about `cap` live rows holding modality `m`, with each drawn row's chance `π` of
+/// being drawn. Every row's hubness `h` is its number of neighbours at cosine `u` or above among a seeded
+/// reference sample of [`HUB_REFERENCE_MIN`]…[`HUB_REFERENCE_ROWS`] rows (as many as keep the ranking within
+/// [`HUB_RANKING_PAIRS`]; one exact join of all rows against the sample); row `i`
+/// is then drawn, by a seeded hash, with chance `π_i = min(1, c · √(h_i + 1))`, `c` set so the chances sum
+/// to `cap`. Rows near many others are kept with certainty, the quiet ones sampled. All rows with chance 1
+/// where at most `cap` rows hold `m`. Measured offline against every pair of 100 k stores (BENCHMARKS.md,
+/// "Hubs"): the count's spread at 1e-7 falls from ±30 % (uniform) to ±1 %.
+pub fn hub_pool(
+    snap: &Snapshot,
+    m: Modality,
+    seed: u64,
+    cap: usize,
+    u: f64,
+) -> Result<(Vec<usize>, HashMap<usize, f64>), EngineError> {
+    let live: Vec<usize> = (0..snap.rows())
+        .filter(|&r| !snap.is_deleted(r) && snap.template(m, r).is_some())
+        .collect();
+    if live.len() <= cap {
+        let pi = live.iter().map(|&r| (r, 1.0)).collect();
+        return Ok((live, pi));
+    }
+    let dim = snap
+        .schema()
+        .dim(m)
+        .ok_or_else(|| EngineError::Calibration(format!("the store has no {m} modality")))?;
+    let mut reference = live.clone();
+    let key = |r: usize| mix(seed ^ 0x4eb5 ^ mix(r as u64));
+    let reference_rows = ((HUB_RANKING_PAIRS / live.len() as f64) as usize)
+        .clamp(HUB_REFERENCE_MIN, HUB_REFERENCE_ROWS);
+    if reference.len() > reference_rows {
+        reference.select_nth_unstable_by_key(reference_rows, |&r| key(r));
+        reference.truncate(reference_rows);
+    }
+    reference.sort_unstable();
+    let (ref_data, ref_rows) = gather_present(snap, m, dim, &reference);
+    let ref_view = RowsF32::dense(&ref_data, dim)
+        .map_err(|e| EngineError::Calibration(format!("hub reference of {m}: {e}")))?;
+    let mut hubness = vec![0u32; live.len()];
+    const BLOCK: usize = 65_536;
+    for (bi, block) in live.chunks(BLOCK).enumerate() {
+        let (data, rows) = gather_present(snap, m, dim, block);
+        let view = RowsF32::dense(&data, dim)
+            .map_err(|e| EngineError::Calibration(format!("hub ranking of {m}: {e}")))?;
+        pacha_index::exact::threshold_join_with(
+            view,
+            ref_view,
+            u as f32,
+            None,
+            None,
+            &mut |batch| {
+                for p in batch {
+                    // A row is not its own neighbour.
+                    if rows[p.a as usize] != ref_rows[p.b as usize] {
+                        hubness[bi * BLOCK + p.a as usize] += 1;
+                    }
+                }
+                std::ops::ControlFlow::Continue(())
+            },
+        )
+        .map_err(|e| EngineError::Calibration(format!("ranking hubs of {m}: {e}")))?;
+    }
+    let g: Vec<f64> = hubness
+        .iter()
+        .map(|&h| (f64::from(h) + 1.0).sqrt())
+        .collect();
+    // Scale the chances to sum to `cap`, re-scaling the uncapped ones after each round of capping at 1.
+    let mut scale = cap as f64 / g.iter().sum::<f64>();
+    for _ in 0..20 {
+        let (capped, free): (f64, f64) = g.iter().fold((0.0, 0.0), |(c, f), &x| {
+            if x * scale >= 1.0 {
+                (c + 1.0, f)
+            } else {
+                (c, f + x)
+            }
+        });
+        if free <= 0.0 {
+            break;
+        }
+        let next = (cap as f64 - capped).max(0.0) / free;
+        if (next / scale - 1.0).abs() < 1e-9 {
+            break;
+        }
+        scale = next;
+    }
+    let mut pool = Vec::new();
+    let mut pi = HashMap::new();
+    for (k, &r) in live.iter().enumerate() {
+        let chance = (g[k] * scale).min(1.0);
+        let draw = (mix(seed ^ 0xd4a3 ^ mix(r as u64)) >> 11) as f64 / (1u64 << 53) as f64;
+        if draw < chance {
+            pool.push(r);
+            pi.insert(r, chance);
+        }
+    }
+    Ok((pool, pi))
+}
+
 /// The rows of `pool` holding modality `m`, copied densely (streamed in ascending order), with their row
 /// numbers.
 fn gather_present(
@@ -1075,11 +1203,13 @@ pub fn count_pool_tail(
     u: f64,
     genuine: &HashSet<(usize, usize)>,
 ) -> Result<Option<tail::TailCount>, EngineError> {
-    Ok(count_pool_tail_banded(snap, m, pool, u, genuine, &[])?.map(|(all, _)| all))
+    Ok(count_pool_tail_banded(snap, m, pool, u, genuine, &[], None)?.map(|(all, _)| all))
 }
 
 /// [`count_pool_tail`] split by the quality bands of inner `edges` (pairs banded by their lower template
-/// quality): the pooled count and one count per band. `None` when fewer than 2 rows hold `m`.
+/// quality): the pooled count and one count per band. `None` when fewer than 2 rows hold `m`. With
+/// `inclusion` (a hub-stratified pool: each pool row's chance `π` of being drawn), every counted pair weighs
+/// `1 / (π_a π_b)` ([`tail::TailCount::weights`]).
 pub fn count_pool_tail_banded(
     snap: &Snapshot,
     m: Modality,
@@ -1087,6 +1217,7 @@ pub fn count_pool_tail_banded(
     u: f64,
     genuine: &HashSet<(usize, usize)>,
     edges: &[f32],
+    inclusion: Option<&HashMap<usize, f64>>,
 ) -> Result<Option<(tail::TailCount, Vec<tail::TailCount>)>, EngineError> {
     let Some((data, pool_rows, dim)) = pool_templates(snap, m, pool)? else {
         return Ok(None);
@@ -1096,19 +1227,42 @@ pub fn count_pool_tail_banded(
         .map(|&r| crate::fusion::quality_band(edges, snap.quality(m, r)) as u8)
         .collect();
     let at: HashMap<usize, usize> = pool_rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+    let inverse: Vec<f64> = match inclusion {
+        Some(pi) => pool_rows
+            .iter()
+            .map(|r| 1.0 / pi.get(r).copied().unwrap_or(1.0).max(f64::MIN_POSITIVE))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut excluded = vec![0u64; edges.len() + 1];
+    let mut excluded_weight = vec![
+        0.0f64;
+        if inverse.is_empty() {
+            0
+        } else {
+            edges.len() + 1
+        }
+    ];
     for (a, b) in genuine {
         if let (Some(&i), Some(&j)) = (at.get(a), at.get(b)) {
-            excluded[usize::from(row_band[i].min(row_band[j]))] += 1;
+            let band = usize::from(row_band[i].min(row_band[j]));
+            excluded[band] += 1;
+            if let Some(w) = excluded_weight.get_mut(band) {
+                *w += inverse[i] * inverse[j];
+            }
         }
     }
+    let weights = tail::RowWeights {
+        inverse_inclusion: inverse,
+        excluded: excluded_weight,
+    };
     let exclude = |i: usize, j: usize| {
         let (a, b) = (pool_rows[i], pool_rows[j]);
         genuine.contains(&(a.min(b), a.max(b)))
     };
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("tail pool of {m}: {e}")))?;
-    let bands = tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded)?;
+    let bands = tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded, &weights)?;
     let all = tail::TailCount::merge(&bands, u);
     Ok(Some((all, bands)))
 }
@@ -1304,23 +1458,36 @@ fn fit_tail(
     plan: Option<&BandPlan>,
 ) -> Result<Result<TailFit, String>, EngineError> {
     let plan = plan.and_then(|p| p.as_ref().ok());
-    let pool = tail_pool(snap, options.seed, options.tail_rows, false);
     let edges = plan.map_or(&[][..], |p| &p.edges[..]);
     let lowest = plan.map_or(u, |p| p.bands.iter().fold(u, |acc, b| acc.min(b.0)));
+    let (pool, inclusion) = match options.tail_pool {
+        TailPool::Uniform => (
+            tail_pool(snap, options.seed, options.tail_rows, false),
+            None,
+        ),
+        TailPool::Hubs => {
+            let (pool, pi) = hub_pool(snap, m, options.seed, options.tail_rows, u)?;
+            // Every row drawn with certainty (a store within the cap): the plain count, unweighted.
+            let weighted = pi.values().any(|&p| p < 1.0);
+            (pool, weighted.then_some(pi))
+        }
+    };
     let Some((count, band_counts)) =
-        count_pool_tail_banded(snap, m, &pool, lowest, genuine, edges)?
+        count_pool_tail_banded(snap, m, &pool, lowest, genuine, edges, inclusion.as_ref())?
     else {
         return Ok(Err(format!("fewer than 2 rows hold {m}")));
     };
     let unlabelled = options.genuine.is_none();
     let fit = |count: &tail::TailCount, u: f64| {
-        let truncate = if unlabelled {
+        let truncate = if !unlabelled {
+            None
+        } else if count.weights.is_empty() {
             let k = (tail::UNLABELLED_TRUNCATION * count.pairs as f64).round() as u64;
             count.kth_highest(k.max(1))
         } else {
-            None
+            count.score_at_share(tail::UNLABELLED_TRUNCATION)
         };
-        TailModel::fit(&count.scores, u, count.pairs, truncate)
+        TailModel::fit_count(count, u, truncate)
     };
     let model = match fit(&count, u) {
         Ok(t) => t,
@@ -1330,7 +1497,10 @@ fn fit_tail(
         impostor_tail: Some(model),
         ..base.clone()
     };
-    let check = ModalityTailCheck::new(m, &with_tail, &count, options.seed, options.tail_rows);
+    let check = ModalityTailCheck {
+        pool_kind: options.tail_pool,
+        ..ModalityTailCheck::new(m, &with_tail, &count, options.seed, options.tail_rows)
+    };
     let Some(plan) = plan else {
         return Ok(Ok(TailFit {
             model: with_tail,

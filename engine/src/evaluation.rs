@@ -4,7 +4,8 @@
 use crate::Modality;
 use crate::audit::{clopper_pearson, clopper_pearson_real};
 use crate::engine::{
-    TAIL_ROWS, count_pool_tail_banded, count_pool_tail_pairs, stream_pool_pairs, tail_pool,
+    TAIL_ROWS, TailPool, count_pool_tail_banded, count_pool_tail_pairs, hub_pool,
+    stream_pool_pairs, tail_pool,
 };
 use crate::eval::{CalibrationPoint, CoExceedance, EvalInput, EvalReport, FusedCount, ScoredPair};
 use crate::fusion::{Calibration, FusedKey, ModalityTailCheck};
@@ -197,8 +198,9 @@ impl Default for EvalCounts {
 pub const FUSED_THRESHOLDS: [f64; 7] = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0];
 
 /// Checks each modality's impostor model on every pair of a pool disjoint from the calibration's (the rows
-/// whose hash is largest where the calibration took the smallest), labelled genuine pairs left out.
-fn out_of_sample_tails(
+/// whose hash is largest where the calibration took the smallest), labelled genuine pairs left out; a
+/// hub-stratified calibration on a second hub-stratified draw (see the notes it writes).
+pub fn out_of_sample_tails(
     snap: &crate::store::Snapshot,
     cal: &Calibration,
     truth: &HashSet<(usize, usize)>,
@@ -210,18 +212,7 @@ fn out_of_sample_tails(
         let fitted = cal.tail_checks.iter().find(|c| c.modality == m.key());
         let (seed, own_cap) =
             fitted.map_or((0x5eed, TAIL_ROWS), |c| (c.pool_seed, c.pool_cap.max(2)));
-        let pool = tail_pool(snap, seed, rows, true);
-        let disjoint = own_cap + rows <= snap.live();
-        if !disjoint && fitted.is_some() {
-            let own = tail_pool(snap, seed, own_cap, false);
-            let shared = pool.iter().filter(|r| own.binary_search(r).is_ok()).count();
-            notes.push(format!(
-                "{m} tail check: the store has {} live rows, so the check's pool of {} shares {shared} rows with \
-                 the calibration's (not fully out of sample)",
-                snap.live(),
-                pool.len()
-            ));
-        }
+        let hubs = fitted.is_some_and(|c| c.pool_kind == TailPool::Hubs);
         // Count from the lower of the two models' starting points, so both are checked at 1e-4.
         let bands = cal.bands(i);
         let u = model
@@ -236,8 +227,45 @@ fn out_of_sample_tails(
                 .fold(u, f64::min)
         });
         let edges = bands.map_or(&[][..], |b| &b.edges[..]);
-        if let Some((count, by_band)) = count_pool_tail_banded(snap, *m, &pool, u, truth, edges)? {
-            let check = ModalityTailCheck::new(*m, model, &count, seed, rows);
+        // A hub-stratified calibration is checked by another hub-stratified draw (another reference sample,
+        // other quiet rows; the hubs are in both): a second estimate of every pair of the store.
+        let (pool, inclusion) = if hubs {
+            let hub_u = model.impostor_tail.map_or(u, |t| t.u);
+            let (pool, pi) = hub_pool(snap, *m, seed ^ CHECK_POOL_SALT, rows, hub_u)?;
+            let weighted = pi.values().any(|&p| p < 1.0);
+            (pool, weighted.then_some(pi))
+        } else {
+            (tail_pool(snap, seed, rows, true), None)
+        };
+        let disjoint = own_cap + rows <= snap.live() && !hubs;
+        if hubs {
+            notes.push(format!(
+                "{m} tail check: the calibration counted a hub-stratified pool; the check counts another \
+                 ({} rows, the hubs in both, the quiet rows drawn again), weighted the same way: a second \
+                 estimate of every pair of the store, not out of sample",
+                pool.len()
+            ));
+        } else if !disjoint && fitted.is_some() {
+            let own = tail_pool(snap, seed, own_cap, false);
+            let shared = pool.iter().filter(|r| own.binary_search(r).is_ok()).count();
+            notes.push(format!(
+                "{m} tail check: the store has {} live rows, so the check's pool of {} shares {shared} rows with \
+                 the calibration's (not fully out of sample)",
+                snap.live(),
+                pool.len()
+            ));
+        }
+        if let Some((count, by_band)) =
+            count_pool_tail_banded(snap, *m, &pool, u, truth, edges, inclusion.as_ref())?
+        {
+            let check = ModalityTailCheck {
+                pool_kind: if inclusion.is_some() {
+                    TailPool::Hubs
+                } else {
+                    TailPool::Uniform
+                },
+                ..ModalityTailCheck::new(*m, model, &count, seed, rows)
+            };
             let check = match bands {
                 Some(b) => check.with_bands(model, b, &by_band),
                 None => check,
@@ -253,6 +281,9 @@ fn out_of_sample_tails(
     }
     Ok(out)
 }
+
+/// Salt of the seed of an evaluation's hub-stratified check pool (another draw than the calibration's).
+pub const CHECK_POOL_SALT: u64 = 0xc4ec;
 
 /// Events behind a ratio from which the tail check holds the model to [`TAIL_TOLERANCE`].
 pub const TAIL_RESOLVED_EVENTS: u64 = 50;
@@ -837,6 +868,7 @@ mod tests {
             gaussian: Vec::new(),
             pool_seed: 0,
             pool_cap: 0,
+            pool_kind: crate::engine::TailPool::Uniform,
             bands: Vec::new(),
         };
         let mut notes = Vec::new();

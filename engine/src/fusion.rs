@@ -735,6 +735,10 @@ pub struct ModalityTailCheck {
     /// Rows the counted pool was capped at.
     #[serde(default)]
     pub pool_cap: usize,
+    /// How the counted pool was drawn: uniform (its rows are [`crate::engine::tail_pool`]'s), or
+    /// hub-stratified with weighted pairs ([`crate::engine::hub_pool`]).
+    #[serde(default)]
+    pub pool_kind: crate::engine::TailPool,
     /// Per quality band (when the modality is banded): the band's own model and the pooled model, each
     /// checked against the band's pairs.
     #[serde(default)]
@@ -781,6 +785,7 @@ impl ModalityTailCheck {
             gaussian: check_tail(&|s| body.sf(s), count, &CHECK_LEVELS),
             pool_seed,
             pool_cap,
+            pool_kind: crate::engine::TailPool::Uniform,
             bands: Vec::new(),
         }
     }

@@ -145,32 +145,58 @@ fn gpd_ln_pdf(y: f64, xi: f64, sigma: f64) -> f64 {
 }
 
 /// Negative log-likelihood of excesses `ys` (the largest `y_max`) under a GPD (ξ, σ), conditioned on staying
-/// below `ymax_trunc`.
-fn gpd_nll(ys: &[f64], y_max: f64, xi: f64, sigma: f64, ymax_trunc: Option<f64>) -> f64 {
+/// below `ymax_trunc`; each excess weighs `ws[k]` (empty: every excess weighs 1), the pseudo-likelihood of a
+/// weighted sample.
+fn gpd_nll(
+    ys: &[f64],
+    ws: &[f64],
+    y_max: f64,
+    xi: f64,
+    sigma: f64,
+    ymax_trunc: Option<f64>,
+) -> f64 {
     if sigma.is_nan() || sigma <= 0.0 {
         return f64::INFINITY;
     }
     if xi < 0.0 && 1.0 + xi * y_max / sigma <= 0.0 {
         return f64::INFINITY;
     }
-    let mut ll: f64 = ys.iter().map(|&y| gpd_ln_pdf(y, xi, sigma)).sum();
+    let (mut ll, mass_weight): (f64, f64) = if ws.is_empty() {
+        (
+            ys.iter().map(|&y| gpd_ln_pdf(y, xi, sigma)).sum(),
+            ys.len() as f64,
+        )
+    } else {
+        (
+            ys.iter()
+                .zip(ws)
+                .map(|(&y, &w)| w * gpd_ln_pdf(y, xi, sigma))
+                .sum(),
+            ws.iter().sum(),
+        )
+    };
     if let Some(t) = ymax_trunc {
         let mass = 1.0 - gpd_sf(t, xi, sigma);
         if mass <= 0.0 {
             return f64::INFINITY;
         }
-        ll -= ys.len() as f64 * mass.ln();
+        ll -= mass_weight * mass.ln();
     }
     if ll.is_finite() { -ll } else { f64::INFINITY }
 }
 
-/// Maximum-likelihood GPD (ξ, σ) of excesses `ys` (truncated at `ymax_trunc`).
-fn gpd_fit(ys: &[f64], ymax_trunc: Option<f64>) -> (f64, f64) {
-    let mean = ys.iter().sum::<f64>() / ys.len().max(1) as f64;
+/// Maximum-likelihood GPD (ξ, σ) of excesses `ys` weighing `ws` (empty: 1 each; truncated at `ymax_trunc`).
+fn gpd_fit(ys: &[f64], ws: &[f64], ymax_trunc: Option<f64>) -> (f64, f64) {
+    let mean = if ws.is_empty() {
+        ys.iter().sum::<f64>() / ys.len().max(1) as f64
+    } else {
+        let total: f64 = ws.iter().sum();
+        ys.iter().zip(ws).map(|(y, w)| y * w).sum::<f64>() / total.max(f64::MIN_POSITIVE)
+    };
     let y_max = ys.iter().copied().fold(0.0f64, f64::max);
     let start = [0.0, mean.max(1e-6).ln()];
     let (best, _) = nelder_mead(
-        |p| gpd_nll(ys, y_max, p[0], p[1].exp(), ymax_trunc),
+        |p| gpd_nll(ys, ws, y_max, p[0], p[1].exp(), ymax_trunc),
         start,
         [0.1, 0.3],
         400,
@@ -213,29 +239,80 @@ impl TailModel {
         pairs: u64,
         truncate_at: Option<f64>,
     ) -> Result<TailModel, EngineError> {
+        Self::fit_weighted(scores, &[], u, pairs, pairs as f64, truncate_at)
+    }
+
+    /// [`TailModel::fit`] to a count's scores with their weights ([`TailCount::weights`]).
+    pub fn fit_count(
+        count: &TailCount,
+        u: f64,
+        truncate_at: Option<f64>,
+    ) -> Result<TailModel, EngineError> {
+        Self::fit_weighted(
+            &count.scores,
+            &count.weights,
+            u,
+            count.pairs,
+            count.weighted_pairs,
+            truncate_at,
+        )
+    }
+
+    /// [`TailModel::fit`] to scores weighing `weights` (parallel to `scores`; empty: 1 each) out of `pairs`
+    /// counted pairs that stand for `total` pairs (their weights summed): a hub-stratified pool's count
+    /// ([`TailCount::weights`]). Shares are weighted; the fewest-exceedances rule counts scores.
+    pub fn fit_weighted(
+        scores: &[f64],
+        weights: &[f64],
+        u: f64,
+        pairs: u64,
+        total: f64,
+        truncate_at: Option<f64>,
+    ) -> Result<TailModel, EngineError> {
+        if !weights.is_empty() && weights.len() != scores.len() {
+            return Err(EngineError::Calibration(format!(
+                "a tail fit got {} weights for {} scores",
+                weights.len(),
+                scores.len()
+            )));
+        }
+        let w = |k: usize| weights.get(k).copied().unwrap_or(1.0);
         let all = scores.iter().filter(|&&s| s >= u).count();
-        let ys: Vec<f64> = scores
-            .iter()
-            .filter(|&&s| s >= u && truncate_at.is_none_or(|v| s < v))
-            .map(|&s| s - u)
+        let all_weight: f64 = if weights.is_empty() {
+            all as f64
+        } else {
+            (0..scores.len()).filter(|&k| scores[k] >= u).map(w).sum()
+        };
+        let kept: Vec<usize> = (0..scores.len())
+            .filter(|&k| scores[k] >= u && truncate_at.is_none_or(|v| scores[k] < v))
             .collect();
-        if ys.len() < MIN_EXCEEDANCES || pairs == 0 {
+        let ys: Vec<f64> = kept.iter().map(|&k| scores[k] - u).collect();
+        let ws: Vec<f64> = if weights.is_empty() {
+            Vec::new()
+        } else {
+            kept.iter().map(|&k| w(k)).collect()
+        };
+        if ys.len() < MIN_EXCEEDANCES || pairs == 0 || total <= 0.0 {
             return Err(EngineError::Calibration(format!(
                 "a tail fit needs at least {MIN_EXCEEDANCES} impostor scores above {u:.4}, got {} of {pairs} pairs",
                 ys.len()
             )));
         }
         let ymax_trunc = truncate_at.map(|v| v - u);
-        let (xi, sigma) = gpd_fit(&ys, ymax_trunc);
+        let (xi, sigma) = gpd_fit(&ys, &ws, ymax_trunc);
         if !(xi.is_finite() && sigma.is_finite() && sigma > 0.0) {
             return Err(EngineError::Calibration(format!(
                 "the tail fit above {u:.4} did not converge (xi {xi}, sigma {sigma})"
             )));
         }
-        let top = Self::fit_top(scores, u, all, pairs, truncate_at);
+        let top = if weights.is_empty() {
+            Self::fit_top(scores, u, all, pairs, truncate_at)
+        } else {
+            Self::fit_top_weighted(scores, weights, u, total, truncate_at)
+        };
         Ok(TailModel {
             u,
-            p_u: all as f64 / pairs as f64,
+            p_u: all_weight / total,
             xi,
             sigma,
             pairs,
@@ -289,11 +366,75 @@ impl TailModel {
         if ys.len() < MIN_EXCEEDANCES {
             return None;
         }
-        let (xi, sigma) = gpd_fit(&ys, None);
+        let (xi, sigma) = gpd_fit(&ys, &[], None);
         let counted_top = (sorted.len() - sorted.partition_point(|&x| x < top_u)) as f64 / n;
         (xi.is_finite() && sigma.is_finite() && sigma > 0.0).then_some(TopPiece {
             cosines,
             p_top: counted_top,
+            u: top_u,
+            xi,
+            sigma,
+            exceedances: ys.len() as u64,
+        })
+    }
+
+    /// [`TailModel::fit_top`] for weighted scores: the knots sit where the weighted counted share reaches
+    /// their levels, the top piece holds the highest [`TOP_EXCEEDANCES`] scores (their weighted share is
+    /// `p_top`), and its GPD weighs them.
+    fn fit_top_weighted(
+        scores: &[f64],
+        weights: &[f64],
+        u: f64,
+        total: f64,
+        truncate_at: Option<f64>,
+    ) -> Option<TopPiece> {
+        if truncate_at.is_some() || weights.len() != scores.len() {
+            return None;
+        }
+        let mut sorted: Vec<(f64, f64)> = scores
+            .iter()
+            .zip(weights)
+            .filter(|(s, _)| **s >= u)
+            .map(|(&s, &w)| (s, w))
+            .collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if sorted.len() <= TOP_EXCEEDANCES {
+            return None;
+        }
+        // Weighted share at or above each position, from the top.
+        let mut above = vec![0.0f64; sorted.len()];
+        let mut acc = 0.0;
+        for k in (0..sorted.len()).rev() {
+            acc += sorted[k].1;
+            above[k] = acc / total;
+        }
+        let p_u = above[0];
+        let first_top = sorted.len() - TOP_EXCEEDANCES;
+        let p_top = above[first_top];
+        if p_top * 10.0 > p_u {
+            return None;
+        }
+        // The highest cosine whose weighted share at or above it reaches `level`.
+        let at_level = |level: f64| -> f64 {
+            let k = above.partition_point(|&a| a >= level).saturating_sub(1);
+            sorted[k].0
+        };
+        let mut cosines = [0.0; COUNTED_KNOTS];
+        for (k, c) in cosines.iter_mut().enumerate() {
+            *c = at_level(TopPiece::level(p_u, p_top, k));
+        }
+        cosines[0] = u;
+        let top_u = cosines[COUNTED_KNOTS - 1];
+        let from = sorted.partition_point(|x| x.0 < top_u);
+        let ys: Vec<f64> = sorted[from..].iter().map(|x| x.0 - top_u).collect();
+        let ws: Vec<f64> = sorted[from..].iter().map(|x| x.1).collect();
+        if ys.len() < MIN_EXCEEDANCES {
+            return None;
+        }
+        let (xi, sigma) = gpd_fit(&ys, &ws, None);
+        (xi.is_finite() && sigma.is_finite() && sigma > 0.0).then_some(TopPiece {
+            cosines,
+            p_top: above[from],
             u: top_u,
             xi,
             sigma,
@@ -380,6 +521,12 @@ pub struct TailCount {
     /// The two pool rows (positions in the counted pool) of each kept score, parallel to `scores`; empty
     /// where the count did not keep them (then [`TailCount::design_effect`] is 1).
     pub members: Vec<(u32, u32)>,
+    /// The Horvitz–Thompson weight of each kept score, parallel to `scores` (`1 / (π_a π_b)`, the inverse of
+    /// the chance that both its rows were drawn into a hub-stratified pool); empty: every pair weighs 1.
+    pub weights: Vec<f64>,
+    /// The pairs the count stands for: `pairs` for a uniform pool, the weights of all its pairs summed for a
+    /// hub-stratified one.
+    pub weighted_pairs: f64,
     /// The threshold the join kept scores from.
     pub threshold: f64,
     /// Pairs left out because the caller labelled them genuine.
@@ -404,19 +551,53 @@ impl TailCount {
             return 1.0;
         }
         let from = self.scores.partition_point(|&x| x < s);
-        let events = self.members[from..]
+        let members = self.members[from..]
             .iter()
             .map(|&(a, b)| (u64::from(a), u64::from(b)));
-        design_effect(self.pairs, events)
+        if self.weights.is_empty() {
+            design_effect(self.pairs, members)
+        } else {
+            weighted_design_effect(members.zip(self.weights[from..].iter().copied()))
+        }
+    }
+
+    /// The weight of kept score `k` (1 in a uniform pool).
+    pub fn weight(&self, k: usize) -> f64 {
+        self.weights.get(k).copied().unwrap_or(1.0)
+    }
+
+    /// The share of pairs at or above `s` the count estimates (weighted; `s` at or above the threshold).
+    pub fn share_at_or_above(&self, s: f64) -> f64 {
+        let from = self.scores.partition_point(|&x| x < s);
+        if self.weights.is_empty() {
+            (self.scores.len() - from) as f64 / self.pairs as f64
+        } else {
+            self.weights[from..].iter().sum::<f64>() / self.weighted_pairs
+        }
+    }
+
+    /// The highest kept score whose weighted share at or above it reaches `share`, if the count reaches it.
+    pub fn score_at_share(&self, share: f64) -> Option<f64> {
+        let target = share * self.weighted_pairs;
+        let mut acc = 0.0;
+        for k in (0..self.scores.len()).rev() {
+            acc += self.weight(k);
+            if acc >= target {
+                return Some(self.scores[k]);
+            }
+        }
+        None
     }
 
     /// Merges counts of disjoint pair sets of one pool (the bands of a banded count) into one.
     pub fn merge(parts: &[TailCount], threshold: f64) -> TailCount {
         let complete = parts.iter().all(|b| b.members.len() == b.scores.len());
-        let mut kept: Vec<(f64, (u32, u32))> = Vec::new();
+        let weighted = parts.iter().any(|b| !b.weights.is_empty());
+        let mut kept: Vec<(f64, (u32, u32), f64)> = Vec::new();
         for b in parts {
             for (k, &s) in b.scores.iter().enumerate() {
-                kept.push((s, b.members.get(k).copied().unwrap_or_default()));
+                let rows = b.members.get(k).copied().unwrap_or_default();
+                kept.push((s, rows, b.weight(k)));
             }
         }
         kept.sort_by(|x, y| x.0.total_cmp(&y.0));
@@ -429,6 +610,12 @@ impl TailCount {
             } else {
                 Vec::new()
             },
+            weights: if weighted {
+                kept.iter().map(|k| k.2).collect()
+            } else {
+                Vec::new()
+            },
+            weighted_pairs: parts.iter().map(|b| b.weighted_pairs).sum(),
             threshold,
             excluded: parts.iter().map(|b| b.excluded).sum(),
         }
@@ -450,21 +637,49 @@ pub fn count_tail(
     excluded_total: u64,
 ) -> Result<TailCount, EngineError> {
     let row_band = vec![0u8; rows.rows()];
-    let mut counts = count_tail_banded(rows, threshold, exclude, &row_band, &[excluded_total])?;
+    let mut counts = count_tail_banded(
+        rows,
+        threshold,
+        exclude,
+        &row_band,
+        &[excluded_total],
+        &RowWeights::default(),
+    )?;
     Ok(counts.pop().unwrap_or_default())
+}
+
+/// The Horvitz–Thompson weights of a hub-stratified pool's rows (see [`TailCount::weights`]): empty for a
+/// uniform pool.
+#[derive(Clone, Debug, Default)]
+pub struct RowWeights {
+    /// `1 / π_i` per pool row, in pool order.
+    pub inverse_inclusion: Vec<f64>,
+    /// Per band, the summed weights of the labelled genuine pairs left out (parallel to `excluded_total`).
+    pub excluded: Vec<f64>,
 }
 
 /// [`count_tail`] split by quality band: row `i` is in band `row_band[i]`, a pair in the lower of its rows'
 /// bands (the band of its lower quality); one count per band (`excluded_total.len()` bands, each with its
-/// labelled pairs left out).
+/// labelled pairs left out). With `weights` (a hub-stratified pool), each kept score carries its pair's
+/// weight and each band the weighted number of its pairs.
 pub fn count_tail_banded(
     rows: RowsF32<'_>,
     threshold: f32,
     exclude: &(dyn Fn(usize, usize) -> bool + Sync),
     row_band: &[u8],
     excluded_total: &[u64],
+    weights: &RowWeights,
 ) -> Result<Vec<TailCount>, EngineError> {
     let bands = excluded_total.len();
+    let rw = &weights.inverse_inclusion;
+    if !rw.is_empty() && (rw.len() != rows.rows() || weights.excluded.len() != bands) {
+        return Err(EngineError::Calibration(format!(
+            "tail count: {} row weights and {} band exclusions for {} rows and {bands} bands",
+            rw.len(),
+            weights.excluded.len(),
+            rows.rows()
+        )));
+    }
     if row_band.len() != rows.rows() || row_band.iter().any(|&b| usize::from(b) >= bands) {
         return Err(EngineError::Calibration(format!(
             "tail count: {} row bands for {} rows and {bands} bands",
@@ -491,6 +706,13 @@ pub fn count_tail_banded(
     for &b in row_band {
         members[usize::from(b)] += 1;
     }
+    // Per band, the rows' summed weights and squared weights (weighted pair totals).
+    let (mut wsum, mut wsq) = (vec![0.0f64; bands], vec![0.0f64; bands]);
+    for (i, &w) in rw.iter().enumerate() {
+        let b = usize::from(row_band[i]);
+        wsum[b] += w;
+        wsq[b] += w * w;
+    }
     Ok((0..bands)
         .map(|k| {
             let n = members[k];
@@ -500,10 +722,24 @@ pub fn count_tail_banded(
             s.sort_by(|x, y| x.0.total_cmp(&y.0));
             // Excluded pairs below the threshold never reached the sink; the caller knows how many there are.
             let excluded = excluded_total[k].max(excluded_seen[k]);
+            let pairs = all.saturating_sub(excluded);
+            let (weights, weighted_pairs) = if rw.is_empty() {
+                (Vec::new(), pairs as f64)
+            } else {
+                let above: f64 = wsum[k + 1..].iter().sum();
+                let within = 0.5 * (wsum[k] * wsum[k] - wsq[k]) + wsum[k] * above;
+                let w = s
+                    .iter()
+                    .map(|x| rw[x.1.0 as usize] * rw[x.1.1 as usize])
+                    .collect();
+                (w, (within - weights.excluded[k]).max(0.0))
+            };
             TailCount {
-                pairs: all.saturating_sub(excluded),
+                pairs,
                 scores: s.iter().map(|x| x.0).collect(),
                 members: s.iter().map(|x| x.1).collect(),
+                weights,
+                weighted_pairs,
                 threshold: f64::from(threshold),
                 excluded,
             }
@@ -530,6 +766,31 @@ pub fn design_effect(pairs: u64, events: impl Iterator<Item = (u64, u64)>) -> f6
     let p = c / pairs as f64;
     let chance = 4.0 * c * c * (n - 2.0) / (n * (n - 1.0));
     ((c * (1.0 - p) + shared - chance) / c).max(1.0)
+}
+
+/// The design effect of a weighted count (a hub-stratified pool's): `events` are (rows, weight). The weighted
+/// total's variance is estimated with the covariance of events sharing a row,
+/// `Σ_e w_e² + Σ_i ((Σ_{e∋i} w_e)² − Σ_{e∋i} w_e²)`, and the design effect is `C · Var / (Σ w)²` for `C`
+/// events, so `C / d` is the effective number of events as for an unweighted count (no chance term is
+/// subtracted: the estimate errs wide).
+pub fn weighted_design_effect(events: impl Iterator<Item = ((u64, u64), f64)>) -> f64 {
+    let mut per_row: HashMap<u64, (f64, f64)> = HashMap::new();
+    let (mut c, mut total, mut squares) = (0u64, 0.0f64, 0.0f64);
+    for ((a, b), w) in events {
+        for r in [a, b] {
+            let e = per_row.entry(r).or_default();
+            e.0 += w;
+            e.1 += w * w;
+        }
+        c += 1;
+        total += w;
+        squares += w * w;
+    }
+    if c == 0 || total <= 0.0 {
+        return 1.0;
+    }
+    let shared: f64 = per_row.values().map(|&(s, q)| s * s - q).sum();
+    (c as f64 * (squares + shared) / (total * total)).max(1.0)
 }
 
 /// One row of a tail check: a model's prediction at an FMR level against the count.
@@ -608,10 +869,18 @@ pub fn check_tail(sf: &dyn Fn(f64) -> f64, count: &TailCount, levels: &[f64]) ->
             let events = count.at_or_above(cosine);
             let resolved =
                 cosine >= count.threshold && count.pairs > 0 && level * count.pairs as f64 >= 1.0;
-            let measured = resolved.then(|| events as f64 / count.pairs as f64);
+            let measured = resolved.then(|| count.share_at_or_above(cosine));
             let design_effect = resolved.then(|| count.design_effect(cosine));
-            let ci = design_effect
-                .map(|d| clopper_pearson_real(events as f64 / d, count.pairs as f64 / d, 0.95));
+            // The effective count: events ÷ design effect, out of as many pairs as keep the measured share.
+            let ci = design_effect.zip(measured).map(|(d, m)| {
+                let k = events as f64 / d;
+                let n = if count.weights.is_empty() || m <= 0.0 {
+                    count.pairs as f64 / d
+                } else {
+                    k / m
+                };
+                clopper_pearson_real(k, n, 0.95)
+            });
             TailCheckRow {
                 level,
                 cosine,
@@ -811,8 +1080,15 @@ mod tests {
                 }
             }
         }
-        let counts = count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &band, &excluded)
-            .expect("count");
+        let counts = count_tail_banded(
+            rows_of(&data, dim),
+            0.25,
+            &genuine,
+            &band,
+            &excluded,
+            &RowWeights::default(),
+        )
+        .expect("count");
         assert_eq!(counts.len(), 3);
         for b in 0..3 {
             assert_eq!(counts[b].pairs, all[b], "band {b}");
@@ -821,7 +1097,17 @@ mod tests {
         }
         // A band out of range is a typed error, not a panic.
         let bad = vec![3u8; n];
-        assert!(count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &bad, &excluded).is_err());
+        assert!(
+            count_tail_banded(
+                rows_of(&data, dim),
+                0.25,
+                &genuine,
+                &bad,
+                &excluded,
+                &RowWeights::default()
+            )
+            .is_err()
+        );
     }
 
     /// `n` random unit rows of `dim` (uniform components, normalised), row-major.
@@ -847,6 +1133,8 @@ mod tests {
             pairs: 1000,
             scores: vec![0.5, 0.6, 0.7],
             members: vec![(0, 1), (2, 3), (4, 5)],
+            weights: Vec::new(),
+            weighted_pairs: 1000.0,
             threshold: 0.4,
             excluded: 0,
         };
@@ -875,6 +1163,8 @@ mod tests {
             pairs,
             scores: vec![1.0; members.len()],
             members,
+            weights: Vec::new(),
+            weighted_pairs: pairs as f64,
             threshold: 0.5,
             excluded: 0,
         }
@@ -908,11 +1198,119 @@ mod tests {
     }
 
     #[test]
+    fn weighted_fit_recovers_the_tail_of_a_thinned_sample() {
+        // A GPD sample over u = 0.3 out of 10⁶ pairs; the lower excesses are kept with chance 0.2 and
+        // weighted 5, the upper ones all kept: the weighted fit must find the full sample's tail.
+        let (xi, sigma, u) = (0.1, 0.02, 0.3);
+        let mut rng = StdRng::seed_from_u64(3);
+        let full: Vec<f64> = (0..20_000)
+            .map(|_| u + gpd_draw(&mut rng, xi, sigma))
+            .collect();
+        let cut = u + sigma; // about 39 % of excesses lie above it
+        let (mut scores, mut weights) = (Vec::new(), Vec::new());
+        for &x in &full {
+            if x >= cut {
+                scores.push(x);
+                weights.push(1.0);
+            } else if rng.random::<f64>() < 0.2 {
+                scores.push(x);
+                weights.push(5.0);
+            }
+        }
+        let m = TailModel::fit_weighted(&scores, &weights, u, 300_000, 1e6, None).expect("fit");
+        assert!((m.xi - xi).abs() < 0.06, "xi {} vs {xi}", m.xi);
+        assert!((m.sigma / sigma - 1.0).abs() < 0.08, "sigma {}", m.sigma);
+        assert!((m.p_u / 0.02 - 1.0).abs() < 0.03, "p_u {}", m.p_u);
+        let unweighted = TailModel::fit(&full, u, 1_000_000, None).expect("fit");
+        for y in [1.0, 3.0, 6.0] {
+            let q = m.sf(u + y * sigma) / unweighted.sf(u + y * sigma);
+            assert!((0.85..1.18).contains(&q), "at {y}σ: {q}");
+        }
+        // Unit weights give the unweighted fit's tail.
+        let ones = vec![1.0; full.len()];
+        let same = TailModel::fit_weighted(&full, &ones, u, 1_000_000, 1e6, None).expect("fit");
+        assert_eq!(
+            (same.xi, same.sigma, same.p_u),
+            (unweighted.xi, unweighted.sigma, unweighted.p_u)
+        );
+        for y in [0.5, 2.0, 5.0] {
+            let q = same.sf(u + y * sigma) / unweighted.sf(u + y * sigma);
+            assert!((q - 1.0).abs() < 0.01, "unit weights at {y}σ: {q}");
+        }
+        // Weights that do not match the scores: a typed error.
+        assert!(TailModel::fit_weighted(&full, &[1.0], u, 1, 1.0, None).is_err());
+    }
+
+    #[test]
+    fn weighted_count_weighs_each_pair_by_its_rows_and_totals_every_pair() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let (n, dim) = (120, 8);
+        let data = unit_rows(&mut rng, n, dim);
+        let band: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
+        let inv: Vec<f64> = (0..n).map(|_| 1.0 + 4.0 * rng.random::<f64>()).collect();
+        let genuine = |a: usize, b: usize| a == 0 && b == 2;
+        // Pair (0, 2) is in band 0 (both rows even); it is left out with its weight.
+        let weights = RowWeights {
+            inverse_inclusion: inv.clone(),
+            excluded: vec![inv[0] * inv[2], 0.0],
+        };
+        let counts = count_tail_banded(
+            rows_of(&data, dim),
+            0.25,
+            &genuine,
+            &band,
+            &[1, 0],
+            &weights,
+        )
+        .expect("count");
+        let dot = |i: usize, j: usize| -> f32 {
+            (0..dim)
+                .map(|k| data[i * dim + k] * data[j * dim + k])
+                .sum()
+        };
+        for b in 0..2u8 {
+            let (mut total, mut kept) = (0.0f64, Vec::new());
+            for i in 0..n {
+                for j in i + 1..n {
+                    if band[i].min(band[j]) != b || genuine(i, j) {
+                        continue;
+                    }
+                    total += inv[i] * inv[j];
+                    if dot(i, j) >= 0.25 {
+                        kept.push(inv[i] * inv[j]);
+                    }
+                }
+            }
+            let c = &counts[usize::from(b)];
+            assert!((c.weighted_pairs / total - 1.0).abs() < 1e-9, "band {b}");
+            assert_eq!(c.weights.len(), kept.len(), "band {b}");
+            for (k, &(i, j)) in c.members.iter().enumerate() {
+                assert!((c.weights[k] - inv[i as usize] * inv[j as usize]).abs() < 1e-12);
+            }
+            let want: f64 = kept.iter().sum::<f64>() / total;
+            assert!(
+                (c.share_at_or_above(0.25) / want - 1.0).abs() < 1e-9,
+                "band {b}"
+            );
+        }
+        // Weights for another number of rows: a typed error.
+        let bad = RowWeights {
+            inverse_inclusion: vec![1.0; 3],
+            excluded: vec![0.0, 0.0],
+        };
+        assert!(
+            count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &band, &[1, 0], &bad).is_err()
+        );
+    }
+
+    #[test]
     fn merged_bands_keep_each_score_with_its_rows() {
-        let part = |scores: Vec<f64>, members: Vec<(u32, u32)>, pairs| TailCount {
+        let part = |scores: Vec<f64>, members: Vec<(u32, u32)>, pairs: u64| TailCount {
             pairs,
             scores,
             members,
+            weights: Vec::new(),
+            weighted_pairs: pairs as f64,
             threshold: 0.5,
             excluded: 1,
         };

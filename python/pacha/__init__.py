@@ -526,15 +526,19 @@ class Store:
         *,
         tail_rows: int = 60_000,
         quality_bands: int = 3,
+        tail_pool: str = "hubs",
     ) -> Dict[str, Any]:
         """Fits the score models from the store (impostor pairs sampled from it; genuine models from labelled
         ``truth`` pairs — a list of ``(subject_a, subject_b)`` or a truth CSV path — when given) and saves
         them: every pair of ``tail_rows`` rows is counted for the impostor tails, and pairs are scored per
         quality band (``quality_bands``; 0 or 1: pooled) where qualities vary and move the tail (the CLI's
-        ``pacha calibrate`` options). Returns ``{"source", "models", "tail_checks", "quality_bands"}``."""
+        ``pacha calibrate`` options; ``tail_pool`` is ``"hubs"``, the counted rows drawn by hubness and
+        each pair weighted, or ``"uniform"``, as ``--tail-pool``). Returns ``{"source", "models", "tail_checks", "quality_bands"}``."""
         pairs = _truth(truth) if truth is not None else None
         return json.loads(
-            self._core.calibrate(pairs, int(impostor_pairs), int(seed), int(tail_rows), int(quality_bands))
+            self._core.calibrate(
+                pairs, int(impostor_pairs), int(seed), int(tail_rows), int(quality_bands), str(tail_pool)
+            )
         )
 
     def delete(self, ids: Union[str, Sequence[str], np.ndarray]) -> int:

@@ -451,7 +451,8 @@ impl Engine {
     }
 
     /// Fits and saves the score models; returns `{"source", "models", "tail_checks", "quality_bands"}` as JSON.
-    #[pyo3(signature = (truth, impostor_pairs, seed, tail_rows, quality_bands))]
+    #[pyo3(signature = (truth, impostor_pairs, seed, tail_rows, quality_bands, tail_pool))]
+    #[allow(clippy::too_many_arguments)] // one Python keyword each
     fn calibrate(
         &self,
         py: Python<'_>,
@@ -460,7 +461,17 @@ impl Engine {
         seed: u64,
         tail_rows: usize,
         quality_bands: usize,
+        tail_pool: &str,
     ) -> PyResult<String> {
+        let tail_pool = match tail_pool {
+            "uniform" => pacha_engine::engine::TailPool::Uniform,
+            "hubs" => pacha_engine::engine::TailPool::Hubs,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "tail_pool must be \"uniform\" or \"hubs\", not {other:?}"
+                )));
+            }
+        };
         let e = self.get()?;
         let cal = py.detach(|| {
             let opts = CalibrateOptions {
@@ -469,6 +480,7 @@ impl Engine {
                 seed,
                 tail_rows,
                 quality_bands,
+                tail_pool,
                 ..CalibrateOptions::default()
             };
             e.calibrate(&opts).map(|_| e.calibration())

@@ -176,3 +176,20 @@ def test_progress_callback_and_tqdm(small_pop: Population, tmp_path: Path, capsy
         s.dedup(mode="exact", progress=False)
     err = capsys.readouterr().err
     assert "index" in err
+
+
+def test_calibrate_draws_the_tail_pool_by_hubness_or_uniformly(store: Path, small_pop: Population) -> None:
+    with pacha.Store.open(store) as s:
+        # 2 000 of the 3 000 rows: the hub-stratified pool weighs its pairs, the uniform one does not.
+        hubs = s.calibrate(truth=small_pop.truth, tail_rows=2000)
+        assert {c["pool_kind"] for c in hubs["tail_checks"]} == {"Hubs"}
+        for c in hubs["tail_checks"]:
+            for row in c["model"]:
+                if row["measured"] is not None:
+                    assert row["design_effect"] >= 1.0
+                    lo, hi = row["ci"]
+                    assert lo <= row["measured"] <= hi
+        uniform = s.calibrate(truth=small_pop.truth, tail_rows=2000, tail_pool="uniform")
+        assert {c["pool_kind"] for c in uniform["tail_checks"]} == {"Uniform"}
+        with pytest.raises(ValueError, match="tail_pool"):
+            s.calibrate(truth=small_pop.truth, tail_pool="everything")

@@ -28,8 +28,9 @@ fn calibration_fits_and_checks_a_counted_tail_and_reopens_with_it() {
         let t = model
             .impostor_tail
             .unwrap_or_else(|| panic!("{m}: no tail"));
-        // 8 000 rows are 3.2e7 pairs (fewer where a finger is missing); the labelled genuine pairs are out.
-        assert!(t.pairs > 25_000_000 && t.pairs < 32_000_000, "{m}: {t:?}");
+        // About 8 000 rows (the hub-stratified pool draws each row by its own chance) are 3.2e7 pairs (fewer
+        // where a finger is missing); the labelled genuine pairs are out.
+        assert!(t.pairs > 25_000_000 && t.pairs < 34_000_000, "{m}: {t:?}");
         assert_eq!(
             t.truncated_at, None,
             "labelled calibrations are not truncated"
@@ -61,9 +62,11 @@ fn calibration_fits_and_checks_a_counted_tail_and_reopens_with_it() {
             let (lo, hi) = row.ci.unwrap();
             let measured = row.measured.unwrap();
             assert!(lo <= measured && measured <= hi, "{m} at {}", row.level);
+            // No narrower, relatively, than Poisson on the raw events (the hub-stratified pool's share is
+            // weighted, so the raw events over the raw pairs is not its measurement).
             let (plo, phi) = pacha_engine::audit::clopper_pearson(row.events, row.pairs, 0.95);
             assert!(
-                lo <= plo * (1.0 + 1e-9) && hi >= phi * (1.0 - 1e-9),
+                hi / lo >= (phi / plo) * (1.0 - 1e-9),
                 "{m} at {}",
                 row.level
             );
@@ -93,6 +96,85 @@ fn calibration_fits_and_checks_a_counted_tail_and_reopens_with_it() {
     let after = again.calibration();
     assert_eq!(after.models, before.models);
     assert_eq!(after.tail_checks, before.tail_checks);
+}
+
+#[test]
+fn a_hub_stratified_pool_estimates_every_pair_of_the_store() {
+    use pacha_engine::engine::TailPool;
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(12_000, 5), Some(&[Modality::Face]));
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions {
+        genuine: Some(&pop.truth),
+        tail_rows: 5_000,
+        quality_bands: 0,
+        tail_pool: TailPool::Hubs,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = e.calibration();
+    let check = &cal.tail_checks[0];
+    assert_eq!(check.pool_kind, TailPool::Hubs);
+    let model = &cal.models[0].1;
+    let tail = model.impostor_tail.expect("a tail");
+    // 5 000 drawn rows are about 1.25e7 counted pairs, weighted up to the store's 7.2e7.
+    assert!(
+        tail.pairs > 8_000_000 && tail.pairs < 17_000_000,
+        "{tail:?}"
+    );
+    // Every pair of the store, counted: the hub-stratified model must match it where it resolves thousands
+    // of events (the store's own share, not a pool's).
+    let snap = e.snapshot();
+    let rows: Vec<usize> = (0..snap.rows()).collect();
+    let truth = truth_rows(&snap, &pop.truth);
+    let all = pacha_engine::engine::count_pool_tail(&snap, Modality::Face, &rows, tail.u, &truth)
+        .unwrap()
+        .expect("a count");
+    // (Measured here: 1.01 / 0.99 / 1.01 at 1e-4 / 1e-5 / 1e-6, the pool holding 6 901 of the store's
+    // 7 208 events at 1e-4 from a sixth of its pairs: the hubs are counted with certainty.)
+    for row in check.model.iter().filter(|r| r.events >= 50) {
+        let measured_all = all.at_or_above(row.cosine) as f64 / all.pairs as f64;
+        let q = measured_all / row.level;
+        assert!(
+            (0.9..1.11).contains(&q),
+            "at {}: store {q} ({} events in the pool)",
+            row.level,
+            row.events
+        );
+        // In sample the model reads its own weighted count.
+        let own = row.ratio.unwrap();
+        assert!(
+            (0.9..1.11).contains(&own),
+            "at {}: in sample {own}",
+            row.level
+        );
+        assert!(row.design_effect.unwrap() >= 1.0);
+        let (lo, hi) = row.ci.unwrap();
+        assert!(lo <= row.measured.unwrap() && row.measured.unwrap() <= hi);
+    }
+    assert!(check.model.iter().filter(|r| r.events >= 50).count() >= 3);
+    // The evaluation's check draws a second hub-stratified pool (another seed): a second estimate of the
+    // store's pairs, which agrees with the model where thousands of events were counted, and says it is no
+    // out-of-sample check.
+    let mut notes = Vec::new();
+    let checks =
+        pacha_engine::evaluation::out_of_sample_tails(&snap, &cal, &truth, 5_000, &mut notes)
+            .unwrap();
+    assert_eq!(checks[0].pool_kind, TailPool::Hubs);
+    assert!(
+        notes.iter().any(|n| n.contains("not out of sample")),
+        "{notes:?}"
+    );
+    for row in checks[0].model.iter().filter(|r| r.events >= 500) {
+        let q = row.ratio.unwrap();
+        assert!((0.9..1.11).contains(&q), "check at {}: {q}", row.level);
+    }
+    // Saved and read back with its kind.
+    let dirpath = e.store().dir().to_path_buf();
+    let before = (*cal).clone();
+    drop(pop);
+    let again = pacha_engine::Engine::open(&dirpath).unwrap();
+    assert_eq!(again.calibration().tail_checks, before.tail_checks);
 }
 
 #[test]
