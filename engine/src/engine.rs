@@ -1068,6 +1068,9 @@ pub fn tail_pool(snap: &Snapshot, seed: u64, cap: usize, from_top: bool) -> Vec<
     live
 }
 
+/// Each drawn row's chance of being drawn into a hub-stratified pool ([`hub_pool`]), by row.
+pub type InclusionChances = HashMap<usize, f64>;
+
 /// Most rows of the reference sample a hub pool ranks every row against ([`hub_pool`]).
 pub const HUB_REFERENCE_ROWS: usize = 10_000;
 /// Fewest reference rows, whatever the store's size.
@@ -1081,8 +1084,8 @@ pub const HUB_RANKING_PAIRS: f64 = 3e9;
 /// reference sample of [`HUB_REFERENCE_MIN`]…[`HUB_REFERENCE_ROWS`] rows (as many as keep the ranking within
 /// [`HUB_RANKING_PAIRS`]; one exact join of all rows against the sample); row `i`
 /// is then drawn, by a seeded hash, with chance `π_i = min(1, c · √(h_i + 1))`, `c` set so the chances sum
-/// to `cap`. Rows near many others are kept with certainty, the quiet ones sampled. All rows with chance 1
-/// where at most `cap` rows hold `m`. Measured offline against every pair of 100 k stores (BENCHMARKS.md,
+/// to `cap`. Rows near many others are kept with certainty, the quiet ones sampled. The chances are `None`
+/// where every row is drawn with certainty (at most `cap` rows hold `m`): the plain, unweighted count. Measured offline against every pair of 100 k stores (BENCHMARKS.md,
 /// "Hubs"): the count's spread at 1e-7 falls from ±30 % (uniform) to ±1 %.
 pub fn hub_pool(
     snap: &Snapshot,
@@ -1090,13 +1093,12 @@ pub fn hub_pool(
     seed: u64,
     cap: usize,
     u: f64,
-) -> Result<(Vec<usize>, HashMap<usize, f64>), EngineError> {
+) -> Result<(Vec<usize>, Option<InclusionChances>), EngineError> {
     let live: Vec<usize> = (0..snap.rows())
         .filter(|&r| !snap.is_deleted(r) && snap.template(m, r).is_some())
         .collect();
     if live.len() <= cap {
-        let pi = live.iter().map(|&r| (r, 1.0)).collect();
-        return Ok((live, pi));
+        return Ok((live, None));
     }
     let dim = snap
         .schema()
@@ -1171,7 +1173,8 @@ pub fn hub_pool(
             pi.insert(r, chance);
         }
     }
-    Ok((pool, pi))
+    let weighted = pi.values().any(|&p| p < 1.0);
+    Ok((pool, weighted.then_some(pi)))
 }
 
 /// The rows of `pool` holding modality `m`, copied densely (streamed in ascending order), with their row
@@ -1217,7 +1220,7 @@ pub fn count_pool_tail_banded(
     u: f64,
     genuine: &HashSet<(usize, usize)>,
     edges: &[f32],
-    inclusion: Option<&HashMap<usize, f64>>,
+    inclusion: Option<&InclusionChances>,
 ) -> Result<Option<(tail::TailCount, Vec<tail::TailCount>)>, EngineError> {
     let Some((data, pool_rows, dim)) = pool_templates(snap, m, pool)? else {
         return Ok(None);
@@ -1235,20 +1238,13 @@ pub fn count_pool_tail_banded(
         None => Vec::new(),
     };
     let mut excluded = vec![0u64; edges.len() + 1];
-    let mut excluded_weight = vec![
-        0.0f64;
-        if inverse.is_empty() {
-            0
-        } else {
-            edges.len() + 1
-        }
-    ];
+    let mut excluded_weight = vec![0.0f64; edges.len() + 1];
     for (a, b) in genuine {
         if let (Some(&i), Some(&j)) = (at.get(a), at.get(b)) {
             let band = usize::from(row_band[i].min(row_band[j]));
             excluded[band] += 1;
-            if let Some(w) = excluded_weight.get_mut(band) {
-                *w += inverse[i] * inverse[j];
+            if !inverse.is_empty() {
+                excluded_weight[band] += inverse[i] * inverse[j];
             }
         }
     }
@@ -1465,12 +1461,7 @@ fn fit_tail(
             tail_pool(snap, options.seed, options.tail_rows, false),
             None,
         ),
-        TailPool::Hubs => {
-            let (pool, pi) = hub_pool(snap, m, options.seed, options.tail_rows, u)?;
-            // Every row drawn with certainty (a store within the cap): the plain count, unweighted.
-            let weighted = pi.values().any(|&p| p < 1.0);
-            (pool, weighted.then_some(pi))
-        }
+        TailPool::Hubs => hub_pool(snap, m, options.seed, options.tail_rows, u)?,
     };
     let Some((count, band_counts)) =
         count_pool_tail_banded(snap, m, &pool, lowest, genuine, edges, inclusion.as_ref())?

@@ -2,7 +2,7 @@
 //! store and hands everything to [`crate::eval::evaluate`].
 
 use crate::Modality;
-use crate::audit::{clopper_pearson, clopper_pearson_real};
+use crate::audit::clopper_pearson;
 use crate::engine::{
     TAIL_ROWS, TailPool, count_pool_tail_banded, count_pool_tail_pairs, hub_pool,
     stream_pool_pairs, tail_pool,
@@ -231,9 +231,7 @@ pub fn out_of_sample_tails(
         // other quiet rows; the hubs are in both): a second estimate of every pair of the store.
         let (pool, inclusion) = if hubs {
             let hub_u = model.impostor_tail.map_or(u, |t| t.u);
-            let (pool, pi) = hub_pool(snap, *m, seed ^ CHECK_POOL_SALT, rows, hub_u)?;
-            let weighted = pi.values().any(|&p| p < 1.0);
-            (pool, weighted.then_some(pi))
+            hub_pool(snap, *m, seed ^ CHECK_POOL_SALT, rows, hub_u)?
         } else {
             (tail_pool(snap, seed, rows, true), None)
         };
@@ -497,7 +495,7 @@ fn fused_pass(
                 false_matches: usize::try_from(events).unwrap_or(usize::MAX),
                 impostor_samples: usize::try_from(pairs).unwrap_or(usize::MAX),
                 measured_ci: resolved
-                    .then(|| clopper_pearson_real(events as f64 / d, pairs as f64 / d, 0.95)),
+                    .then(|| crate::tail::clustered_interval(events, pairs as f64, d)),
                 design_effect: resolved.then_some(d),
             }
         })

@@ -793,6 +793,12 @@ pub fn weighted_design_effect(events: impl Iterator<Item = ((u64, u64), f64)>) -
     (c as f64 * (squares + shared) / (total * total)).max(1.0)
 }
 
+/// The 95 % interval of `events` among `pairs` when they cluster with design effect `d`: Clopper–Pearson on
+/// the effective count (events and pairs divided by `d`; Korn–Graubard).
+pub fn clustered_interval(events: u64, pairs: f64, d: f64) -> (f64, f64) {
+    clopper_pearson_real(events as f64 / d, pairs / d, 0.95)
+}
+
 /// One row of a tail check: a model's prediction at an FMR level against the count.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TailCheckRow {
@@ -871,15 +877,14 @@ pub fn check_tail(sf: &dyn Fn(f64) -> f64, count: &TailCount, levels: &[f64]) ->
                 cosine >= count.threshold && count.pairs > 0 && level * count.pairs as f64 >= 1.0;
             let measured = resolved.then(|| count.share_at_or_above(cosine));
             let design_effect = resolved.then(|| count.design_effect(cosine));
-            // The effective count: events ÷ design effect, out of as many pairs as keep the measured share.
+            // A weighted count's events stand for as many pairs as keep the measured share.
             let ci = design_effect.zip(measured).map(|(d, m)| {
-                let k = events as f64 / d;
-                let n = if count.weights.is_empty() || m <= 0.0 {
-                    count.pairs as f64 / d
+                let pairs = if count.weights.is_empty() || m <= 0.0 {
+                    count.pairs as f64
                 } else {
-                    k / m
+                    events as f64 / m
                 };
-                clopper_pearson_real(k, n, 0.95)
+                clustered_interval(events, pairs, d)
             });
             TailCheckRow {
                 level,
