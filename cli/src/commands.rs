@@ -315,6 +315,11 @@ fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
         "  {} impostor tail vs {} counted pairs ({} labelled genuine left out{pool}): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>35}  {:>35}",
         c.modality, c.pairs, c.excluded_genuine, "FMR", "model in use", "gaussian alone"
     );
+    if let Some(below) = c.sampled_below {
+        out.push_str(&format!(
+            "\n  (every pair at or above cosine {below:.4} kept; below it a hashed sample, weighted back, to bound memory)"
+        ));
+    }
     for (m, g) in c.model.iter().zip(&c.gaussian) {
         out.push_str(&format!("\n  {:>8.0e}  {}  {}", m.level, cell(m), cell(g)));
     }

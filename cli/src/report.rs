@@ -126,6 +126,16 @@ fn tails_section(h: &mut String, r: &EvalReport) {
             }
         }
         h.push_str("</table>\n");
+        for c in &r.tail_checks {
+            if let Some(below) = c.sampled_below {
+                let _ = writeln!(
+                    h,
+                    "<p>{}: every pair at or above cosine {below:.4} was kept; below it a hashed sample of the \
+                     pairs, weighted back (the count's memory bound).</p>",
+                    esc(&c.modality)
+                );
+            }
+        }
         if r.tail_checks.iter().any(|c| !c.bands.is_empty()) {
             h.push_str(
                 "<h3>Impostor tails per quality band (pairs by their lower template quality)</h3>\n\

@@ -1210,9 +1210,9 @@ pub fn count_pool_tail(
 }
 
 /// [`count_pool_tail`] split by the quality bands of inner `edges` (pairs banded by their lower template
-/// quality): the pooled count and one count per band. `None` when fewer than 2 rows hold `m`. With
-/// `inclusion` (a hub-stratified pool: each pool row's chance `π` of being drawn), every counted pair weighs
-/// `1 / (π_a π_b)` ([`tail::TailCount::weights`]).
+/// quality): the pooled count and one count per band (none without edges). `None` when fewer than 2 rows
+/// hold `m`. With `inclusion` (a hub-stratified pool: each pool row's chance `π` of being drawn), every
+/// counted pair weighs `1 / (π_a π_b)` ([`tail::TailCount::weights`]).
 pub fn count_pool_tail_banded(
     snap: &Snapshot,
     m: Modality,
@@ -1258,7 +1258,14 @@ pub fn count_pool_tail_banded(
     };
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("tail pool of {m}: {e}")))?;
-    let bands = tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded, &weights)?;
+    let mut bands =
+        tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded, &weights)?;
+    // Without edges the one band is the pooled count: moved, not copied (it can hold 10⁷ scores).
+    if edges.is_empty()
+        && let Some(all) = bands.pop()
+    {
+        return Ok(Some((all, Vec::new())));
+    }
     let all = tail::TailCount::merge(&bands, u);
     Ok(Some((all, bands)))
 }

@@ -868,6 +868,7 @@ mod tests {
             pool_cap: 0,
             pool_kind: crate::engine::TailPool::Uniform,
             bands: Vec::new(),
+            sampled_below: None,
         };
         let mut notes = Vec::new();
         spread_notes(&check, &mut notes);

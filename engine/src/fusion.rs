@@ -743,6 +743,10 @@ pub struct ModalityTailCheck {
     /// checked against the band's pairs.
     #[serde(default)]
     pub bands: Vec<BandTailCheck>,
+    /// The cosine below which the count kept a hashed sample of its pairs, weighted back, to bound its
+    /// memory ([`TailCount::sampled_below`]); `None`: every pair above the kept threshold was kept.
+    #[serde(default)]
+    pub sampled_below: Option<f64>,
 }
 
 /// One quality band's tail check: its pairs (those whose lower template quality lies in `[lo, hi)`) against
@@ -787,6 +791,7 @@ impl ModalityTailCheck {
             pool_cap,
             pool_kind: crate::engine::TailPool::Uniform,
             bands: Vec::new(),
+            sampled_below: count.sampled_below,
         }
     }
 

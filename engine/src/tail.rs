@@ -531,6 +531,11 @@ pub struct TailCount {
     pub threshold: f64,
     /// Pairs left out because the caller labelled them genuine.
     pub excluded: u64,
+    /// Where the count ran past [`TAIL_KEPT_MAX`] scores: the cosine below which it kept a hashed sample of
+    /// the pairs (one in 2, 4, … the lower the score; each kept score weighted back by its factor in
+    /// [`TailCount::weights`]). Every pair at or above it was kept. `None`: every pair at or above the
+    /// threshold was kept.
+    pub sampled_below: Option<f64>,
 }
 
 impl TailCount {
@@ -618,6 +623,10 @@ impl TailCount {
             weighted_pairs: parts.iter().map(|b| b.weighted_pairs).sum(),
             threshold,
             excluded: parts.iter().map(|b| b.excluded).sum(),
+            sampled_below: parts
+                .iter()
+                .filter_map(|b| b.sampled_below)
+                .reduce(f64::max),
         }
     }
 
@@ -658,6 +667,92 @@ pub struct RowWeights {
     pub excluded: Vec<f64>,
 }
 
+/// Most scores a tail count keeps in memory (about 12 bytes each while counting, 24 in the result). A hub
+/// pool, or every pair of a store of a million rows, puts 10⁸ and more pairs above a tail threshold; beyond
+/// this the count samples its lower scores instead ([`TailCount::sampled_below`]).
+pub const TAIL_KEPT_MAX: usize = 1 << 24;
+
+/// Halvings of the kept scores a count may make (far more than `TAIL_KEPT_MAX` and 2⁶⁴ pairs need).
+const MAX_HALVINGS: usize = 48;
+
+/// The scores a tail count keeps, per band, with memory bounded by thinning: when more than `max` are kept,
+/// it finds the cosine `c` above which the highest `max / 8` lie and from then on keeps a pair scoring
+/// below `c` only if the hash of its rows has one more low zero bit. A pair scoring `s` is thus kept iff its
+/// hash has `level(s)` low zero bits (`level(s)` = the cuts above `s`): the kept sets are nested, so the
+/// pairs kept at the end are exactly those the final cuts would have kept from the start, each a sample of
+/// one in `2^level(s)` (weighted back by [`KeptTail::factor`]), and every pair above the highest cut is kept.
+struct KeptTail {
+    /// Per band: (score, row a, row b).
+    bands: Vec<Vec<(f32, u32, u32)>>,
+    /// Ascending cosines; a pair's thinning level is the number of cuts above its score.
+    cuts: Vec<f32>,
+    max: usize,
+    len: usize,
+}
+
+impl KeptTail {
+    fn new(bands: usize, max: usize) -> Self {
+        KeptTail {
+            bands: vec![Vec::new(); bands],
+            cuts: Vec::new(),
+            max: max.max(8),
+            len: 0,
+        }
+    }
+
+    fn level(&self, s: f32) -> usize {
+        self.cuts.len() - self.cuts.partition_point(|&c| c <= s)
+    }
+
+    /// The weight a kept score carries for the pairs its thinning level stood for.
+    fn factor(&self, s: f32) -> f64 {
+        (self.level(s) as f64).exp2()
+    }
+
+    fn keeps(level: usize, a: u32, b: u32) -> bool {
+        level == 0 || pair_hash(a, b).trailing_zeros() as usize >= level
+    }
+
+    fn push(&mut self, band: usize, s: f32, a: u32, b: u32) {
+        if Self::keeps(self.level(s), a, b) {
+            self.bands[band].push((s, a, b));
+            self.len += 1;
+            if self.len > self.max {
+                self.thin();
+            }
+        }
+    }
+
+    /// Adds cuts at the cosine of the highest `max / 8` kept scores until at most `5 max / 8` are kept.
+    fn thin(&mut self) {
+        while self.len > self.max / 8 * 5 && self.cuts.len() < MAX_HALVINGS {
+            let mut all: Vec<f32> = self.bands.iter().flatten().map(|x| x.0).collect();
+            let at = all.len() - self.max / 8;
+            let (_, &mut cut, _) = all.select_nth_unstable_by(at, f32::total_cmp);
+            drop(all);
+            let k = self.cuts.partition_point(|&c| c <= cut);
+            self.cuts.insert(k, cut);
+            let mut len = 0;
+            for band in &mut self.bands {
+                let cuts = &self.cuts;
+                band.retain(|&(s, a, b)| {
+                    Self::keeps(cuts.len() - cuts.partition_point(|&c| c <= s), a, b)
+                });
+                len += band.len();
+            }
+            self.len = len;
+        }
+    }
+}
+
+/// A well-mixed hash of a pool pair (splitmix64's finaliser), independent of its score.
+fn pair_hash(a: u32, b: u32) -> u64 {
+    let mut z = (u64::from(a) << 32 | u64::from(b)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// [`count_tail`] split by quality band: row `i` is in band `row_band[i]`, a pair in the lower of its rows'
 /// bands (the band of its lower quality); one count per band (`excluded_total.len()` bands, each with its
 /// labelled pairs left out). With `weights` (a hub-stratified pool), each kept score carries its pair's
@@ -669,6 +764,27 @@ pub fn count_tail_banded(
     row_band: &[u8],
     excluded_total: &[u64],
     weights: &RowWeights,
+) -> Result<Vec<TailCount>, EngineError> {
+    count_banded_within(
+        rows,
+        threshold,
+        exclude,
+        row_band,
+        excluded_total,
+        weights,
+        TAIL_KEPT_MAX,
+    )
+}
+
+/// [`count_tail_banded`] keeping at most about `max` scores in memory.
+fn count_banded_within(
+    rows: RowsF32<'_>,
+    threshold: f32,
+    exclude: &(dyn Fn(usize, usize) -> bool + Sync),
+    row_band: &[u8],
+    excluded_total: &[u64],
+    weights: &RowWeights,
+    max: usize,
 ) -> Result<Vec<TailCount>, EngineError> {
     let bands = excluded_total.len();
     let rw = &weights.inverse_inclusion;
@@ -687,7 +803,7 @@ pub fn count_tail_banded(
             rows.rows()
         )));
     }
-    let mut kept: Vec<Vec<(f64, (u32, u32))>> = vec![Vec::new(); bands];
+    let mut kept = KeptTail::new(bands, max);
     let mut excluded_seen = vec![0u64; bands];
     self_join_with(rows, threshold, None, &mut |batch: &[Pair]| {
         for p in batch {
@@ -696,12 +812,13 @@ pub fn count_tail_banded(
             if exclude(i, j) {
                 excluded_seen[band] += 1;
             } else {
-                kept[band].push((f64::from(p.score), (p.a, p.b)));
+                kept.push(band, p.score, p.a, p.b);
             }
         }
         ControlFlow::Continue(())
     })
     .map_err(|e| EngineError::Calibration(format!("counting the impostor tail: {e}")))?;
+    let sampled_below = kept.cuts.last().map(|&c| f64::from(c));
     let mut members = vec![0u64; bands];
     for &b in row_band {
         members[usize::from(b)] += 1;
@@ -718,30 +835,40 @@ pub fn count_tail_banded(
             let n = members[k];
             let above: u64 = members[k + 1..].iter().sum();
             let all = n * n.saturating_sub(1) / 2 + n * above;
-            let mut s = std::mem::take(&mut kept[k]);
+            let mut s = std::mem::take(&mut kept.bands[k]);
             s.sort_by(|x, y| x.0.total_cmp(&y.0));
             // Excluded pairs below the threshold never reached the sink; the caller knows how many there are.
             let excluded = excluded_total[k].max(excluded_seen[k]);
             let pairs = all.saturating_sub(excluded);
-            let (weights, weighted_pairs) = if rw.is_empty() {
-                (Vec::new(), pairs as f64)
+            let row_weight = |x: &(f32, u32, u32)| {
+                if rw.is_empty() {
+                    1.0
+                } else {
+                    rw[x.1 as usize] * rw[x.2 as usize]
+                }
+            };
+            let weighted = !rw.is_empty() || sampled_below.is_some();
+            let weights_out = if weighted {
+                s.iter().map(|x| row_weight(x) * kept.factor(x.0)).collect()
+            } else {
+                Vec::new()
+            };
+            let weighted_pairs = if rw.is_empty() {
+                pairs as f64
             } else {
                 let above: f64 = wsum[k + 1..].iter().sum();
                 let within = 0.5 * (wsum[k] * wsum[k] - wsq[k]) + wsum[k] * above;
-                let w = s
-                    .iter()
-                    .map(|x| rw[x.1.0 as usize] * rw[x.1.1 as usize])
-                    .collect();
-                (w, (within - weights.excluded[k]).max(0.0))
+                (within - weights.excluded[k]).max(0.0)
             };
             TailCount {
                 pairs,
-                scores: s.iter().map(|x| x.0).collect(),
-                members: s.iter().map(|x| x.1).collect(),
-                weights,
+                scores: s.iter().map(|x| f64::from(x.0)).collect(),
+                members: s.iter().map(|x| (x.1, x.2)).collect(),
+                weights: weights_out,
                 weighted_pairs,
                 threshold: f64::from(threshold),
                 excluded,
+                sampled_below,
             }
         })
         .collect())
@@ -1060,6 +1187,99 @@ mod tests {
     }
 
     #[test]
+    fn thinning_keeps_exactly_the_final_cuts_sample_within_its_bound() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let max = 2_000;
+        let mut kept = KeptTail::new(2, max);
+        let mut pushed = Vec::new();
+        let mut most = 0;
+        for a in 0..400u32 {
+            for b in a + 1..400 {
+                let s = rng.random::<f32>();
+                let band = usize::from(a % 2 == 0);
+                kept.push(band, s, a, b);
+                pushed.push((band, s, a, b));
+                most = most.max(kept.len);
+            }
+        }
+        assert!(most <= max, "kept {most} scores with a bound of {max}");
+        assert!(
+            kept.cuts.len() >= 5,
+            "79 800 pairs into 2 000: {:?}",
+            kept.cuts
+        );
+        // The kept set is what the final cuts would have kept from the first pair: nothing lost to the order.
+        let want: Vec<Vec<(f32, u32, u32)>> = (0..2)
+            .map(|band| {
+                pushed
+                    .iter()
+                    .filter(|p| p.0 == band && KeptTail::keeps(kept.level(p.1), p.2, p.3))
+                    .map(|p| (p.1, p.2, p.3))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(kept.bands, want);
+        // Every pair above the highest cut is kept; below it the weighted count estimates the pairs.
+        let top = *kept.cuts.last().expect("cuts");
+        let above = pushed.iter().filter(|p| p.1 >= top).count();
+        let kept_above = kept.bands.iter().flatten().filter(|x| x.0 >= top).count();
+        assert_eq!(above, kept_above);
+        let weighted: f64 = kept.bands.iter().flatten().map(|x| kept.factor(x.0)).sum();
+        let ratio = weighted / pushed.len() as f64;
+        assert!(
+            (0.9..1.1).contains(&ratio),
+            "weighted {weighted} of {}",
+            pushed.len()
+        );
+    }
+
+    #[test]
+    fn a_thinned_count_estimates_the_full_count_and_keeps_its_top_whole() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let (n, dim) = (1_600usize, 8usize);
+        let data = unit_rows(&mut rng, n, dim);
+        let band: Vec<u8> = (0..n).map(|i| u8::from(i % 3 == 0)).collect();
+        let none = |_: usize, _: usize| false;
+        let count = |max: usize, w: &RowWeights| {
+            count_banded_within(rows_of(&data, dim), 0.2, &none, &band, &[0, 0], w, max)
+                .expect("count")
+        };
+        let full = count(usize::MAX, &RowWeights::default());
+        let thin = count(40_000, &RowWeights::default());
+        let held: usize = full.iter().map(|c| c.scores.len()).sum();
+        assert!(held > 200_000, "{held} scores above 0.2");
+        assert!(thin.iter().map(|c| c.scores.len()).sum::<usize>() <= 40_000);
+        let cut = thin[0].sampled_below.expect("the bound was reached");
+        assert!(full[0].sampled_below.is_none());
+        for (f, t) in full.iter().zip(&thin) {
+            assert_eq!(t.pairs, f.pairs);
+            assert_eq!(
+                t.weights.len(),
+                t.scores.len(),
+                "a thinned count is weighted"
+            );
+            // Above the cut, the very same pairs with weight 1.
+            assert_eq!(t.at_or_above(cut), f.at_or_above(cut));
+            assert_eq!(t.share_at_or_above(cut), f.share_at_or_above(cut));
+            // Below it, an unbiased sample: the share at the threshold within a few per cent.
+            let r = t.share_at_or_above(0.2) / f.share_at_or_above(0.2);
+            assert!((0.95..1.05).contains(&r), "{r}");
+            assert!(t.design_effect(0.2) >= 1.0);
+        }
+        // With row weights (a hub pool) the factors multiply them.
+        let w = RowWeights {
+            inverse_inclusion: (0..n).map(|i| 1.0 + (i % 2) as f64).collect(),
+            excluded: vec![0.0, 0.0],
+        };
+        let (fw, tw) = (count(usize::MAX, &w), count(40_000, &w));
+        for (f, t) in fw.iter().zip(&tw) {
+            assert_eq!(t.weighted_pairs, f.weighted_pairs);
+            let r = t.share_at_or_above(0.2) / f.share_at_or_above(0.2);
+            assert!((0.95..1.05).contains(&r), "{r}");
+        }
+    }
+
+    #[test]
     fn banded_counts_split_every_pair_by_its_lower_band() {
         let mut rng = StdRng::seed_from_u64(5);
         let (n, dim) = (500usize, 12usize);
@@ -1142,6 +1362,7 @@ mod tests {
             weighted_pairs: 1000.0,
             threshold: 0.4,
             excluded: 0,
+            sampled_below: None,
         };
         // sf(s) = 10^{-1.875 (s + 1)}: 1e-1 at s ≈ -0.47, below the kept threshold; 1e-3 at s = 0.6.
         let sf = |s: f64| 10f64.powf(-1.875 * (s + 1.0));
@@ -1172,6 +1393,7 @@ mod tests {
             weighted_pairs: pairs as f64,
             threshold: 0.5,
             excluded: 0,
+            sampled_below: None,
         }
     }
 
@@ -1318,6 +1540,7 @@ mod tests {
             weighted_pairs: pairs as f64,
             threshold: 0.5,
             excluded: 1,
+            sampled_below: None,
         };
         let a = part(vec![0.6, 0.9], vec![(0, 1), (2, 3)], 10);
         let b = part(vec![0.7], vec![(4, 5)], 5);
