@@ -1258,8 +1258,15 @@ pub fn count_pool_tail_banded(
     };
     let view = RowsF32::dense(&data, dim)
         .map_err(|e| EngineError::Calibration(format!("tail pool of {m}: {e}")))?;
-    let mut bands =
-        tail::count_tail_banded(view, u as f32, &exclude, &row_band, &excluded, &weights)?;
+    let mut bands = tail::count_tail_banded(
+        view,
+        u as f32,
+        &exclude,
+        &row_band,
+        &excluded,
+        &weights,
+        tail::TAIL_KEPT_MAX,
+    )?;
     // Without edges the one band is the pooled count: moved, not copied (it can hold 10⁷ scores).
     if edges.is_empty()
         && let Some(all) = bands.pop()

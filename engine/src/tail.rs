@@ -653,6 +653,7 @@ pub fn count_tail(
         &row_band,
         &[excluded_total],
         &RowWeights::default(),
+        TAIL_KEPT_MAX,
     )?;
     Ok(counts.pop().unwrap_or_default())
 }
@@ -756,7 +757,8 @@ fn pair_hash(a: u32, b: u32) -> u64 {
 /// [`count_tail`] split by quality band: row `i` is in band `row_band[i]`, a pair in the lower of its rows'
 /// bands (the band of its lower quality); one count per band (`excluded_total.len()` bands, each with its
 /// labelled pairs left out). With `weights` (a hub-stratified pool), each kept score carries its pair's
-/// weight and each band the weighted number of its pairs.
+/// weight and each band the weighted number of its pairs. At most about `max_kept` scores are held
+/// ([`TAIL_KEPT_MAX`] for the calibration and the eval; see [`TailCount::sampled_below`]).
 pub fn count_tail_banded(
     rows: RowsF32<'_>,
     threshold: f32,
@@ -764,27 +766,7 @@ pub fn count_tail_banded(
     row_band: &[u8],
     excluded_total: &[u64],
     weights: &RowWeights,
-) -> Result<Vec<TailCount>, EngineError> {
-    count_banded_within(
-        rows,
-        threshold,
-        exclude,
-        row_band,
-        excluded_total,
-        weights,
-        TAIL_KEPT_MAX,
-    )
-}
-
-/// [`count_tail_banded`] keeping at most about `max` scores in memory.
-fn count_banded_within(
-    rows: RowsF32<'_>,
-    threshold: f32,
-    exclude: &(dyn Fn(usize, usize) -> bool + Sync),
-    row_band: &[u8],
-    excluded_total: &[u64],
-    weights: &RowWeights,
-    max: usize,
+    max_kept: usize,
 ) -> Result<Vec<TailCount>, EngineError> {
     let bands = excluded_total.len();
     let rw = &weights.inverse_inclusion;
@@ -803,7 +785,7 @@ fn count_banded_within(
             rows.rows()
         )));
     }
-    let mut kept = KeptTail::new(bands, max);
+    let mut kept = KeptTail::new(bands, max_kept);
     let mut excluded_seen = vec![0u64; bands];
     self_join_with(rows, threshold, None, &mut |batch: &[Pair]| {
         for p in batch {
@@ -1241,7 +1223,7 @@ mod tests {
         let band: Vec<u8> = (0..n).map(|i| u8::from(i % 3 == 0)).collect();
         let none = |_: usize, _: usize| false;
         let count = |max: usize, w: &RowWeights| {
-            count_banded_within(rows_of(&data, dim), 0.2, &none, &band, &[0, 0], w, max)
+            count_tail_banded(rows_of(&data, dim), 0.2, &none, &band, &[0, 0], w, max)
                 .expect("count")
         };
         let full = count(usize::MAX, &RowWeights::default());
@@ -1312,6 +1294,7 @@ mod tests {
             &band,
             &excluded,
             &RowWeights::default(),
+            TAIL_KEPT_MAX,
         )
         .expect("count");
         assert_eq!(counts.len(), 3);
@@ -1329,7 +1312,8 @@ mod tests {
                 &genuine,
                 &bad,
                 &excluded,
-                &RowWeights::default()
+                &RowWeights::default(),
+                TAIL_KEPT_MAX,
             )
             .is_err()
         );
@@ -1488,6 +1472,7 @@ mod tests {
             &band,
             &[1, 0],
             &weights,
+            TAIL_KEPT_MAX,
         )
         .expect("count");
         let dot = |i: usize, j: usize| -> f32 {
@@ -1526,7 +1511,16 @@ mod tests {
             excluded: vec![0.0, 0.0],
         };
         assert!(
-            count_tail_banded(rows_of(&data, dim), 0.25, &genuine, &band, &[1, 0], &bad).is_err()
+            count_tail_banded(
+                rows_of(&data, dim),
+                0.25,
+                &genuine,
+                &band,
+                &[1, 0],
+                &bad,
+                64
+            )
+            .is_err()
         );
     }
 
