@@ -236,7 +236,16 @@ pub fn out_of_sample_tails(
             (tail_pool(snap, seed, rows, true), None)
         };
         let disjoint = own_cap + rows <= snap.live() && !hubs;
-        if hubs {
+        // A pool as large as the store is every pair of it (a hub draw then keeps every row, unweighted).
+        let whole = rows >= snap.live() || (hubs && inclusion.is_none());
+        if whole && fitted.is_some() {
+            notes.push(format!(
+                "{m} tail check: every pair of the store's rows holding {m} counted ({} rows): the store's own \
+                 FMR, which the calibration's {}pool of {own_cap} rows estimates (the yardstick, not another sample)",
+                pool.len(),
+                if hubs { "hub-stratified " } else { "" }
+            ));
+        } else if hubs {
             notes.push(format!(
                 "{m} tail check: the calibration counted a hub-stratified pool; the check counts another \
                  ({} rows, the hubs in both, the quiet rows drawn again), weighted the same way: a second \

@@ -169,6 +169,21 @@ fn a_hub_stratified_pool_estimates_every_pair_of_the_store() {
         let q = row.ratio.unwrap();
         assert!((0.9..1.11).contains(&q), "check at {}: {q}", row.level);
     }
+    // A check pool as large as the store is every pair of it, unweighted, and says so.
+    let mut notes = Vec::new();
+    let whole =
+        pacha_engine::evaluation::out_of_sample_tails(&snap, &cal, &truth, snap.rows(), &mut notes)
+            .unwrap();
+    assert_eq!(whole[0].pool_kind, TailPool::Uniform);
+    assert_eq!(whole[0].pairs, all.pairs);
+    assert!(
+        notes.iter().any(|n| n.contains("every pair of the store")),
+        "{notes:?}"
+    );
+    assert!(
+        !notes.iter().any(|n| n.contains("not out of sample")),
+        "{notes:?}"
+    );
     // Saved and read back with its kind.
     let dirpath = e.store().dir().to_path_buf();
     let before = (*cal).clone();
