@@ -915,12 +915,13 @@ pub struct TailCheckRow {
     pub level: f64,
     /// The cosine at which the model predicts that FMR.
     pub cosine: f64,
-    /// Counted pairs at or above that cosine.
+    /// Counted pairs at or above that cosine (kept pairs: below [`TailCount::sampled_below`], the sample).
     pub events: u64,
     /// Pairs counted in all.
     pub pairs: u64,
-    /// `events / pairs`, or `None` where the count cannot resolve the level (fewer than one expected event,
-    /// or the cosine below the kept threshold): there the model extrapolates.
+    /// The share of pairs at or above the cosine (`events / pairs`; weighted where the pool or the count
+    /// sampled), or `None` where the count cannot resolve the level (fewer than one expected event, or the
+    /// cosine below the kept threshold): there the model extrapolates.
     pub measured: Option<f64>,
     /// `measured / level`.
     pub ratio: Option<f64>,
