@@ -289,9 +289,30 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
     for c in &cal.tail_checks {
         ui.out(tail_check_table(c));
     }
+    // Where a dedup at the default FPIR decides on this store, say if the count cannot pin the model there.
+    let live = engine.snapshot().live().max(1);
+    let decision_fmr = crate::DEFAULT_FPIR / live as f64;
+    let resolution: Vec<String> = cal
+        .tail_checks
+        .iter()
+        .filter_map(|c| c.resolution_at(decision_fmr, pacha_engine::evaluation::TAIL_TOLERANCE))
+        .collect();
+    let advice = if a.tail_rows < live {
+        format!("; a larger --tail-rows (now {}) narrows it", a.tail_rows)
+    } else {
+        "; every pair of the store was counted: no pool can narrow it".to_string()
+    };
+    let resolution: Vec<String> = resolution.into_iter().map(|n| n + &advice).collect();
+    for n in &resolution {
+        ui.out(format!(
+            "  note (a dedup at FPIR {:.0e} over {live} rows decides at FMR {decision_fmr:.1e}): {n}",
+            crate::DEFAULT_FPIR
+        ));
+    }
     ui.json_out(&json!({
         "command": "calibrate", "models": cal.models, "source": cal.source,
         "tail_checks": cal.tail_checks, "quality_bands": cal.quality_bands, "seconds": seconds,
+        "decision_fmr": decision_fmr, "resolution_notes": resolution,
     }));
     Ok(())
 }

@@ -19,6 +19,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use ui::Ui;
 
+/// The target FPIR of `dedup` and `identify` unless given (and the one `calibrate` checks its resolution at).
+pub const DEFAULT_FPIR: f64 = 1e-3;
+
 /// pacha: find people enrolled twice in a biometric registry (face + fingerprint templates).
 #[derive(Parser, Debug)]
 #[command(name = "pacha", version, about, long_about = None, propagate_version = true)]
@@ -292,7 +295,7 @@ pub struct DedupArgs {
     #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
     pub format: FormatArg,
     /// Target false-positive identification rate per probe.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = DEFAULT_FPIR)]
     pub target_fpir: f64,
     /// Only rows from this row on are probes (a newly ingested batch against the store and itself).
     #[arg(long)]
@@ -383,7 +386,7 @@ pub struct IdentifyArgs {
     #[arg(long, default_value_t = 10)]
     pub max_results: usize,
     /// Target false-positive identification rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = DEFAULT_FPIR)]
     pub target_fpir: f64,
     /// Restrict the search to these subject IDs.
     #[arg(long, value_delimiter = ',')]

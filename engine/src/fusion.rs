@@ -795,6 +795,34 @@ impl ModalityTailCheck {
         }
     }
 
+    /// Whether this check pins the model at `fmr` (a run's decision FMR, `FPIR / N`) within `tolerance`: a
+    /// sentence saying why not — the count does not reach that level, or its 95 % interval of measured ÷
+    /// predicted is wider than `[1/tolerance, tolerance]` — or `None`. The row read is the shallowest checked
+    /// level at or below `fmr` (the deepest row where `fmr` lies beyond every checked level).
+    pub fn resolution_at(&self, fmr: f64, tolerance: f64) -> Option<String> {
+        let row = self
+            .model
+            .iter()
+            .filter(|r| r.level <= fmr * 1.000_001)
+            .max_by(|a, b| a.level.total_cmp(&b.level))
+            .or_else(|| self.model.iter().min_by(|a, b| a.level.total_cmp(&b.level)))?;
+        match row.ratio_ci {
+            None => Some(format!(
+                "{}: the count does not reach FMR {:.0e} (decision FMR {fmr:.1e}): the model extrapolates there",
+                self.modality, row.level
+            )),
+            Some((lo, hi)) if lo < 1.0 / tolerance || hi > tolerance => Some(format!(
+                "{}: at FMR {:.0e} (decision FMR {fmr:.1e}) the count pins measured ÷ predicted only to [{lo:.2}, \
+                 {hi:.2}] (95 %, {} events, design effect {:.1}), wider than {tolerance}×",
+                self.modality,
+                row.level,
+                row.events,
+                row.design_effect.unwrap_or(1.0)
+            )),
+            Some(_) => None,
+        }
+    }
+
     /// This check made on a pool other than the calibration's, each model row's `ratio_ci` widened by the
     /// sampling spread of the calibration's own count at that level (`fitted`, the calibration's check of the
     /// same model; see [`TailCheckRow::against_model_count`]). The Gaussian rows are left as they are.
@@ -1404,6 +1432,50 @@ pub fn threshold_for_fpir(target_fpir: f64, gallery_size: usize) -> Result<f64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolution_at_the_decision_fmr_names_what_the_count_cannot_pin() {
+        let row = |level: f64, ci: Option<(f64, f64)>| TailCheckRow {
+            level,
+            cosine: 0.5,
+            events: 100,
+            pairs: 1_000_000_000_000,
+            measured: ci.map(|_| level),
+            ratio: ci.map(|_| 1.0),
+            ci: ci.map(|(lo, hi)| (lo * level, hi * level)),
+            design_effect: ci.map(|_| 9.0),
+            ratio_ci: ci,
+        };
+        let check = ModalityTailCheck {
+            modality: "finger7".into(),
+            pairs: 1_000_000_000_000,
+            excluded_genuine: 0,
+            model: vec![
+                row(1e-8, Some((0.8, 1.25))),
+                row(1e-9, Some((0.51, 1.85))),
+                row(1e-10, None),
+            ],
+            gaussian: Vec::new(),
+            pool_seed: 0,
+            pool_cap: 0,
+            pool_kind: crate::engine::TailPool::Hubs,
+            bands: Vec::new(),
+            sampled_below: None,
+        };
+        // 100 k rows at FPIR 1e-3: 1e-8, pinned within 1.5×.
+        assert_eq!(check.resolution_at(1e-3 / 1e5, 1.5), None);
+        // 1 M rows: 1e-9, an interval wider than 1.5×, named with its events.
+        let note = check.resolution_at(1e-3 / 994_976.0, 1.5).expect("a note");
+        assert!(
+            note.contains("[0.51, 1.85]") && note.contains("100 events"),
+            "{note}"
+        );
+        // Between levels the deeper row is read: 3e-9 reads 1e-9.
+        assert!(check.resolution_at(3e-9, 1.5).is_some());
+        // Beyond every counted level: the model extrapolates, and says so.
+        let deep = check.resolution_at(2.6e-11, 1.5).expect("a note");
+        assert!(deep.contains("extrapolates"), "{deep}");
+    }
 
     #[test]
     fn erfc_and_quantile_are_accurate() {

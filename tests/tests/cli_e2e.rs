@@ -113,6 +113,16 @@ fn full_pipeline_through_the_cli() {
         s(&pop.join("truth.csv")),
     ]);
     assert!(cal["source"].as_str().unwrap().starts_with("fitted"));
+    // A dedup at FPIR 1e-3 over 3 000 rows decides at FMR 3.3e-7; the store's 4.5e6 pairs cannot count 1e-7,
+    // and the calibration says so for every modality, and that no larger pool exists.
+    let fmr = cal["decision_fmr"].as_f64().unwrap();
+    assert!((fmr - 1e-3 / 3000.0).abs() < 1e-12, "{fmr}");
+    let notes = cal["resolution_notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert!(notes.iter().all(|n| {
+        let n = n.as_str().unwrap();
+        n.contains("extrapolates") && n.ends_with("no pool can narrow it")
+    }));
 
     let d = ok_json(&[
         "--json",
