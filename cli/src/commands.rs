@@ -289,25 +289,9 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
     for c in &cal.tail_checks {
         ui.out(tail_check_table(c));
     }
-    // Where a dedup at the default FPIR decides on this store, say if the count cannot pin the model there.
-    let live = engine.snapshot().live().max(1);
-    let decision_fmr = crate::DEFAULT_FPIR / live as f64;
-    let resolution: Vec<String> = cal
-        .tail_checks
-        .iter()
-        .filter_map(|c| c.resolution_at(decision_fmr, pacha_engine::evaluation::TAIL_TOLERANCE))
-        .collect();
-    let advice = if a.tail_rows < live {
-        format!("; a larger --tail-rows (now {}) narrows it", a.tail_rows)
-    } else {
-        "; every pair of the store was counted: no pool can narrow it".to_string()
-    };
-    let resolution: Vec<String> = resolution.into_iter().map(|n| n + &advice).collect();
+    let (decision_fmr, resolution) = resolution_notes(&engine, a.tail_rows);
     for n in &resolution {
-        ui.out(format!(
-            "  note (a dedup at FPIR {:.0e} over {live} rows decides at FMR {decision_fmr:.1e}): {n}",
-            crate::DEFAULT_FPIR
-        ));
+        ui.out(format!("  note: {n}"));
     }
     ui.json_out(&json!({
         "command": "calibrate", "models": cal.models, "source": cal.source,
@@ -315,6 +299,31 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         "decision_fmr": decision_fmr, "resolution_notes": resolution,
     }));
     Ok(())
+}
+
+/// Where a dedup at the default FPIR decides on this store (`FPIR / live rows`), per modality whether the
+/// calibration's count pins the model there within 1.5×, and whether a larger pool than `tail_rows` could.
+pub(crate) fn resolution_notes(engine: &Engine, tail_rows: usize) -> (f64, Vec<String>) {
+    let live = engine.snapshot().live().max(1);
+    let fmr = crate::DEFAULT_FPIR / live as f64;
+    let advice = if tail_rows < live {
+        format!("; a larger --tail-rows (now {tail_rows}) narrows it")
+    } else {
+        "; every pair of the store was counted: no pool can narrow it".to_string()
+    };
+    let notes = engine
+        .calibration()
+        .tail_checks
+        .iter()
+        .filter_map(|c| c.resolution_at(fmr, pacha_engine::evaluation::TAIL_TOLERANCE))
+        .map(|n| {
+            format!(
+                "{n} (a dedup at FPIR {:.0e} over {live} rows decides at FMR {fmr:.1e}){advice}",
+                crate::DEFAULT_FPIR
+            )
+        })
+        .collect();
+    (fmr, notes)
 }
 
 /// A modality's tail check as text: measured ÷ predicted FMR per level, for the model in use and for the

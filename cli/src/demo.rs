@@ -85,6 +85,9 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
         .context("calibrating")?;
     stages.push(("calibrate".into(), t.elapsed().as_secs_f64()));
     ui.info(format!("  calibrated  {:>8.1} s", stages[3].1));
+    for n in commands::resolution_notes(&engine, CalibrateOptions::default().tail_rows).1 {
+        ui.info(format!("    note: {n}"));
+    }
 
     let t = Instant::now();
     // Report pairs 10 points (a factor 10 in FMR) below the threshold too, so the evaluation can draw the DET
