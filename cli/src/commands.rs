@@ -311,16 +311,26 @@ pub(crate) fn resolution_notes(engine: &Engine, tail_rows: usize) -> (f64, Vec<S
     } else {
         "; every pair of the store was counted: no pool can narrow it".to_string()
     };
-    let notes = engine
-        .calibration()
+    let cal = engine.calibration();
+    let unlabelled = |key: &str| {
+        cal.models
+            .iter()
+            .find(|(m, _)| m.key() == key)
+            .and_then(|(_, model)| model.impostor_tail)
+            .is_some_and(|t| t.truncated_at.is_some())
+    };
+    let notes = cal
         .tail_checks
         .iter()
-        .filter_map(|c| c.resolution_at(fmr, pacha_engine::evaluation::TAIL_TOLERANCE))
-        .map(|n| {
-            format!(
+        .filter_map(|c| {
+            let unlabelled = unlabelled(&c.modality);
+            let n = c.resolution_at(fmr, pacha_engine::evaluation::TAIL_TOLERANCE, unlabelled)?;
+            // A larger pool narrows a count's interval, not a fit that stops short for want of labels.
+            let advice = if unlabelled { "" } else { advice.as_str() };
+            Some(format!(
                 "{n} (a dedup at FPIR {:.0e} over {live} rows decides at FMR {fmr:.1e}){advice}",
                 crate::DEFAULT_FPIR
-            )
+            ))
         })
         .collect();
     (fmr, notes)

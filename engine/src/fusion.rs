@@ -799,7 +799,19 @@ impl ModalityTailCheck {
     /// sentence saying why not — the count does not reach that level, or its 95 % interval of measured ÷
     /// predicted is wider than `[1/tolerance, tolerance]` — or `None`. The row read is the shallowest checked
     /// level at or below `fmr` (the deepest row where `fmr` lies beyond every checked level).
-    pub fn resolution_at(&self, fmr: f64, tolerance: f64) -> Option<String> {
+    ///
+    /// `unlabelled`: the calibration had no genuine pairs to leave out, so its count above the survival
+    /// [`crate::tail::UNLABELLED_TRUNCATION`] may hold duplicates and its fit stops there; a decision FMR
+    /// below that is extrapolated, whatever the count shows.
+    pub fn resolution_at(&self, fmr: f64, tolerance: f64, unlabelled: bool) -> Option<String> {
+        if unlabelled && fmr < crate::tail::UNLABELLED_TRUNCATION {
+            return Some(format!(
+                "{}: calibrated without labelled pairs, the fit stops at FMR {:.0e} (deeper counted pairs may be \
+                 duplicates), so at the decision FMR {fmr:.1e} the model extrapolates; --truth counts deeper",
+                self.modality,
+                crate::tail::UNLABELLED_TRUNCATION
+            ));
+        }
         let row = self
             .model
             .iter()
@@ -1463,17 +1475,25 @@ mod tests {
             sampled_below: None,
         };
         // 100 k rows at FPIR 1e-3: 1e-8, pinned within 1.5×.
-        assert_eq!(check.resolution_at(1e-3 / 1e5, 1.5), None);
+        assert_eq!(check.resolution_at(1e-3 / 1e5, 1.5, false), None);
+        // Without labels the count beyond 1e-6 may hold duplicates: extrapolated, whatever it shows.
+        let unlabelled = check.resolution_at(1e-3 / 1e5, 1.5, true).expect("a note");
+        assert!(
+            unlabelled.contains("without labelled pairs"),
+            "{unlabelled}"
+        );
         // 1 M rows: 1e-9, an interval wider than 1.5×, named with its events.
-        let note = check.resolution_at(1e-3 / 994_976.0, 1.5).expect("a note");
+        let note = check
+            .resolution_at(1e-3 / 994_976.0, 1.5, false)
+            .expect("a note");
         assert!(
             note.contains("[0.51, 1.85]") && note.contains("100 events"),
             "{note}"
         );
         // Between levels the deeper row is read: 3e-9 reads 1e-9.
-        assert!(check.resolution_at(3e-9, 1.5).is_some());
+        assert!(check.resolution_at(3e-9, 1.5, false).is_some());
         // Beyond every counted level: the model extrapolates, and says so.
-        let deep = check.resolution_at(2.6e-11, 1.5).expect("a note");
+        let deep = check.resolution_at(2.6e-11, 1.5, false).expect("a note");
         assert!(deep.contains("extrapolates"), "{deep}");
     }
 
