@@ -305,7 +305,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
 /// calibration's count pins the model there within 1.5×, and whether a larger pool than `tail_rows` could.
 pub(crate) fn resolution_notes(engine: &Engine, tail_rows: usize) -> (f64, Vec<String>) {
     let live = engine.snapshot().live().max(1);
-    let fmr = crate::DEFAULT_FPIR / live as f64;
+    let fmr = pacha_engine::fusion::DEFAULT_FPIR / live as f64;
     let advice = if tail_rows < live {
         format!("; a larger --tail-rows (now {tail_rows}) narrows it")
     } else {
@@ -329,7 +329,7 @@ pub(crate) fn resolution_notes(engine: &Engine, tail_rows: usize) -> (f64, Vec<S
             let advice = if unlabelled { "" } else { advice.as_str() };
             Some(format!(
                 "{n} (a dedup at FPIR {:.0e} over {live} rows decides at FMR {fmr:.1e}){advice}",
-                crate::DEFAULT_FPIR
+                pacha_engine::fusion::DEFAULT_FPIR
             ))
         })
         .collect();

@@ -92,7 +92,10 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
     let t = Instant::now();
     // Report pairs 10 points (a factor 10 in FMR) below the threshold too, so the evaluation can draw the DET
     // curve around the operating point.
-    let threshold = pacha_engine::fusion::threshold_for_fpir(1e-3, engine.count())?;
+    let threshold = pacha_engine::fusion::threshold_for_fpir(
+        pacha_engine::fusion::DEFAULT_FPIR,
+        engine.count(),
+    )?;
     let opts = DedupOptions {
         report_floor: Some(threshold - 10.0),
         ..DedupOptions::default()

@@ -15,12 +15,10 @@ mod ui;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pacha_engine::audit::AuditOptions;
+use pacha_engine::fusion::DEFAULT_FPIR;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use ui::Ui;
-
-/// The target FPIR of `dedup` and `identify` unless given (and the one `calibrate` checks its resolution at).
-pub const DEFAULT_FPIR: f64 = 1e-3;
 
 /// pacha: find people enrolled twice in a biometric registry (face + fingerprint templates).
 #[derive(Parser, Debug)]

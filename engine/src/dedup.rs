@@ -100,7 +100,7 @@ pub fn complete_cuts() -> CutPolicy {
 impl Default for DedupOptions {
     fn default() -> Self {
         DedupOptions {
-            target_fpir: 1e-3,
+            target_fpir: crate::fusion::DEFAULT_FPIR,
             scope: DedupScope::WholeStore,
             mode: CandidateMode::Auto,
             block_rows: 8192,

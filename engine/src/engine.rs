@@ -41,7 +41,7 @@ impl Default for IdentifyOptions<'_> {
     fn default() -> Self {
         IdentifyOptions {
             max_results: 10,
-            target_fpir: 1e-3,
+            target_fpir: crate::fusion::DEFAULT_FPIR,
             gallery: None,
             min_score: None,
         }
@@ -1502,10 +1502,14 @@ fn fit_tail(
         impostor_tail: Some(model),
         ..base.clone()
     };
-    let check = ModalityTailCheck {
-        pool_kind: options.tail_pool,
-        ..ModalityTailCheck::new(m, &with_tail, &count, options.seed, options.tail_rows)
-    };
+    let check = ModalityTailCheck::new(
+        m,
+        &with_tail,
+        &count,
+        options.seed,
+        options.tail_rows,
+        options.tail_pool,
+    );
     let Some(plan) = plan else {
         return Ok(Ok(TailFit {
             model: with_tail,

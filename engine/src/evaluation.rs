@@ -265,14 +265,12 @@ pub fn out_of_sample_tails(
         if let Some((count, by_band)) =
             count_pool_tail_banded(snap, *m, &pool, u, truth, edges, inclusion.as_ref())?
         {
-            let check = ModalityTailCheck {
-                pool_kind: if inclusion.is_some() {
-                    TailPool::Hubs
-                } else {
-                    TailPool::Uniform
-                },
-                ..ModalityTailCheck::new(*m, model, &count, seed, rows)
+            let kind = if inclusion.is_some() {
+                TailPool::Hubs
+            } else {
+                TailPool::Uniform
             };
+            let check = ModalityTailCheck::new(*m, model, &count, seed, rows, kind);
             let check = match bands {
                 Some(b) => check.with_bands(model, b, &by_band),
                 None => check,

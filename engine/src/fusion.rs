@@ -771,14 +771,15 @@ pub fn quality_band(edges: &[f32], q: f32) -> usize {
 }
 
 impl ModalityTailCheck {
-    /// Checks `model` (and its Gaussian alone) against `count`, a count of modality `m` on the pool drawn with
-    /// `pool_seed` and `pool_cap`.
+    /// Checks `model` (and its Gaussian alone) against `count`, a count of modality `m` on the pool drawn
+    /// (as `pool_kind`) with `pool_seed` and `pool_cap`.
     pub fn new(
         m: Modality,
         model: &ModalityModel,
         count: &TailCount,
         pool_seed: u64,
         pool_cap: usize,
+        pool_kind: crate::engine::TailPool,
     ) -> Self {
         let body = model.impostor;
         ModalityTailCheck {
@@ -789,7 +790,7 @@ impl ModalityTailCheck {
             gaussian: check_tail(&|s| body.sf(s), count, &CHECK_LEVELS),
             pool_seed,
             pool_cap,
-            pool_kind: crate::engine::TailPool::Uniform,
+            pool_kind,
             bands: Vec::new(),
             sampled_below: count.sampled_below,
         }
@@ -1428,6 +1429,9 @@ pub fn score_from_fmr(fmr: f64) -> f64 {
 pub fn fmr_from_score(score: f64) -> f64 {
     10f64.powf(-score / 10.0)
 }
+
+/// The target FPIR (false hits per probe) of a dedup or identify that names none: one probe in a thousand.
+pub const DEFAULT_FPIR: f64 = 1e-3;
 
 /// The calibrated score threshold for a target FPIR against a gallery of `gallery_size` enrolments:
 /// `FMR = FPIR / N`, threshold `-10·log10(FMR)`.

@@ -701,8 +701,13 @@ impl KeptTail {
         }
     }
 
+    /// A score's thinning level: the cuts above it.
+    fn level_in(cuts: &[f32], s: f32) -> usize {
+        cuts.len() - cuts.partition_point(|&c| c <= s)
+    }
+
     fn level(&self, s: f32) -> usize {
-        self.cuts.len() - self.cuts.partition_point(|&c| c <= s)
+        Self::level_in(&self.cuts, s)
     }
 
     /// The weight a kept score carries for the pairs its thinning level stood for.
@@ -710,12 +715,14 @@ impl KeptTail {
         (self.level(s) as f64).exp2()
     }
 
-    fn keeps(level: usize, a: u32, b: u32) -> bool {
+    /// Whether the pair (`a`, `b`) scoring `s` is kept under `cuts`.
+    fn keeps(cuts: &[f32], s: f32, a: u32, b: u32) -> bool {
+        let level = Self::level_in(cuts, s);
         level == 0 || pair_hash(a, b).trailing_zeros() as usize >= level
     }
 
     fn push(&mut self, band: usize, s: f32, a: u32, b: u32) {
-        if Self::keeps(self.level(s), a, b) {
+        if Self::keeps(&self.cuts, s, a, b) {
             self.bands[band].push((s, a, b));
             self.len += 1;
             if self.len > self.max {
@@ -736,9 +743,7 @@ impl KeptTail {
             let mut len = 0;
             for band in &mut self.bands {
                 let cuts = &self.cuts;
-                band.retain(|&(s, a, b)| {
-                    Self::keeps(cuts.len() - cuts.partition_point(|&c| c <= s), a, b)
-                });
+                band.retain(|&(s, a, b)| Self::keeps(cuts, s, a, b));
                 len += band.len();
             }
             self.len = len;
@@ -1196,7 +1201,7 @@ mod tests {
             .map(|band| {
                 pushed
                     .iter()
-                    .filter(|p| p.0 == band && KeptTail::keeps(kept.level(p.1), p.2, p.3))
+                    .filter(|p| p.0 == band && KeptTail::keeps(&kept.cuts, p.1, p.2, p.3))
                     .map(|p| (p.1, p.2, p.3))
                     .collect()
             })
