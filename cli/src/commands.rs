@@ -277,6 +277,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         genuine: truth.as_deref(),
         seed: a.seed,
         tail_rows: a.tail_rows,
+        tail_rows_max: a.tail_rows_max,
         quality_bands: a.quality_bands,
         tail_pool: a.tail_pool.pool(),
         ..CalibrateOptions::default()
@@ -289,7 +290,7 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
     for c in &cal.tail_checks {
         ui.out(tail_check_table(c));
     }
-    let (decision_fmr, resolution) = resolution_notes(&engine, a.tail_rows);
+    let (decision_fmr, resolution) = engine.resolution_notes(pacha_engine::fusion::DEFAULT_FPIR);
     for n in &resolution {
         ui.out(format!("  note: {n}"));
     }
@@ -299,41 +300,6 @@ fn calibrate(a: &crate::CalibrateArgs, ui: Ui) -> Result<(), Failure> {
         "decision_fmr": decision_fmr, "resolution_notes": resolution,
     }));
     Ok(())
-}
-
-/// Where a dedup at the default FPIR decides on this store (`FPIR / live rows`), per modality whether the
-/// calibration's count pins the model there within 1.5×, and whether a larger pool than `tail_rows` could.
-pub(crate) fn resolution_notes(engine: &Engine, tail_rows: usize) -> (f64, Vec<String>) {
-    let live = engine.snapshot().live().max(1);
-    let fmr = pacha_engine::fusion::DEFAULT_FPIR / live as f64;
-    let advice = if tail_rows < live {
-        format!("; a larger --tail-rows (now {tail_rows}) narrows it")
-    } else {
-        "; every pair of the store was counted: no pool can narrow it".to_string()
-    };
-    let cal = engine.calibration();
-    let unlabelled = |key: &str| {
-        cal.models
-            .iter()
-            .find(|(m, _)| m.key() == key)
-            .and_then(|(_, model)| model.impostor_tail)
-            .is_some_and(|t| t.truncated_at.is_some())
-    };
-    let notes = cal
-        .tail_checks
-        .iter()
-        .filter_map(|c| {
-            let unlabelled = unlabelled(&c.modality);
-            let n = c.resolution_at(fmr, pacha_engine::evaluation::TAIL_TOLERANCE, unlabelled)?;
-            // A larger pool narrows a count's interval, not a fit that stops short for want of labels.
-            let advice = if unlabelled { "" } else { advice.as_str() };
-            Some(format!(
-                "{n} (a dedup at FPIR {:.0e} over {live} rows decides at FMR {fmr:.1e}){advice}",
-                pacha_engine::fusion::DEFAULT_FPIR
-            ))
-        })
-        .collect();
-    (fmr, notes)
 }
 
 /// A modality's tail check as text: measured ÷ predicted FMR per level, for the model in use and for the

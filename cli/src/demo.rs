@@ -85,7 +85,10 @@ pub fn run(a: &DemoArgs, ui: Ui) -> Result<(), Failure> {
         .context("calibrating")?;
     stages.push(("calibrate".into(), t.elapsed().as_secs_f64()));
     ui.info(format!("  calibrated  {:>8.1} s", stages[3].1));
-    for n in commands::resolution_notes(&engine, CalibrateOptions::default().tail_rows).1 {
+    for n in engine
+        .resolution_notes(pacha_engine::fusion::DEFAULT_FPIR)
+        .1
+    {
         ui.info(format!("    note: {n}"));
     }
 

@@ -214,6 +214,11 @@ pub struct CalibrateArgs {
     /// Rows whose every pair is scored to count and fit the impostor tail (0: Gaussian tail fit only).
     #[arg(long, default_value_t = pacha_engine::engine::TAIL_ROWS)]
     pub tail_rows: usize,
+    /// With `--truth`: where the count of `--tail-rows` rows does not pin a modality's measured ÷ predicted FMR
+    /// within 1.5× at the FMR a dedup at the default FPIR decides at, its pool is doubled and counted again, up
+    /// to this many rows or the whole store (≤ --tail-rows: never grows).
+    #[arg(long, default_value_t = pacha_engine::engine::TAIL_ROWS_MAX)]
+    pub tail_rows_max: usize,
     /// Quality bands per modality: pairs are scored against the impostor tail of their band (the lower
     /// template quality); kept only where qualities vary and move the tail. 0 or 1: pooled models only.
     #[arg(long, default_value_t = pacha_engine::engine::QUALITY_BANDS)]

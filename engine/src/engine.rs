@@ -100,6 +100,14 @@ pub struct CalibrateOptions<'a> {
     pub quality_bands: usize,
     /// How the tail count's pool is drawn (default [`TailPool::Hubs`]).
     pub tail_pool: TailPool,
+    /// Most rows the tail pool may grow to (default [`TAIL_ROWS_MAX`]): where a labelled count does not pin
+    /// a modality's measured ÷ predicted FMR within [`crate::evaluation::TAIL_TOLERANCE`] at the decision FMR
+    /// (`decision_fpir` / live rows), its pool is doubled and counted again, up to this many rows or the
+    /// whole store. At or below `tail_rows`, the pool never grows.
+    pub tail_rows_max: usize,
+    /// FPIR of the dedup this calibration serves (default [`crate::fusion::DEFAULT_FPIR`]): with the live
+    /// rows, it sets the FMR the pool grows to resolve.
+    pub decision_fpir: f64,
 }
 
 /// How a calibration draws the rows whose every pair it counts for the impostor tail. (`Uniform` is the
@@ -130,6 +138,17 @@ pub const BAND_EFFECT_MIN: f64 = 1.25;
 /// them (BENCHMARKS.md, "Calibration pool size"). The count costs about twice the 40 000 rows' time.
 pub const TAIL_ROWS: usize = 60_000;
 
+/// Default bound on a growing tail pool ([`CalibrateOptions::tail_rows_max`]): 320 000 rows (5·10¹⁰ pairs)
+/// matched every pair of a 1 M store within 1.03× down to 1e-9 on face, finger 2 and finger 7, where the default
+/// 60 000 rows read finger 7 at 0.62 (BENCHMARKS.md, "The count's memory bound"); they cost 2–3 min and
+/// 2.5–4.2 GB per modality at 1 M.
+pub const TAIL_ROWS_MAX: usize = 320_000;
+
+/// The FMR a dedup at `fpir` over `live` rows decides at: each probe meets every other row once.
+pub fn decision_fmr(fpir: f64, live: usize) -> f64 {
+    fpir / live.max(1) as f64
+}
+
 impl Default for CalibrateOptions<'_> {
     fn default() -> Self {
         CalibrateOptions {
@@ -140,6 +159,8 @@ impl Default for CalibrateOptions<'_> {
             tail_rows: TAIL_ROWS,
             quality_bands: QUALITY_BANDS,
             tail_pool: TailPool::Hubs,
+            tail_rows_max: TAIL_ROWS_MAX,
+            decision_fpir: crate::fusion::DEFAULT_FPIR,
         }
     }
 }
@@ -378,6 +399,46 @@ impl Engine {
             .read()
             .map(|c| c.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Where a dedup at `fpir` decides on this store (the FMR [`decision_fmr`] of the live rows) and, per
+    /// modality whose current calibration's count does not pin measured ÷ predicted there within
+    /// [`crate::evaluation::TAIL_TOLERANCE`] ([`ModalityTailCheck::resolution_at`]), a note saying so and what
+    /// could narrow it: a larger pool (`tail_rows_max`), `--truth` labels, or nothing once every pair was counted.
+    pub fn resolution_notes(&self, fpir: f64) -> (f64, Vec<String>) {
+        let snap = self.snapshot();
+        let live = snap.live().max(1);
+        let fmr = decision_fmr(fpir, live);
+        let cal = self.calibration();
+        let notes = cal
+            .tail_checks
+            .iter()
+            .filter_map(|c| {
+                let (m, model) = cal.models.iter().find(|(m, _)| m.key() == c.modality)?;
+                // A larger pool narrows a count's interval, not a fit that stops short for want of labels.
+                let unlabelled = model
+                    .impostor_tail
+                    .is_some_and(|t| t.truncated_at.is_some());
+                let n = c.resolution_at(fmr, crate::evaluation::TAIL_TOLERANCE, unlabelled)?;
+                let holding = (0..snap.rows())
+                    .filter(|&r| !snap.is_deleted(r) && snap.template(*m, r).is_some())
+                    .count();
+                let advice = if unlabelled {
+                    String::new()
+                } else if c.pool_cap < holding {
+                    format!(
+                        "; a pool larger than its {} rows (tail_rows_max, --tail-rows-max) narrows it",
+                        c.pool_cap
+                    )
+                } else {
+                    "; every pair of the store was counted: no pool can narrow it".to_string()
+                };
+                Some(format!(
+                    "{n} (a dedup at FPIR {fpir:.0e} over {live} rows decides at FMR {fmr:.1e}){advice}"
+                ))
+            })
+            .collect();
+        (fmr, notes)
     }
 
     /// The calibration a matching call uses: the saved one, or — on a store never calibrated — impostor
@@ -756,13 +817,21 @@ impl Engine {
         };
         let (cal, samples) = fit_calibration(&snap, &current, options)?;
         let params = format!(
-            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {} quality_bands {}{}",
+            "impostor_pairs {} pool_rows {} seed {:#x} genuine_pairs {} tail_rows {} quality_bands {}{}{}",
             options.impostor_pairs,
             options.pool_rows,
             options.seed,
             options.genuine.map_or(0, <[_]>::len),
             options.tail_rows,
             options.quality_bands,
+            if options.tail_rows_max > options.tail_rows {
+                format!(
+                    " tail_rows_max {} decision_fpir {:e}",
+                    options.tail_rows_max, options.decision_fpir
+                )
+            } else {
+                String::new()
+            },
             match options.tail_pool {
                 TailPool::Uniform => "",
                 TailPool::Hubs => " tail_pool hubs",
@@ -980,14 +1049,15 @@ pub fn fit_calibration(
                     )
                 })
                 .flatten();
-            match fit_tail(
+            match fit_tail_growing(
                 snap,
                 m,
                 options,
                 &genuine_set,
                 u,
-                model.clone(),
+                &model,
                 band_plan.as_ref(),
+                &mut notes,
             )? {
                 Ok(fit) => {
                     model = fit.model;
@@ -1451,17 +1521,57 @@ struct TailFit {
     model: ModalityModel,
     check: ModalityTailCheck,
     bands: Result<Option<QualityBands>, String>,
+    /// The pool was every live row (holding the modality, for a hub pool): no larger pool exists.
+    whole_store: bool,
 }
 
-/// Counts the tail of modality `m` on the calibration's pool (split by the planned quality bands, if any),
+/// [`fit_tail`] on a pool of `options.tail_rows` rows, doubled (up to `options.tail_rows_max`) and counted
+/// again while a labelled count does not pin measured ÷ predicted within [`crate::evaluation::TAIL_TOLERANCE`]
+/// at the decision FMR ([`ModalityTailCheck::resolution_at`]); each growth, and why, goes into `notes`. An
+/// unlabelled fit stops at [`tail::UNLABELLED_TRUNCATION`] for want of labels, which a larger pool cannot mend:
+/// it never grows.
+#[allow(clippy::too_many_arguments)]
+fn fit_tail_growing(
+    snap: &Snapshot,
+    m: Modality,
+    options: &CalibrateOptions<'_>,
+    genuine: &HashSet<(usize, usize)>,
+    u: f64,
+    base: &ModalityModel,
+    plan: Option<&BandPlan>,
+    notes: &mut Vec<String>,
+) -> Result<Result<TailFit, String>, EngineError> {
+    let fmr = decision_fmr(options.decision_fpir, snap.live());
+    let mut rows = options.tail_rows;
+    loop {
+        let fit = fit_tail(snap, m, options, rows, genuine, u, base.clone(), plan)?;
+        let Ok(f) = &fit else { return Ok(fit) };
+        if options.genuine.is_none() || f.whole_store || rows >= options.tail_rows_max {
+            return Ok(fit);
+        }
+        let tolerance = crate::evaluation::TAIL_TOLERANCE;
+        let Some(why) = f.check.resolution_at(fmr, tolerance, false) else {
+            return Ok(fit);
+        };
+        let next = rows.saturating_mul(2).min(options.tail_rows_max);
+        notes.push(format!(
+            "{m}: tail pool grown from {rows} to {next} rows: {why}"
+        ));
+        rows = next;
+    }
+}
+
+/// Counts the tail of modality `m` on a calibration pool of `rows` rows (split by the planned quality bands, if any),
 /// fits it ([`TailModel::fit`], truncated when no genuine pairs are labelled), pooled and per band, and
 /// returns `base` with the pooled tail, checked (with the Gaussian alone, and per band) against the count.
 /// The inner `Err` is a reason the tail could not be fitted (too few rows or exceedances): the calibration
 /// goes on without one.
+#[allow(clippy::too_many_arguments)]
 fn fit_tail(
     snap: &Snapshot,
     m: Modality,
     options: &CalibrateOptions<'_>,
+    rows: usize,
     genuine: &HashSet<(usize, usize)>,
     u: f64,
     base: ModalityModel,
@@ -1471,11 +1581,14 @@ fn fit_tail(
     let edges = plan.map_or(&[][..], |p| &p.edges[..]);
     let lowest = plan.map_or(u, |p| p.bands.iter().fold(u, |acc, b| acc.min(b.0)));
     let (pool, inclusion) = match options.tail_pool {
-        TailPool::Uniform => (
-            tail_pool(snap, options.seed, options.tail_rows, false),
-            None,
-        ),
-        TailPool::Hubs => hub_pool(snap, m, options.seed, options.tail_rows, u)?,
+        TailPool::Uniform => (tail_pool(snap, options.seed, rows, false), None),
+        TailPool::Hubs => hub_pool(snap, m, options.seed, rows, u)?,
+    };
+    // A hub pool draws each row by its own chance (its size varies about `rows`) and has no chances only
+    // when it is every row holding `m`; a uniform pool is every live row once `rows` reaches them.
+    let whole_store = match options.tail_pool {
+        TailPool::Uniform => pool.len() == snap.live(),
+        TailPool::Hubs => inclusion.is_none(),
     };
     let Some((count, band_counts)) =
         count_pool_tail_banded(snap, m, &pool, lowest, genuine, edges, inclusion.as_ref())?
@@ -1502,19 +1615,14 @@ fn fit_tail(
         impostor_tail: Some(model),
         ..base.clone()
     };
-    let check = ModalityTailCheck::new(
-        m,
-        &with_tail,
-        &count,
-        options.seed,
-        options.tail_rows,
-        options.tail_pool,
-    );
+    let check =
+        ModalityTailCheck::new(m, &with_tail, &count, options.seed, rows, options.tail_pool);
     let Some(plan) = plan else {
         return Ok(Ok(TailFit {
             model: with_tail,
             check,
             bands: Ok(None),
+            whole_store,
         }));
     };
     let bands = plan
@@ -1545,6 +1653,7 @@ fn fit_tail(
         model: with_tail,
         check,
         bands: bands.map(Some),
+        whole_store,
     }))
 }
 

@@ -527,17 +527,28 @@ class Store:
         tail_rows: int = 60_000,
         quality_bands: int = 3,
         tail_pool: str = "hubs",
+        tail_rows_max: int = 320_000,
     ) -> Dict[str, Any]:
         """Fits the score models from the store (impostor pairs sampled from it; genuine models from labelled
         ``truth`` pairs — a list of ``(subject_a, subject_b)`` or a truth CSV path — when given) and saves
         them: every pair of ``tail_rows`` rows is counted for the impostor tails, and pairs are scored per
         quality band (``quality_bands``; 0 or 1: pooled) where qualities vary and move the tail (the CLI's
         ``pacha calibrate`` options; ``tail_pool`` is ``"hubs"``, the counted rows drawn by hubness and
-        each pair weighted, or ``"uniform"``, as ``--tail-pool``). Returns ``{"source", "models", "tail_checks", "quality_bands"}``."""
+        each pair weighted, or ``"uniform"``, as ``--tail-pool``). With ``truth``, a modality whose count does not
+        pin measured ÷ predicted FMR within 1.5× at the FMR a dedup at FPIR 1e-3 decides at has its pool doubled
+        and counted again, up to ``tail_rows_max`` rows. Returns ``{"source", "models", "tail_checks",
+        "quality_bands", "decision_fmr", "resolution_notes"}``: each note names a modality whose model the
+        count still cannot pin there, and what could."""
         pairs = _truth(truth) if truth is not None else None
         return json.loads(
             self._core.calibrate(
-                pairs, int(impostor_pairs), int(seed), int(tail_rows), int(quality_bands), str(tail_pool)
+                pairs,
+                int(impostor_pairs),
+                int(seed),
+                int(tail_rows),
+                int(quality_bands),
+                str(tail_pool),
+                int(tail_rows_max),
             )
         )
 

@@ -44,6 +44,8 @@ class Engine:
         seed: int,
         tail_rows: int,
         quality_bands: int,
+        tail_pool: str,
+        tail_rows_max: int,
     ) -> str: ...
     def dedup(
         self,

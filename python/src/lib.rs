@@ -450,8 +450,9 @@ impl Engine {
         })
     }
 
-    /// Fits and saves the score models; returns `{"source", "models", "tail_checks", "quality_bands"}` as JSON.
-    #[pyo3(signature = (truth, impostor_pairs, seed, tail_rows, quality_bands, tail_pool))]
+    /// Fits and saves the score models; returns `{"source", "models", "tail_checks", "quality_bands",
+    /// "decision_fmr", "resolution_notes"}` as JSON.
+    #[pyo3(signature = (truth, impostor_pairs, seed, tail_rows, quality_bands, tail_pool, tail_rows_max))]
     #[allow(clippy::too_many_arguments)] // one Python keyword each
     fn calibrate(
         &self,
@@ -462,6 +463,7 @@ impl Engine {
         tail_rows: usize,
         quality_bands: usize,
         tail_pool: &str,
+        tail_rows_max: usize,
     ) -> PyResult<String> {
         let tail_pool = match tail_pool {
             "uniform" => pacha_engine::engine::TailPool::Uniform,
@@ -481,16 +483,22 @@ impl Engine {
                 tail_rows,
                 quality_bands,
                 tail_pool,
+                tail_rows_max,
                 ..CalibrateOptions::default()
             };
-            e.calibrate(&opts).map(|_| e.calibration())
+            e.calibrate(&opts).map(|_| {
+                let notes = e.resolution_notes(opts.decision_fpir);
+                (e.calibration(), notes)
+            })
         });
-        let cal = cal.map_err(py_err)?;
+        let (cal, (decision_fmr, notes)) = cal.map_err(py_err)?;
         json(&serde_json::json!({
             "source": cal.source,
             "models": cal.models,
             "tail_checks": cal.tail_checks,
             "quality_bands": cal.quality_bands,
+            "decision_fmr": decision_fmr,
+            "resolution_notes": notes,
         }))
     }
 

@@ -19,6 +19,7 @@ fn calibration_fits_and_checks_a_counted_tail_and_reopens_with_it() {
     e.calibrate(&CalibrateOptions {
         genuine: Some(&pop.truth),
         tail_rows: 8_000,
+        tail_rows_max: 0, // this pool, not a grown one (growth: a_labelled_pool_grows_…)
         ..CalibrateOptions::default()
     })
     .unwrap();
@@ -107,6 +108,7 @@ fn a_hub_stratified_pool_estimates_every_pair_of_the_store() {
     e.calibrate(&CalibrateOptions {
         genuine: Some(&pop.truth),
         tail_rows: 5_000,
+        tail_rows_max: 0, // this pool, not a grown one
         quality_bands: 0,
         tail_pool: TailPool::Hubs,
         ..CalibrateOptions::default()
@@ -190,6 +192,104 @@ fn a_hub_stratified_pool_estimates_every_pair_of_the_store() {
     drop(pop);
     let again = pacha_engine::Engine::open(&dirpath).unwrap();
     assert_eq!(again.calibration().tail_checks, before.tail_checks);
+}
+
+#[test]
+fn a_labelled_pool_grows_until_its_count_pins_the_decision_fmr_and_no_further() {
+    use pacha_engine::fusion::DEFAULT_FPIR;
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(6_000, 11), None);
+    let e = &pop.engine;
+    let snap = e.snapshot();
+    let live = snap.live();
+    let holding = |key: &str| {
+        let m = snap
+            .schema()
+            .modality_list()
+            .into_iter()
+            .find(|m| m.key() == key)
+            .unwrap();
+        (0..snap.rows())
+            .filter(|&r| snap.template(m, r).is_some())
+            .count()
+    };
+    // A dedup at FPIR 1e-3 over these rows decides at FMR 1e-3 / live (about 1.5e-7): 500 rows (1.2e5 pairs)
+    // count nothing there, so each labelled modality's pool doubles to the bound, and the notes say the
+    // bound, not the store, is what stops it.
+    e.calibrate(&CalibrateOptions {
+        genuine: Some(&pop.truth),
+        tail_rows: 500,
+        tail_rows_max: 2_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = e.calibration();
+    assert_eq!(cal.tail_checks.len(), 3);
+    for c in &cal.tail_checks {
+        assert_eq!(c.pool_cap, 2_000, "{}", c.modality);
+        for (from, to) in [(500, 1_000), (1_000, 2_000)] {
+            let grown = format!("{}: tail pool grown from {from} to {to} rows: ", c.modality);
+            assert!(cal.source.contains(&grown), "{grown} not in {}", cal.source);
+        }
+    }
+    let (fmr, notes) = e.resolution_notes(DEFAULT_FPIR);
+    assert!((fmr - DEFAULT_FPIR / live as f64).abs() < 1e-15, "{fmr}");
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    for n in &notes {
+        assert!(
+            n.ends_with(
+                "a pool larger than its 2000 rows (tail_rows_max, --tail-rows-max) narrows it"
+            ),
+            "{n}"
+        );
+    }
+
+    // A bound past the store: the pool grows to every row holding the modality, counted unweighted, and stops.
+    e.calibrate(&CalibrateOptions {
+        genuine: Some(&pop.truth),
+        tail_rows: 3_000,
+        tail_rows_max: 1_000_000,
+        ..CalibrateOptions::default()
+    })
+    .unwrap();
+    let cal = e.calibration();
+    for c in &cal.tail_checks {
+        let n = holding(&c.modality) as u64;
+        assert!(cal.source.contains(&format!(
+            "{}: tail pool grown from 3000 to 6000 rows",
+            c.modality
+        )));
+        assert!(
+            !cal.source
+                .contains(&format!("{}: tail pool grown from 6000", c.modality))
+        );
+        assert_eq!(
+            c.pairs + c.excluded_genuine,
+            n * (n - 1) / 2,
+            "{}: every pair counted",
+            c.modality
+        );
+    }
+    for n in e.resolution_notes(DEFAULT_FPIR).1 {
+        assert!(
+            n.ends_with("every pair of the store was counted: no pool can narrow it"),
+            "{n}"
+        );
+    }
+
+    // Without labels (the fit stops at 1e-6 whatever the pool) and with the bound at the pool, nothing grows.
+    for (genuine, max) in [(None, 2_000), (Some(&pop.truth[..]), 500)] {
+        e.calibrate(&CalibrateOptions {
+            genuine,
+            tail_rows: 500,
+            tail_rows_max: max,
+            ..CalibrateOptions::default()
+        })
+        .unwrap();
+        let cal = e.calibration();
+        assert!(!cal.source.contains("tail pool grown"), "{}", cal.source);
+        assert!(cal.tail_checks.iter().all(|c| c.pool_cap == 500));
+    }
 }
 
 #[test]
