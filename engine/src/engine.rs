@@ -1525,11 +1525,18 @@ struct TailFit {
     whole_store: bool,
 }
 
+/// Why a tail could not be fitted on a pool ([`fit_tail`]), and whether that pool was the whole store.
+struct TailMiss {
+    why: String,
+    whole_store: bool,
+}
+
 /// [`fit_tail`] on a pool of `options.tail_rows` rows, doubled (up to `options.tail_rows_max`) and counted
 /// again while a labelled count does not pin measured ÷ predicted within [`crate::evaluation::TAIL_TOLERANCE`]
-/// at the decision FMR ([`ModalityTailCheck::resolution_at`]); each growth, and why, goes into `notes`. An
-/// unlabelled fit stops at [`tail::UNLABELLED_TRUNCATION`] for want of labels, which a larger pool cannot mend:
-/// it never grows.
+/// at the decision FMR ([`ModalityTailCheck::resolution_at`]), or while the pool holds too few exceedances
+/// for a tail fit at all (labelled or not); each growth, and why, goes into `notes`. A fitted unlabelled tail
+/// stops at [`tail::UNLABELLED_TRUNCATION`] for want of labels, which a larger pool cannot mend: it does not
+/// grow for resolution.
 #[allow(clippy::too_many_arguments)]
 fn fit_tail_growing(
     snap: &Snapshot,
@@ -1542,16 +1549,19 @@ fn fit_tail_growing(
     notes: &mut Vec<String>,
 ) -> Result<Result<TailFit, String>, EngineError> {
     let fmr = decision_fmr(options.decision_fpir, snap.live());
+    let tolerance = crate::evaluation::TAIL_TOLERANCE;
     let mut rows = options.tail_rows;
     loop {
         let fit = fit_tail(snap, m, options, rows, genuine, u, base.clone(), plan)?;
-        let Ok(f) = &fit else { return Ok(fit) };
-        if options.genuine.is_none() || f.whole_store || rows >= options.tail_rows_max {
-            return Ok(fit);
-        }
-        let tolerance = crate::evaluation::TAIL_TOLERANCE;
-        let Some(why) = f.check.resolution_at(fmr, tolerance, false) else {
-            return Ok(fit);
+        let why = match &fit {
+            Err(miss) if !miss.whole_store => Some(miss.why.clone()),
+            Ok(f) if options.genuine.is_some() && !f.whole_store => {
+                f.check.resolution_at(fmr, tolerance, false)
+            }
+            _ => None,
+        };
+        let Some(why) = why.filter(|_| rows < options.tail_rows_max) else {
+            return Ok(fit.map_err(|miss| miss.why));
         };
         let next = rows.saturating_mul(2).min(options.tail_rows_max);
         notes.push(format!(
@@ -1576,7 +1586,7 @@ fn fit_tail(
     u: f64,
     base: ModalityModel,
     plan: Option<&BandPlan>,
-) -> Result<Result<TailFit, String>, EngineError> {
+) -> Result<Result<TailFit, TailMiss>, EngineError> {
     let plan = plan.and_then(|p| p.as_ref().ok());
     let edges = plan.map_or(&[][..], |p| &p.edges[..]);
     let lowest = plan.map_or(u, |p| p.bands.iter().fold(u, |acc, b| acc.min(b.0)));
@@ -1593,7 +1603,10 @@ fn fit_tail(
     let Some((count, band_counts)) =
         count_pool_tail_banded(snap, m, &pool, lowest, genuine, edges, inclusion.as_ref())?
     else {
-        return Ok(Err(format!("fewer than 2 rows hold {m}")));
+        return Ok(Err(TailMiss {
+            why: format!("fewer than 2 rows hold {m}"),
+            whole_store,
+        }));
     };
     let unlabelled = options.genuine.is_none();
     let fit = |count: &tail::TailCount, u: f64| {
@@ -1609,7 +1622,12 @@ fn fit_tail(
     };
     let model = match fit(&count, u) {
         Ok(t) => t,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => {
+            return Ok(Err(TailMiss {
+                why: e.to_string(),
+                whole_store,
+            }));
+        }
     };
     let with_tail = ModalityModel {
         impostor_tail: Some(model),

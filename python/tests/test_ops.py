@@ -181,7 +181,7 @@ def test_progress_callback_and_tqdm(small_pop: Population, tmp_path: Path, capsy
 def test_calibrate_draws_the_tail_pool_by_hubness_or_uniformly(store: Path, small_pop: Population) -> None:
     with pacha.Store.open(store) as s:
         # 2 000 of the 3 000 rows: the hub-stratified pool weighs its pairs, the uniform one does not.
-        hubs = s.calibrate(truth=small_pop.truth, tail_rows=2000)
+        hubs = s.calibrate(truth=small_pop.truth, tail_rows=2000, tail_rows_max=2000)
         assert {c["pool_kind"] for c in hubs["tail_checks"]} == {"Hubs"}
         for c in hubs["tail_checks"]:
             for row in c["model"]:
@@ -189,7 +189,34 @@ def test_calibrate_draws_the_tail_pool_by_hubness_or_uniformly(store: Path, smal
                     assert row["design_effect"] >= 1.0
                     lo, hi = row["ci"]
                     assert lo <= row["measured"] <= hi
-        uniform = s.calibrate(truth=small_pop.truth, tail_rows=2000, tail_pool="uniform")
+        uniform = s.calibrate(truth=small_pop.truth, tail_rows=2000, tail_pool="uniform", tail_rows_max=0)
         assert {c["pool_kind"] for c in uniform["tail_checks"]} == {"Uniform"}
         with pytest.raises(ValueError, match="tail_pool"):
             s.calibrate(truth=small_pop.truth, tail_pool="everything")
+
+
+def test_a_tail_pool_grows_and_the_notes_say_what_it_could_not_pin(store: Path, small_pop: Population) -> None:
+    with pacha.Store.open(store) as s:
+        live = s.info()["live"]
+        # 500 rows hold too few exceedances for a tail fit: each modality's pool doubles to the bound, where
+        # the fit holds but its count cannot reach the FMR a dedup of these rows decides at (1e-3 / live).
+        cal = s.calibrate(truth=small_pop.truth, tail_rows=500, tail_rows_max=1000)
+        assert cal["decision_fmr"] == pytest.approx(1e-3 / live)
+        assert len(cal["tail_checks"]) == 3
+        for c in cal["tail_checks"]:
+            assert c["pool_cap"] == 1000
+            assert f"{c['modality']}: tail pool grown from 500 to 1000 rows: calibration failed" in cal["source"]
+        assert len(cal["resolution_notes"]) == 3, cal["resolution_notes"]
+        for n in cal["resolution_notes"]:
+            assert n.endswith("a pool larger than its 1000 rows (tail_rows_max, --tail-rows-max) narrows it"), n
+        # A bound past the store: the labelled pools grow to every row, and the notes say no pool can narrow it.
+        cal = s.calibrate(truth=small_pop.truth, tail_rows=1000, tail_rows_max=100_000)
+        for c in cal["tail_checks"]:
+            assert f"{c['modality']}: tail pool grown from 2000 to 4000 rows" in cal["source"]
+        assert all(n.endswith("no pool can narrow it") for n in cal["resolution_notes"]), cal["resolution_notes"]
+        # Without labels a fitted tail stops at 1e-6 whatever the pool: it does not grow, and the notes say why.
+        cal = s.calibrate(tail_rows=1000, tail_rows_max=100_000)
+        assert "tail pool grown" not in cal["source"]
+        assert all(c["pool_cap"] == 1000 for c in cal["tail_checks"])
+        assert len(cal["resolution_notes"]) == 3
+        assert all("--truth counts deeper" in n for n in cal["resolution_notes"]), cal["resolution_notes"]
