@@ -8,8 +8,8 @@ use crate::derived::{
     INDEX_DIR, INDEX_META, seal, unseal,
 };
 use crate::fusion::{
-    Calibration, Gaussian, ImpostorBody, ModalityModel, ModalityTailCheck, QualityBands,
-    threshold_for_fpir,
+    Calibration, Gaussian, ImpostorBody, ModalityModel, ModalityTailCheck, PoolGrowth,
+    QualityBands, threshold_for_fpir,
 };
 use crate::matcher::{Comparison, Probe, compare_probe, compare_rows};
 use crate::store::{Enrolment, InsertReport, Schema, Snapshot, Store, Template};
@@ -143,6 +143,12 @@ pub const TAIL_ROWS: usize = 60_000;
 /// 60 000 rows read finger 7 at 0.62 (BENCHMARKS.md, "The count's memory bound"); they cost 2–3 min and
 /// 2.5–4.2 GB per modality at 1 M.
 pub const TAIL_ROWS_MAX: usize = 320_000;
+
+/// A grown tail pool must multiply the independent events at the decision FMR (events over their design
+/// effect) by at least this much, or it stops growing: at 1 M face, 120 000 → 240 000 hub-pool rows took them
+/// from 24.3 to 24.1 (the tail's events sit on hub rows every pool counts), where an unsaturated doubling
+/// multiplies them by 2.5–4.
+pub const TAIL_GROWTH_GAIN_MIN: f64 = 1.25;
 
 /// The FMR a dedup at `fpir` over `live` rows decides at: each probe meets every other row once.
 pub fn decision_fmr(fpir: f64, live: usize) -> f64 {
@@ -1533,8 +1539,9 @@ struct TailMiss {
 
 /// [`fit_tail`] on a pool of `options.tail_rows` rows, doubled (up to `options.tail_rows_max`) and counted
 /// again while a labelled count does not pin measured ÷ predicted within [`crate::evaluation::TAIL_TOLERANCE`]
-/// at the decision FMR ([`ModalityTailCheck::resolution_at`]), or while the pool holds too few exceedances
-/// for a tail fit at all (labelled or not); each growth, and why, goes into `notes`. A fitted unlabelled tail
+/// at the decision FMR ([`ModalityTailCheck::resolution_at`]) and the last doubling multiplied its independent
+/// events there by at least [`TAIL_GROWTH_GAIN_MIN`], or while the pool holds too few exceedances for a tail
+/// fit at all (labelled or not); each growth or stop, and why, goes into `notes`. A fitted unlabelled tail
 /// stops at [`tail::UNLABELLED_TRUNCATION`] for want of labels, which a larger pool cannot mend: it does not
 /// grow for resolution.
 #[allow(clippy::too_many_arguments)]
@@ -1551,12 +1558,25 @@ fn fit_tail_growing(
     let fmr = decision_fmr(options.decision_fpir, snap.live());
     let tolerance = crate::evaluation::TAIL_TOLERANCE;
     let mut rows = options.tail_rows;
+    // Independent events at the decision FMR in the previous count, once one was fitted.
+    let mut before: Option<f64> = None;
     loop {
         let fit = fit_tail(snap, m, options, rows, genuine, u, base.clone(), plan)?;
         let why = match &fit {
             Err(miss) if !miss.whole_store => Some(miss.why.clone()),
             Ok(f) if options.genuine.is_some() && !f.whole_store => {
-                f.check.resolution_at(fmr, tolerance, false)
+                let growth = f
+                    .check
+                    .pool_growth(fmr, tolerance, before, TAIL_GROWTH_GAIN_MIN);
+                before = Some(f.check.effective_events_at(fmr));
+                match growth {
+                    PoolGrowth::Pinned => None,
+                    PoolGrowth::Grow(why) => Some(why),
+                    PoolGrowth::Saturated(why) => {
+                        notes.push(format!("{m}: tail pool stops at {rows} rows: {why}"));
+                        None
+                    }
+                }
             }
             _ => None,
         };

@@ -796,6 +796,51 @@ impl ModalityTailCheck {
         }
     }
 
+    /// The model row read at a decision FMR `fmr`: the shallowest checked level at or below it, else the
+    /// deepest.
+    pub fn decision_row(&self, fmr: f64) -> Option<&TailCheckRow> {
+        self.model
+            .iter()
+            .filter(|r| r.level <= fmr * 1.000_001)
+            .max_by(|a, b| a.level.total_cmp(&b.level))
+            .or_else(|| self.model.iter().min_by(|a, b| a.level.total_cmp(&b.level)))
+    }
+
+    /// Independent events the count holds at a decision FMR `fmr` ([`Self::decision_row`]): its events over
+    /// their design effect (0 where nothing was counted there). The interval's width goes as its inverse root.
+    pub fn effective_events_at(&self, fmr: f64) -> f64 {
+        self.decision_row(fmr)
+            .filter(|r| r.measured.is_some())
+            .map_or(0.0, |r| {
+                r.events as f64 / r.design_effect.unwrap_or(1.0).max(1.0)
+            })
+    }
+
+    /// What this labelled count asks of its pool at a decision FMR `fmr` (see `fit_tail_growing` in
+    /// [`crate::engine`]): nothing where it pins the model within `tolerance`; else a larger pool, unless
+    /// `before` (the independent events at `fmr` of the count on half as many rows) shows the last doubling
+    /// multiplied them by less than `gain_min` — the tail's events then sit on rows every pool counts.
+    pub fn pool_growth(
+        &self,
+        fmr: f64,
+        tolerance: f64,
+        before: Option<f64>,
+        gain_min: f64,
+    ) -> PoolGrowth {
+        let Some(why) = self.resolution_at(fmr, tolerance, false) else {
+            return PoolGrowth::Pinned;
+        };
+        let now = self.effective_events_at(fmr);
+        match before {
+            Some(b) if b > 0.0 && now < b * gain_min => PoolGrowth::Saturated(format!(
+                "doubling the pool took the independent events at the decision FMR only from {b:.1} to \
+                 {now:.1} (the tail's events sit on rows every pool counts, so a larger one cannot narrow the \
+                 interval): {why}"
+            )),
+            _ => PoolGrowth::Grow(why),
+        }
+    }
+
     /// Whether this check pins the model at `fmr` (a run's decision FMR, `FPIR / N`) within `tolerance`: a
     /// sentence saying why not — the count does not reach that level, or its 95 % interval of measured ÷
     /// predicted is wider than `[1/tolerance, tolerance]` — or `None`. The row read is the shallowest checked
@@ -813,12 +858,7 @@ impl ModalityTailCheck {
                 crate::tail::UNLABELLED_TRUNCATION
             ));
         }
-        let row = self
-            .model
-            .iter()
-            .filter(|r| r.level <= fmr * 1.000_001)
-            .max_by(|a, b| a.level.total_cmp(&b.level))
-            .or_else(|| self.model.iter().min_by(|a, b| a.level.total_cmp(&b.level)))?;
+        let row = self.decision_row(fmr)?;
         match row.ratio_ci {
             None => Some(format!(
                 "{}: the count does not reach FMR {:.0e} (decision FMR {fmr:.1e}): the model extrapolates there",
@@ -1433,6 +1473,17 @@ pub fn fmr_from_score(score: f64) -> f64 {
 /// The target FPIR (false hits per probe) of a dedup or identify that names none: one probe in a thousand.
 pub const DEFAULT_FPIR: f64 = 1e-3;
 
+/// What a labelled tail count asks of its calibration pool ([`ModalityTailCheck::pool_growth`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PoolGrowth {
+    /// The count pins measured ÷ predicted at the decision FMR: keep this pool.
+    Pinned,
+    /// It does not, and a larger pool could narrow it (why).
+    Grow(String),
+    /// It does not, and the last doubling showed a larger pool adds no independent events there (why).
+    Saturated(String),
+}
+
 /// The calibrated score threshold for a target FPIR against a gallery of `gallery_size` enrolments:
 /// `FMR = FPIR / N`, threshold `-10·log10(FMR)`.
 pub fn threshold_for_fpir(target_fpir: f64, gallery_size: usize) -> Result<f64, EngineError> {
@@ -1499,6 +1550,63 @@ mod tests {
         // Beyond every counted level: the model extrapolates, and says so.
         let deep = check.resolution_at(2.6e-11, 1.5, false).expect("a note");
         assert!(deep.contains("extrapolates"), "{deep}");
+    }
+
+    #[test]
+    fn a_pool_grows_while_doubling_adds_independent_events_and_stops_when_it_adds_none() {
+        // The decision row (1e-9) with `events` over design effect `d`, its interval `ci`.
+        let check = |events: u64, d: f64, ci: Option<(f64, f64)>| ModalityTailCheck {
+            modality: "face".into(),
+            pairs: 1_000_000_000_000,
+            excluded_genuine: 0,
+            model: vec![TailCheckRow {
+                level: 1e-9,
+                cosine: 0.5,
+                events,
+                pairs: 1_000_000_000_000,
+                measured: ci.map(|_| 1e-9),
+                ratio: ci.map(|_| 1.0),
+                ci: ci.map(|(lo, hi)| (lo * 1e-9, hi * 1e-9)),
+                design_effect: ci.map(|_| d),
+                ratio_ci: ci,
+            }],
+            gaussian: Vec::new(),
+            pool_seed: 0,
+            pool_cap: 0,
+            pool_kind: crate::engine::TailPool::Hubs,
+            bands: Vec::new(),
+            sampled_below: None,
+        };
+        let fmr = 1e-9;
+        // The 1 M face counts of the thirteenth session: 60 000 rows (122 events, d 14.9), 120 000 (423, 17.4),
+        // 240 000 (509, 21.1).
+        let c60 = check(122, 14.9, Some((0.45, 2.02)));
+        let c120 = check(423, 17.4, Some((0.67, 1.54)));
+        let c240 = check(509, 21.1, Some((0.66, 1.53)));
+        assert!((c60.effective_events_at(fmr) - 122.0 / 14.9).abs() < 1e-9);
+        assert!(matches!(
+            c60.pool_growth(fmr, 1.5, None, 1.25),
+            PoolGrowth::Grow(_)
+        ));
+        let b60 = Some(c60.effective_events_at(fmr));
+        assert!(matches!(
+            c120.pool_growth(fmr, 1.5, b60, 1.25),
+            PoolGrowth::Grow(_)
+        ));
+        let b120 = Some(c120.effective_events_at(fmr));
+        match c240.pool_growth(fmr, 1.5, b120, 1.25) {
+            PoolGrowth::Saturated(why) => assert!(why.contains("only from 24.3 to 24.1"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Pinned whatever came before; a count that reached nothing at the decision FMR always grows.
+        let pinned = check(489, 17.5, Some((0.68, 1.47)));
+        assert_eq!(pinned.pool_growth(fmr, 1.5, b120, 1.25), PoolGrowth::Pinned);
+        let none = check(0, 1.0, None);
+        assert_eq!(none.effective_events_at(fmr), 0.0);
+        assert!(matches!(
+            none.pool_growth(fmr, 1.5, Some(0.0), 1.25),
+            PoolGrowth::Grow(_)
+        ));
     }
 
     #[test]
