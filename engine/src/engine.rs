@@ -8,7 +8,7 @@ use crate::derived::{
     INDEX_DIR, INDEX_META, seal, unseal,
 };
 use crate::fusion::{
-    Calibration, Gaussian, ImpostorBody, ModalityModel, ModalityTailCheck, PoolGrowth,
+    Calibration, Gaussian, GrowthRule, ImpostorBody, ModalityModel, ModalityTailCheck, PoolGrowth,
     QualityBands, threshold_for_fpir,
 };
 use crate::matcher::{Comparison, Probe, compare_probe, compare_rows};
@@ -149,6 +149,29 @@ pub const TAIL_ROWS_MAX: usize = 320_000;
 /// from 24.3 to 24.1 (the tail's events sit on hub rows every pool counts), where an unsaturated doubling
 /// multiplies them by 2.5–4.
 pub const TAIL_GROWTH_GAIN_MIN: f64 = 1.25;
+
+/// A tail pool that already counted this share of the pairs the store holds at the decision FMR (its
+/// measured share times the store's pairs) stops growing: a larger pool could at most double its events.
+/// At 100 k (face + 2 fingers) the default 60 000-row hub pool counts 46 / 42 / 53 events at 1e-8 where every
+/// pair of the store gives 46 / 44 / 53: growing it to the whole store narrowed nothing. At 1 M the 120 000-row
+/// pools hold 423 of ≈ 514 (face) and 336 of ≈ 476 (finger 7) (BENCHMARKS.md, "A tail pool that grows").
+pub const TAIL_GROWTH_COVERAGE_MAX: f64 = 0.5;
+
+/// When a labelled calibration's tail pool grows: the 1.5× tolerance and the two stops above.
+const GROWTH_RULE: GrowthRule = GrowthRule {
+    tolerance: crate::evaluation::TAIL_TOLERANCE,
+    gain_min: TAIL_GROWTH_GAIN_MIN,
+    coverage_max: TAIL_GROWTH_COVERAGE_MAX,
+};
+
+/// Live rows holding modality `m`, and the pairs among them.
+fn store_pairs_of(snap: &Snapshot, m: Modality) -> (usize, f64) {
+    let holding = (0..snap.rows())
+        .filter(|&r| !snap.is_deleted(r) && snap.template(m, r).is_some())
+        .count();
+    let n = holding as f64;
+    (holding, n * (n - 1.0) / 2.0)
+}
 
 /// The FMR a dedup at `fpir` over `live` rows decides at: each probe meets every other row once.
 pub fn decision_fmr(fpir: f64, live: usize) -> f64 {
@@ -426,18 +449,20 @@ impl Engine {
                     .impostor_tail
                     .is_some_and(|t| t.truncated_at.is_some());
                 let n = c.resolution_at(fmr, crate::evaluation::TAIL_TOLERANCE, unlabelled)?;
-                let holding = (0..snap.rows())
-                    .filter(|&r| !snap.is_deleted(r) && snap.template(*m, r).is_some())
-                    .count();
+                let (holding, store_pairs) = store_pairs_of(&snap, *m);
                 let advice = if unlabelled {
                     String::new()
-                } else if c.pool_cap < holding {
+                } else if c.pool_cap >= holding {
+                    "; every pair of the store was counted: no pool can narrow it".to_string()
+                } else if let PoolGrowth::Saturated { reason, .. } =
+                    c.pool_growth(fmr, &GROWTH_RULE, None, store_pairs)
+                {
+                    format!("; {reason}")
+                } else {
                     format!(
                         "; a pool larger than its {} rows (tail_rows_max, --tail-rows-max) narrows it",
                         c.pool_cap
                     )
-                } else {
-                    "; every pair of the store was counted: no pool can narrow it".to_string()
                 };
                 Some(format!(
                     "{n} (a dedup at FPIR {fpir:.0e} over {live} rows decides at FMR {fmr:.1e}){advice}"
@@ -1539,8 +1564,9 @@ struct TailMiss {
 
 /// [`fit_tail`] on a pool of `options.tail_rows` rows, doubled (up to `options.tail_rows_max`) and counted
 /// again while a labelled count does not pin measured ÷ predicted within [`crate::evaluation::TAIL_TOLERANCE`]
-/// at the decision FMR ([`ModalityTailCheck::resolution_at`]) and the last doubling multiplied its independent
-/// events there by at least [`TAIL_GROWTH_GAIN_MIN`], or while the pool holds too few exceedances for a tail
+/// at the decision FMR ([`ModalityTailCheck::resolution_at`]) and a larger pool can add events there (it has
+/// counted less than [`TAIL_GROWTH_COVERAGE_MAX`] of the store's, and the last doubling multiplied its
+/// independent events by at least [`TAIL_GROWTH_GAIN_MIN`]), or while the pool holds too few exceedances for a tail
 /// fit at all (labelled or not); each growth or stop, and why, goes into `notes`. A fitted unlabelled tail
 /// stops at [`tail::UNLABELLED_TRUNCATION`] for want of labels, which a larger pool cannot mend: it does not
 /// grow for resolution.
@@ -1556,7 +1582,7 @@ fn fit_tail_growing(
     notes: &mut Vec<String>,
 ) -> Result<Result<TailFit, String>, EngineError> {
     let fmr = decision_fmr(options.decision_fpir, snap.live());
-    let tolerance = crate::evaluation::TAIL_TOLERANCE;
+    let (_, store_pairs) = store_pairs_of(snap, m);
     let mut rows = options.tail_rows;
     // Independent events at the decision FMR in the previous count, once one was fitted.
     let mut before: Option<f64> = None;
@@ -1565,15 +1591,15 @@ fn fit_tail_growing(
         let why = match &fit {
             Err(miss) if !miss.whole_store => Some(miss.why.clone()),
             Ok(f) if options.genuine.is_some() && !f.whole_store => {
-                let growth = f
-                    .check
-                    .pool_growth(fmr, tolerance, before, TAIL_GROWTH_GAIN_MIN);
+                let growth = f.check.pool_growth(fmr, &GROWTH_RULE, before, store_pairs);
                 before = Some(f.check.effective_events_at(fmr));
                 match growth {
                     PoolGrowth::Pinned => None,
                     PoolGrowth::Grow(why) => Some(why),
-                    PoolGrowth::Saturated(why) => {
-                        notes.push(format!("{m}: tail pool stops at {rows} rows: {why}"));
+                    PoolGrowth::Saturated { why, reason } => {
+                        notes.push(format!(
+                            "{m}: tail pool stops at {rows} rows: {why}; {reason}"
+                        ));
                         None
                     }
                 }

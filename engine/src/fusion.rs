@@ -817,26 +817,45 @@ impl ModalityTailCheck {
     }
 
     /// What this labelled count asks of its pool at a decision FMR `fmr` (see `fit_tail_growing` in
-    /// [`crate::engine`]): nothing where it pins the model within `tolerance`; else a larger pool, unless
-    /// `before` (the independent events at `fmr` of the count on half as many rows) shows the last doubling
-    /// multiplied them by less than `gain_min` — the tail's events then sit on rows every pool counts.
+    /// [`crate::engine`]): nothing where it pins the model within `rule.tolerance`; else a larger pool, unless
+    /// a larger one cannot add the events that would narrow it — the pool already counted at least
+    /// `rule.coverage_max` of the pairs the store holds there (its measured share times `store_pairs`, the
+    /// store's pairs), or `before` (the independent events at `fmr` of the count on half as many rows) shows
+    /// the last doubling multiplied them by less than `rule.gain_min`. Either way the tail's events sit on
+    /// rows the pool already counts.
     pub fn pool_growth(
         &self,
         fmr: f64,
-        tolerance: f64,
+        rule: &GrowthRule,
         before: Option<f64>,
-        gain_min: f64,
+        store_pairs: f64,
     ) -> PoolGrowth {
-        let Some(why) = self.resolution_at(fmr, tolerance, false) else {
+        let Some(why) = self.resolution_at(fmr, rule.tolerance, false) else {
             return PoolGrowth::Pinned;
         };
         let now = self.effective_events_at(fmr);
+        let held = self
+            .decision_row(fmr)
+            .and_then(|r| Some((r.events, r.measured.filter(|&m| m > 0.0)? * store_pairs)));
+        if let Some((events, store)) =
+            held.filter(|&(e, st)| st > 0.0 && e as f64 >= rule.coverage_max * st)
+        {
+            return PoolGrowth::Saturated {
+                why,
+                reason: format!(
+                    "the pool already counted {events} of the ≈ {store:.0} pairs the store holds at the \
+                     decision FMR: no larger pool can narrow it"
+                ),
+            };
+        }
         match before {
-            Some(b) if b > 0.0 && now < b * gain_min => PoolGrowth::Saturated(format!(
-                "doubling the pool took the independent events at the decision FMR only from {b:.1} to \
-                 {now:.1} (the tail's events sit on rows every pool counts, so a larger one cannot narrow the \
-                 interval): {why}"
-            )),
+            Some(b) if b > 0.0 && now < b * rule.gain_min => PoolGrowth::Saturated {
+                why,
+                reason: format!(
+                    "doubling the pool took the independent events at the decision FMR only from {b:.1} to \
+                     {now:.1} (the tail's events sit on rows every pool counts): no larger pool can narrow it"
+                ),
+            },
             _ => PoolGrowth::Grow(why),
         }
     }
@@ -1473,6 +1492,17 @@ pub fn fmr_from_score(score: f64) -> f64 {
 /// The target FPIR (false hits per probe) of a dedup or identify that names none: one probe in a thousand.
 pub const DEFAULT_FPIR: f64 = 1e-3;
 
+/// When a labelled calibration's tail pool grows ([`ModalityTailCheck::pool_growth`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GrowthRule {
+    /// The count must pin measured ÷ predicted within `[1/tolerance, tolerance]` at the decision FMR.
+    pub tolerance: f64,
+    /// Least factor by which a doubling must multiply the independent events at the decision FMR.
+    pub gain_min: f64,
+    /// Share of the store's estimated pairs at the decision FMR past which the pool holds them all but a few.
+    pub coverage_max: f64,
+}
+
 /// What a labelled tail count asks of its calibration pool ([`ModalityTailCheck::pool_growth`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum PoolGrowth {
@@ -1480,8 +1510,13 @@ pub enum PoolGrowth {
     Pinned,
     /// It does not, and a larger pool could narrow it (why).
     Grow(String),
-    /// It does not, and the last doubling showed a larger pool adds no independent events there (why).
-    Saturated(String),
+    /// It does not (`why`), and a larger pool cannot add the events that would narrow it (`reason`).
+    Saturated {
+        /// Why the count does not pin the model ([`ModalityTailCheck::resolution_at`]).
+        why: String,
+        /// Why a larger pool would not help.
+        reason: String,
+    },
 }
 
 /// The calibrated score threshold for a target FPIR against a gallery of `gallery_size` enrolments:
@@ -1578,33 +1613,55 @@ mod tests {
             sampled_below: None,
         };
         let fmr = 1e-9;
+        let rule = GrowthRule {
+            tolerance: 1.5,
+            gain_min: 1.25,
+            coverage_max: 0.5,
+        };
         // The 1 M face counts of the thirteenth session: 60 000 rows (122 events, d 14.9), 120 000 (423, 17.4),
-        // 240 000 (509, 21.1).
+        // 240 000 (509, 21.1); every pair of the store (4.95e11) held 511 at 1e-9.
         let c60 = check(122, 14.9, Some((0.45, 2.02)));
         let c120 = check(423, 17.4, Some((0.67, 1.54)));
         let c240 = check(509, 21.1, Some((0.66, 1.53)));
+        let store = 4.95e11;
         assert!((c60.effective_events_at(fmr) - 122.0 / 14.9).abs() < 1e-9);
         assert!(matches!(
-            c60.pool_growth(fmr, 1.5, None, 1.25),
+            c60.pool_growth(fmr, &rule, None, store),
             PoolGrowth::Grow(_)
         ));
+        // 423 of the store's ≈ 495 pairs at 1e-9 are in the 120 000-row pool: it stops there.
+        match c120.pool_growth(fmr, &rule, None, store) {
+            PoolGrowth::Saturated { reason, .. } => {
+                assert!(
+                    reason.contains("counted 423 of the ≈ 495 pairs"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without the store's size, the doubling's gain says the same one step later.
         let b60 = Some(c60.effective_events_at(fmr));
         assert!(matches!(
-            c120.pool_growth(fmr, 1.5, b60, 1.25),
+            c120.pool_growth(fmr, &rule, b60, 0.0),
             PoolGrowth::Grow(_)
         ));
         let b120 = Some(c120.effective_events_at(fmr));
-        match c240.pool_growth(fmr, 1.5, b120, 1.25) {
-            PoolGrowth::Saturated(why) => assert!(why.contains("only from 24.3 to 24.1"), "{why}"),
+        match c240.pool_growth(fmr, &rule, b120, 0.0) {
+            PoolGrowth::Saturated { reason, .. } => {
+                assert!(reason.contains("only from 24.3 to 24.1"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
         // Pinned whatever came before; a count that reached nothing at the decision FMR always grows.
         let pinned = check(489, 17.5, Some((0.68, 1.47)));
-        assert_eq!(pinned.pool_growth(fmr, 1.5, b120, 1.25), PoolGrowth::Pinned);
+        assert_eq!(
+            pinned.pool_growth(fmr, &rule, b120, store),
+            PoolGrowth::Pinned
+        );
         let none = check(0, 1.0, None);
         assert_eq!(none.effective_events_at(fmr), 0.0);
         assert!(matches!(
-            none.pool_growth(fmr, 1.5, Some(0.0), 1.25),
+            none.pool_growth(fmr, &rule, Some(0.0), store),
             PoolGrowth::Grow(_)
         ));
     }
