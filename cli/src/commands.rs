@@ -315,11 +315,17 @@ fn tail_check_table(c: &pacha_engine::fusion::ModalityTailCheck) -> String {
     };
     let pool = match c.pool_kind {
         pacha_engine::engine::TailPool::Uniform => "",
-        pacha_engine::engine::TailPool::Hubs => ", a hub-stratified pool: shares weighted",
+        pacha_engine::engine::TailPool::Hubs => " hub-stratified, shares weighted",
     };
     let mut out = format!(
-        "  {} impostor tail vs {} counted pairs ({} labelled genuine left out{pool}): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>35}  {:>35}",
-        c.modality, c.pairs, c.excluded_genuine, "FMR", "model in use", "gaussian alone"
+        "  {} impostor tail vs {} counted pairs (a pool of up to {} rows{pool}; {} labelled genuine left out): measured/predicted FMR [95 % CI] events ×design effect\n  {:>8}  {:>35}  {:>35}",
+        c.modality,
+        c.pairs,
+        c.pool_cap,
+        c.excluded_genuine,
+        "FMR",
+        "model in use",
+        "gaussian alone"
     );
     if let Some(below) = c.sampled_below {
         out.push_str(&format!(
