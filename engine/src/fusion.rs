@@ -1535,6 +1535,22 @@ pub fn threshold_for_fpir(target_fpir: f64, gallery_size: usize) -> Result<f64, 
 mod tests {
     use super::*;
 
+    /// A hub-pool check of `modality` over 10¹² pairs with these model rows (no Gaussian, no bands).
+    fn check_of(modality: &str, model: Vec<TailCheckRow>) -> ModalityTailCheck {
+        ModalityTailCheck {
+            modality: modality.into(),
+            pairs: 1_000_000_000_000,
+            excluded_genuine: 0,
+            model,
+            gaussian: Vec::new(),
+            pool_seed: 0,
+            pool_cap: 0,
+            pool_kind: crate::engine::TailPool::Hubs,
+            bands: Vec::new(),
+            sampled_below: None,
+        }
+    }
+
     #[test]
     fn resolution_at_the_decision_fmr_names_what_the_count_cannot_pin() {
         let row = |level: f64, ci: Option<(f64, f64)>| TailCheckRow {
@@ -1548,22 +1564,14 @@ mod tests {
             design_effect: ci.map(|_| 9.0),
             ratio_ci: ci,
         };
-        let check = ModalityTailCheck {
-            modality: "finger7".into(),
-            pairs: 1_000_000_000_000,
-            excluded_genuine: 0,
-            model: vec![
+        let check = check_of(
+            "finger7",
+            vec![
                 row(1e-8, Some((0.8, 1.25))),
                 row(1e-9, Some((0.51, 1.85))),
                 row(1e-10, None),
             ],
-            gaussian: Vec::new(),
-            pool_seed: 0,
-            pool_cap: 0,
-            pool_kind: crate::engine::TailPool::Hubs,
-            bands: Vec::new(),
-            sampled_below: None,
-        };
+        );
         // 100 k rows at FPIR 1e-3: 1e-8, pinned within 1.5×.
         assert_eq!(check.resolution_at(1e-3 / 1e5, 1.5, false), None);
         // Without labels the count beyond 1e-6 may hold duplicates: extrapolated, whatever it shows.
@@ -1590,27 +1598,21 @@ mod tests {
     #[test]
     fn a_pool_grows_while_doubling_adds_independent_events_and_stops_when_it_adds_none() {
         // The decision row (1e-9) with `events` over design effect `d`, its interval `ci`.
-        let check = |events: u64, d: f64, ci: Option<(f64, f64)>| ModalityTailCheck {
-            modality: "face".into(),
-            pairs: 1_000_000_000_000,
-            excluded_genuine: 0,
-            model: vec![TailCheckRow {
-                level: 1e-9,
-                cosine: 0.5,
-                events,
-                pairs: 1_000_000_000_000,
-                measured: ci.map(|_| 1e-9),
-                ratio: ci.map(|_| 1.0),
-                ci: ci.map(|(lo, hi)| (lo * 1e-9, hi * 1e-9)),
-                design_effect: ci.map(|_| d),
-                ratio_ci: ci,
-            }],
-            gaussian: Vec::new(),
-            pool_seed: 0,
-            pool_cap: 0,
-            pool_kind: crate::engine::TailPool::Hubs,
-            bands: Vec::new(),
-            sampled_below: None,
+        let check = |events: u64, d: f64, ci: Option<(f64, f64)>| {
+            check_of(
+                "face",
+                vec![TailCheckRow {
+                    level: 1e-9,
+                    cosine: 0.5,
+                    events,
+                    pairs: 1_000_000_000_000,
+                    measured: ci.map(|_| 1e-9),
+                    ratio: ci.map(|_| 1.0),
+                    ci: ci.map(|(lo, hi)| (lo * 1e-9, hi * 1e-9)),
+                    design_effect: ci.map(|_| d),
+                    ratio_ci: ci,
+                }],
+            )
         };
         let fmr = 1e-9;
         let rule = GrowthRule {
