@@ -51,13 +51,16 @@ step() { # step NAME COMMAND...: runs it, logs to $out/NAME.log (and the termina
 step build cargo bench --workspace --no-run
 t_build=$(date +%s)
 
+# Each run selects its bench with `--workspace --bench NAME`, not `-p pacha-bench`: the build above unified the
+# dependencies' features over the whole workspace, and `-p` unifies them over pacha-bench alone, so every step
+# recompiled pacha-bench (15–20 s each) instead of running what was built.
 quick=(--warm-up-time 0.5 --measurement-time 2 --sample-size 10 --noplot)
-step kernels  cargo bench -p pacha-bench --bench kernels -- "${quick[@]}" '^(dot_512/f32|dot_512/f32_scalar|stream/sum_1GiB)$'
-step ivf      env PACHA_BENCH_IVF_N=10000 cargo bench -p pacha-bench --bench ivf -- "${quick[@]}" \
+step kernels  cargo bench --workspace --bench kernels -- "${quick[@]}" '^(dot_512/f32|dot_512/f32_scalar|stream/sum_1GiB)$'
+step ivf      env PACHA_BENCH_IVF_N=10000 cargo bench --workspace --bench ivf -- "${quick[@]}" \
                 '^(sketch_filter_512bit/packed|sketch_filter_512bit/packed_portable|ivf_self_join_10000/.*)$'
-step exact    cargo bench -p pacha-bench --bench exact -- "${quick[@]}" '^exact_4096x512x4096/(faer_gemm_raw|threshold_join)$'
-step engine   cargo bench -p pacha-bench --bench engine -- "${quick[@]}" '^dedup/'
-step store    env PACHA_BENCH_STORE_ROWS=50000 cargo bench -p pacha-bench --bench store -- "${quick[@]}" \
+step exact    cargo bench --workspace --bench exact -- "${quick[@]}" '^exact_4096x512x4096/(faer_gemm_raw|threshold_join)$'
+step engine   cargo bench --workspace --bench engine -- "${quick[@]}" '^dedup/'
+step store    env PACHA_BENCH_STORE_ROWS=50000 cargo bench --workspace --bench store -- "${quick[@]}" \
                 '^store_(ingest/records_|read/open_|read/template_random)'
 
 # Seeded scale run: the default flow (auto mode, complete cuts, audit), 100 k face-only enrolments generated
