@@ -102,8 +102,9 @@ pub struct CalibrateOptions<'a> {
     pub tail_pool: TailPool,
     /// Most rows the tail pool may grow to (default [`TAIL_ROWS_MAX`]): where a labelled count does not pin
     /// a modality's measured ÷ predicted FMR within [`crate::evaluation::TAIL_TOLERANCE`] at the decision FMR
-    /// (`decision_fpir` / live rows), its pool is doubled and counted again, up to this many rows or the
-    /// whole store. At or below `tail_rows`, the pool never grows.
+    /// (`decision_fpir` / live rows), or any pool is too small for a tail fit, its pool is doubled and counted
+    /// again, up to this many rows or the whole store, unless a larger pool cannot add events there
+    /// ([`TAIL_GROWTH_COVERAGE_MAX`], [`TAIL_GROWTH_GAIN_MIN`]). At or below `tail_rows`, the pool never grows.
     pub tail_rows_max: usize,
     /// FPIR of the dedup this calibration serves (default [`crate::fusion::DEFAULT_FPIR`]): with the live
     /// rows, it sets the FMR the pool grows to resolve.
@@ -164,11 +165,14 @@ const GROWTH_RULE: GrowthRule = GrowthRule {
     coverage_max: TAIL_GROWTH_COVERAGE_MAX,
 };
 
+/// The live rows holding modality `m`, ascending.
+fn rows_holding(snap: &Snapshot, m: Modality) -> impl Iterator<Item = usize> + '_ {
+    (0..snap.rows()).filter(move |&r| !snap.is_deleted(r) && snap.template(m, r).is_some())
+}
+
 /// Live rows holding modality `m`, and the pairs among them.
 fn store_pairs_of(snap: &Snapshot, m: Modality) -> (usize, f64) {
-    let holding = (0..snap.rows())
-        .filter(|&r| !snap.is_deleted(r) && snap.template(m, r).is_some())
-        .count();
+    let holding = rows_holding(snap, m).count();
     let n = holding as f64;
     (holding, n * (n - 1.0) / 2.0)
 }
@@ -1195,9 +1199,7 @@ pub fn hub_pool(
     cap: usize,
     u: f64,
 ) -> Result<(Vec<usize>, Option<InclusionChances>), EngineError> {
-    let live: Vec<usize> = (0..snap.rows())
-        .filter(|&r| !snap.is_deleted(r) && snap.template(m, r).is_some())
-        .collect();
+    let live: Vec<usize> = rows_holding(snap, m).collect();
     if live.len() <= cap {
         return Ok((live, None));
     }

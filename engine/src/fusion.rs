@@ -811,9 +811,7 @@ impl ModalityTailCheck {
     pub fn effective_events_at(&self, fmr: f64) -> f64 {
         self.decision_row(fmr)
             .filter(|r| r.measured.is_some())
-            .map_or(0.0, |r| {
-                r.events as f64 / r.design_effect.unwrap_or(1.0).max(1.0)
-            })
+            .map_or(0.0, TailCheckRow::effective_events)
     }
 
     /// What this labelled count asks of its pool at a decision FMR `fmr` (see `fit_tail_growing` in
@@ -1551,19 +1549,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn resolution_at_the_decision_fmr_names_what_the_count_cannot_pin() {
-        let row = |level: f64, ci: Option<(f64, f64)>| TailCheckRow {
+    /// A model row at `level` measured exactly as predicted, with `events` of design effect `d` and the ratio
+    /// interval `ci` (`None`: the count does not reach `level`).
+    fn row_at(level: f64, events: u64, d: f64, ci: Option<(f64, f64)>) -> TailCheckRow {
+        TailCheckRow {
             level,
             cosine: 0.5,
-            events: 100,
+            events,
             pairs: 1_000_000_000_000,
             measured: ci.map(|_| level),
             ratio: ci.map(|_| 1.0),
             ci: ci.map(|(lo, hi)| (lo * level, hi * level)),
-            design_effect: ci.map(|_| 9.0),
+            design_effect: ci.map(|_| d),
             ratio_ci: ci,
-        };
+        }
+    }
+
+    #[test]
+    fn resolution_at_the_decision_fmr_names_what_the_count_cannot_pin() {
+        let row = |level: f64, ci: Option<(f64, f64)>| row_at(level, 100, 9.0, ci);
         let check = check_of(
             "finger7",
             vec![
@@ -1599,20 +1603,7 @@ mod tests {
     fn a_pool_grows_while_doubling_adds_independent_events_and_stops_when_it_adds_none() {
         // The decision row (1e-9) with `events` over design effect `d`, its interval `ci`.
         let check = |events: u64, d: f64, ci: Option<(f64, f64)>| {
-            check_of(
-                "face",
-                vec![TailCheckRow {
-                    level: 1e-9,
-                    cosine: 0.5,
-                    events,
-                    pairs: 1_000_000_000_000,
-                    measured: ci.map(|_| 1e-9),
-                    ratio: ci.map(|_| 1.0),
-                    ci: ci.map(|(lo, hi)| (lo * 1e-9, hi * 1e-9)),
-                    design_effect: ci.map(|_| d),
-                    ratio_ci: ci,
-                }],
-            )
+            check_of("face", vec![row_at(1e-9, events, d, ci)])
         };
         let fmr = 1e-9;
         let rule = GrowthRule {
