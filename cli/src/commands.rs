@@ -567,8 +567,18 @@ pub fn audit_lines(s: &pacha_engine::dedup::DedupSummary) -> Vec<String> {
         a.evidence
     ));
     for p in s.plans.iter() {
+        // A band join names each quality band's cosine (the plan's is the lowest band's).
+        let bands = s
+            .band_cosines
+            .iter()
+            .find(|(m, _)| *m == p.modality)
+            .map(|(_, c)| {
+                let c: Vec<String> = c.iter().map(|c| format!("{c:.4}")).collect();
+                format!(" (per quality band of the pair: {})", c.join(" / "))
+            })
+            .unwrap_or_default();
         out.push(format!(
-            "  {}: {} path{} at cosine {:.4} (pilot: {} rows, {} natural + {} synthetic pairs)",
+            "  {}: {} path{} at cosine {:.4}{bands} (pilot: {} rows, {} natural + {} synthetic pairs)",
             p.modality,
             p.path,
             p.rule

@@ -343,14 +343,15 @@ pub struct ExactSample {
 }
 
 /// Searches every sampled row exactly against all earlier rows (see the module docs). `run_cosines` are
-/// the run's per-modality candidate cosines (the boundary sets); the fused set uses the complete cosines
-/// of `floor`. `gallery_start`: earliest row a pair may have (0 for dedup).
+/// the run's per-modality candidate cosines (the boundary sets), or per pair its band's where `bands`
+/// gives a modality's band join; the fused set uses the complete cosines of `floor`.
 pub fn exact_sample(
     snap: &Snapshot,
     cal: &Calibration,
     sample: &[u32],
     floor: f64,
     run_cosines: &[Option<f32>],
+    bands: &[Option<&crate::policy::BandJoin>],
 ) -> Result<ExactSample, EngineError> {
     let t0 = Instant::now();
     let complete = cal.candidate_cosines(floor);
@@ -369,6 +370,12 @@ pub fn exact_sample(
             continue;
         };
         let full = complete.get(mi).copied().flatten();
+        let band = bands.get(mi).copied().flatten();
+        // A band join's boundary: each pair at its band's cosine (every band's at or above the envelope's).
+        let run_c = match (band, run_c) {
+            (Some(b), Some(c)) => Some(b.cosines().into_iter().fold(c, f32::min)),
+            (_, c) => c,
+        };
         let t = match (full, run_c) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
@@ -401,7 +408,11 @@ pub fn exact_sample(
             if full.is_some_and(|f| c >= f) {
                 union.insert((q, s));
             }
-            if run_c.is_some_and(|r| c >= r) {
+            let at = match band {
+                Some(b) => Some(b.cosine(q, s)),
+                None => run_c,
+            };
+            if at.is_some_and(|r| c >= r) {
                 boundary[mi].push((q, s));
             }
         }

@@ -46,7 +46,8 @@ pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot) -> CandidateMode {
 /// Appends to `out` the candidate pairs `(earlier row, later row)` of modality `m` (schema position `mi`)
 /// whose later row is in `probes`: cosine at least `min_cos`, both templates present, neither deleted.
 /// With `run` (index mode) they come from the run's candidate index, where `accept` also decides (the
-/// fused verdict inside the join), `sketch` filters products and the work counters go to `stats`;
+/// fused verdict inside the join), `sketch` filters products (per pair band with `bands`) and the work
+/// counters go to `stats`;
 /// otherwise from an exact join (all returned): the f32 GEMM join, or the i8 join where the run planned
 /// `"exact-i8"` (its counters go to `stats`: `products` i8 products, all `rescored` by the i8 filter,
 /// `exact_reads` its survivors, `above` the pairs). Returns how many of the appended pairs came from the
@@ -60,6 +61,7 @@ pub fn pairs_for_tile(
     probes: Range<usize>,
     min_cos: f32,
     sketch: Option<SketchFilter>,
+    bands: Option<&crate::policy::BandJoin>,
     accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
     stats: &mut JoinStats,
     out: &mut Vec<(u32, u32)>,
@@ -76,6 +78,7 @@ pub fn pairs_for_tile(
             probes,
             min_cos,
             sketch.map(|s| s.cut),
+            bands,
             &live_accept,
         )?;
         *stats = stats.add(&st);

@@ -21,9 +21,10 @@ use crate::candidates::{self, CandidateMode};
 use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::identity::{RunIdentity, run_identity};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
-use crate::policy::{FilterModel, ModalityPlan, RunIndex};
+use crate::policy::{BandJoin, FilterModel, ModalityPlan, RunIndex};
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
+use pacha_datasets::Modality;
 use pacha_index::ivf::JoinStats;
 use pacha_index::sketch::{CutChoice, CutPolicy, StagedCut, choose_cut};
 use rayon::prelude::*;
@@ -171,6 +172,10 @@ pub struct DedupSummary {
     /// equal `sketch_cuts` if the sketch had one stage, `SKETCH_BITS == SKETCH_PREFIX_BITS`).
     #[serde(default)]
     pub sketch_full_cuts: Vec<(String, Option<CutChoice>)>,
+    /// Per modality joined at a cosine per quality band of the pair ([`crate::policy::BandJoin`]): the band
+    /// cosines, lowest band first (`candidate_cosines` and the sketch cuts above are then the lowest's).
+    #[serde(default)]
+    pub band_cosines: Vec<(String, Vec<f32>)>,
     /// Candidate pairs: per modality, the pairs whose exact cosine reached its candidate cosine (a pair found
     /// by two modalities counts twice).
     pub candidate_pairs: u64,
@@ -373,6 +378,9 @@ pub struct RunSetup {
     pub sketch_cuts: Vec<(String, Option<CutChoice>)>,
     /// Per-modality second-stage sketch cuts.
     pub sketch_full_cuts: Vec<(String, Option<CutChoice>)>,
+    /// Per modality joined per quality band: the band cosines.
+    #[serde(default)]
+    pub band_cosines: Vec<(String, Vec<f32>)>,
     /// Audit: the construction bound (no partition on any candidate modality): (bound, why).
     pub construction: Option<(f64, String)>,
     /// Audit: rows sampled over the whole run (0: no audit).
@@ -540,34 +548,53 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         },
         ..p
     });
-    // Per modality: the cut of the 512-bit prefix stage and of the whole 1024-bit sketch.
+    // The cut of the 512-bit prefix stage and of the whole 1024-bit sketch for modality `m` at cosine `c`.
+    let stage_cuts = |m: Modality, c: f32| -> Option<(CutChoice, CutChoice)> {
+        let (Some(policy), CandidateMode::Index) = (&policy, mode) else {
+            return None;
+        };
+        let model = ctx.calibration.model(m)?;
+        let choose = |bits| {
+            choose_cut(
+                bits,
+                f64::from(c),
+                (model.impostor.mean, model.impostor.sd),
+                (model.genuine.mean, model.genuine.sd),
+                policy,
+            )
+        };
+        let prefix = choose(crate::annset::SKETCH_PREFIX_BITS);
+        // One stage when the prefix is the whole sketch: the same choice serves both.
+        let full = if crate::annset::SKETCH_BITS > crate::annset::SKETCH_PREFIX_BITS {
+            choose(crate::annset::SKETCH_BITS)
+        } else {
+            prefix
+        };
+        Some((prefix, full))
+    };
     let cuts: Vec<Option<(CutChoice, CutChoice)>> = snap
         .schema()
         .modalities
         .iter()
         .zip(&cand_cos)
-        .map(|(spec, c)| {
-            let (Some(policy), Some(c), CandidateMode::Index) = (&policy, c, mode) else {
+        .map(|(spec, c)| stage_cuts(spec.modality, (*c)?))
+        .collect();
+    // A single candidate modality with quality bands is joined at each pair's band cosine: the verdict of
+    // a pair scored on one modality is its band's alone (with several modalities the budgets are shared,
+    // and every pair keeps the envelope's cosines).
+    let bands: Vec<Option<BandJoin>> = snap
+        .schema()
+        .modalities
+        .iter()
+        .enumerate()
+        .map(|(mi, spec)| {
+            cuts.get(mi).copied().flatten()?;
+            if multimodal {
                 return None;
-            };
-            let model = ctx.calibration.model(spec.modality)?;
-            let choose = |bits| {
-                choose_cut(
-                    bits,
-                    f64::from(*c),
-                    (model.impostor.mean, model.impostor.sd),
-                    (model.genuine.mean, model.genuine.sd),
-                    policy,
-                )
-            };
-            let prefix = choose(crate::annset::SKETCH_PREFIX_BITS);
-            // One stage when the prefix is the whole sketch: the same choice serves both.
-            let full = if crate::annset::SKETCH_BITS > crate::annset::SKETCH_PREFIX_BITS {
-                choose(crate::annset::SKETCH_BITS)
-            } else {
-                prefix
-            };
-            Some((prefix, full))
+            }
+            BandJoin::of(snap, ctx.calibration, mi, floor, &|c| {
+                stage_cuts(spec.modality, c)
+            })
         })
         .collect();
     // The summary names the path; the checkpoint key also pins the cuts (a resumed run must filter alike).
@@ -576,9 +603,13 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         None => format!("{mode:?}"),
     };
     let key_mode = format!(
-        "{mode_label} genuine_miss {genuine_miss:e} cuts {:?}",
+        "{mode_label} genuine_miss {genuine_miss:e} cuts {:?} bands {:?}",
         cuts.iter()
             .map(|c| c.map(|(p, f)| (p.cut, f.cut)))
+            .collect::<Vec<_>>(),
+        bands
+            .iter()
+            .map(|b| b.as_ref().map(|b| &b.classes))
             .collect::<Vec<_>>(),
     );
     // An index-join block re-reads every list's visitors (those below the block × its members), so index
@@ -614,13 +645,16 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         None => None,
     };
 
+    // What the planner predicts the sketch stages pass: with a band join, each band at its own cut.
     let filters: Vec<Option<FilterModel>> = cuts
         .iter()
-        .map(|c| {
-            c.map(|(p, f)| FilterModel {
+        .zip(&bands)
+        .map(|(c, b)| match b {
+            Some(b) => Some(b.filter()),
+            None => c.map(|(p, f)| FilterModel {
                 prefix_pass: p.impostor_pass,
                 full_pass: f.impostor_pass,
-            })
+            }),
         })
         .collect();
     // The impostor cosine models the planner predicts the i8 join's survivors from.
@@ -691,8 +725,12 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
                 .modalities
                 .iter()
                 .zip(&cuts)
-                .filter(|(rm, _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
-                .filter_map(|(_, c)| c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold))
+                .zip(&bands)
+                .filter(|((rm, _), _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
+                .filter_map(|((_, c), b)| match b {
+                    Some(b) => Some(b.drop_at_threshold()),
+                    None => c.map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold),
+                })
                 .sum();
             // The exact i8 join (complete: its filter rejects only pairs below the cosine, its survivors are
             // rescored in f32) is named where a run uses it.
@@ -741,6 +779,11 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             .cloned()
             .zip(cuts.iter().map(|c| c.map(|c| c.1)))
             .collect(),
+        band_cosines: keys
+            .iter()
+            .zip(&bands)
+            .filter_map(|(k, b)| Some((k.clone(), b.as_ref()?.cosines())))
+            .collect(),
         construction,
         audit_sampled: audit_sample.len(),
     };
@@ -785,6 +828,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
                     recorder.as_ref(),
                     &cand_cos,
                     &cuts,
+                    &bands,
                     block.clone(),
                     floor,
                     &mut summary,
@@ -821,8 +865,15 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between
             // them and the run's cosines are never looked for, and count as missed.
             let complete = ctx.calibration.candidate_cosines(floor);
-            let exact =
-                crate::audit::exact_sample(snap, ctx.calibration, &part_sample, floor, &complete)?;
+            let band_refs: Vec<Option<&BandJoin>> = bands.iter().map(Option::as_ref).collect();
+            let exact = crate::audit::exact_sample(
+                snap,
+                ctx.calibration,
+                &part_sample,
+                floor,
+                &complete,
+                &band_refs,
+            )?;
             let reported: std::collections::HashSet<(u32, u32)> =
                 pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
             // Synthetic boundary pairs for the IVF paths (several per sampled row, an independent seed).
@@ -1036,6 +1087,7 @@ pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
         genuine_miss: setup.genuine_miss,
         sketch_cuts: setup.sketch_cuts.clone(),
         sketch_full_cuts: setup.sketch_full_cuts.clone(),
+        band_cosines: setup.band_cosines.clone(),
         join_stats: setup
             .candidate_cosines
             .iter()
@@ -1159,6 +1211,7 @@ fn run_tile(
     recorder: Option<&Recorder>,
     cand_cos: &[Option<f32>],
     cuts: &[Option<(CutChoice, CutChoice)>],
+    bands: &[Option<BandJoin>],
     probes: Range<usize>,
     floor: f64,
     summary: &mut DedupSummary,
@@ -1200,6 +1253,7 @@ fn run_tile(
                     cut: f.cut,
                 },
             }),
+            bands.get(mi).and_then(Option::as_ref),
             &accept,
             &mut join_stats[mi],
             &mut cand,

@@ -1469,6 +1469,31 @@ impl Calibration {
             })
             .collect()
     }
+
+    /// Per quality band of model `i` (band order), the lowest cosine at which a pair of that band scored on
+    /// modality `i` alone reaches `score_threshold`, with the rounding of [`Calibration::candidate_cosines`]
+    /// (`None`: no cosine up to 1 does); empty when `i` has no bands. The single-modality candidate cosine
+    /// is the lowest of these and the pooled model's: a join that knows each pair's band may cut higher.
+    pub fn band_candidate_cosines(&self, i: usize, score_threshold: f64) -> Vec<Option<f32>> {
+        let (Some(bands), Some((_, model))) = (self.bands(i), self.models.get(i)) else {
+            return Vec::new();
+        };
+        if i >= MAX_MODALITIES {
+            return Vec::new();
+        }
+        let fmr = fmr_from_score(score_threshold);
+        (0..bands.models.len())
+            .map(|k| {
+                let l = self
+                    .banded_survival(1 << i, (k as u64 + 1) << (4 * i))
+                    .llr_for_fmr(fmr)
+                    - GRID_STEP;
+                model
+                    .cosine_for_llr(l.max(LLR_FLOOR + 0.5 * GRID_STEP))
+                    .map(|c| c as f32)
+            })
+            .collect()
+    }
 }
 
 /// Reads a lock, recovering the data of a poisoned one (the cache holds only derived values).

@@ -26,11 +26,11 @@
 use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use pacha_index::RowsF32;
-use pacha_index::ivf::{Ivf, JoinPair, JoinStats, ProbeRule, QuantStage, Reach};
+use pacha_index::ivf::{Ivf, JoinCuts, JoinPair, JoinStats, ProbeRule, QuantStage, Reach};
 use pacha_index::kernels::dot_f32;
 use pacha_index::quant::l1_bounds;
 use pacha_index::rng::SplitMix;
-use pacha_index::sketch::{Sketches, StagedCut};
+use pacha_index::sketch::{CutChoice, Sketches, StagedCut};
 use serde::{Deserialize, Serialize};
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -674,6 +674,136 @@ pub fn synthetic_reach(
     (reached as u64, needs.len() as u64)
 }
 
+/// A single-modality join's thresholds per quality band of a pair: a pair is scored in the band of its
+/// poorer template ([`crate::fusion::QualityBands`]), and each band reaches the decision at its own cosine
+/// ([`crate::fusion::Calibration::band_candidate_cosines`]), so the join rescoring every pair at the lowest
+/// band's cosine (the envelope) does work no verdict needs. With a `BandJoin` each product is cut at its
+/// own band's cosine and sketch cut; the audit's boundary pairs are taken at the same per-pair cosine.
+#[derive(Clone, Debug)]
+pub struct BandJoin {
+    /// Per snapshot row, the band of its template's quality (0 where the row holds none).
+    pub row_band: Vec<u8>,
+    /// Per band: its pairs' candidate cosine and staged sketch cut.
+    pub classes: Vec<(f32, StagedCut)>,
+    /// Per band: the cut choices of the prefix and whole-sketch stages (their predicted drops).
+    pub choices: Vec<(CutChoice, CutChoice)>,
+    /// Per band: its share of the live pairs (from the live rows' bands), for the planner's cost model.
+    pub pair_share: Vec<f64>,
+}
+
+impl BandJoin {
+    /// The per-band cosines and cuts of modality `mi`'s pairs, or `None` where bands cannot help: the
+    /// calibration has no bands for it, a band cannot reach `floor` on this modality alone, or the bands
+    /// hold more classes than a join takes. `cut` chooses a band cosine's (prefix, whole-sketch) cuts
+    /// (`None`: no sketch filter, and no band join).
+    pub fn of(
+        snap: &Snapshot,
+        cal: &crate::fusion::Calibration,
+        mi: usize,
+        floor: f64,
+        cut: &dyn Fn(f32) -> Option<(CutChoice, CutChoice)>,
+    ) -> Option<BandJoin> {
+        let m = snap.schema().modalities.get(mi)?.modality;
+        let pos = cal.position(m)?;
+        let bands = cal.bands(pos)?;
+        let cosines: Option<Vec<f32>> =
+            cal.band_candidate_cosines(pos, floor).into_iter().collect();
+        let cosines = cosines?;
+        if cosines.len() < 2 || cosines.len() > pacha_index::ivf::MAX_JOIN_CLASSES {
+            return None;
+        }
+        let row_band: Vec<u8> = (0..snap.rows())
+            .map(|r| {
+                if snap.is_present(m, r) {
+                    bands.band(snap.quality(m, r)).min(cosines.len() - 1) as u8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        // A pair's band is the lower of its rows': with `above[k]` live rows in band k or higher, the pairs
+        // of band k are those within `above[k]` less those within `above[k + 1]`.
+        let mut above = vec![0f64; cosines.len() + 1];
+        for (r, &b) in row_band.iter().enumerate() {
+            if snap.is_present(m, r) && !snap.is_deleted(r) {
+                above[usize::from(b)] += 1.0;
+            }
+        }
+        for k in (0..cosines.len()).rev() {
+            above[k] += above[k + 1];
+        }
+        let all = (above[0] * above[0]).max(1.0);
+        let pair_share = (0..cosines.len())
+            .map(|k| (above[k] * above[k] - above[k + 1] * above[k + 1]) / all)
+            .collect();
+        let choices: Vec<(CutChoice, CutChoice)> =
+            cosines.iter().map(|&c| cut(c)).collect::<Option<_>>()?;
+        let classes = cosines
+            .iter()
+            .zip(&choices)
+            .map(|(&c, (p, f))| {
+                (
+                    c,
+                    StagedCut {
+                        prefix_words: crate::annset::SKETCH_PREFIX_BITS / 64,
+                        prefix_cut: p.cut,
+                        cut: f.cut,
+                    },
+                )
+            })
+            .collect();
+        Some(BandJoin {
+            row_band,
+            classes,
+            choices,
+            pair_share,
+        })
+    }
+
+    /// The candidate cosine of pair `(a, b)`: its band's (the lower of its rows' bands).
+    pub fn cosine(&self, a: u32, b: u32) -> f32 {
+        let band = |r: u32| self.row_band.get(r as usize).copied().unwrap_or(0);
+        let k = usize::from(band(a).min(band(b)));
+        self.classes.get(k).map_or(f32::NEG_INFINITY, |c| c.0)
+    }
+
+    /// The band cosines, in band order.
+    pub fn cosines(&self) -> Vec<f32> {
+        self.classes.iter().map(|c| c.0).collect()
+    }
+
+    /// The join's view of these thresholds.
+    pub fn cuts(&self) -> JoinCuts<'_> {
+        JoinCuts {
+            row_class: &self.row_band,
+            classes: &self.classes,
+        }
+    }
+
+    /// The sketch stages' predicted impostor pass shares, each band's weighted by its share of the pairs.
+    pub fn filter(&self) -> FilterModel {
+        let mix = |f: &dyn Fn(&(CutChoice, CutChoice)) -> f64| -> f64 {
+            self.choices
+                .iter()
+                .zip(&self.pair_share)
+                .map(|(c, w)| w * f(c))
+                .sum()
+        };
+        FilterModel {
+            prefix_pass: mix(&|c| c.0.impostor_pass),
+            full_pass: mix(&|c| c.1.impostor_pass),
+        }
+    }
+
+    /// The largest predicted drop of a pair at its band's cosine through both sketch stages.
+    pub fn drop_at_threshold(&self) -> f64 {
+        self.choices
+            .iter()
+            .map(|(p, f)| p.drop_at_threshold + f.drop_at_threshold)
+            .fold(0.0, f64::max)
+    }
+}
+
 /// One modality's candidate structure for a run: the partition re-probed over every row of the snapshot
 /// (or the brute-force one-list index), its rows' sign sketches and, past RAM, the i8 rescoring stage.
 pub struct RunModality {
@@ -849,7 +979,9 @@ impl RunIndex {
 
     /// Pairs `(q, p, cosine)`, `q < p`, `p` in `probes`, both live and present, cosine ≥ `t`, that the
     /// run's candidate path of modality `mi` reaches and `accept` keeps. With `cut`, products are filtered
-    /// by sign sketch (rescored exactly); without, scored by f32 GEMM.
+    /// by sign sketch (rescored exactly), at each pair's band cosine and cut where `bands` gives them
+    /// (`t` and `cut` are then the lowest band's); without, scored by f32 GEMM.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &self,
         snap: &Snapshot,
@@ -857,6 +989,7 @@ impl RunIndex {
         probes: Range<usize>,
         t: f32,
         cut: Option<StagedCut>,
+        bands: Option<&BandJoin>,
         accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
     ) -> Result<(Vec<JoinPair>, JoinStats), EngineError> {
         let (Some(Some(rm)), Some(view)) = (
@@ -874,8 +1007,9 @@ impl RunIndex {
                     (Some(l1), Some(codes)) => Some(QuantStage::new(codes, l1)?),
                     _ => None,
                 };
-                Ok(ivf
-                    .self_join_rows_sketched_with(view, sketches, quant, probes, t, cut, accept)?)
+                let class = (t, cut);
+                let cuts = bands.map_or(JoinCuts::uniform(&class), BandJoin::cuts);
+                Ok(ivf.self_join_rows_sketched_with(view, sketches, quant, probes, cuts, accept)?)
             }
             _ => {
                 let mut pairs = ivf.self_join_rows(view, probes, t)?;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use pacha_index::exact;
-use pacha_index::ivf::{Ivf, IvfParams, ProbeRule, QuantStage};
+use pacha_index::ivf::{Ivf, IvfParams, JoinCuts, ProbeRule, QuantStage};
 use pacha_index::kernels::dot_f32;
 use pacha_index::quant::{l1_bounds, quantize_rows};
 use pacha_index::sketch::{Sketcher, StagedCut, cut_for_cosine};
@@ -445,6 +445,97 @@ fn search_finds_planted_mates() {
     );
 }
 
+/// A join with per-class thresholds and cuts (quality bands) gives, for the pairs of each class (the lower
+/// of its rows' classes), exactly what a uniform join at that class's threshold and cut gives them: on the
+/// brute-force index and on a partition, whole and in row ranges, with and without the i8 stage.
+#[test]
+fn a_classed_join_equals_each_class_joined_alone() {
+    let (n, d) = (8_000, 512);
+    let (data, _) = population(Preset::Structured, n, d, 0.6, 13);
+    let base = RowsF32::dense(&data, d).unwrap();
+    let sketches = Sketcher::new(d, 1024, 3)
+        .unwrap()
+        .sketch_rows(base, &|_| true)
+        .unwrap();
+    let mut rng = Rng(77);
+    let row_class: Vec<u8> = (0..n).map(|_| rng.below(3) as u8).collect();
+    let classes: Vec<(f32, StagedCut)> = [0.35f32, 0.42, 0.5]
+        .iter()
+        .map(|&t| {
+            (
+                t,
+                StagedCut {
+                    prefix_words: 8,
+                    prefix_cut: cut_for_cosine(512, f64::from(t), 1e-4),
+                    cut: cut_for_cosine(1024, f64::from(t), 1e-4),
+                },
+            )
+        })
+        .collect();
+    let class_of = |a: u32, b: u32| row_class[a as usize].min(row_class[b as usize]) as usize;
+    let codes = quantize_rows(base);
+    let l1 = l1_bounds(codes.view());
+    let quant = QuantStage::new(codes.view(), &l1).unwrap();
+    let brute = Ivf::brute(n, d, &|_| true).unwrap();
+    let part = Ivf::build(base, &|_| true, &IvfParams::default()).unwrap();
+    for (name, ivf) in [("brute", &brute), ("partition", &part)] {
+        let join = |cuts: JoinCuts<'_>, rows: std::ops::Range<usize>, q: Option<QuantStage<'_>>| {
+            ivf.self_join_rows_sketched_with(base, &sketches, q, rows, cuts, &|_, _, _| true)
+                .unwrap()
+                .0
+        };
+        let classed = JoinCuts {
+            row_class: &row_class,
+            classes: &classes,
+        };
+        let got = join(classed, 0..n, None);
+        check_output(base, &got, 0.35, &|_| true);
+        let mut want = Vec::new();
+        for (c, class) in classes.iter().enumerate() {
+            let alone = join(JoinCuts::uniform(class), 0..n, None);
+            want.extend(alone.into_iter().filter(|p| class_of(p.0, p.1) == c));
+        }
+        want.sort_by_key(|p| (p.0, p.1));
+        assert!(want.len() >= 50, "{name}: only {} pairs", want.len());
+        assert_eq!(got, want, "{name}");
+        // Fewer pairs than the lowest class's threshold alone: the higher classes cut more.
+        let lowest = join(JoinCuts::uniform(&classes[0]), 0..n, None);
+        assert!(
+            got.len() < lowest.len(),
+            "{name}: {} vs {}",
+            got.len(),
+            lowest.len()
+        );
+        let mut tiled = Vec::new();
+        for lo in (0..n).step_by(3_000) {
+            tiled.extend(join(classed, lo..(lo + 3_000).min(n), Some(quant)));
+        }
+        tiled.sort_by_key(|p| (p.0, p.1));
+        assert_eq!(tiled, got, "{name}: tiled with the i8 stage");
+    }
+    // Classes that do not cover the rows, or a row outside them, are refused.
+    let short = JoinCuts {
+        row_class: &row_class[..10],
+        classes: &classes,
+    };
+    assert!(
+        brute
+            .self_join_rows_sketched_with(base, &sketches, None, 0..n, short, &|_, _, _| true)
+            .is_err()
+    );
+    let mut bad = row_class.clone();
+    bad[5] = 3;
+    let outside = JoinCuts {
+        row_class: &bad,
+        classes: &classes,
+    };
+    assert!(
+        brute
+            .self_join_rows_sketched_with(base, &sketches, None, 0..n, outside, &|_, _, _| true)
+            .is_err()
+    );
+}
+
 #[test]
 fn sketched_join_keeps_what_the_gemm_join_finds() {
     let (n, d, t) = (20_000, 512, 0.4f32);
@@ -537,16 +628,20 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
     let codes = quantize_rows(base);
     let l1 = l1_bounds(codes.view());
     let quant = QuantStage::new(codes.view(), &l1).unwrap();
-    let cuts = StagedCut {
-        prefix_words: 8,
-        prefix_cut: cut,
-        cut: cut2,
-    };
+    let class = (
+        t,
+        StagedCut {
+            prefix_words: 8,
+            prefix_cut: cut,
+            cut: cut2,
+        },
+    );
+    let cuts = JoinCuts::uniform(&class);
     let (plain, plain_stats) = ivf
-        .self_join_rows_sketched_with(base, &sk2, None, 0..n, t, cuts, &|_, _, _| true)
+        .self_join_rows_sketched_with(base, &sk2, None, 0..n, cuts, &|_, _, _| true)
         .unwrap();
     let (quantised, q_stats) = ivf
-        .self_join_rows_sketched_with(base, &sk2, Some(quant), 0..n, t, cuts, &|_, _, _| true)
+        .self_join_rows_sketched_with(base, &sk2, Some(quant), 0..n, cuts, &|_, _, _| true)
         .unwrap();
     assert_eq!(quantised, plain);
     assert_eq!(plain, staged);
@@ -560,7 +655,7 @@ fn sketched_join_keeps_what_the_gemm_join_finds() {
     // Codes of another shape are an error, not a wrong answer.
     let short = QuantStage::new(codes.view().slice_rows(0, n - 1), &l1[..n - 1]).unwrap();
     assert!(
-        ivf.self_join_rows_sketched_with(base, &sk2, Some(short), 0..n, t, cuts, &|_, _, _| true)
+        ivf.self_join_rows_sketched_with(base, &sk2, Some(short), 0..n, cuts, &|_, _, _| true)
             .is_err()
     );
     let got2: HashSet<(u32, u32)> = staged.iter().map(|p| (p.0, p.1)).collect();

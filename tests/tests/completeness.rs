@@ -255,6 +255,57 @@ fn structured_face_index_matches_exact() {
     index_matches_exact(Preset::Structured, 30_000, FLOOR);
 }
 
+/// One face modality with quality bands: the sketched joins (brute-force and partition, forced) cut and rescore
+/// each pair at its own band's cosine, name those cosines in the summary (the run's candidate cosine is at most
+/// the lowest of them), and report exactly the pairs an exact run reports.
+#[test]
+fn a_banded_face_is_joined_at_each_pairs_band_cosine() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(
+        dir.path(),
+        &cfg(Preset::Structured, 30_000),
+        Some(&[Modality::Face]),
+    );
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    e.build_index(&Default::default(), None).unwrap();
+    let run = |mode, force_path: Option<&str>| {
+        e.dedup(
+            &DedupOptions {
+                mode,
+                report_floor: Some(FLOOR),
+                force_path: force_path.map(str::to_string),
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let exact = run(CandidateMode::Exact, None);
+    assert!(exact.summary.band_cosines.is_empty());
+    assert!(reported(&exact).len() >= 20);
+    for path in ["brute", "ivf"] {
+        let r = run(CandidateMode::Index, Some(path));
+        let s = &r.summary;
+        assert_eq!(s.band_cosines.len(), 1, "{path}: {:?}", s.band_cosines);
+        let (m, bands) = &s.band_cosines[0];
+        assert_eq!(m, "face");
+        let lowest = bands.iter().copied().fold(f32::INFINITY, f32::min);
+        let highest = bands.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert!(
+            bands.len() >= 2 && highest > lowest + 0.01,
+            "{path}: {bands:?}"
+        );
+        let run_cos = s.candidate_cosines[0].1.unwrap();
+        assert!(run_cos <= lowest + 1e-6, "{path}: {run_cos} vs {bands:?}");
+        assert_eq!(reported(&r), reported(&exact), "{path}");
+        let audit = s.audit.as_ref().unwrap();
+        assert!(audit.passed, "{path}: {audit:?}");
+        assert_eq!(audit.boundary_pooled.found, audit.boundary_pooled.pairs);
+    }
+}
+
 /// Low candidate cosines (isotropic embeddings, mates at ≈ 0.7, threshold cosine ≈ 0.25): neither sketches
 /// nor a partition separate the pairs, and the planner picks the exact i8 join (i8 scan, error-bound filter,
 /// f32 rescoring) wherever a SIMD kernel runs; with the portable kernel (`PACHA_SIMD=scalar`) it is forced.

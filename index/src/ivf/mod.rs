@@ -211,6 +211,87 @@ impl<'a> QuantStage<'a> {
 /// A joined pair `(a, b, exact score)`, `a < b`.
 pub type JoinPair = (u32, u32, f32);
 
+/// Most pair classes a sketched join takes ([`JoinCuts`]).
+pub const MAX_JOIN_CLASSES: usize = 8;
+
+/// The thresholds of a sketched join: a rescoring threshold and a sketch cut for every pair, or one per
+/// class of pairs, where each row has a class and a pair belongs to the lower of its two rows' classes
+/// (quality bands: a pair is scored in the band of its poorer template, so the band of the lower quality
+/// is the lower band). A pair of class `c` passes iff its sketches pass `classes[c].1` and its exact score
+/// reaches `classes[c].0`.
+#[derive(Clone, Copy, Debug)]
+pub struct JoinCuts<'a> {
+    /// Per base row, its class; empty with one class.
+    pub row_class: &'a [u8],
+    /// Per class: its threshold `t` and staged sketch cut (every class with the same prefix words).
+    pub classes: &'a [(f32, StagedCut)],
+}
+
+impl<'a> JoinCuts<'a> {
+    /// One threshold and cut for every pair.
+    pub fn uniform(class: &'a (f32, StagedCut)) -> JoinCuts<'a> {
+        JoinCuts {
+            row_class: &[],
+            classes: std::slice::from_ref(class),
+        }
+    }
+
+    /// The lowest threshold of any class (the join's rescoring floor).
+    pub fn min_t(&self) -> f32 {
+        self.classes
+            .iter()
+            .map(|c| c.0)
+            .fold(f32::INFINITY, f32::min)
+    }
+
+    /// The class of row `r` (0 with one class).
+    fn of(&self, r: u32) -> usize {
+        if self.classes.len() == 1 {
+            0
+        } else {
+            usize::from(self.row_class[r as usize])
+        }
+    }
+
+    /// Errors unless the classes are 1 to [`MAX_JOIN_CLASSES`], share one prefix, have no NaN threshold,
+    /// and (with more than one) every one of `rows` rows has a class among them.
+    fn check(&self, rows: usize) -> Result<(), IndexError> {
+        let n = self.classes.len();
+        if n == 0 || n > MAX_JOIN_CLASSES {
+            return Err(IndexError::Shape(format!(
+                "{n} join classes (1 to {MAX_JOIN_CLASSES})"
+            )));
+        }
+        if self.classes.iter().any(|c| c.0.is_nan()) {
+            return Err(IndexError::Shape("threshold is NaN".into()));
+        }
+        if self
+            .classes
+            .iter()
+            .any(|c| c.1.prefix_words != self.classes[0].1.prefix_words)
+        {
+            return Err(IndexError::Shape(
+                "join classes differ in their sketch prefix".into(),
+            ));
+        }
+        if n > 1 {
+            if self.row_class.len() != rows {
+                return Err(IndexError::Shape(format!(
+                    "{} row classes for {rows} rows",
+                    self.row_class.len()
+                )));
+            }
+            if let Some(r) = self.row_class.iter().position(|&c| usize::from(c) >= n) {
+                return Err(IndexError::Shape(format!(
+                    "row {r} has class {} of {n}",
+                    self.row_class[r]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Work counters of a sketched join (per-stage pair counts, for benchmarks and run summaries).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JoinStats {
@@ -1090,14 +1171,23 @@ impl Ivf {
         t: f32,
         cut: StagedCut,
     ) -> Result<Vec<JoinPair>, IndexError> {
+        let class = (t, cut);
         Ok(self
-            .self_join_rows_sketched_with(base, sketches, None, probes, t, cut, &|_, _, _| true)?
+            .self_join_rows_sketched_with(
+                base,
+                sketches,
+                None,
+                probes,
+                JoinCuts::uniform(&class),
+                &|_, _, _| true,
+            )?
             .0)
     }
 
-    /// [`Ivf::self_join_rows_sketched`] with a verdict: a pair whose exact score reaches `t` is kept only if
-    /// `accept(a, b, score)` (e.g. a fused multi-modal score, computed inside the join so that candidates are
-    /// never materialised). With `quant`, survivors are first scored from their i8 codes, and read in f32
+    /// [`Ivf::self_join_rows_sketched`] with per-class thresholds and cuts ([`JoinCuts`]) and a verdict: a
+    /// pair whose exact score reaches its class's `t` is kept only if `accept(a, b, score)` (e.g. a fused
+    /// multi-modal score, computed inside the join so that candidates are never materialised). With several
+    /// classes each member tile is packed per class, so every product is filtered at its own pair's cut. With `quant`, survivors are first scored from their i8 codes, and read in f32
     /// only if the codes' error bound leaves the pair possibly at or above `t`: the result is the same, but
     /// the join's random reads go to the 4× smaller codes (a base larger than RAM then need not be resident).
     /// Also returns the join's work counters.
@@ -1108,11 +1198,11 @@ impl Ivf {
         sketches: &Sketches,
         quant: Option<QuantStage<'_>>,
         probes: Range<usize>,
-        t: f32,
-        cut: StagedCut,
+        cuts: JoinCuts<'_>,
         accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
     ) -> Result<(Vec<JoinPair>, JoinStats), IndexError> {
-        self.check(&base, t)?;
+        cuts.check(self.rows)?;
+        self.check(&base, cuts.min_t())?;
         if sketches.rows() != self.rows {
             return Err(IndexError::Shape(format!(
                 "{} sketches for an index of {} rows",
@@ -1143,24 +1233,31 @@ impl Ivf {
             Some(q) => prefetch_row(q.codes.row(y as usize)),
             None => prefetch_row(base.row(y as usize)),
         };
-        let prefix = cut.prefix_words.clamp(1, words.max(1));
+        let prefix = cuts.classes[0].1.prefix_words.clamp(1, words.max(1));
+        let nc = cuts.classes.len();
         let (pairs, stats): (Vec<Vec<JoinPair>>, Vec<JoinStats>) = units
             .par_iter()
             .map_init(
                 || {
                     (
-                        PackedBlock::default(),
-                        Vec::new(),
+                        vec![(PackedBlock::default(), Vec::<u32>::new()); nc],
+                        (Vec::new(), Vec::new()),
                         vec![0u64; self.lists.div_ceil(64)],
                         Vec::new(),
                     )
                 },
-                |(ms, hits, xbits, surv), (j, vr, mc)| {
+                |(ms, (hits, part), xbits, surv), (j, vr, mc)| {
                     let (j, mc) = (*j, *mc);
                     let (vc, vh) = (&self.visitors[vr.clone()], &self.vis_home[vr.clone()]);
-                    ms.clear(prefix);
-                    for &y in mc {
-                        ms.push(&sketches.row(y as usize)[..prefix]);
+                    // The member tile packed per class; `at` maps a class block's index to the tile's.
+                    for (block, at) in ms.iter_mut() {
+                        block.clear(prefix);
+                        at.clear();
+                    }
+                    for (k, &y) in mc.iter().enumerate() {
+                        let (block, at) = &mut ms[cuts.of(y)];
+                        block.push(&sketches.row(y as usize)[..prefix]);
+                        at.push(k as u32);
                     }
                     let mut out = Vec::new();
                     // The triangle's units hold some visitor ≥ member products (cut by the canonical test);
@@ -1182,7 +1279,22 @@ impl Ivf {
                         }
                         hits.clear();
                         let sx = sketches.row(x as usize);
-                        filter_packed(&sx[..prefix], ms, cut.prefix_cut, hits);
+                        let cx = cuts.of(x);
+                        if nc == 1 {
+                            filter_packed(
+                                &sx[..prefix],
+                                &ms[0].0,
+                                cuts.classes[0].1.prefix_cut,
+                                hits,
+                            );
+                        } else {
+                            for (cy, (block, at)) in ms.iter().enumerate() {
+                                part.clear();
+                                let cut = cuts.classes[cx.min(cy)].1.prefix_cut;
+                                filter_packed(&sx[..prefix], block, cut, part);
+                                hits.extend(part.iter().map(|&k| at[k as usize]));
+                            }
+                        }
                         if hits.is_empty() {
                             continue;
                         }
@@ -1203,7 +1315,10 @@ impl Ivf {
                         surv.clear();
                         for &k in hits.iter() {
                             let y = mc[k as usize];
-                            if prefix < words && hamming(sx, sketches.row(y as usize)) > cut.cut {
+                            let c = cx.min(cuts.of(y));
+                            if prefix < words
+                                && hamming(sx, sketches.row(y as usize)) > cuts.classes[c].1.cut
+                            {
                                 continue;
                             }
                             let canonical = if self.single_home {
@@ -1212,17 +1327,17 @@ impl Ivf {
                                 self.canonical_with(xbits, j, x, y)
                             };
                             if x != y && canonical {
-                                surv.push(y);
+                                surv.push((y, cuts.classes[c].0));
                             }
                         }
                         st.rescored += surv.len() as u64;
                         // Rescoring reads each survivor's row from memory: start loading the next one
                         // while the current one is scored.
-                        if let Some(&y) = surv.first() {
+                        if let Some(&(y, _)) = surv.first() {
                             prefetch(y);
                         }
-                        for (i, &y) in surv.iter().enumerate() {
-                            if let Some(&next) = surv.get(i + 1) {
+                        for (i, &(y, t)) in surv.iter().enumerate() {
+                            if let Some(&(next, _)) = surv.get(i + 1) {
                                 prefetch(next);
                             }
                             let (a, b) = if x < y { (x, y) } else { (y, x) };
