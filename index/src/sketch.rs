@@ -527,9 +527,11 @@ pub fn filter_packed(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32
     if crate::kernels::simd_enabled() {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
         {
-            // SAFETY: `filter_packed_avx512` requires AVX-512F and VPOPCNTDQ (both detected just above); it
-            // reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction).
+            // SAFETY: `filter_packed_avx512` requires AVX-512F, VPOPCNTDQ and VL (all detected just above);
+            // it reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction) and
+            // writes only within the capacity it reserves in `out`.
             unsafe { filter_packed_avx512(q, block, cut, out) };
             return;
         }
@@ -561,6 +563,7 @@ pub fn filter_packed_variant(
         if variant == "avx512"
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
         {
             // SAFETY: required target features detected just above; reads stay within `block.data`.
             unsafe { filter_packed_avx512(q, block, cut, out) };
@@ -587,29 +590,39 @@ fn filter_packed_portable(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Ve
     }
 }
 
-/// Appends the members of group `g` whose bit is set in `keep` (and that exist) to `out`.
+/// The lanes of a group that hold sketches: all 8, or the first `len % GROUP` in a partial last group.
 #[inline]
-fn push_kept(g: usize, mut keep: u32, len: usize, out: &mut Vec<u32>) {
-    while keep != 0 {
-        let l = keep.trailing_zeros() as usize;
-        keep &= keep - 1;
-        let k = g * GROUP + l;
-        if k < len {
-            out.push(k as u32);
-        }
+fn valid_lanes(g: usize, len: usize) -> u32 {
+    let left = len - g * GROUP;
+    if left >= GROUP {
+        0xff
+    } else {
+        (1u32 << left) - 1
     }
 }
 
 /// AVX-512 kernel of [`filter_packed`]: per group of 8 sketches and per word, XOR with the broadcast query
 /// word and `vpopcntq` into eight 64-bit distances; one unsigned compare against the cut gives the mask.
+/// The kept indices are written without a branch (the mask compresses the group's eight indices in a
+/// register, a full store, the length advances by the mask's popcount): with a few per cent of products
+/// passing, a branch per group mispredicted often enough to halve the rate (BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vpopcntdq")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq,avx512vl")]
 unsafe fn filter_packed_avx512(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
     use std::arch::x86_64::*;
     let w = block.words;
+    let groups = block.len.div_ceil(GROUP);
     let cutv = _mm512_set1_epi64(i64::from(cut));
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let ptr = block.data.as_ptr();
-    for g in 0..block.len.div_ceil(GROUP) {
+    // Each group stores 8 indices at the current end and keeps the first popcount(mask) of them, so the
+    // stores reach at most `groups · GROUP` entries past the old length.
+    out.reserve(groups * GROUP);
+    let start = out.len();
+    // SAFETY: `start ≤ capacity`; the offset stays within the allocation reserved just above.
+    let dst = unsafe { out.as_mut_ptr().add(start) };
+    let mut kept = 0usize;
+    for g in 0..groups {
         let mut acc = _mm512_setzero_si512();
         for (i, &qw) in q.iter().enumerate() {
             // SAFETY: group g's word i occupies data[(g·w + i)·8 .. +8], within the block's allocation.
@@ -617,16 +630,21 @@ unsafe fn filter_packed_avx512(q: &[u64], block: &PackedBlock, cut: u32, out: &m
             let x = _mm512_xor_si512(v, _mm512_set1_epi64(qw as i64));
             acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
         }
-        let keep = _mm512_cmple_epu64_mask(acc, cutv);
-        if keep != 0 {
-            push_kept(g, u32::from(keep), block.len, out);
-        }
+        let keep = _mm512_cmple_epu64_mask(acc, cutv) & valid_lanes(g, block.len) as u8;
+        let idx = _mm256_add_epi32(lanes, _mm256_set1_epi32((g * GROUP) as i32));
+        let packed = _mm256_maskz_compress_epi32(keep, idx);
+        // SAFETY: `kept ≤ g · GROUP`, so the 8 lanes stored land within the `groups · GROUP` reserved.
+        unsafe { _mm256_storeu_si256(dst.add(kept).cast(), packed) };
+        kept += keep.count_ones() as usize;
     }
+    // SAFETY: the first `kept` entries past `start` were written above (each group's kept lanes first).
+    unsafe { out.set_len(start + kept) };
 }
 
 /// AVX2 kernel of [`filter_packed`]: per half group of 4 sketches, XOR with the broadcast query words,
 /// nibble popcount by `vpshufb` accumulated in bytes (≤ 8 per word, so ≤ 31 words fit a byte), `vpsadbw` to
-/// four 64-bit distances, one compare against the cut.
+/// four 64-bit distances, one compare against the cut; the kept indices written without a branch like the
+/// AVX-512 kernel's, compressed by a permutation table.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
@@ -644,7 +662,14 @@ unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut
         *b = _mm256_set1_epi64x(x as i64);
     }
     let ptr = block.data.as_ptr();
-    for g in 0..block.len.div_ceil(GROUP) {
+    let groups = block.len.div_ceil(GROUP);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    out.reserve(groups * GROUP);
+    let start = out.len();
+    // SAFETY: `start ≤ capacity`; the offset stays within the allocation reserved just above.
+    let dst = unsafe { out.as_mut_ptr().add(start) };
+    let mut kept = 0usize;
+    for g in 0..groups {
         let (mut acc0, mut acc1) = (zero, zero);
         for (i, &qv) in qb.iter().take(w).enumerate() {
             let at = (g * w + i) * GROUP;
@@ -667,12 +692,43 @@ unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut
         }
         let over0 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc0, zero), cutv);
         let over1 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc1, zero), cutv);
-        let keep = (!_mm256_movemask_pd(_mm256_castsi256_pd(over0)) & 0xf)
-            | ((!_mm256_movemask_pd(_mm256_castsi256_pd(over1)) & 0xf) << 4);
-        if keep != 0 {
-            push_kept(g, keep as u32, block.len, out);
-        }
+        let keep = ((!_mm256_movemask_pd(_mm256_castsi256_pd(over0)) & 0xf)
+            | ((!_mm256_movemask_pd(_mm256_castsi256_pd(over1)) & 0xf) << 4))
+            as u32
+            & valid_lanes(g, block.len);
+        // The kept lanes' indices moved to the front by a permutation from the table, one full store.
+        // SAFETY: a table row is 8 u32, one 256-bit load.
+        let perm = unsafe { _mm256_loadu_si256(COMPRESS_LANES[keep as usize].as_ptr().cast()) };
+        let idx = _mm256_add_epi32(lanes, _mm256_set1_epi32((g * GROUP) as i32));
+        // SAFETY: `kept ≤ g · GROUP`, so the 8 lanes stored land within the `groups · GROUP` reserved.
+        unsafe {
+            _mm256_storeu_si256(dst.add(kept).cast(), _mm256_permutevar8x32_epi32(idx, perm))
+        };
+        kept += keep.count_ones() as usize;
     }
+    // SAFETY: the first `kept` entries past `start` were written above (each group's kept lanes first).
+    unsafe { out.set_len(start + kept) };
+}
+
+/// Per 8-bit lane mask, the lanes set in it in ascending order, then zeros: the permutation that moves a
+/// group's kept indices to the front (the AVX2 filter's branch-free output).
+static COMPRESS_LANES: [[u32; 8]; 256] = compress_lanes();
+
+const fn compress_lanes() -> [[u32; 8]; 256] {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut l, mut k) = (0, 0);
+        while l < 8 {
+            if m & (1 << l) != 0 {
+                t[m][k] = l as u32;
+                k += 1;
+            }
+            l += 1;
+        }
+        m += 1;
+    }
+    t
 }
 
 /// Probability that one sketch bit differs for two vectors at cosine `cos`: `acos(cos)/π`.
@@ -1066,6 +1122,11 @@ mod tests {
                 let mut v = Vec::new();
                 filter_packed_variant(variant, &q, &packed, cut, &mut v);
                 prop_assert_eq!(&v, &slow, "{}", variant);
+                // Appending keeps what the vector held (the branch-free stores start at its end).
+                let mut after = vec![u32::MAX; 5];
+                filter_packed_variant(variant, &q, &packed, cut, &mut after);
+                prop_assert_eq!(&after[..5], &[u32::MAX; 5][..], "{}", variant);
+                prop_assert_eq!(&after[5..], &slow[..], "{}", variant);
             }
             let mut packed_portable = Vec::new();
             filter_packed_portable(&q, &packed, cut, &mut packed_portable);
