@@ -811,7 +811,8 @@ pub struct RunModality {
     pub ivf: Option<Ivf>,
     /// Sign sketches of every row of the snapshot (`None`: the exact path, or no filter).
     pub sketches: Option<std::sync::Arc<Sketches>>,
-    /// L1 bounds of the rows' i8 codes (past RAM, for the i8 rescoring stage; and the `"exact-i8"` path).
+    /// L1 bounds of the rows' i8 codes: the i8 rescoring stage of a sketched join (in RAM too) or past RAM,
+    /// and the `"exact-i8"` path.
     pub l1: Option<Vec<f32>>,
     /// How it was chosen.
     pub plan: ModalityPlan,
@@ -927,7 +928,12 @@ impl RunIndex {
                 (_, _, "brute") => Some(Ivf::brute(snap.rows(), spec.dim, &live)?),
                 _ => None,
             };
-            let l1 = match (snap.past_ram() || plan.path == "exact-i8", snap.i8_rows(m)) {
+            // The i8 stage also serves a sketched join in RAM: its survivors are scored from the 4× smaller
+            // codes, and only those the codes' error bound cannot reject are read in f32.
+            let l1 = match (
+                snap.past_ram() || matches!(plan.path.as_str(), "exact-i8" | "brute" | "ivf"),
+                snap.i8_rows(m),
+            ) {
                 (true, Some(codes)) => Some(l1.into_inner().unwrap_or_else(|| l1_bounds(codes))),
                 _ => None,
             };
