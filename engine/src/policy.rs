@@ -51,9 +51,23 @@ const MARGIN_SLACK: f32 = 0.15;
 /// Absolute widening of that margin.
 const MARGIN_PAD: f32 = 0.01;
 
-/// Seconds per sketch product of the packed first stage, both cores (measured: 1.95 G products/s with
-/// AVX-512, about half that with AVX2; BENCHMARKS.md).
-const SKETCH_PRODUCT_S: f64 = 0.8e-9;
+/// Seconds per sketch product of the packed first stage in the join, both cores, with the AVX-512 filter
+/// (measured in the join; the kernel alone runs ≈ 2 G products/s per core).
+const SKETCH_PRODUCT_S_AVX512: f64 = 0.8e-9;
+/// As [`SKETCH_PRODUCT_S_AVX512`] with the AVX2 filter: 2.4× (its single-core rate against AVX-512's at 5 %
+/// pass, `cargo bench --bench ivf -- sketch_filter_512bit_pass5`, BENCHMARKS.md fourteenth session).
+const SKETCH_PRODUCT_S_AVX2: f64 = 1.9e-9;
+/// As [`SKETCH_PRODUCT_S_AVX512`] with the portable filter: 19× (`sketch_filter_512bit`, same bench).
+const SKETCH_PRODUCT_S_PORTABLE: f64 = 15e-9;
+
+/// Seconds per sketch product of the first stage with the filter kernel this CPU runs.
+fn sketch_product_seconds() -> f64 {
+    match pacha_index::sketch::filter_kernel() {
+        "avx512" => SKETCH_PRODUCT_S_AVX512,
+        "avx2" => SKETCH_PRODUCT_S_AVX2,
+        _ => SKETCH_PRODUCT_S_PORTABLE,
+    }
+}
 /// Seconds per second-stage (whole-sketch) test of a first-stage survivor.
 const STAGE2_S: f64 = 3e-9;
 /// Seconds per exact rescoring of a 512-d survivor (scattered f32 read, `dot_f32`, verdict), both cores.
@@ -153,7 +167,7 @@ fn join_seconds(products: f64, d: usize, filter: Option<FilterModel>) -> f64 {
     match filter {
         Some(f) => {
             products
-                * (SKETCH_PRODUCT_S
+                * (sketch_product_seconds()
                     + f.prefix_pass * STAGE2_S
                     + f.full_pass * RESCORE_S_512 * d as f64 / 512.0)
         }

@@ -517,6 +517,25 @@ impl PackedBlock {
     }
 }
 
+/// The kernel [`filter_packed`] runs on this CPU: `"avx512"` (AVX-512F, VPOPCNTDQ and VL), `"avx2"`, or
+/// `"portable"` (no SIMD, or `PACHA_SIMD=scalar`). The planner prices sketch products by it; the bench gate
+/// records it.
+pub fn filter_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd_enabled() {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+    }
+    "portable"
+}
+
 /// Appends to `out` the index of every sketch of `block` within Hamming distance `cut` of `q`
 /// (`q.len()` must equal the block's words; otherwise nothing is appended).
 pub fn filter_packed(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {

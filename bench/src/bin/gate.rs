@@ -51,22 +51,6 @@ struct Args {
     update_baseline: bool,
 }
 
-/// The sketch filter kernel `filter_packed` dispatches to on this CPU (same tests as the dispatcher).
-fn sketch_kernel() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if pacha_index::kernels::simd_enabled() {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
-        {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return "avx2";
-        }
-    }
-    "portable"
-}
-
 fn commit() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
@@ -114,7 +98,7 @@ fn main() -> ExitCode {
     let commit = commit();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let simd = pacha_index::kernels::simd_level();
-    let machine = json!({"simd_level": simd, "sketch_kernel": sketch_kernel(), "cores": cores});
+    let machine = json!({"simd_level": simd, "sketch_kernel": pacha_index::sketch::filter_kernel(), "cores": cores});
 
     // Problems with this run's outputs: each fails the gate (never a silent pass).
     let mut problems: Vec<String> = a
@@ -131,7 +115,7 @@ fn main() -> ExitCode {
         },
         Figure {
             name: "machine.sketch_kernel".into(),
-            value: json!(sketch_kernel()),
+            value: json!(pacha_index::sketch::filter_kernel()),
             gate: Gate::Recorded,
         },
         Figure {
@@ -141,7 +125,7 @@ fn main() -> ExitCode {
         },
         Figure {
             name: "machine.sketch_dispatched".into(),
-            value: json!(sketch_kernel() != "portable"),
+            value: json!(pacha_index::sketch::filter_kernel() != "portable"),
             gate: Gate::Exact,
         },
         Figure {
@@ -217,7 +201,7 @@ fn main() -> ExitCode {
                         .as_ref()
                         .and_then(|m| m.get("sketch_kernel"))
                         .unwrap_or(&Value::Null),
-                    sketch_kernel()
+                    pacha_index::sketch::filter_kernel()
                 );
                 compare_cross_machine(&b, &figures)
             }
