@@ -1187,7 +1187,8 @@ impl Ivf {
     /// [`Ivf::self_join_rows_sketched`] with per-class thresholds and cuts ([`JoinCuts`]) and a verdict: a
     /// pair whose exact score reaches its class's `t` is kept only if `accept(a, b, score)` (e.g. a fused
     /// multi-modal score, computed inside the join so that candidates are never materialised). With several
-    /// classes each member tile is packed per class, so every product is filtered at its own pair's cut. With `quant`, survivors are first scored from their i8 codes, and read in f32
+    /// classes each member tile is packed per class, so every product is filtered at its own pair's cut.
+    /// With `quant`, survivors are first scored from their i8 codes, and read in f32
     /// only if the codes' error bound leaves the pair possibly at or above `t`: the result is the same, but
     /// the join's random reads go to the 4× smaller codes (a base larger than RAM then need not be resident).
     /// Also returns the join's work counters.
