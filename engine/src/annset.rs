@@ -31,6 +31,19 @@ pub struct AnnParams {
 pub const SKETCH_BITS: usize = 1024;
 /// Bits of the first (packed SIMD) stage of the sketch test.
 pub const SKETCH_PREFIX_BITS: usize = 512;
+
+/// The two-stage sketch test of these cuts: `prefix` over the first [`SKETCH_PREFIX_BITS`], `full` over the
+/// whole sketch.
+pub fn staged_cut(
+    prefix: &pacha_index::sketch::CutChoice,
+    full: &pacha_index::sketch::CutChoice,
+) -> pacha_index::sketch::StagedCut {
+    pacha_index::sketch::StagedCut {
+        prefix_words: SKETCH_PREFIX_BITS / 64,
+        prefix_cut: prefix.cut,
+        cut: full.cut,
+    }
+}
 /// Seed of the sketch hyperplanes (fixed: the same store always gets the same sketches).
 const SKETCH_SEED: u64 = 0x5ce7_c4e5;
 /// Extension of a saved sketch file (`<modality>.sketch`, [`crate::sketchfile`]).

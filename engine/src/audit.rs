@@ -351,7 +351,7 @@ pub fn exact_sample(
     sample: &[u32],
     floor: f64,
     run_cosines: &[Option<f32>],
-    bands: &[Option<&crate::policy::BandJoin>],
+    bands: &[Option<crate::policy::BandJoin>],
 ) -> Result<ExactSample, EngineError> {
     let t0 = Instant::now();
     let complete = cal.candidate_cosines(floor);
@@ -370,10 +370,10 @@ pub fn exact_sample(
             continue;
         };
         let full = complete.get(mi).copied().flatten();
-        let band = bands.get(mi).copied().flatten();
+        let band = bands.get(mi).and_then(Option::as_ref);
         // A band join's boundary: each pair at its band's cosine (every band's at or above the envelope's).
         let run_c = match (band, run_c) {
-            (Some(b), Some(c)) => Some(b.cosines().into_iter().fold(c, f32::min)),
+            (Some(b), Some(c)) => Some(b.cuts().min_t().min(c)),
             (_, c) => c,
         };
         let t = match (full, run_c) {

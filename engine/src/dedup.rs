@@ -26,7 +26,7 @@ use crate::store::Snapshot;
 use crate::{AnnSet, EngineError};
 use pacha_datasets::Modality;
 use pacha_index::ivf::JoinStats;
-use pacha_index::sketch::{CutChoice, CutPolicy, StagedCut, choose_cut};
+use pacha_index::sketch::{CutChoice, CutPolicy, choose_cut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -865,14 +865,13 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between
             // them and the run's cosines are never looked for, and count as missed.
             let complete = ctx.calibration.candidate_cosines(floor);
-            let band_refs: Vec<Option<&BandJoin>> = bands.iter().map(Option::as_ref).collect();
             let exact = crate::audit::exact_sample(
                 snap,
                 ctx.calibration,
                 &part_sample,
                 floor,
                 &complete,
-                &band_refs,
+                &bands,
             )?;
             let reported: std::collections::HashSet<(u32, u32)> =
                 pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
@@ -1247,11 +1246,7 @@ fn run_tile(
             probes.clone(),
             c,
             cuts.get(mi).copied().flatten().map(|(p, f)| SketchFilter {
-                cut: StagedCut {
-                    prefix_words: crate::annset::SKETCH_PREFIX_BITS / 64,
-                    prefix_cut: p.cut,
-                    cut: f.cut,
-                },
+                cut: crate::annset::staged_cut(&p, &f),
             }),
             bands.get(mi).and_then(Option::as_ref),
             &accept,

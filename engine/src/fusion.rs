@@ -1462,11 +1462,7 @@ impl Calibration {
         // could be affected.
         b.iter()
             .zip(&self.models)
-            .map(|(&l, (_, model))| {
-                model
-                    .cosine_for_llr(l.max(LLR_FLOOR + 0.5 * GRID_STEP))
-                    .map(|c| c as f32)
-            })
+            .map(|(&l, (_, model))| budget_cosine(model, l))
             .collect()
     }
 
@@ -1488,12 +1484,18 @@ impl Calibration {
                     .banded_survival(1 << i, (k as u64 + 1) << (4 * i))
                     .llr_for_fmr(fmr)
                     - GRID_STEP;
-                model
-                    .cosine_for_llr(l.max(LLR_FLOOR + 0.5 * GRID_STEP))
-                    .map(|c| c as f32)
+                budget_cosine(model, l)
             })
             .collect()
     }
+}
+
+/// The lowest cosine whose LLR on `model` reaches budget `l`, the budget raised to half a grid step above the
+/// LLR floor (see [`Calibration::candidate_cosines_relaxed`]); `None` if no cosine up to 1 does.
+fn budget_cosine(model: &ModalityModel, l: f64) -> Option<f32> {
+    model
+        .cosine_for_llr(l.max(LLR_FLOOR + 0.5 * GRID_STEP))
+        .map(|c| c as f32)
 }
 
 /// Reads a lock, recovering the data of a poisoned one (the cache holds only derived values).

@@ -161,11 +161,7 @@ pub(crate) fn plan(
             Some(_) => (prefix.impostor_pass, full.impostor_pass),
             None => (1.0, 1.0),
         };
-        let cut = StagedCut {
-            prefix_words: crate::annset::SKETCH_PREFIX_BITS / 64,
-            prefix_cut: prefix.cut,
-            cut: full.cut,
-        };
+        let cut = crate::annset::staged_cut(&prefix, &full);
         let ms = n * (SCAN_ROW_S + p1 * SCAN_STAGE2_S + p2 * RESCORE_S_512 * scale) * 1e3;
         predicted.push(("sketch".into(), ms));
         let drop = drop_probability(crate::annset::SKETCH_PREFIX_BITS, f64::from(t), prefix.cut)

@@ -726,23 +726,22 @@ impl BandJoin {
         if cosines.len() < 2 || cosines.len() > pacha_index::ivf::MAX_JOIN_CLASSES {
             return None;
         }
+        // Each row's band, counting the live rows per band on the way. A pair's band is the lower of its
+        // rows': with `above[k]` live rows in band k or higher, the pairs of band k are those within
+        // `above[k]` less those within `above[k + 1]`.
+        let mut above = vec![0f64; cosines.len() + 1];
         let row_band: Vec<u8> = (0..snap.rows())
             .map(|r| {
-                if snap.is_present(m, r) {
-                    bands.band(snap.quality(m, r)).min(cosines.len() - 1) as u8
-                } else {
-                    0
+                if !snap.is_present(m, r) {
+                    return 0;
                 }
+                let b = bands.band(snap.quality(m, r)).min(cosines.len() - 1);
+                if !snap.is_deleted(r) {
+                    above[b] += 1.0;
+                }
+                b as u8
             })
             .collect();
-        // A pair's band is the lower of its rows': with `above[k]` live rows in band k or higher, the pairs
-        // of band k are those within `above[k]` less those within `above[k + 1]`.
-        let mut above = vec![0f64; cosines.len() + 1];
-        for (r, &b) in row_band.iter().enumerate() {
-            if snap.is_present(m, r) && !snap.is_deleted(r) {
-                above[usize::from(b)] += 1.0;
-            }
-        }
         for k in (0..cosines.len()).rev() {
             above[k] += above[k + 1];
         }
@@ -755,16 +754,7 @@ impl BandJoin {
         let classes = cosines
             .iter()
             .zip(&choices)
-            .map(|(&c, (p, f))| {
-                (
-                    c,
-                    StagedCut {
-                        prefix_words: crate::annset::SKETCH_PREFIX_BITS / 64,
-                        prefix_cut: p.cut,
-                        cut: f.cut,
-                    },
-                )
-            })
+            .map(|(&c, (p, f))| (c, crate::annset::staged_cut(p, f)))
             .collect();
         Some(BandJoin {
             row_band,

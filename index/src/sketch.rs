@@ -543,23 +543,22 @@ pub fn filter_packed(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd_enabled() {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            // SAFETY: `filter_packed_avx512` requires AVX-512F, VPOPCNTDQ and VL (all detected just above);
-            // it reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction) and
-            // writes only within the capacity it reserves in `out`.
+    match filter_kernel() {
+        "avx512" => {
+            // SAFETY: `filter_packed_avx512` requires AVX-512F, VPOPCNTDQ and VL, which `filter_kernel`
+            // detected before naming it; it reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉`
+            // words by construction) and writes only within the capacity it reserves in `out`.
             unsafe { filter_packed_avx512(q, block, cut, out) };
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && q.len() <= 31 {
-            // SAFETY: `filter_packed_avx2` requires AVX2 (detected just above); it reads only within
-            // `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction of `PackedBlock`).
+        "avx2" if q.len() <= 31 => {
+            // SAFETY: `filter_packed_avx2` requires AVX2, which `filter_kernel` detected before naming it;
+            // it reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction of
+            // `PackedBlock`) and writes only within the capacity it reserves in `out`.
             unsafe { filter_packed_avx2(q, block, cut, out) };
             return;
         }
+        _ => {}
     }
     filter_packed_portable(q, block, cut, out);
 }
