@@ -45,13 +45,13 @@ pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot) -> CandidateMode {
 
 /// Appends to `out` the candidate pairs `(earlier row, later row)` of modality `m` (schema position `mi`)
 /// whose later row is in `probes`: cosine at least `min_cos`, both templates present, neither deleted.
-/// With `run` (index mode) they come from the run's candidate index, where `accept` also decides (the
+/// With `run` (index mode) they come from the run's candidate index, where `verdict` also decides (the
 /// fused verdict inside the join), `sketch` filters products (per pair band with `bands`) and the work
-/// counters go to `stats`;
-/// otherwise from an exact join (all returned): the f32 GEMM join, or the i8 join where the run planned
-/// `"exact-i8"` (its counters go to `stats`: `products` i8 products, all `rescored` by the i8 filter,
-/// `exact_reads` its survivors, `above` the pairs). Returns how many of the appended pairs came from the
-/// index join or the i8 join (counted in `stats.above`).
+/// counters go to `stats`; or from the i8 join where the run planned `"exact-i8"`, where `keep` decides
+/// (its counters go to `stats`: `products` i8 products, all `rescored` by the i8 filter, `exact_reads` its
+/// survivors, `above` the pairs at or above `min_cos`); otherwise from the exact f32 GEMM join (all
+/// appended). Returns how many appended pairs a join decided on (`None`: the exact GEMM join's, all of
+/// its candidates).
 #[allow(clippy::too_many_arguments)]
 pub fn pairs_for_tile(
     snap: &Snapshot,
@@ -62,16 +62,17 @@ pub fn pairs_for_tile(
     min_cos: f32,
     sketch: Option<SketchFilter>,
     bands: Option<&crate::policy::BandJoin>,
-    accept: &(dyn Fn(u32, u32, f32) -> bool + Sync),
+    verdict: &(dyn Fn(u32, u32, f32) -> bool + Sync),
+    keep: &(dyn Fn(u32, u32, f32) -> bool + Sync),
     stats: &mut JoinStats,
     out: &mut Vec<(u32, u32)>,
-) -> Result<usize, EngineError> {
+) -> Result<Option<usize>, EngineError> {
     let Some(view) = snap.f32_rows(m) else {
-        return Ok(0);
+        return Ok(Some(0));
     };
     let absent = |r: u32| !snap.is_present(m, r as usize) || snap.is_deleted(r as usize);
     if let Some(run) = run.filter(|r| r.joins(mi)) {
-        let live_accept = |a: u32, b: u32, c: f32| !absent(a) && !absent(b) && accept(a, b, c);
+        let live_accept = |a: u32, b: u32, c: f32| !absent(a) && !absent(b) && verdict(a, b, c);
         let (pairs, st) = run.join(
             snap,
             mi,
@@ -83,14 +84,28 @@ pub fn pairs_for_tile(
         )?;
         *stats = stats.add(&st);
         out.extend(pairs.iter().map(|&(a, b, _)| (a, b)));
-        return Ok(pairs.len());
+        return Ok(Some(pairs.len()));
     }
     if let (Some(l1), Some(codes)) = (run.and_then(|r| r.exact_i8(mi)), snap.i8_rows(m)) {
         // The exact i8 join: every pair scanned through the codes, the error bound's survivors rescored in
-        // f32 (complete by construction, like the GEMM join). Its pairs are all candidates.
+        // f32 (complete by construction, like the GEMM join); `keep` drops pairs as they are found.
+        let t0 = std::time::Instant::now();
         let rows = pacha_index::exact_i8::QuantRows::new(view, codes, l1)?;
-        let (pairs, st) =
-            pacha_index::exact_i8::probe_join_i8(rows, probes, min_cos, Some(&absent))?;
+        let (pairs, st) = pacha_index::exact_i8::probe_join_i8_kept(
+            rows,
+            probes.clone(),
+            min_cos,
+            Some(&absent),
+            keep,
+        )?;
+        tracing::debug!(
+            "{m}: i8 join of rows {probes:?} at cosine {min_cos:.4}: {} products, {} survivors, {} pairs, {} kept, {:.2} s",
+            st.products,
+            st.survivors,
+            st.pairs,
+            pairs.len(),
+            t0.elapsed().as_secs_f64()
+        );
         *stats = stats.add(&JoinStats {
             products: st.products,
             sketch_pass: 0,
@@ -99,10 +114,10 @@ pub fn pairs_for_tile(
             above: st.pairs,
         });
         out.extend(pairs.iter().map(|p| (p.a, p.b)));
-        return Ok(pairs.len());
+        return Ok(Some(pairs.len()));
     }
     exact_pairs(view, probes, min_cos, &absent, out)?;
-    Ok(0)
+    Ok(None)
 }
 
 /// Exact pairs `(q, p)`: `p` in `probes`, `q < p`, cosine ≥ `t`, neither absent.

@@ -18,6 +18,7 @@
 use crate::annset::SketchFilter;
 use crate::audit::{Audit, AuditOptions, AuditPart, Recorder};
 use crate::candidates::{self, CandidateMode};
+use crate::fusedbound::FusedBound;
 use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::identity::{RunIdentity, run_identity};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
@@ -809,6 +810,18 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         }
     };
     release_f32();
+    // With several fused modalities a join's pairs are mostly decided by the others: the fused bound drops,
+    // from their i8 codes, those that cannot reach the floor before any f32 read.
+    let fused = snap
+        .schema()
+        .modalities
+        .iter()
+        .filter(|s| ctx.calibration.position(s.modality).is_some())
+        .count();
+    let bound = match (&run_index, fused > 1) {
+        (Some(_), true) => FusedBound::new(snap, ctx.calibration, floor),
+        _ => None,
+    };
     for (bi, block) in blocks.iter().enumerate() {
         if ctx.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(EngineError::Cancelled {
@@ -829,6 +842,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
                     &cand_cos,
                     &cuts,
                     &bands,
+                    bound.as_ref(),
                     block.clone(),
                     floor,
                     &mut summary,
@@ -1211,6 +1225,7 @@ fn run_tile(
     cand_cos: &[Option<f32>],
     cuts: &[Option<(CutChoice, CutChoice)>],
     bands: &[Option<BandJoin>],
+    bound: Option<&FusedBound>,
     probes: Range<usize>,
     floor: f64,
     summary: &mut DedupSummary,
@@ -1226,16 +1241,21 @@ fn run_tile(
         let Some(c) = cand_cos.get(mi).copied().flatten() else {
             continue;
         };
-        // The index join applies the fused verdict to its pairs as it finds them (candidates are not
-        // stored); every pair it reaches for an audited row is noted first.
-        let accept = |a: u32, b: u32, _: f32| {
+        // The joins apply the fused verdict to their pairs as they find them (candidates are not stored):
+        // the fused bound first (the i8 codes of the other modalities), then, in the index join, the exact
+        // fused score (the i8 join's pairs are scored below). Every pair reached for an audited row is
+        // noted first.
+        let accept = |a: u32, b: u32, c: f32| {
             if recorder.is_some_and(|r| r.sampled(b)) {
                 reached
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push((mi as u8, a, b));
             }
-            fused_rows(snap, cal, a as usize, b as usize).score >= floor
+            bound.is_none_or(|fb| fb.may_reach(a as usize, b as usize, Some((mi, c))))
+        };
+        let verdict = |a: u32, b: u32, c: f32| {
+            accept(a, b, c) && fused_rows(snap, cal, a as usize, b as usize).score >= floor
         };
         let before = cand.len();
         let joined = candidates::pairs_for_tile(
@@ -1249,12 +1269,13 @@ fn run_tile(
                 cut: crate::annset::staged_cut(&p, &f),
             }),
             bands.get(mi).and_then(Option::as_ref),
+            &verdict,
             &accept,
             &mut join_stats[mi],
             &mut cand,
         )?;
-        // The exact path's pairs are all reached candidates (the join noted its own in `accept`).
-        if !run.is_some_and(|r| r.joins(mi))
+        // The exact GEMM path's pairs are all reached candidates (the joins noted theirs in `accept`).
+        if joined.is_none()
             && let Some(r) = recorder
         {
             let mut v = reached.lock().unwrap_or_else(|p| p.into_inner());
@@ -1266,7 +1287,10 @@ fn run_tile(
             );
         }
         // Pairs of the exact path are candidates; the index join counts those it rescored above `c`.
-        candidates += (cand.len() - before - joined) as u64 + join_stats[mi].above;
+        candidates += match joined {
+            Some(_) => join_stats[mi].above,
+            None => (cand.len() - before) as u64,
+        };
     }
     cand.par_sort_unstable();
     cand.dedup();

@@ -1248,6 +1248,73 @@ impl Calibration {
         })
     }
 
+    /// The lowest fused LLR at which a pair scored on `key` reaches `score`: a pair whose LLR sum stays
+    /// below it scores below `score`, because the fused FMR only falls as the LLR grows. `-∞` when every
+    /// pair reaches it (`score ≤ 0`), `+∞` when none does.
+    pub fn llr_needed(&self, key: FusedKey, score: f64) -> f64 {
+        if score <= 0.0 {
+            return f64::NEG_INFINITY;
+        }
+        if key.mask == 0 {
+            return f64::INFINITY;
+        }
+        self.with_survival(key, |s| {
+            // Grid cell k (LLRs in [(k + offset)·step, (k + offset + 1)·step)) reads sf[k]; past the last
+            // cell the FMR is 0. The first cell whose FMR scores `score` starts the passing LLRs.
+            (0..=s.sf.len())
+                .find(|&k| {
+                    let fmr = s.sf.get(k).copied().unwrap_or(0.0);
+                    score_from_fmr(fmr) >= score
+                })
+                .map_or(f64::INFINITY, |k| (k as i64 + s.offset) as f64 * GRID_STEP)
+        })
+    }
+
+    /// Every fused key of a pair sharing a non-empty subset of the models `positions` (each banded model
+    /// in each of its bands), or `None` when there are more than `limit`.
+    pub fn fused_keys(&self, positions: &[usize], limit: usize) -> Option<Vec<FusedKey>> {
+        let positions: Vec<usize> = positions
+            .iter()
+            .copied()
+            .filter(|&i| i < MAX_MODALITIES && i < self.models.len())
+            .collect();
+        if positions.len() > 16 {
+            return None;
+        }
+        let mut keys = Vec::new();
+        for subset in 1u32..(1 << positions.len()) {
+            let mut partial = vec![FusedKey::default()];
+            for (k, &i) in positions.iter().enumerate() {
+                if subset & (1 << k) == 0 {
+                    continue;
+                }
+                let bands = self.bands(i).map_or(0, |b| b.models.len());
+                let mut next = Vec::with_capacity(partial.len() * bands.max(1));
+                for key in &partial {
+                    let with = FusedKey {
+                        mask: key.mask | 1 << i,
+                        code: key.code,
+                    };
+                    if bands == 0 {
+                        next.push(with);
+                    }
+                    for band in 0..bands {
+                        next.push(FusedKey {
+                            code: with.code | (band as u64 + 1) << (4 * i),
+                            ..with
+                        });
+                    }
+                }
+                partial = next;
+                if keys.len() + partial.len() > limit {
+                    return None;
+                }
+            }
+            keys.extend(partial);
+        }
+        Some(keys)
+    }
+
     /// Greedy relaxation of complete budgets `b` (see [`Calibration::candidate_cosines_relaxed`]).
     fn relax_budgets(
         &self,
@@ -1882,6 +1949,39 @@ mod tests {
             assert!(jumped || n > 1, "{n} modalities: no jump seen");
             assert_eq!(cal.attainable_fmr(FusedKey::default(), 10.0), 0.0);
         }
+    }
+
+    /// The LLR a key needs is where its fused score crosses the floor: every LLR sum at or above it
+    /// scores at least the floor, one grid step below it scores less; every subset of three modalities is
+    /// among the keys.
+    #[test]
+    fn llr_needed_is_where_the_fused_score_crosses_the_floor() {
+        let cal =
+            Calibration::defaults(&[Modality::Face, Modality::Finger(2), Modality::Finger(7)]);
+        let keys = cal.fused_keys(&[0, 1, 2], 100).unwrap();
+        assert_eq!(keys.len(), 7);
+        assert!(cal.fused_keys(&[0, 1, 2], 6).is_none());
+        for score in [20.0, 60.0, 80.0] {
+            for &key in &keys {
+                let need = cal.llr_needed(key, score);
+                assert!(need.is_finite(), "{key:?} {score}");
+                let at = |l: f64| {
+                    cal.with_survival(key, |s| score_from_fmr(s.fmr(l).clamp(MIN_FMR, 1.0)))
+                };
+                for l in [need + 1e-9, need + 0.5 * GRID_STEP, need + 3.0] {
+                    assert!(
+                        at(l) >= score,
+                        "{key:?}: LLR {l} scores {} < {score}",
+                        at(l)
+                    );
+                }
+                for l in [need - 0.5 * GRID_STEP, need - 3.0] {
+                    assert!(at(l) < score, "{key:?}: LLR {l} scores {} ≥ {score}", at(l));
+                }
+            }
+        }
+        assert_eq!(cal.llr_needed(keys[0], 0.0), f64::NEG_INFINITY);
+        assert_eq!(cal.llr_needed(keys[0], 1e6), f64::INFINITY);
     }
 
     #[test]

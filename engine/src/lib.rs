@@ -30,6 +30,7 @@ pub mod error;
 pub mod eval;
 pub mod evaluation;
 pub mod fsutil;
+pub mod fusedbound;
 pub mod fusion;
 pub mod identify;
 pub mod identity;

@@ -128,7 +128,7 @@ pub struct I8JoinStats {
     pub products: u64,
     /// Products the error bound could not reject (base row not skipped): each read in f32 and rescored.
     pub survivors: u64,
-    /// Pairs reported (exact score ≥ threshold).
+    /// Pairs at or above the threshold (exact score), before any keep predicate.
     pub pairs: u64,
     /// Work items (band × tile) scanned.
     pub tiles: u64,
@@ -712,10 +712,26 @@ pub fn probe_join_i8(
     t: f32,
     skip: Option<RowFilter<'_>>,
 ) -> Result<(Vec<Pair>, I8JoinStats), IndexError> {
-    probe_join_with_kernel(I8Kernel::detect(), rows, probes, t, skip)
+    probe_join_with_kernel(I8Kernel::detect(), rows, probes, t, skip, None)
 }
 
-/// [`probe_join_i8`] with a chosen kernel (tests and benches; an unavailable kernel runs the portable path).
+/// A predicate on a pair `(a, b, exact score)` in row numbers: false drops the pair as the join finds it.
+pub type PairFilter<'a> = &'a (dyn Fn(u32, u32, f32) -> bool + Sync);
+
+/// [`probe_join_i8`] keeping only the pairs `keep` accepts (called once per pair at or above `t`, from
+/// the join's worker threads; [`I8JoinStats::pairs`] still counts every pair at or above `t`).
+pub fn probe_join_i8_kept(
+    rows: QuantRows<'_>,
+    probes: Range<usize>,
+    t: f32,
+    skip: Option<RowFilter<'_>>,
+    keep: PairFilter<'_>,
+) -> Result<(Vec<Pair>, I8JoinStats), IndexError> {
+    probe_join_with_kernel(I8Kernel::detect(), rows, probes, t, skip, Some(keep))
+}
+
+/// [`probe_join_i8_kept`] with a chosen kernel (tests and benches; an unavailable kernel runs the portable
+/// path).
 #[doc(hidden)]
 pub fn probe_join_with_kernel(
     kernel: I8Kernel,
@@ -723,14 +739,27 @@ pub fn probe_join_with_kernel(
     probes: Range<usize>,
     t: f32,
     skip: Option<RowFilter<'_>>,
+    keep: Option<PairFilter<'_>>,
 ) -> Result<(Vec<Pair>, I8JoinStats), IndexError> {
     let end = probes.end.min(rows.rows());
     let start = probes.start.min(end);
     let probe = rows.slice_rows(start, end);
     let base = rows.slice_rows(0, end);
     let skip_probe = |i: u32| skip.is_some_and(|f| f(start as u32 + i));
-    let (pairs, stats) =
-        join_with_kernel(kernel, probe, base, Some(start), t, Some(&skip_probe), skip)?;
+    let keep_local = keep.map(|k| move |i: u32, j: u32, s: f32| k(j, start as u32 + i, s));
+    let keep_local = keep_local
+        .as_ref()
+        .map(|k| k as &(dyn Fn(u32, u32, f32) -> bool + Sync));
+    let (pairs, stats) = join_inner(
+        kernel,
+        probe,
+        base,
+        Some(start),
+        t,
+        Some(&skip_probe),
+        skip,
+        keep_local,
+    )?;
     // Probe-local (p, q) with q < start + p → (q, p) in row numbers, sorted.
     let mut out: Vec<Pair> = pairs
         .into_iter()
@@ -754,6 +783,21 @@ pub fn join_with_kernel(
     t: f32,
     skip_probe: Option<RowFilter<'_>>,
     skip_base: Option<RowFilter<'_>>,
+) -> Result<(Vec<Pair>, I8JoinStats), IndexError> {
+    join_inner(kernel, probe, base, lower, t, skip_probe, skip_base, None)
+}
+
+/// [`join_with_kernel`] with a keep predicate on `(probe-local a, base b, score)`.
+#[allow(clippy::too_many_arguments)]
+fn join_inner(
+    kernel: I8Kernel,
+    probe: QuantRows<'_>,
+    base: QuantRows<'_>,
+    lower: Option<usize>,
+    t: f32,
+    skip_probe: Option<RowFilter<'_>>,
+    skip_base: Option<RowFilter<'_>>,
+    keep: Option<PairFilter<'_>>,
 ) -> Result<(Vec<Pair>, I8JoinStats), IndexError> {
     check_threshold(t)?;
     if probe.dim() != base.dim() {
@@ -795,6 +839,7 @@ pub fn join_with_kernel(
         qd,
         skip_probe,
         skip_base,
+        keep,
     };
     let parts: Vec<(Vec<Pair>, I8JoinStats)> = items
         .par_iter()
@@ -831,6 +876,7 @@ struct Ctx<'a, 'p> {
     qd: f32,
     skip_probe: Option<RowFilter<'p>>,
     skip_base: Option<RowFilter<'p>>,
+    keep: Option<PairFilter<'p>>,
 }
 
 impl Ctx<'_, '_> {
@@ -947,14 +993,16 @@ impl Ctx<'_, '_> {
                 self.base.f32.row(j as usize),
             );
             if s >= self.t {
-                out.push(Pair {
-                    a: i,
-                    b: j,
-                    score: s,
-                });
+                st.pairs += 1;
+                if self.keep.is_none_or(|k| k(i, j, s)) {
+                    out.push(Pair {
+                        a: i,
+                        b: j,
+                        score: s,
+                    });
+                }
             }
         }
-        st.pairs = out.len() as u64;
         (out, st)
     }
 }
@@ -1150,7 +1198,7 @@ mod tests {
             });
             for k in kernels() {
                 let (got, st) =
-                    probe_join_with_kernel(k, all, probes.clone(), t, Some(&skip)).unwrap();
+                    probe_join_with_kernel(k, all, probes.clone(), t, Some(&skip), None).unwrap();
                 assert_eq!(triples(&got), want, "kernel {} probes {probes:?}", k.name());
                 // Products: every pair (a < b, b a probe not skipped) once.
                 let live_probes: u64 = probes
@@ -1165,6 +1213,29 @@ mod tests {
         let (pj, _) = probe_join_i8(all, 0..n, t, Some(&skip)).unwrap();
         assert_eq!(triples(&whole), triples(&pj));
         assert!(!whole.is_empty());
+        // A keep predicate sees each pair once, in row numbers with its exact score, and drops those it
+        // refuses; the counters still count every pair at or above the threshold.
+        for probes in [0..n, 700..1900] {
+            let (plain, plain_st) = probe_join_i8(all, probes.clone(), t, Some(&skip)).unwrap();
+            let seen = std::sync::Mutex::new(Vec::new());
+            let keep = |a: u32, b: u32, s: f32| {
+                seen.lock().unwrap().push((a, b, s));
+                !(a + b).is_multiple_of(3)
+            };
+            let (kept, st) =
+                probe_join_i8_kept(all, probes.clone(), t, Some(&skip), &keep).unwrap();
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort_by_key(|p| (p.0, p.1));
+            assert_eq!(seen, triples(&plain), "probes {probes:?}");
+            let want: Vec<(u32, u32, f32)> = triples(&plain)
+                .into_iter()
+                .filter(|p| !(p.0 + p.1).is_multiple_of(3))
+                .collect();
+            assert_eq!(triples(&kept), want);
+            assert!(kept.len() < plain.len() && !kept.is_empty());
+            assert_eq!(st.pairs, plain_st.pairs);
+            assert_eq!(st.pairs, plain.len() as u64);
+        }
     }
 
     #[test]

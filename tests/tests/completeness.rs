@@ -624,3 +624,68 @@ fn checkpoints_are_keyed_by_store_and_calibration_identity() {
     let recal = a.engine.dedup(&opts, None, None).unwrap();
     assert_eq!(recal.summary.tiles_resumed, 0);
 }
+
+/// The fused-score bound the joins drop pairs with keeps every pair whose exact fused score reaches the
+/// floor (with the joined modality's cosine known and without), and rejects most pairs that do not: on a
+/// face + two fingers store with some fingers missing, at three floors.
+#[test]
+fn the_fused_bound_keeps_every_pair_that_reaches_the_floor() {
+    use pacha_engine::fusedbound::FusedBound;
+    use pacha_engine::matcher::fused_rows;
+    use pacha_index::kernels::dot_f32;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Preset::Structured, 1200);
+    c.duplicate_rate = 0.1;
+    let l = pacha_tests::load_edited(dir.path(), &c, None, &|b| {
+        // Every 5th record loses finger 7: pairs share two or three modalities.
+        for blk in b
+            .blocks
+            .iter_mut()
+            .filter(|blk| blk.modality == Modality::Finger(7))
+        {
+            for (i, p) in blk.present.iter_mut().enumerate() {
+                if i % 5 == 0 {
+                    *p = false;
+                }
+            }
+        }
+    });
+    let e = &l.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    let snap = e.snapshot();
+    let cal = e.calibration();
+    for floor in [20.0, 40.0, 60.0] {
+        let bound = FusedBound::new(&snap, &cal, floor).expect("few fused keys");
+        let (mut reach, mut kept, mut rejected) = (0, 0, 0);
+        for b in 0..snap.rows() {
+            for a in 0..b {
+                let face = snap
+                    .template(Modality::Face, a)
+                    .zip(snap.template(Modality::Face, b))
+                    .map(|(x, y)| (0, dot_f32(x, y)));
+                let may = bound.may_reach(a, b, face);
+                if fused_rows(&snap, &cal, a, b).score >= floor {
+                    reach += 1;
+                    assert!(may, "pair ({a}, {b}) reaches {floor} but was rejected");
+                    assert!(
+                        bound.may_reach(a, b, None),
+                        "pair ({a}, {b}), no known cosine"
+                    );
+                }
+                if may {
+                    kept += 1;
+                } else {
+                    rejected += 1;
+                }
+            }
+        }
+        assert!(
+            reach > 0,
+            "floor {floor}: no pair reaches it; the test shows nothing"
+        );
+        assert!(
+            rejected > 50 * kept,
+            "floor {floor}: kept {kept}, rejected {rejected} ({reach} reach it)"
+        );
+    }
+}
