@@ -9,7 +9,10 @@ use pacha_datasets::Modality;
 use pacha_datasets::generate::{Generator, PopulationConfig};
 use pacha_index::RowsF32;
 use pacha_index::ivf::{Ivf, IvfParams};
-use pacha_index::sketch::{PackedBlock, Sketcher, StagedCut, filter_packed, filter_packed_variant};
+use pacha_index::sketch::{
+    FILTER_CLASSES, PackedBlock, Sketcher, StagedCut, filter_packed, filter_packed_classed_variant,
+    filter_packed_variant,
+};
 
 fn population(n: usize) -> Vec<f32> {
     let g = Generator::new(PopulationConfig {
@@ -75,8 +78,13 @@ fn filter(c: &mut Criterion) {
         .unwrap();
     let mut packed = PackedBlock::default();
     packed.clear(q.len());
+    // The same block with three classes, as a band join packs its member tile (every class cut equal here,
+    // so both filters keep the same members).
+    let mut classed = PackedBlock::default();
+    classed.clear(q.len());
     for r in queries..queries + n {
         packed.push(sk.row(r));
+        classed.push_classed(sk.row(r), (r % 3) as u8);
     }
     let mut dist: Vec<u32> = (0..queries)
         .flat_map(|a| {
@@ -85,23 +93,44 @@ fn filter(c: &mut Criterion) {
         })
         .collect();
     dist.sort_unstable();
-    let cut = dist[dist.len() / 20];
-    let mut g = c.benchmark_group("sketch_filter_512bit_pass5");
-    g.throughput(Throughput::Elements((n * queries) as u64));
-    for v in ["avx512", "avx2"] {
-        g.bench_function(format!("packed_{v}"), |x| {
-            x.iter(|| {
-                let mut kept = 0;
-                for a in 0..queries {
-                    out.clear();
-                    filter_packed_variant(v, black_box(sk.row(a)), &packed, cut, &mut out);
-                    kept += out.len();
-                }
-                kept
-            })
-        });
+    // 5 % (a low cosine), 1 % and 0.05 % (a join where almost nothing passes: whole chunks are skipped).
+    for (name, share) in [("pass5", 20), ("pass1", 100), ("pass005", 2000)] {
+        let cut = dist[dist.len() / share];
+        let mut g = c.benchmark_group(format!("sketch_filter_512bit_{name}"));
+        g.throughput(Throughput::Elements((n * queries) as u64));
+        for v in ["avx512", "avx2"] {
+            g.bench_function(format!("packed_{v}"), |x| {
+                x.iter(|| {
+                    let mut kept = 0;
+                    for a in 0..queries {
+                        out.clear();
+                        filter_packed_variant(v, black_box(sk.row(a)), &packed, cut, &mut out);
+                        kept += out.len();
+                    }
+                    kept
+                })
+            });
+            g.bench_function(format!("classed_{v}"), |x| {
+                x.iter(|| {
+                    let mut kept = 0;
+                    for a in 0..queries {
+                        out.clear();
+                        let table = [cut; FILTER_CLASSES];
+                        filter_packed_classed_variant(
+                            v,
+                            black_box(sk.row(a)),
+                            &classed,
+                            &table,
+                            &mut out,
+                        );
+                        kept += out.len();
+                    }
+                    kept
+                })
+            });
+        }
+        g.finish();
     }
-    g.finish();
 
     let mut g = c.benchmark_group("sketch_rows_512d_512bit");
     g.sample_size(10);

@@ -479,6 +479,8 @@ pub struct PackedBlock {
     words: usize,
     len: usize,
     data: Vec<u64>,
+    /// Per lane, the sketch's class (filled by [`PackedBlock::push_classed`], padded like the groups).
+    classes: Vec<u8>,
 }
 
 /// Sketches per group of a [`PackedBlock`]: one AVX-512 register, or two AVX2 registers, per word.
@@ -490,6 +492,19 @@ impl PackedBlock {
         self.words = words;
         self.len = 0;
         self.data.clear();
+        self.classes.clear();
+    }
+    /// Appends one sketch of class `class` (below [`FILTER_CLASSES`]) for [`filter_packed_classed`].
+    pub fn push_classed(&mut self, sketch: &[u64], class: u8) {
+        if self.len.is_multiple_of(GROUP) {
+            self.classes.resize(self.classes.len() + GROUP, 0);
+        }
+        self.classes[self.len] = class % FILTER_CLASSES as u8;
+        self.push(sketch);
+    }
+    /// True if every lane has a class (built by [`PackedBlock::push_classed`] only).
+    fn classed(&self) -> bool {
+        self.classes.len() == self.len.div_ceil(GROUP) * GROUP
     }
     /// Appends one sketch (`words` words).
     pub fn push(&mut self, sketch: &[u64]) {
@@ -539,28 +554,28 @@ pub fn filter_kernel() -> &'static str {
 /// Appends to `out` the index of every sketch of `block` within Hamming distance `cut` of `q`
 /// (`q.len()` must equal the block's words; otherwise nothing is appended).
 pub fn filter_packed(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
-    if q.len() != block.words || block.is_empty() {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    match filter_kernel() {
-        "avx512" => {
-            // SAFETY: `filter_packed_avx512` requires AVX-512F, VPOPCNTDQ and VL, which `filter_kernel`
-            // detected before naming it; it reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉`
-            // words by construction) and writes only within the capacity it reserves in `out`.
-            unsafe { filter_packed_avx512(q, block, cut, out) };
-            return;
-        }
-        "avx2" if q.len() <= 31 => {
-            // SAFETY: `filter_packed_avx2` requires AVX2, which `filter_kernel` detected before naming it;
-            // it reads only within `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction of
-            // `PackedBlock`) and writes only within the capacity it reserves in `out`.
-            unsafe { filter_packed_avx2(q, block, cut, out) };
-            return;
-        }
-        _ => {}
-    }
-    filter_packed_portable(q, block, cut, out);
+    filter_dispatch::<false>(filter_kernel(), q, block, cut, &[0; FILTER_CLASSES], out);
+}
+
+/// Classes a classed filter tells apart ([`filter_packed_classed`]): one AVX-512 register of cuts.
+pub const FILTER_CLASSES: usize = 8;
+
+/// Like [`filter_packed`], but each sketch is compared with the cut of its own class: a sketch pushed with
+/// class `k` ([`PackedBlock::push_classed`]) passes within Hamming distance `table[k]` of `q`. One pass over
+/// the block whatever the classes (a block per class cost a call and a partial group each). A block built
+/// with [`PackedBlock::push`] counts as all class 0.
+pub fn filter_packed_classed(
+    q: &[u64],
+    block: &PackedBlock,
+    table: &[u32; FILTER_CLASSES],
+    out: &mut Vec<u32>,
+) {
+    let kernel = if block.classed() {
+        filter_kernel()
+    } else {
+        "portable"
+    };
+    filter_dispatch::<true>(kernel, q, block, 0, table, out);
 }
 
 /// One kernel of [`filter_packed`] by name, for benches and tests: "avx512", "avx2", else portable. Falls
@@ -573,6 +588,32 @@ pub fn filter_packed_variant(
     cut: u32,
     out: &mut Vec<u32>,
 ) {
+    filter_dispatch::<false>(variant, q, block, cut, &[0; FILTER_CLASSES], out);
+}
+
+/// One kernel of [`filter_packed_classed`] by name (as [`filter_packed_variant`]).
+#[doc(hidden)]
+pub fn filter_packed_classed_variant(
+    variant: &str,
+    q: &[u64],
+    block: &PackedBlock,
+    table: &[u32; FILTER_CLASSES],
+    out: &mut Vec<u32>,
+) {
+    let variant = if block.classed() { variant } else { "portable" };
+    filter_dispatch::<true>(variant, q, block, 0, table, out);
+}
+
+/// Runs the kernel `variant` ("avx512", "avx2", else portable; the portable one where the CPU lacks the
+/// named kernel's features) with one `cut`, or with `CLASSED` each lane's class's cut from `table`.
+fn filter_dispatch<const CLASSED: bool>(
+    variant: &str,
+    q: &[u64],
+    block: &PackedBlock,
+    cut: u32,
+    table: &[u32; FILTER_CLASSES],
+    out: &mut Vec<u32>,
+) {
     if q.len() != block.words || block.is_empty() {
         return;
     }
@@ -583,25 +624,39 @@ pub fn filter_packed_variant(
             && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
             && std::arch::is_x86_feature_detected!("avx512vl")
         {
-            // SAFETY: required target features detected just above; reads stay within `block.data`.
-            unsafe { filter_packed_avx512(q, block, cut, out) };
+            // SAFETY: the kernel's target features were detected just above; it reads only within
+            // `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction) and, classed, within
+            // `block.classes` (`GROUP · ⌈len/GROUP⌉` bytes: the callers run it only on classed blocks), and
+            // writes only within the capacity it reserves in `out`.
+            unsafe { filter_packed_avx512::<CLASSED>(q, block, cut, table, out) };
             return;
         }
         if variant == "avx2" && std::arch::is_x86_feature_detected!("avx2") && q.len() <= 31 {
-            // SAFETY: required target feature detected just above; reads stay within `block.data`.
-            unsafe { filter_packed_avx2(q, block, cut, out) };
+            // SAFETY: as above, for AVX2.
+            unsafe { filter_packed_avx2::<CLASSED>(q, block, cut, table, out) };
             return;
         }
     }
-    filter_packed_portable(q, block, cut, out);
+    filter_packed_portable::<CLASSED>(q, block, cut, table, out);
 }
 
 /// Portable path of [`filter_packed`].
-fn filter_packed_portable(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+fn filter_packed_portable<const CLASSED: bool>(
+    q: &[u64],
+    block: &PackedBlock,
+    cut: u32,
+    table: &[u32; FILTER_CLASSES],
+    out: &mut Vec<u32>,
+) {
     for k in 0..block.len {
         let h: u32 = (0..block.words)
             .map(|w| (q[w] ^ block.word(k, w)).count_ones())
             .sum();
+        let cut = if CLASSED {
+            table[usize::from(block.classes.get(k).copied().unwrap_or(0)) % FILTER_CLASSES]
+        } else {
+            cut
+        };
         if h <= cut {
             out.push(k as u32);
         }
@@ -626,11 +681,21 @@ fn valid_lanes(g: usize, len: usize) -> u32 {
 /// passing, a branch per group mispredicted often enough to halve the rate (BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vpopcntdq,avx512vl")]
-unsafe fn filter_packed_avx512(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+unsafe fn filter_packed_avx512<const CLASSED: bool>(
+    q: &[u64],
+    block: &PackedBlock,
+    cut: u32,
+    table: &[u32; FILTER_CLASSES],
+    out: &mut Vec<u32>,
+) {
     use std::arch::x86_64::*;
     let w = block.words;
     let groups = block.len.div_ceil(GROUP);
     let cutv = _mm512_set1_epi64(i64::from(cut));
+    let tab: [i64; FILTER_CLASSES] = table.map(i64::from);
+    // SAFETY: eight i64, one unaligned 512-bit load.
+    let tabv = unsafe { _mm512_loadu_si512(tab.as_ptr().cast()) };
+    let cls = block.classes.as_ptr();
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let ptr = block.data.as_ptr();
     // Each group stores 8 indices at the current end and keeps the first popcount(mask) of them, so the
@@ -648,7 +713,14 @@ unsafe fn filter_packed_avx512(q: &[u64], block: &PackedBlock, cut: u32, out: &m
             let x = _mm512_xor_si512(v, _mm512_set1_epi64(qw as i64));
             acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
         }
-        let keep = _mm512_cmple_epu64_mask(acc, cutv) & valid_lanes(g, block.len) as u8;
+        let cuts = if CLASSED {
+            // SAFETY: a classed block holds GROUP class bytes per group: bytes [g·8, g·8 + 8) exist.
+            let c = unsafe { _mm_loadl_epi64(cls.add(g * GROUP).cast()) };
+            _mm512_permutexvar_epi64(_mm512_cvtepu8_epi64(c), tabv)
+        } else {
+            cutv
+        };
+        let keep = _mm512_cmple_epu64_mask(acc, cuts) & valid_lanes(g, block.len) as u8;
         let idx = _mm256_add_epi32(lanes, _mm256_set1_epi32((g * GROUP) as i32));
         let packed = _mm256_maskz_compress_epi32(keep, idx);
         // SAFETY: `kept ≤ g · GROUP`, so the 8 lanes stored land within the `groups · GROUP` reserved.
@@ -665,9 +737,18 @@ unsafe fn filter_packed_avx512(q: &[u64], block: &PackedBlock, cut: u32, out: &m
 /// AVX-512 kernel's, compressed by a permutation table.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut Vec<u32>) {
+unsafe fn filter_packed_avx2<const CLASSED: bool>(
+    q: &[u64],
+    block: &PackedBlock,
+    cut: u32,
+    table: &[u32; FILTER_CLASSES],
+    out: &mut Vec<u32>,
+) {
     use std::arch::x86_64::*;
     let w = block.words;
+    // SAFETY: eight u32, one unaligned 256-bit load.
+    let tabv = unsafe { _mm256_loadu_si256(table.as_ptr().cast()) };
+    let cls = block.classes.as_ptr();
     let lut = _mm256_setr_epi8(
         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
         3, 4,
@@ -708,8 +789,19 @@ unsafe fn filter_packed_avx2(q: &[u64], block: &PackedBlock, cut: u32, out: &mut
                 );
             }
         }
-        let over0 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc0, zero), cutv);
-        let over1 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc1, zero), cutv);
+        let (cut0, cut1) = if CLASSED {
+            // SAFETY: a classed block holds GROUP class bytes per group: bytes [g·8, g·8 + 8) exist.
+            let c = unsafe { _mm_loadl_epi64(cls.add(g * GROUP).cast()) };
+            let cuts = _mm256_permutevar8x32_epi32(tabv, _mm256_cvtepu8_epi32(c));
+            (
+                _mm256_cvtepu32_epi64(_mm256_castsi256_si128(cuts)),
+                _mm256_cvtepu32_epi64(_mm256_extracti128_si256::<1>(cuts)),
+            )
+        } else {
+            (cutv, cutv)
+        };
+        let over0 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc0, zero), cut0);
+        let over1 = _mm256_cmpgt_epi64(_mm256_sad_epu8(acc1, zero), cut1);
         let keep = ((!_mm256_movemask_pd(_mm256_castsi256_pd(over0)) & 0xf)
             | ((!_mm256_movemask_pd(_mm256_castsi256_pd(over1)) & 0xf) << 4))
             as u32
@@ -1147,8 +1239,56 @@ mod tests {
                 prop_assert_eq!(&after[5..], &slow[..], "{}", variant);
             }
             let mut packed_portable = Vec::new();
-            filter_packed_portable(&q, &packed, cut, &mut packed_portable);
+            filter_packed_portable::<false>(&q, &packed, cut, &[0; FILTER_CLASSES], &mut packed_portable);
             prop_assert_eq!(&packed_portable, &slow);
+        }
+
+        /// The classed filter keeps a sketch iff it is within its own class's cut, with every kernel, on
+        /// random classes, cut tables, lengths (partial groups) and word counts; appending keeps what the
+        /// vector held.
+        #[test]
+        fn classed_filters_agree_with_hamming(
+            words in prop::sample::select(vec![1usize, 4, 8, 16, 3, 40]),
+            seed in any::<u64>(),
+            n in 0usize..70,
+            table in prop::array::uniform8(0u32..1024),
+        ) {
+            let mut rng = SplitMix(seed);
+            let q: Vec<u64> = (0..words).map(|_| rng.next_u64()).collect();
+            let block: Vec<u64> = (0..n * words).map(|_| rng.next_u64()).collect();
+            let classes: Vec<u8> = (0..n).map(|_| (rng.next_u64() % 8) as u8).collect();
+            let slow: Vec<u32> = (0..n)
+                .filter(|&k| {
+                    hamming(&q, &block[k * words..(k + 1) * words])
+                        <= table[usize::from(classes[k])]
+                })
+                .map(|k| k as u32)
+                .collect();
+            let mut packed = PackedBlock::default();
+            packed.clear(words);
+            for k in 0..n {
+                packed.push_classed(&block[k * words..(k + 1) * words], classes[k]);
+            }
+            let mut got = Vec::new();
+            filter_packed_classed(&q, &packed, &table, &mut got);
+            prop_assert_eq!(&got, &slow);
+            for variant in ["avx512", "avx2", "portable"] {
+                let mut after = vec![u32::MAX; 5];
+                filter_packed_classed_variant(variant, &q, &packed, &table, &mut after);
+                prop_assert_eq!(&after[..5], &[u32::MAX; 5][..], "{}", variant);
+                prop_assert_eq!(&after[5..], &slow[..], "{}", variant);
+            }
+            // A block pushed without classes is all class 0.
+            let mut plain = PackedBlock::default();
+            plain.clear(words);
+            for k in 0..n {
+                plain.push(&block[k * words..(k + 1) * words]);
+            }
+            let mut zero = Vec::new();
+            filter_packed_classed(&q, &plain, &table, &mut zero);
+            let mut uniform = Vec::new();
+            filter_packed(&q, &plain, table[0], &mut uniform);
+            prop_assert_eq!(zero, uniform);
         }
     }
 }

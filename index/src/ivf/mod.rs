@@ -67,7 +67,9 @@ use crate::IndexError;
 use crate::kernels::{dot_f32, dot_i8, prefetch_row};
 use crate::quant::code_error_bound;
 use crate::rng::SplitMix;
-use crate::sketch::{PackedBlock, Sketches, StagedCut, filter_packed, hamming};
+use crate::sketch::{
+    FILTER_CLASSES, PackedBlock, Sketches, StagedCut, filter_packed, filter_packed_classed, hamming,
+};
 use crate::view::{RowPager, RowsF32, RowsI8, stream_batches};
 
 /// GEMM tile: rows of the visitor side.
@@ -212,7 +214,7 @@ impl<'a> QuantStage<'a> {
 pub type JoinPair = (u32, u32, f32);
 
 /// Most pair classes a sketched join takes ([`JoinCuts`]).
-pub const MAX_JOIN_CLASSES: usize = 8;
+pub const MAX_JOIN_CLASSES: usize = FILTER_CLASSES;
 
 /// The thresholds of a sketched join: a rescoring threshold and a sketch cut for every pair, or one per
 /// class of pairs, where each row has a class and a pair belongs to the lower of its two rows' classes
@@ -1187,7 +1189,8 @@ impl Ivf {
     /// [`Ivf::self_join_rows_sketched`] with per-class thresholds and cuts ([`JoinCuts`]) and a verdict: a
     /// pair whose exact score reaches its class's `t` is kept only if `accept(a, b, score)` (e.g. a fused
     /// multi-modal score, computed inside the join so that candidates are never materialised). With several
-    /// classes each member tile is packed per class, so every product is filtered at its own pair's cut.
+    /// classes each member tile is packed with its members' classes and filtered in one call per visitor
+    /// ([`filter_packed_classed`]), every product at its own pair's cut.
     /// With `quant`, survivors are first scored from their i8 codes, and read in f32
     /// only if the codes' error bound leaves the pair possibly at or above `t`: the result is the same, but
     /// the join's random reads go to the 4× smaller codes (a base larger than RAM then need not be resident).
@@ -1236,29 +1239,33 @@ impl Ivf {
         };
         let prefix = cuts.classes[0].1.prefix_words.clamp(1, words.max(1));
         let nc = cuts.classes.len();
+        // Per visitor class, the prefix cut of each member class: a pair is cut at the lower class's.
+        let tables: Vec<[u32; FILTER_CLASSES]> = (0..nc)
+            .map(|cx| std::array::from_fn(|cy| cuts.classes[cx.min(cy).min(nc - 1)].1.prefix_cut))
+            .collect();
         let (pairs, stats): (Vec<Vec<JoinPair>>, Vec<JoinStats>) = units
             .par_iter()
             .map_init(
                 || {
                     (
-                        vec![(PackedBlock::default(), Vec::<u32>::new()); nc],
-                        (Vec::new(), Vec::new()),
+                        PackedBlock::default(),
+                        Vec::new(),
                         vec![0u64; self.lists.div_ceil(64)],
                         Vec::new(),
                     )
                 },
-                |(ms, (hits, part), xbits, surv), (j, vr, mc)| {
+                |(block, hits, xbits, surv), (j, vr, mc)| {
                     let (j, mc) = (*j, *mc);
                     let (vc, vh) = (&self.visitors[vr.clone()], &self.vis_home[vr.clone()]);
-                    // The member tile packed per class; `at` maps a class block's index to the tile's.
-                    for (block, at) in ms.iter_mut() {
-                        block.clear(prefix);
-                        at.clear();
-                    }
-                    for (k, &y) in mc.iter().enumerate() {
-                        let (block, at) = &mut ms[cuts.of(y)];
-                        block.push(&sketches.row(y as usize)[..prefix]);
-                        at.push(k as u32);
+                    // The member tile packed once, each member with its class where there are several.
+                    block.clear(prefix);
+                    for &y in mc.iter() {
+                        let sy = &sketches.row(y as usize)[..prefix];
+                        if nc == 1 {
+                            block.push(sy);
+                        } else {
+                            block.push_classed(sy, cuts.of(y) as u8);
+                        }
                     }
                     let mut out = Vec::new();
                     // The triangle's units hold some visitor ≥ member products (cut by the canonical test);
@@ -1282,19 +1289,9 @@ impl Ivf {
                         let sx = sketches.row(x as usize);
                         let cx = cuts.of(x);
                         if nc == 1 {
-                            filter_packed(
-                                &sx[..prefix],
-                                &ms[0].0,
-                                cuts.classes[0].1.prefix_cut,
-                                hits,
-                            );
+                            filter_packed(&sx[..prefix], block, cuts.classes[0].1.prefix_cut, hits);
                         } else {
-                            for (cy, (block, at)) in ms.iter().enumerate() {
-                                part.clear();
-                                let cut = cuts.classes[cx.min(cy)].1.prefix_cut;
-                                filter_packed(&sx[..prefix], block, cut, part);
-                                hits.extend(part.iter().map(|&k| at[k as usize]));
-                            }
+                            filter_packed_classed(&sx[..prefix], block, &tables[cx], hits);
                         }
                         if hits.is_empty() {
                             continue;
