@@ -134,6 +134,7 @@ pub(crate) fn plan(
         None,
         None,
         &OnceCell::new(),
+        true,
     )?;
     let members = if n > 0.0 {
         pilot.predicted_products / n

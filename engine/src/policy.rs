@@ -31,6 +31,7 @@ use pacha_index::kernels::dot_f32;
 use pacha_index::quant::l1_bounds;
 use pacha_index::rng::SplitMix;
 use pacha_index::sketch::{CutChoice, Sketches, StagedCut};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -50,6 +51,8 @@ const MIN_SLACK: f64 = 1.25;
 const MARGIN_SLACK: f32 = 0.15;
 /// Absolute widening of that margin.
 const MARGIN_PAD: f32 = 0.01;
+/// One pilot pair in this many decides first whether the partition can win at all (see [`plan_modality`]).
+const SAMPLE_STRIDE: usize = 8;
 
 /// Seconds per sketch product of the packed first stage in the join, both cores, with the AVX-512 filter
 /// (measured in the join; the kernel alone runs ≈ 2 G products/s per core).
@@ -271,7 +274,7 @@ fn pair_needs(
     let mut partner_scores = Vec::new();
     let partner_homes = ivf.homes_and_scores(partners, owners.len(), &mut partner_scores);
     owners
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(p, &i)| Need {
             fwd: Reach::of(
@@ -292,7 +295,9 @@ fn pair_needs(
 /// Plans modality `mi` (schema position) of `snap` for a join at cosine `c` over rows `0..snap.rows()`,
 /// against the partition `ivf` (the saved index's centroids; rows need not be indexed). `l1` holds the L1
 /// bounds of the modality's i8 codes once computed: the pilot's i8 join fills it if it needs them, so a
-/// caller that needs them afterwards computes them at most once.
+/// caller that needs them afterwards computes them at most once. Unless `exhaustive`, the partition's rule
+/// is not worked out where a sample of the pilot's pairs already shows it losing (`ivf_rule` is then `None`
+/// and its predicted time a lower bound).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_modality(
     snap: &Snapshot,
@@ -303,6 +308,7 @@ pub fn plan_modality(
     filter: Option<FilterModel>,
     i8: Option<I8Model>,
     l1: &OnceCell<Vec<f32>>,
+    exhaustive: bool,
 ) -> Result<ModalityPlan, EngineError> {
     let t0 = Instant::now();
     let spec = &snap.schema().modalities[mi];
@@ -391,16 +397,12 @@ pub fn plan_modality(
     partner.extend_from_slice(&syn);
     owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
     let t_synthetic = t0.elapsed().as_secs_f64();
-    // 3. What each pair needs.
-    let needs = pair_needs(ivf, &pilot_scores, &pilot_homes, &partner, &owners, visits);
-    drop(partner);
-    let t_needs = t0.elapsed().as_secs_f64();
-
-    // 4. Cost per pilot row as a function of lists probed: cumulative member counts, best list first.
+    // The partition's predicted time for the pairs' needs (its cheapest rule over the grid, below).
     let members = ivf.member_counts();
     let indexed: usize = members.iter().sum();
     let scale = n as f64 / indexed.max(1) as f64;
     let sorted_rows: Vec<(Vec<f32>, Vec<f64>)> = (0..k)
+        .into_par_iter()
         .map(|i| {
             let s = &pilot_scores[i * lists..(i + 1) * lists];
             let mut order: Vec<usize> = (0..lists).collect();
@@ -415,9 +417,96 @@ pub fn plan_modality(
             (order.iter().map(|&j| s[j]).collect(), cum)
         })
         .collect();
+    // The partition's products are nearer pairs than random ones: its survivors are at least as many per
+    // product as a brute-force join's.
+    let nearer = filter.map(|f| FilterModel {
+        prefix_pass: (f.prefix_pass * IVF_PASS_FACTOR).min(1.0),
+        full_pass: (f.full_pass * IVF_PASS_FACTOR).min(1.0),
+    });
+    let best_other = plan
+        .predicted_seconds
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::INFINITY, f64::min);
+    let cheapest = |needs: &[Need]| {
+        cheapest_rule(needs, &sorted_rows, lists, k, n).map(|(products, probes, rule)| {
+            (join_seconds(products, d, nearer), products, probes, rule)
+        })
+    };
+    // 3. What each pair needs: one pair in SAMPLE_STRIDE first. The rule a subset of the pairs needs is
+    // never wider than the rule all of them need (its margin is a maximum over fewer pairs), so its time is
+    // a lower bound of the partition's: where that already loses to a path without the partition (an
+    // exact join at a low cosine), the other pairs' list scores are not computed and no rule is kept.
+    let sampled: Vec<usize> = (0..owners.len()).step_by(SAMPLE_STRIDE).collect();
+    if !exhaustive && sampled.len() < owners.len() {
+        let sub_partner: Vec<f32> = sampled
+            .iter()
+            .flat_map(|&p| partner[p * d..(p + 1) * d].iter().copied())
+            .collect();
+        let sub_owners: Vec<usize> = sampled.iter().map(|&p| owners[p]).collect();
+        let sub = pair_needs(
+            ivf,
+            &pilot_scores,
+            &pilot_homes,
+            &sub_partner,
+            &sub_owners,
+            visits,
+        );
+        if let Some((secs, ..)) = cheapest(&sub)
+            && secs >= best_other
+        {
+            plan.predicted_seconds.push(("ivf".into(), secs));
+            plan.seconds = t0.elapsed().as_secs_f64();
+            tracing::debug!(
+                "{} pilot: exact search {t_search:.2} s; the partition loses on {} of {} pairs already ({secs:.1} s at least against {best_other:.1} s), {:.2} s in all",
+                plan.modality,
+                sampled.len(),
+                owners.len(),
+                plan.seconds
+            );
+            return Ok(plan);
+        }
+    }
+    let needs = pair_needs(ivf, &pilot_scores, &pilot_homes, &partner, &owners, visits);
+    drop(partner);
+    let t_needs = t0.elapsed().as_secs_f64();
+
+    // 4. The cheapest rule that reaches every pair, against the paths without the partition.
+    if let Some((secs, products, probes, rule)) = cheapest(&needs) {
+        plan.predicted_seconds.push(("ivf".into(), secs));
+        plan.ivf_rule = Some(rule);
+        if secs < best_other {
+            plan.path = "ivf".into();
+            plan.rule = Some(rule);
+            plan.mean_probes = probes;
+            plan.predicted_products = products;
+        }
+    }
+    plan.seconds = t0.elapsed().as_secs_f64();
+    tracing::debug!(
+        "{} pilot: exact search {t_search:.2} s, list scores + synthetic pairs {:.2} s, reach {:.2} s, rules {:.2} s",
+        plan.modality,
+        t_synthetic - t_search,
+        t_needs - t_synthetic,
+        plan.seconds - t_needs
+    );
+    Ok(plan)
+}
+
+/// The rule over the grid of fixed depths that reaches every pair of `needs` (each fixed depth widened by
+/// a margin that reaches the pairs it alone does not) at the fewest predicted products, with those products
+/// (scaled from the `k` pilot rows to `n`) and the mean lists probed; `sorted_rows` holds per pilot row its
+/// list scores best first and the cumulative member counts.
+fn cheapest_rule(
+    needs: &[Need],
+    sorted_rows: &[(Vec<f32>, Vec<f64>)],
+    lists: usize,
+    k: usize,
+    n: usize,
+) -> Option<(f64, f64, ProbeRule)> {
     let cost = |rule: &ProbeRule| -> (f64, f64) {
         let (mut products, mut probes) = (0.0, 0.0);
-        for (sorted, cum) in &sorted_rows {
+        for (sorted, cum) in sorted_rows {
             let cnt = rule.count(sorted);
             products += cum[cnt];
             probes += cnt as f64;
@@ -454,38 +543,7 @@ pub fn plan_modality(
             best = Some((products, probes, rule));
         }
     }
-    if let Some((products, probes, rule)) = best {
-        // The partition's products are nearer pairs than random ones: its survivors are at least as
-        // many per product as a brute-force join's.
-        let nearer = filter.map(|f| FilterModel {
-            prefix_pass: (f.prefix_pass * IVF_PASS_FACTOR).min(1.0),
-            full_pass: (f.full_pass * IVF_PASS_FACTOR).min(1.0),
-        });
-        let secs = join_seconds(products, d, nearer);
-        plan.predicted_seconds.push(("ivf".into(), secs));
-        plan.ivf_rule = Some(rule);
-        let best_other = plan
-            .predicted_seconds
-            .iter()
-            .filter(|p| p.0 != "ivf")
-            .map(|p| p.1)
-            .fold(f64::INFINITY, f64::min);
-        if secs < best_other {
-            plan.path = "ivf".into();
-            plan.rule = Some(rule);
-            plan.mean_probes = probes;
-            plan.predicted_products = products;
-        }
-    }
-    plan.seconds = t0.elapsed().as_secs_f64();
-    tracing::debug!(
-        "{} pilot: exact search {t_search:.2} s, list scores + synthetic pairs {:.2} s, reach {:.2} s, rules {:.2} s",
-        plan.modality,
-        t_synthetic - t_search,
-        t_needs - t_synthetic,
-        plan.seconds - t_needs
-    );
-    Ok(plan)
+    best
 }
 
 /// Every pair (pilot row `a` — an index into `pilot`, whose rows of `view` `dense` holds —, store row `b`)
@@ -870,7 +928,17 @@ impl RunIndex {
             // the run if its path or the store's size needs them.
             let l1 = OnceCell::new();
             let plan = match saved {
-                Some(ivf) => plan_modality(snap, ivf, mi, c, Visits::TwoWay, filter, i8, &l1)?,
+                Some(ivf) => plan_modality(
+                    snap,
+                    ivf,
+                    mi,
+                    c,
+                    Visits::TwoWay,
+                    filter,
+                    i8,
+                    &l1,
+                    force == Some("ivf"),
+                )?,
                 None => {
                     let n = (0..snap.rows()).filter(|&r| live(r)).count() as f64;
                     let mut plan = ModalityPlan {

@@ -689,3 +689,55 @@ fn the_fused_bound_keeps_every_pair_that_reaches_the_floor() {
         );
     }
 }
+
+/// Where a sample of the pilot's pairs already shows the partition losing (isotropic mates: an exact join
+/// wins by far), the plan keeps no partition rule and names a lower bound of its time; forcing the
+/// partition works the rule out from every pilot pair, at a predicted time no lower than that bound, and
+/// the forced run reports the same pairs.
+#[test]
+fn a_partition_that_loses_on_a_sample_of_the_pilot_is_not_worked_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(
+        dir.path(),
+        &cfg(Preset::IsotropicMates, 20_000),
+        Some(&[Modality::Face]),
+    );
+    let e = &pop.engine;
+    e.calibrate(&CalibrateOptions::default()).unwrap();
+    e.build_index(&Default::default(), None).unwrap();
+    let run = |force: Option<&str>| {
+        e.dedup(
+            &DedupOptions {
+                mode: CandidateMode::Index,
+                report_floor: Some(FLOOR),
+                force_path: force.map(str::to_string),
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let ivf_secs = |r: &DedupResult| {
+        r.summary.plans[0]
+            .predicted_seconds
+            .iter()
+            .find(|p| p.0 == "ivf")
+            .map(|p| p.1)
+            .expect("the partition is priced")
+    };
+    let (auto, forced) = (run(None), run(Some("ivf")));
+    let plan = &auto.summary.plans[0];
+    assert_ne!(plan.path, "ivf", "{plan:?}");
+    assert!(plan.ivf_rule.is_none(), "{plan:?}");
+    let fp = &forced.summary.plans[0];
+    assert_eq!(fp.path, "ivf");
+    assert!(fp.ivf_rule.is_some(), "{fp:?}");
+    assert!(
+        ivf_secs(&forced) >= ivf_secs(&auto),
+        "the sampled bound {} exceeds the full prediction {}",
+        ivf_secs(&auto),
+        ivf_secs(&forced)
+    );
+    assert_eq!(reported(&auto), reported(&forced));
+}

@@ -265,7 +265,7 @@ impl Ivf {
                 out.copy_from_slice(&buf[..m * c]);
             });
         scores
-            .chunks_exact(c)
+            .par_chunks_exact(c)
             .map(|s| {
                 let mut best = (0u32, f32::NEG_INFINITY);
                 for (j, &v) in s.iter().enumerate() {
