@@ -101,7 +101,7 @@ fn bench_i8(c: &mut Criterion) {
         }
         g.bench_function(format!("i8_join_{}", k.name()), |x| {
             x.iter(|| {
-                join_with_kernel(k, probe, base, None, t, None, None)
+                join_with_kernel(k, probe, base, None, t, None, None, None)
                     .unwrap()
                     .0
                     .len()

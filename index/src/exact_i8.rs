@@ -691,6 +691,7 @@ pub fn threshold_join_i8(
         t,
         skip_probe,
         skip_base,
+        None,
     )
 }
 
@@ -750,7 +751,7 @@ pub fn probe_join_with_kernel(
     let keep_local = keep_local
         .as_ref()
         .map(|k| k as &(dyn Fn(u32, u32, f32) -> bool + Sync));
-    let (pairs, stats) = join_inner(
+    let (pairs, stats) = join_with_kernel(
         kernel,
         probe,
         base,
@@ -773,23 +774,11 @@ pub fn probe_join_with_kernel(
     Ok((out, stats))
 }
 
-/// The join: probe-local `a`, base `b`; with `lower = Some(off)` only pairs `b < off + a`.
+/// The join: probe-local `a`, base `b`; with `lower = Some(off)` only pairs `b < off + a`; with `keep`,
+/// only the pairs it accepts (called with probe-local `a`, base `b` and the exact score).
 #[doc(hidden)]
-pub fn join_with_kernel(
-    kernel: I8Kernel,
-    probe: QuantRows<'_>,
-    base: QuantRows<'_>,
-    lower: Option<usize>,
-    t: f32,
-    skip_probe: Option<RowFilter<'_>>,
-    skip_base: Option<RowFilter<'_>>,
-) -> Result<(Vec<Pair>, I8JoinStats), IndexError> {
-    join_inner(kernel, probe, base, lower, t, skip_probe, skip_base, None)
-}
-
-/// [`join_with_kernel`] with a keep predicate on `(probe-local a, base b, score)`.
 #[allow(clippy::too_many_arguments)]
-fn join_inner(
+pub fn join_with_kernel(
     kernel: I8Kernel,
     probe: QuantRows<'_>,
     base: QuantRows<'_>,
@@ -1149,13 +1138,13 @@ mod tests {
             });
             for k in kernels() {
                 let (got, st) =
-                    join_with_kernel(k, probe, base, None, t, Some(&skip_p), Some(&skip_b))
+                    join_with_kernel(k, probe, base, None, t, Some(&skip_p), Some(&skip_b), None)
                         .unwrap();
                 assert_eq!(triples(&got), want, "kernel {} t {t}", k.name());
                 assert_eq!(st.pairs as usize, want.len());
                 assert!(st.survivors >= st.pairs && st.products >= st.survivors);
                 let (got, _) =
-                    join_with_kernel(k, probe, base, None, at, Some(&skip_p), Some(&skip_b))
+                    join_with_kernel(k, probe, base, None, at, Some(&skip_p), Some(&skip_b), None)
                         .unwrap();
                 assert_eq!(triples(&got), want_at, "kernel {} at {at}", k.name());
                 assert!(want_at.iter().any(|p| p.2 == at));

@@ -255,20 +255,22 @@ fn structured_face_index_matches_exact() {
     index_matches_exact(Preset::Structured, 30_000, FLOOR);
 }
 
+/// A face-only population of `preset` loaded into `dir`, calibrated from the store and indexed.
+fn indexed_face(dir: &std::path::Path, preset: Preset, records: u64) -> pacha_tests::Loaded {
+    let pop = load(dir, &cfg(preset, records), Some(&[Modality::Face]));
+    pop.engine.calibrate(&CalibrateOptions::default()).unwrap();
+    pop.engine.build_index(&Default::default(), None).unwrap();
+    pop
+}
+
 /// One face modality with quality bands: the sketched joins (brute-force and partition, forced) cut and rescore
 /// each pair at its own band's cosine, name those cosines in the summary (the run's candidate cosine is at most
 /// the lowest of them), and report exactly the pairs an exact run reports.
 #[test]
 fn a_banded_face_is_joined_at_each_pairs_band_cosine() {
     let dir = tempfile::tempdir().unwrap();
-    let pop = load(
-        dir.path(),
-        &cfg(Preset::Structured, 30_000),
-        Some(&[Modality::Face]),
-    );
+    let pop = indexed_face(dir.path(), Preset::Structured, 30_000);
     let e = &pop.engine;
-    e.calibrate(&CalibrateOptions::default()).unwrap();
-    e.build_index(&Default::default(), None).unwrap();
     let run = |mode, force_path: Option<&str>| {
         e.dedup(
             &DedupOptions {
@@ -697,14 +699,8 @@ fn the_fused_bound_keeps_every_pair_that_reaches_the_floor() {
 #[test]
 fn a_partition_that_loses_on_a_sample_of_the_pilot_is_not_worked_out() {
     let dir = tempfile::tempdir().unwrap();
-    let pop = load(
-        dir.path(),
-        &cfg(Preset::IsotropicMates, 20_000),
-        Some(&[Modality::Face]),
-    );
+    let pop = indexed_face(dir.path(), Preset::IsotropicMates, 20_000);
     let e = &pop.engine;
-    e.calibrate(&CalibrateOptions::default()).unwrap();
-    e.build_index(&Default::default(), None).unwrap();
     let run = |force: Option<&str>| {
         e.dedup(
             &DedupOptions {
