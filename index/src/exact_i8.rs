@@ -972,7 +972,12 @@ impl Ctx<'_, '_> {
             }
         }
         let mut out = Vec::new();
-        for &(i, j) in &sc.survivors {
+        for (k, &(i, j)) in sc.survivors.iter().enumerate() {
+            // The survivors' base rows are scattered over the tile: start loading the next one while this
+            // pair is scored (its probe row, from the band, is mostly the same as this one's or near it).
+            if let Some(&(_, jn)) = sc.survivors.get(k + 1) {
+                crate::kernels::prefetch_row(self.base.f32.row(jn as usize));
+            }
             if self.skip_base.is_some_and(|f| f(j)) {
                 continue;
             }
