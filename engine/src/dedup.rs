@@ -538,6 +538,12 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
     let cand_cos = ctx
         .calibration
         .candidate_cosines_relaxed(floor, genuine_miss);
+    if cand_cos.iter().all(Option::is_none) {
+        // Complete, and empty: the user must hear that the models, not the data, decided it.
+        tracing::warn!(
+            "no pair can reach score {floor:.1} under this calibration: no modality's evidence reaches it at any cosine, so nothing is searched and no pair is reported (summary.calibration_source says how the models were fitted; a model fitted without labelled pairs can read look-alikes and duplicates as impostors: calibrate with --truth, or target a higher FPIR)"
+        );
+    }
     // With several candidate modalities a genuine pair is lost only if every modality that could catch it
     // drops it, so each cut may drop more (`genuine_drop_multimodal`).
     let multimodal = cand_cos.iter().flatten().count() > 1;
@@ -740,7 +746,9 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             } else {
                 "exact GEMM"
             };
-            let how = if drop > 0.0 {
+            let how = if ri.plans().is_empty() {
+                "no candidate modality: under this calibration no pair can reach the floor at any cosine, so nothing was searched and nothing can be missed".to_string()
+            } else if drop > 0.0 {
                 format!(
                     "every candidate modality searched without a partition ({exact} or every pair by sketch); sketch drop ≤ {drop:.1e} per pair at the candidate cosines"
                 )

@@ -737,3 +737,56 @@ fn a_partition_that_loses_on_a_sample_of_the_pilot_is_not_worked_out() {
     );
     assert_eq!(reported(&auto), reported(&forced));
 }
+
+/// A calibration under which no pair can reach the threshold — the face model `pacha calibrate` fitted from
+/// the 100 k look-alike families store without labels (`tests/fixtures/lookalike_face_calibration.json`: a
+/// GPD tail with ξ 1.65 truncated at 0.708 over a sampled body; at FMR 1e-8 no face cosine is evidence
+/// enough) — gives a run that searches nothing, and its audit says so instead of claiming the modality was
+/// searched.
+#[test]
+fn a_calibration_no_pair_can_pass_is_named_in_the_audit() {
+    use pacha_engine::dedup::DedupContext;
+    use pacha_engine::fusion::Calibration;
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(
+        dir.path(),
+        &cfg(Preset::Structured, 6_000),
+        Some(&[Modality::Face]),
+    );
+    let snap = pop.engine.snapshot();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/lookalike_face_calibration.json"
+    );
+    let cal: Calibration =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let ctx = DedupContext {
+        snapshot: &snap,
+        calibration: &cal,
+        ann: None,
+        progress: None,
+        cancel: None,
+    };
+    let r = pacha_engine::dedup::run(
+        &ctx,
+        &DedupOptions {
+            mode: CandidateMode::Index,
+            target_fpir: 1e-5,
+            ..DedupOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        r.summary.candidate_cosines.iter().all(|c| c.1.is_none()),
+        "{:?} at threshold {}",
+        r.summary.candidate_cosines,
+        r.summary.threshold
+    );
+    assert!(r.pairs.is_empty() && r.summary.plans.is_empty());
+    let audit = r.summary.audit.as_ref().expect("index runs carry an audit");
+    assert!(
+        audit.evidence.contains("no pair can reach the floor"),
+        "{}",
+        audit.evidence
+    );
+}
