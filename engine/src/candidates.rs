@@ -50,8 +50,8 @@ pub fn resolve_mode(mode: CandidateMode, snap: &Snapshot) -> CandidateMode {
 /// counters go to `stats`; or from the i8 join where the run planned `"exact-i8"`, where `keep` decides
 /// (its counters go to `stats`: `products` i8 products, all `rescored` by the i8 filter, `exact_reads` its
 /// survivors, `above` the pairs at or above `min_cos`); otherwise from the exact f32 GEMM join (all
-/// appended). Returns how many appended pairs a join decided on (`None`: the exact GEMM join's, all of
-/// its candidates).
+/// appended). Returns true when a join decided on the pairs (its candidates counted in `stats.above`,
+/// its reached pairs noted by `verdict`/`keep`), false for the exact GEMM join (every pair appended).
 #[allow(clippy::too_many_arguments)]
 pub fn pairs_for_tile(
     snap: &Snapshot,
@@ -66,9 +66,9 @@ pub fn pairs_for_tile(
     keep: &(dyn Fn(u32, u32, f32) -> bool + Sync),
     stats: &mut JoinStats,
     out: &mut Vec<(u32, u32)>,
-) -> Result<Option<usize>, EngineError> {
+) -> Result<bool, EngineError> {
     let Some(view) = snap.f32_rows(m) else {
-        return Ok(Some(0));
+        return Ok(true);
     };
     let absent = |r: u32| !snap.is_present(m, r as usize) || snap.is_deleted(r as usize);
     if let Some(run) = run.filter(|r| r.joins(mi)) {
@@ -84,7 +84,7 @@ pub fn pairs_for_tile(
         )?;
         *stats = stats.add(&st);
         out.extend(pairs.iter().map(|&(a, b, _)| (a, b)));
-        return Ok(Some(pairs.len()));
+        return Ok(true);
     }
     if let (Some(l1), Some(codes)) = (run.and_then(|r| r.exact_i8(mi)), snap.i8_rows(m)) {
         // The exact i8 join: every pair scanned through the codes, the error bound's survivors rescored in
@@ -114,10 +114,10 @@ pub fn pairs_for_tile(
             above: st.pairs,
         });
         out.extend(pairs.iter().map(|p| (p.a, p.b)));
-        return Ok(Some(pairs.len()));
+        return Ok(true);
     }
     exact_pairs(view, probes, min_cos, &absent, out)?;
-    Ok(None)
+    Ok(false)
 }
 
 /// Exact pairs `(q, p)`: `p` in `probes`, `q < p`, cosine ≥ `t`, neither absent.

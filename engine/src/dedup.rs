@@ -827,7 +827,10 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         .filter(|s| ctx.calibration.position(s.modality).is_some())
         .count();
     let bound = match (&run_index, fused > 1) {
-        (Some(_), true) => FusedBound::new(snap, ctx.calibration, floor),
+        (Some(ri), true) => {
+            let known_l1 = |mi: usize| ri.modalities.get(mi)?.as_ref()?.l1.as_deref();
+            FusedBound::new(snap, ctx.calibration, floor, &known_l1)
+        }
         _ => None,
     };
     for (bi, block) in blocks.iter().enumerate() {
@@ -1283,9 +1286,7 @@ fn run_tile(
             &mut cand,
         )?;
         // The exact GEMM path's pairs are all reached candidates (the joins noted theirs in `accept`).
-        if joined.is_none()
-            && let Some(r) = recorder
-        {
+        if !joined && let Some(r) = recorder {
             let mut v = reached.lock().unwrap_or_else(|p| p.into_inner());
             v.extend(
                 cand[before..]
@@ -1295,9 +1296,10 @@ fn run_tile(
             );
         }
         // Pairs of the exact path are candidates; the index join counts those it rescored above `c`.
-        candidates += match joined {
-            Some(_) => join_stats[mi].above,
-            None => (cand.len() - before) as u64,
+        candidates += if joined {
+            join_stats[mi].above
+        } else {
+            (cand.len() - before) as u64
         };
     }
     cand.par_sort_unstable();

@@ -12,6 +12,7 @@
 //! reaches the floor on the pair's own fused distribution ([`Calibration::llr_needed`]) less one grid step,
 //! rejects only pairs whose exact fused score is below the floor. The pairs it keeps are scored exactly.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use pacha_datasets::Modality;
@@ -33,7 +34,7 @@ struct Member<'a> {
     pos: usize,
     banded: bool,
     /// The codes and their L1 bounds (`None`: no codes, the f32 rows are read).
-    codes: Option<(RowsI8<'a>, Vec<f32>)>,
+    codes: Option<(RowsI8<'a>, Cow<'a, [f32]>)>,
 }
 
 /// The fused-score upper bound of a run (see the module docs).
@@ -49,19 +50,33 @@ pub struct FusedBound<'a> {
 impl<'a> FusedBound<'a> {
     /// The bound for pairs of `snap` scored on `cal` against `floor`; `None` when the schema's modality
     /// subsets and bands give more than [`MAX_KEYS`] fused distributions (every pair is then kept).
-    pub fn new(snap: &'a Snapshot, cal: &'a Calibration, floor: f64) -> Option<FusedBound<'a>> {
+    /// `known_l1` gives a schema position's codes' L1 bounds where the caller already has them (the run's
+    /// i8 stages); the others are computed here.
+    pub fn new(
+        snap: &'a Snapshot,
+        cal: &'a Calibration,
+        floor: f64,
+        known_l1: &dyn Fn(usize) -> Option<&'a [f32]>,
+    ) -> Option<FusedBound<'a>> {
         let members: Vec<Option<Member<'a>>> = snap
             .schema()
             .modalities
             .iter()
             .take(MAX_MODALITIES)
-            .map(|spec| {
+            .enumerate()
+            .map(|(si, spec)| {
                 let pos = cal.position(spec.modality)?;
+                let codes = snap.i8_rows(spec.modality).map(|c| {
+                    let l1 = known_l1(si)
+                        .filter(|l| l.len() == c.rows())
+                        .map_or_else(|| Cow::Owned(l1_bounds(c)), Cow::Borrowed);
+                    (c, l1)
+                });
                 Some(Member {
                     modality: spec.modality,
                     pos,
                     banded: cal.bands(pos).is_some(),
-                    codes: snap.i8_rows(spec.modality).map(|c| (c, l1_bounds(c))),
+                    codes,
                 })
             })
             .collect();

@@ -570,12 +570,7 @@ pub fn filter_packed_classed(
     table: &[u32; FILTER_CLASSES],
     out: &mut Vec<u32>,
 ) {
-    let kernel = if block.classed() {
-        filter_kernel()
-    } else {
-        "portable"
-    };
-    filter_dispatch::<true>(kernel, q, block, 0, table, out);
+    filter_dispatch::<true>(filter_kernel(), q, block, 0, table, out);
 }
 
 /// One kernel of [`filter_packed`] by name, for benches and tests: "avx512", "avx2", else portable. Falls
@@ -600,12 +595,12 @@ pub fn filter_packed_classed_variant(
     table: &[u32; FILTER_CLASSES],
     out: &mut Vec<u32>,
 ) {
-    let variant = if block.classed() { variant } else { "portable" };
     filter_dispatch::<true>(variant, q, block, 0, table, out);
 }
 
 /// Runs the kernel `variant` ("avx512", "avx2", else portable; the portable one where the CPU lacks the
-/// named kernel's features) with one `cut`, or with `CLASSED` each lane's class's cut from `table`.
+/// named kernel's features, or, `CLASSED`, where the block was not built with classes) with one `cut`, or
+/// with `CLASSED` each lane's class's cut from `table`.
 fn filter_dispatch<const CLASSED: bool>(
     variant: &str,
     q: &[u64],
@@ -618,7 +613,7 @@ fn filter_dispatch<const CLASSED: bool>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    {
+    if !CLASSED || block.classed() {
         if variant == "avx512"
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
@@ -626,7 +621,7 @@ fn filter_dispatch<const CLASSED: bool>(
         {
             // SAFETY: the kernel's target features were detected just above; it reads only within
             // `block.data` (`GROUP · words · ⌈len/GROUP⌉` words by construction) and, classed, within
-            // `block.classes` (`GROUP · ⌈len/GROUP⌉` bytes: the callers run it only on classed blocks), and
+            // `block.classes` (`GROUP · ⌈len/GROUP⌉` bytes: `classed` checked just above), and
             // writes only within the capacity it reserves in `out`.
             unsafe { filter_packed_avx512::<CLASSED>(q, block, cut, table, out) };
             return;

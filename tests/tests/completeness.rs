@@ -657,7 +657,7 @@ fn the_fused_bound_keeps_every_pair_that_reaches_the_floor() {
     let snap = e.snapshot();
     let cal = e.calibration();
     for floor in [20.0, 40.0, 60.0] {
-        let bound = FusedBound::new(&snap, &cal, floor).expect("few fused keys");
+        let bound = FusedBound::new(&snap, &cal, floor, &|_| None).expect("few fused keys");
         let (mut reach, mut kept, mut rejected) = (0, 0, 0);
         for b in 0..snap.rows() {
             for a in 0..b {
