@@ -593,6 +593,18 @@ pub fn audit_lines(s: &pacha_engine::dedup::DedupSummary) -> Vec<String> {
             p.synthetic_pairs
         ));
     }
+    if let Some(j) = &s.joint {
+        let kept = s
+            .join_stats
+            .iter()
+            .find(|(k, _)| *k == j.key)
+            .map(|(_, st)| st.above)
+            .unwrap_or_default();
+        out.push(format!(
+            "  {}: every pair scanned through the members' i8 codes together, kept where its summed evidence can reach the floor: {kept} pairs kept and scored exactly",
+            j.key
+        ));
+    }
     out
 }
 

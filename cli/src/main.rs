@@ -332,7 +332,8 @@ pub struct DedupArgs {
     #[arg(long, default_value_t = AuditOptions::default().seed)]
     pub audit_seed: u64,
     /// Index mode: force every candidate modality onto one path (ivf, brute, exact = f32 GEMM, or exact-i8 =
-    /// i8 scan with exact f32 rescoring) instead of the plan.
+    /// i8 scan with exact f32 rescoring, one join per modality) instead of the plan, or scan all fused
+    /// modalities together (joint: the default where every fused modality plans exact-i8).
     #[arg(long)]
     pub force_path: Option<String>,
     /// Index mode: compute every row's sign sketches in this run instead of reading the sketches `pacha

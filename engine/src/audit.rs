@@ -45,6 +45,7 @@ use pacha_index::RowsF32;
 use pacha_index::bitset::Bitset;
 use pacha_index::kernels::dot_f32;
 use pacha_index::rng::SplitMix;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::time::Instant;
@@ -59,6 +60,13 @@ pub const DEFAULT_MIN_RECALL: f64 = 0.999;
 /// Most probe rows an audit samples when it grows its sample, as a multiple of the requested probes.
 pub const MAX_SAMPLE_GROWTH: usize = 4;
 
+/// Least probe rows the audit of a run complete by construction samples (when the run has as many).
+pub const MIN_CONSTRUCTION_PROBES: usize = 200;
+/// The share of its probe rows the audit of a run complete by construction samples (at least
+/// [`MIN_CONSTRUCTION_PROBES`], at most the requested probes): the exact f32 search of one probe row costs
+/// about four times the i8 scan of it, so one row in 40 keeps the audit near a tenth of an exhaustive run.
+pub const CONSTRUCTION_SHARE: f64 = 0.025;
+
 /// Pairs needed for a sample with no miss to bound recall at `min_recall` (two-sided 95 %:
 /// `0.025^(1/n) ≥ min_recall`).
 pub fn pairs_needed(min_recall: f64) -> u64 {
@@ -71,13 +79,23 @@ pub fn pairs_needed(min_recall: f64) -> u64 {
 /// plans (the same in every tile of a run), so every tile draws the same sample. A pilot row's pairs
 /// reach every other row; a probe row's pairs only earlier ones, on average `(first + rows) / 2rows` of
 /// them.
+///
+/// A run complete by construction (`construction`: no partition, complete budgets) rests its verdict on
+/// the construction; its sample only has to show no miss, so it takes [`CONSTRUCTION_SHARE`] of the
+/// probe rows (at least [`MIN_CONSTRUCTION_PROBES`], at most `probes`): a daily batch of 10 000 rows
+/// samples 250, not 1 000 (whose exact search cost a third of the run).
 pub fn sample_size(
     probes: usize,
     min_recall: f64,
     plans: &[crate::policy::ModalityPlan],
+    construction: bool,
     first_probe: usize,
     rows: usize,
 ) -> usize {
+    if construction {
+        let share = (CONSTRUCTION_SHARE * rows.saturating_sub(first_probe) as f64).ceil() as usize;
+        return probes.min(share.max(MIN_CONSTRUCTION_PROBES));
+    }
     if probes == 0 || !plans.iter().any(|p| p.path == "ivf") || rows == 0 {
         return probes;
     }
@@ -344,7 +362,9 @@ pub struct ExactSample {
 
 /// Searches every sampled row exactly against all earlier rows (see the module docs). `run_cosines` are
 /// the run's per-modality candidate cosines (the boundary sets), or per pair its band's where `bands`
-/// gives a modality's band join; the fused set uses the complete cosines of `floor`.
+/// gives a modality's band join; the fused set uses the complete cosines of `floor`. With `joint`, one more
+/// boundary set follows the modalities': the pairs of that set whose exact cosines pass the joint path's
+/// test ([`crate::joint::JointPlan::exact_passes`]).
 pub fn exact_sample(
     snap: &Snapshot,
     cal: &Calibration,
@@ -352,12 +372,13 @@ pub fn exact_sample(
     floor: f64,
     run_cosines: &[Option<f32>],
     bands: &[Option<crate::policy::BandJoin>],
+    joint: Option<&crate::joint::JointPlan>,
 ) -> Result<ExactSample, EngineError> {
     let t0 = Instant::now();
     let complete = cal.candidate_cosines(floor);
     let mods = &snap.schema().modalities;
     let mut union: HashSet<(u32, u32)> = HashSet::new();
-    let mut boundary = vec![Vec::new(); mods.len()];
+    let mut boundary = vec![Vec::new(); mods.len() + joint.is_some() as usize];
     let Some(&last) = sample.last() else {
         return Ok(ExactSample {
             boundary,
@@ -399,26 +420,45 @@ pub fn exact_sample(
         // GEMM and the scoring kernel differ by rounding: search a hair lower, decide on `dot_f32` (the
         // score the run itself compares).
         let pairs = pacha_index::exact::threshold_join(probe, base, t - 1e-4, None, Some(&skip))?;
-        for p in pairs {
-            let (s, q) = (rows[p.a as usize], p.b);
-            if q >= s {
-                continue;
+        // Each pair rescored with the run's kernel (in parallel): (pair, in the union, on the boundary).
+        let marked: Vec<((u32, u32), bool, bool)> = pairs
+            .par_iter()
+            .filter_map(|p| {
+                let (s, q) = (rows[p.a as usize], p.b);
+                if q >= s {
+                    return None;
+                }
+                let c = dot_f32(view.row(q as usize), view.row(s as usize));
+                let at = match band {
+                    Some(b) => Some(b.cosine(q, s)),
+                    None => run_c,
+                };
+                Some((
+                    (q, s),
+                    full.is_some_and(|f| c >= f),
+                    at.is_some_and(|r| c >= r),
+                ))
+            })
+            .collect();
+        for (pair, in_union, on_boundary) in marked {
+            if in_union {
+                union.insert(pair);
             }
-            let c = dot_f32(view.row(q as usize), view.row(s as usize));
-            if full.is_some_and(|f| c >= f) {
-                union.insert((q, s));
-            }
-            let at = match band {
-                Some(b) => Some(b.cosine(q, s)),
-                None => run_c,
-            };
-            if at.is_some_and(|r| c >= r) {
-                boundary[mi].push((q, s));
+            if on_boundary {
+                boundary[mi].push(pair);
             }
         }
     }
+    let union: Vec<(u32, u32)> = union.into_iter().collect();
+    if let Some(j) = joint {
+        boundary[mods.len()] = union
+            .par_iter()
+            .copied()
+            .filter(|&(q, s)| j.exact_passes(snap, q as usize, s as usize))
+            .collect();
+    }
     let mut fused: Vec<(u32, u32, f64)> = union
-        .into_iter()
+        .into_par_iter()
         .map(|(q, s)| (q, s, fused_rows(snap, cal, q as usize, s as usize).score))
         .filter(|&(_, _, score)| score >= floor)
         .collect();
@@ -547,7 +587,7 @@ pub fn audit_part(
             });
         }
     }
-    let boundary = (0..snap.schema().modalities.len())
+    let boundary = (0..exact.boundary.len())
         .map(|mi| {
             let pairs = exact.boundary.get(mi).map_or(&[][..], |v| &v[..]);
             let reached = recorder.reached(mi);

@@ -21,6 +21,7 @@ use crate::candidates::{self, CandidateMode};
 use crate::fusedbound::FusedBound;
 use crate::fusion::{Calibration, threshold_for_fpir};
 use crate::identity::{RunIdentity, run_identity};
+use crate::joint::{JointInfo, JointPlan};
 use crate::matcher::{Comparison, compare_rows, fused_rows};
 use crate::policy::{BandJoin, FilterModel, ModalityPlan, RunIndex};
 use crate::store::Snapshot;
@@ -218,6 +219,9 @@ pub struct DedupSummary {
     /// The completeness audit (index mode with auditing on).
     #[serde(default)]
     pub audit: Option<Audit>,
+    /// The joint path, when the run scanned its fused modalities together ([`crate::joint`]).
+    #[serde(default)]
+    pub joint: Option<JointInfo>,
     /// What the run was derived from.
     #[serde(default)]
     pub identity: RunIdentity,
@@ -384,6 +388,9 @@ pub struct RunSetup {
     pub band_cosines: Vec<(String, Vec<f32>)>,
     /// Audit: the construction bound (no partition on any candidate modality): (bound, why).
     pub construction: Option<(f64, String)>,
+    /// The joint path of the run ([`crate::joint`]; `None`: modality by modality).
+    #[serde(default)]
+    pub joint: Option<JointInfo>,
     /// Audit: rows sampled over the whole run (0: no audit).
     pub audit_sampled: usize,
 }
@@ -632,26 +639,6 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         .map(|s| s..(s + block_rows).min(part_rows.end))
         .collect();
 
-    let identity = run_identity(snap, ctx.calibration, ann);
-    let key = CheckpointKey {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        identity: identity.clone(),
-        generation: snap.generation(),
-        commit_seq: snap.commit_seq(),
-        threshold_bits: threshold.to_bits(),
-        floor_bits: floor.to_bits(),
-        scope: opts.scope.clone(),
-        mode: key_mode,
-        block_rows,
-        audit: opts.audit.clone(),
-        force_path: opts.force_path.clone(),
-        tile,
-    };
-    let ckpt = match &opts.checkpoint_dir {
-        Some(d) => Some(Checkpoint::open(d, &key)?),
-        None => None,
-    };
-
     // What the planner predicts the sketch stages pass: with a band join, each band at its own cut.
     let filters: Vec<Option<FilterModel>> = cuts
         .iter()
@@ -687,7 +674,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             &cand_cos,
             &filters,
             &impostors,
-            opts.force_path.as_deref(),
+            opts.force_path.as_deref().filter(|&f| f != "joint"),
             &|mi| {
                 let t = Instant::now();
                 let sk = match ann {
@@ -708,11 +695,80 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
     };
     let prepare_seconds = t_prep.elapsed().as_secs_f64();
     let (sketch_seconds, sketch_rows) = sketch_acc.into_inner().unwrap_or_else(|p| p.into_inner());
+    // With several fused modalities, each planned onto the exact i8 join, one joint scan tests every pair's
+    // summed evidence instead of a join per modality at a cosine the others could complete.
+    let fused = snap
+        .schema()
+        .modalities
+        .iter()
+        .filter(|s| ctx.calibration.position(s.modality).is_some())
+        .count();
+    let force_joint = opts.force_path.as_deref() == Some("joint");
+    let joint = match &run_index {
+        Some(ri) if (fused > 1 && opts.force_path.is_none()) || force_joint => {
+            JointPlan::new(snap, ctx.calibration, floor, ri, force_joint)?
+        }
+        None if force_joint => {
+            return Err(EngineError::InvalidArgument(
+                "the joint path runs in index mode only".into(),
+            ));
+        }
+        _ => None,
+    };
+    if let Some(j) = &joint {
+        tracing::info!(
+            "{}: every pair scanned through the members' i8 codes, kept where its summed evidence can reach the floor (needed sums {:?})",
+            j.info.key,
+            j.info.needed
+        );
+    }
+    let identity = run_identity(snap, ctx.calibration, ann);
+    let key = CheckpointKey {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        identity: identity.clone(),
+        generation: snap.generation(),
+        commit_seq: snap.commit_seq(),
+        threshold_bits: threshold.to_bits(),
+        floor_bits: floor.to_bits(),
+        scope: opts.scope.clone(),
+        mode: match &joint {
+            Some(j) => format!(
+                "{key_mode} {}",
+                serde_json::to_string(&j.info).unwrap_or_default()
+            ),
+            None => key_mode,
+        },
+        block_rows,
+        audit: opts.audit.clone(),
+        force_path: opts.force_path.clone(),
+        tile,
+    };
+    let ckpt = match &opts.checkpoint_dir {
+        Some(d) => Some(Checkpoint::open(d, &key)?),
+        None => None,
+    };
+
+    // True iff a modality's candidates come from the partition (a joint path's members are not searched by
+    // their own plans).
+    let partitioned = |ri: &RunIndex| {
+        ri.modalities.iter().enumerate().any(|(mi, rm)| {
+            rm.as_ref().is_some_and(|rm| rm.plan.path == "ivf")
+                && !joint.as_ref().is_some_and(|j| j.has(mi))
+        })
+    };
     // The audit's sample is drawn over the whole run; each part audits the sampled rows among its probes.
     let audit_sample: Vec<u32> = match (&run_index, opts.audit.probes) {
         (Some(ri), k) if k > 0 => {
-            let k =
-                crate::audit::sample_size(k, opts.audit.min_recall, &ri.plans(), first_probe, rows);
+            // Complete by construction: complete budgets and no partition (the verdict below).
+            let construction = genuine_miss == 0.0 && !partitioned(ri);
+            let k = crate::audit::sample_size(
+                k,
+                opts.audit.min_recall,
+                &ri.plans(),
+                construction,
+                first_probe,
+                rows,
+            );
             crate::audit::sample_rows(snap, first_probe..rows, k, opts.audit.seed)
         }
         _ => Vec::new(),
@@ -722,17 +778,25 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         .copied()
         .filter(|&r| part_rows.contains(&(r as usize)))
         .collect();
-    let recorder = (!audit_sample.is_empty())
-        .then(|| Recorder::new(&part_sample, snap.schema().modalities.len()));
+    let recorder = (!audit_sample.is_empty()).then(|| {
+        Recorder::new(
+            &part_sample,
+            snap.schema().modalities.len() + joint.is_some() as usize,
+        )
+    });
     // With complete budgets and no partition, completeness follows from the sketch model alone.
     let construction = match &run_index {
-        Some(ri) if genuine_miss == 0.0 && ri.plans().iter().all(|p| p.path != "ivf") => {
+        Some(ri) if genuine_miss == 0.0 && !partitioned(ri) => {
             // Only brute-force sketch joins can drop a pair; exact joins drop none.
+            // (A joint path's members are not searched by their own plans.)
             let drop: f64 = ri
                 .modalities
                 .iter()
                 .zip(&cuts)
                 .zip(&bands)
+                .enumerate()
+                .filter(|(mi, _)| !joint.as_ref().is_some_and(|j| j.has(*mi)))
+                .map(|(_, x)| x)
                 .filter(|((rm, _), _)| rm.as_ref().is_some_and(|rm| rm.plan.path == "brute"))
                 .filter_map(|((_, c), b)| match b {
                     Some(b) => Some(b.drop_at_threshold()),
@@ -746,7 +810,13 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             } else {
                 "exact GEMM"
             };
-            let how = if ri.plans().is_empty() {
+            let how = if let Some(j) = &joint {
+                format!(
+                    "every pair scanned through the i8 codes of {} (the {}: a rigorous bound on each pair's summed evidence, its survivors scored exactly)",
+                    j.info.members.join(", "),
+                    j.info.key
+                )
+            } else if ri.plans().is_empty() {
                 "no candidate modality: under this calibration no pair can reach the floor at any cosine, so nothing was searched and nothing can be missed".to_string()
             } else if drop > 0.0 {
                 format!(
@@ -764,6 +834,12 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         .modalities
         .iter()
         .map(|s| s.modality.key())
+        .collect();
+    // The joint path's counters and audit evidence go under its own name, after the modalities'.
+    let stat_keys: Vec<String> = keys
+        .iter()
+        .cloned()
+        .chain(joint.as_ref().map(|j| j.info.key.clone()))
         .collect();
     let setup = RunSetup {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -795,10 +871,11 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
             .collect(),
         construction,
         audit_sampled: audit_sample.len(),
+        joint: joint.as_ref().map(|j| j.info.clone()),
     };
 
     let mut summary = DedupSummary {
-        join_stats: keys
+        join_stats: stat_keys
             .iter()
             .map(|k| (k.clone(), JoinStats::default()))
             .collect(),
@@ -820,13 +897,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
     release_f32();
     // With several fused modalities a join's pairs are mostly decided by the others: the fused bound drops,
     // from their i8 codes, those that cannot reach the floor before any f32 read.
-    let fused = snap
-        .schema()
-        .modalities
-        .iter()
-        .filter(|s| ctx.calibration.position(s.modality).is_some())
-        .count();
-    let bound = match (&run_index, fused > 1) {
+    let bound = match (&run_index, fused > 1 && joint.is_none()) {
         (Some(ri), true) => {
             let known_l1 = |mi: usize| ri.modalities.get(mi)?.as_ref()?.l1.as_deref();
             FusedBound::new(snap, ctx.calibration, floor, &known_l1)
@@ -854,6 +925,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
                     &cuts,
                     &bands,
                     bound.as_ref(),
+                    joint.as_ref(),
                     block.clone(),
                     floor,
                     &mut summary,
@@ -889,7 +961,14 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
         Some(rec) => {
             // The boundary evidence is taken at the complete cosines: with relaxed budgets the pairs between
             // them and the run's cosines are never looked for, and count as missed.
-            let complete = ctx.calibration.candidate_cosines(floor);
+            // A joint path's members have no cosine of their own: its boundary is the joint test's.
+            let complete: Vec<Option<f32>> = ctx
+                .calibration
+                .candidate_cosines(floor)
+                .into_iter()
+                .enumerate()
+                .map(|(mi, c)| c.filter(|_| !joint.as_ref().is_some_and(|j| j.has(mi))))
+                .collect();
             let exact = crate::audit::exact_sample(
                 snap,
                 ctx.calibration,
@@ -897,6 +976,7 @@ pub fn run_part(ctx: &DedupContext<'_>, opts: &DedupOptions) -> Result<RunPart, 
                 floor,
                 &complete,
                 &bands,
+                joint.as_ref(),
             )?;
             let reported: std::collections::HashSet<(u32, u32)> =
                 pairs.iter().map(|p| (p.row_a, p.row_b)).collect();
@@ -1115,8 +1195,11 @@ pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
         join_stats: setup
             .candidate_cosines
             .iter()
-            .map(|(k, _)| (k.clone(), JoinStats::default()))
+            .map(|(k, _)| k.clone())
+            .chain(setup.joint.as_ref().map(|j| j.key.clone()))
+            .map(|k| (k, JoinStats::default()))
             .collect(),
+        joint: setup.joint.clone(),
         plans,
         sketch_rows,
         identity: setup.identity.clone(),
@@ -1190,6 +1273,7 @@ pub fn assemble(mut parts: Vec<RunPart>) -> Result<DedupResult, EngineError> {
             .candidate_cosines
             .iter()
             .map(|(k, _)| k.clone())
+            .chain(setup.joint.as_ref().map(|j| j.key.clone()))
             .collect();
         summary.audit = Some(crate::audit::assess(
             &crate::audit::AuditFrame {
@@ -1237,6 +1321,7 @@ fn run_tile(
     cuts: &[Option<(CutChoice, CutChoice)>],
     bands: &[Option<BandJoin>],
     bound: Option<&FusedBound>,
+    joint: Option<&JointPlan>,
     probes: Range<usize>,
     floor: f64,
     summary: &mut DedupSummary,
@@ -1247,11 +1332,38 @@ fn run_tile(
     let reached = std::sync::Mutex::new(Vec::new());
     let mut cand: Vec<(u32, u32)> = Vec::new();
     let mut candidates = 0u64;
-    let mut join_stats = vec![JoinStats::default(); snap.schema().modalities.len()];
+    let nm = snap.schema().modalities.len();
+    let mut join_stats = vec![JoinStats::default(); nm + joint.is_some() as usize];
+    if let (Some(jp), Some(run)) = (joint, run) {
+        let t = Instant::now();
+        let (pairs, st) = jp.join(snap, run, probes.clone())?;
+        tracing::debug!(
+            "{}: rows {probes:?}: {} pairs scanned, {} kept, {:.2} s",
+            jp.info.key,
+            st.pairs,
+            st.kept,
+            t.elapsed().as_secs_f64()
+        );
+        if let Some(r) = recorder {
+            let mut v = reached.lock().unwrap_or_else(|p| p.into_inner());
+            v.extend(
+                pairs
+                    .iter()
+                    .filter(|p| r.sampled(p.1))
+                    .map(|&(a, b)| (nm as u8, a, b)),
+            );
+        }
+        join_stats[nm] = crate::joint::join_stats(&st);
+        candidates += st.kept;
+        cand.extend(pairs);
+    }
     for (mi, spec) in snap.schema().modalities.iter().enumerate() {
         let Some(c) = cand_cos.get(mi).copied().flatten() else {
             continue;
         };
+        if joint.is_some_and(|j| j.has(mi)) {
+            continue;
+        }
         // The joins apply the fused verdict to their pairs as they find them (candidates are not stored):
         // the fused bound first (the i8 codes of the other modalities), then, in the index join, the exact
         // fused score (the i8 join's pairs are scored below). Every pair reached for an audited row is

@@ -972,6 +972,13 @@ pub struct FusedKey {
     code: u64,
 }
 
+impl FusedKey {
+    /// The shared modalities: bit `i` for model index `i`.
+    pub fn mask(&self) -> u32 {
+        self.mask
+    }
+}
+
 /// Fitted score models for every modality of a schema, with cached fused-LLR distributions.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Calibration {
@@ -1258,16 +1265,20 @@ impl Calibration {
         if key.mask == 0 {
             return f64::INFINITY;
         }
-        self.with_survival(key, |s| {
-            // Grid cell k (LLRs in [(k + offset)·step, (k + offset + 1)·step)) reads sf[k]; past the last
-            // cell the FMR is 0. The first cell whose FMR scores `score` starts the passing LLRs.
-            (0..=s.sf.len())
-                .find(|&k| {
-                    let fmr = s.sf.get(k).copied().unwrap_or(0.0);
-                    score_from_fmr(fmr) >= score
-                })
-                .map_or(f64::INFINITY, |k| (k as i64 + s.offset) as f64 * GRID_STEP)
-        })
+        self.with_survival(key, |s| needed_on(s, score))
+    }
+
+    /// [`Calibration::llr_needed`] of every band combination of the modalities in `mask` at once: at most
+    /// the least of them, read off the survival that takes each banded modality's pointwise lowest band
+    /// survival (stochastically below every band, so its passing LLRs start no later than any band's).
+    pub fn llr_needed_any_band(&self, mask: u32, score: f64) -> f64 {
+        if score <= 0.0 {
+            return f64::NEG_INFINITY;
+        }
+        if mask == 0 {
+            return f64::INFINITY;
+        }
+        needed_on(self.envelope_survival(mask), score)
     }
 
     /// Every fused key of a pair sharing a non-empty subset of the models `positions` (each banded model
@@ -1568,6 +1579,18 @@ fn budget_cosine(model: &ModalityModel, l: f64) -> Option<f32> {
 /// Reads a lock, recovering the data of a poisoned one (the cache holds only derived values).
 fn read_guard<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The lowest fused LLR at which survival `s` reaches `score` (see [`Calibration::llr_needed`]).
+fn needed_on(s: &Survival, score: f64) -> f64 {
+    // Grid cell k (LLRs in [(k + offset)·step, (k + offset + 1)·step)) reads sf[k]; past the last cell the
+    // FMR is 0. The first cell whose FMR scores `score` starts the passing LLRs.
+    (0..=s.sf.len())
+        .find(|&k| {
+            let fmr = s.sf.get(k).copied().unwrap_or(0.0);
+            score_from_fmr(fmr) >= score
+        })
+        .map_or(f64::INFINITY, |k| (k as i64 + s.offset) as f64 * GRID_STEP)
 }
 
 /// Calibrated score of a false-match rate: `-10·log10(fmr)`.

@@ -36,6 +36,7 @@ pub mod identify;
 pub mod identity;
 pub mod idpath;
 pub mod ingest;
+pub mod joint;
 pub mod matcher;
 pub mod policy;
 pub mod runio;

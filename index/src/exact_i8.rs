@@ -59,15 +59,15 @@ pub const QUERY_TILE: usize = 512;
 /// Base rows per tile.
 pub const BASE_TILE: usize = 1024;
 /// Largest register block (`MR × NR`) of any kernel.
-const MAX_BLOCK: usize = 8 * 32;
+pub(crate) const MAX_BLOCK: usize = 8 * 32;
 
 /// One side of an i8 join: the f32 rows (for the exact rescoring), their i8 codes and scales, and the
 /// codes' L1 bounds ([`crate::quant::l1_bounds`]), all with the same row numbers.
 #[derive(Clone, Copy, Debug)]
 pub struct QuantRows<'a> {
-    f32: RowsF32<'a>,
-    codes: RowsI8<'a>,
-    l1: &'a [f32],
+    pub(crate) f32: RowsF32<'a>,
+    pub(crate) codes: RowsI8<'a>,
+    pub(crate) l1: &'a [f32],
 }
 
 impl<'a> QuantRows<'a> {
@@ -194,21 +194,21 @@ impl I8Kernel {
         }
     }
     /// Probe rows per register block.
-    fn mr(self) -> usize {
+    pub(crate) fn mr(self) -> usize {
         match self {
             I8Kernel::Vnni => 8,
             I8Kernel::Avx2 | I8Kernel::Scalar => 4,
         }
     }
     /// Base rows per register block (one packed panel).
-    fn nr(self) -> usize {
+    pub(crate) fn nr(self) -> usize {
         match self {
             I8Kernel::Vnni => 32,
             I8Kernel::Avx2 | I8Kernel::Scalar => 16,
         }
     }
     /// The byte the base codes are XORed with when packed (VNNI: the +128 offset).
-    fn base_xor(self) -> u8 {
+    pub(crate) fn base_xor(self) -> u8 {
         match self {
             I8Kernel::Vnni => 0x80,
             _ => 0,
@@ -217,13 +217,13 @@ impl I8Kernel {
 }
 
 /// Per-row quantities of one side of a join.
-struct RowParams {
+pub(crate) struct RowParams {
     /// Scales.
-    s: Vec<f32>,
+    pub(crate) s: Vec<f32>,
     /// Half the L1 bounds.
-    uh: Vec<f32>,
+    pub(crate) uh: Vec<f32>,
     /// `128·Σq` (the VNNI offset's correction).
-    corr: Vec<i32>,
+    pub(crate) corr: Vec<i32>,
     /// max ‖s·q‖₂.
     norm_max: f64,
     /// max s.
@@ -232,7 +232,7 @@ struct RowParams {
     uh_max: f64,
 }
 
-fn row_params(q: &QuantRows<'_>) -> Result<RowParams, IndexError> {
+pub(crate) fn row_params(q: &QuantRows<'_>) -> Result<RowParams, IndexError> {
     let rows: Vec<(f32, f32, i32, f64)> = (0..q.rows())
         .into_par_iter()
         .map(|i| {
@@ -282,15 +282,26 @@ fn row_params(q: &QuantRows<'_>) -> Result<RowParams, IndexError> {
 
 /// The f32 threshold the filter's `x̂` is compared with (see the module docs): `t − SLACK − E`, rounded down.
 fn filter_threshold(t: f32, a: &RowParams, b: &RowParams, d: usize) -> f32 {
+    ((f64::from(t) - f64::from(CODE_BOUND_SLACK) - rounding_bound(a, b, d).0) as f32).next_down()
+}
+
+/// `(E, N + B)` of the module docs for a join of `a` against `b` at dimension `d`: the filter's rounding
+/// bound `E` and the bound `N + B` on the magnitude of its partial sums.
+pub(crate) fn rounding_bound(a: &RowParams, b: &RowParams, d: usize) -> (f64, f64) {
     let n = a.norm_max * b.norm_max;
     let bound = a.s_max * b.uh_max + b.s_max * a.uh_max + 0.25 * d as f64 * a.s_max * b.s_max;
-    let e = 8.0 * f64::from(f32::EPSILON) * 0.5 * (n + bound);
-    ((f64::from(t) - f64::from(CODE_BOUND_SLACK) - e) as f32).next_down()
+    (8.0 * f64::from(f32::EPSILON) * 0.5 * (n + bound), n + bound)
 }
 
 /// Copies rows `rows` of `codes` into `out`, row-major with `kp` bytes per row (zero padded) and the row
 /// count padded with zero rows to a multiple of `mr`.
-fn pack_probe(codes: &RowsI8<'_>, rows: Range<usize>, mr: usize, kp: usize, out: &mut Vec<i8>) {
+pub(crate) fn pack_probe(
+    codes: &RowsI8<'_>,
+    rows: Range<usize>,
+    mr: usize,
+    kp: usize,
+    out: &mut Vec<i8>,
+) {
     let n = rows.len().div_ceil(mr) * mr;
     out.clear();
     out.resize(n * kp, 0);
@@ -302,7 +313,7 @@ fn pack_probe(codes: &RowsI8<'_>, rows: Range<usize>, mr: usize, kp: usize, out:
 
 /// Packs rows `rows` of `codes` into panels of `nr` rows laid out `[k/4][nr][4]` (byte `x ^ xor`; padding
 /// lanes and the `k` tail hold `0 ^ xor`, a zero code).
-fn pack_base(
+pub(crate) fn pack_base(
     codes: &RowsI8<'_>,
     rows: Range<usize>,
     nr: usize,
@@ -314,21 +325,29 @@ fn pack_base(
     let panel_bytes = k4 * nr * 4;
     out.clear();
     out.resize(panels * panel_bytes, xor);
+    let x4 = u32::from_ne_bytes([xor; 4]);
     for (r, row) in rows.enumerate() {
         let (p, lane) = (r / nr, r % nr);
-        let base = p * panel_bytes + lane * 4;
-        for (k, ch) in codes.row(row).chunks(4).enumerate() {
-            let o = base + k * nr * 4;
-            for (b, &c) in ch.iter().enumerate() {
-                out[o + b] = (c as u8) ^ xor;
-            }
+        let panel = &mut out[p * panel_bytes..(p + 1) * panel_bytes];
+        let codes = codes.row(row);
+        // Whole 4-byte groups as one u32 each (the row's bytes in order, XORed together); the tail byte by
+        // byte (its padding keeps `0 ^ xor`).
+        let whole = codes.len() / 4;
+        for (k, ch) in codes.chunks_exact(4).enumerate() {
+            let w = u32::from_ne_bytes([ch[0] as u8, ch[1] as u8, ch[2] as u8, ch[3] as u8]) ^ x4;
+            let o = (k * nr + lane) * 4;
+            panel[o..o + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let o = (whole * nr + lane) * 4;
+        for (b, &c) in codes[whole * 4..].iter().enumerate() {
+            panel[o + b] = (c as u8) ^ xor;
         }
     }
 }
 
 /// `out[r·nr + l] = a_r · b_l` for the `mr` rows of a packed probe block `a` (`kp` bytes each) and the packed
 /// panel `b`; `corr[r]` is subtracted (the VNNI offset's correction).
-fn block_dots(
+pub(crate) fn block_dots(
     kernel: I8Kernel,
     a: &[i8],
     kp: usize,
@@ -1002,7 +1021,7 @@ impl Ctx<'_, '_> {
 }
 
 /// The low `n` bits set (`n ≤ 32`).
-fn lane_mask(n: usize) -> u32 {
+pub(crate) fn lane_mask(n: usize) -> u32 {
     if n >= 32 { u32::MAX } else { (1u32 << n) - 1 }
 }
 

@@ -14,6 +14,7 @@ pub mod exact_i8;
 #[cfg(feature = "hnsw")]
 pub mod hnsw;
 pub mod ivf;
+pub mod joint;
 pub mod kernels;
 pub mod quant;
 pub mod rng;

@@ -790,3 +790,163 @@ fn a_calibration_no_pair_can_pass_is_named_in_the_audit() {
         audit.evidence
     );
 }
+
+/// A face + 2 fingers store where every fifth record lacks finger 7 and a few are deleted: pairs share
+/// two or three modalities.
+fn three_modalities(dir: &std::path::Path, records: u64) -> pacha_tests::Loaded {
+    let mut c = cfg(Preset::Structured, records);
+    c.duplicate_rate = 0.1;
+    let l = pacha_tests::load_edited(dir, &c, None, &|b| {
+        for blk in b
+            .blocks
+            .iter_mut()
+            .filter(|blk| blk.modality == Modality::Finger(7))
+        {
+            for (i, p) in blk.present.iter_mut().enumerate() {
+                if i % 5 == 0 {
+                    *p = false;
+                }
+            }
+        }
+    });
+    l.engine.calibrate(&CalibrateOptions::default()).unwrap();
+    // Deleted rows take part in no pair.
+    for r in [3, records as usize / 2, records as usize - 7] {
+        let id = l.engine.snapshot().subject_id(r).to_string();
+        assert!(l.engine.delete(&id).unwrap());
+    }
+    l
+}
+
+/// The joint test is valid: every pair of the store whose exact fused score reaches the floor passes it
+/// (the pieces lie above each modality's evidence, the needed sums below every band combination's), and it
+/// is tight (on this small store's odd calibration — impostor means near −0.4, evidence flat at its floor
+/// up to cosine 0 — where bounds made of lines through the whole range passed 88 % of all pairs).
+#[test]
+fn the_joint_test_passes_every_pair_that_reaches_the_floor() {
+    use pacha_engine::joint::JointPlan;
+    use pacha_engine::matcher::fused_rows;
+    let dir = tempfile::tempdir().unwrap();
+    let l = three_modalities(dir.path(), 1200);
+    let e = &l.engine;
+    let snap = e.snapshot();
+    let cal = e.calibration();
+    for floor in [20.0, 40.0, 60.0, 80.0] {
+        let run = pacha_engine::policy::RunIndex {
+            modalities: Vec::new(),
+        };
+        let plan = JointPlan::new(&snap, &cal, floor, &run, true)
+            .unwrap()
+            .expect("forced");
+        assert_eq!(plan.members.len(), 3);
+        let (mut reach, mut pass, mut fail) = (0, 0, 0);
+        for b in (0..snap.rows()).filter(|&r| !snap.is_deleted(r)) {
+            for a in (0..b).filter(|&r| !snap.is_deleted(r)) {
+                let passes = plan.exact_passes(&snap, a, b);
+                if fused_rows(&snap, &cal, a, b).score >= floor {
+                    reach += 1;
+                    assert!(
+                        passes,
+                        "pair ({a}, {b}) reaches {floor} but fails the joint test"
+                    );
+                }
+                if passes {
+                    pass += 1;
+                } else {
+                    fail += 1;
+                }
+            }
+        }
+        assert!(reach > 0, "floor {floor}: no pair reaches it");
+        // Tight: at most about twice the pairs that reach the floor pass (at floor 20, 1 % of all pairs
+        // reach it; above, a few hundred of 700 000).
+        assert!(
+            pass <= 2 * reach + 100,
+            "floor {floor}: {pass} pass, {fail} fail ({reach} reach it)"
+        );
+    }
+}
+
+/// The joint scan (forced, and chosen by default where every modality plans the exact i8 join) reports
+/// what exact search reports, scans every pair once in every member, keeps few, and its audit names the
+/// joint boundary and finds all of it.
+#[test]
+fn the_joint_scan_reports_what_exact_search_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = three_modalities(dir.path(), 4000);
+    let e = &l.engine;
+    let run = |mode, force: Option<&str>, scope| {
+        e.dedup(
+            &DedupOptions {
+                mode,
+                report_floor: Some(FLOOR),
+                force_path: force.map(str::to_string),
+                scope,
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let snap = e.snapshot();
+    for scope in [DedupScope::WholeStore, DedupScope::RowsFrom(3000)] {
+        let exact = run(CandidateMode::Exact, None, scope.clone());
+        let joint = run(CandidateMode::Index, Some("joint"), scope.clone());
+        assert!(hits(&exact).len() >= 10, "{} hits", hits(&exact).len());
+        assert_eq!(hits(&joint), hits(&exact), "hits: joint vs exact");
+        assert_eq!(reported(&joint), reported(&exact), "pairs to the floor");
+        let info = joint.summary.joint.as_ref().expect("the joint path ran");
+        assert_eq!(info.members, ["face", "finger2", "finger7"]);
+        let (key, st) = joint.summary.join_stats.last().unwrap();
+        assert_eq!(key, &info.key);
+        let first = match scope {
+            DedupScope::RowsFrom(r) => r,
+            _ => 0,
+        };
+        // Every live probe row meets every earlier row once per member (deleted ones only fail the test).
+        let want: u64 = (first..snap.rows())
+            .filter(|&r| !snap.is_deleted(r))
+            .map(|r| r as u64)
+            .sum();
+        assert_eq!(st.products, 3 * want, "every pair scanned once per member");
+        assert!(st.above * 50 < want, "kept {} of {want}", st.above);
+        assert_eq!(joint.summary.candidate_pairs, st.above);
+        let audit = joint.summary.audit.as_ref().expect("audited");
+        assert!(
+            audit.passed && audit.evidence.contains("joint"),
+            "{audit:?}"
+        );
+        let (k, b) = audit.boundary.last().unwrap();
+        let b = b.expect("the joint boundary is searched");
+        assert!(
+            k == &info.key && b.pairs > 0 && b.found == b.pairs,
+            "{audit:?}"
+        );
+        assert!(audit.boundary[..3].iter().all(|(_, f)| f.is_none()));
+    }
+    // Asked for per-modality i8 joins, the run has no joint path and the same pairs.
+    let per = run(
+        CandidateMode::Index,
+        Some("exact-i8"),
+        DedupScope::WholeStore,
+    );
+    assert!(per.summary.joint.is_none());
+    assert_eq!(
+        reported(&per),
+        reported(&run(CandidateMode::Exact, None, DedupScope::WholeStore))
+    );
+    // The joint path needs index mode.
+    assert!(
+        e.dedup(
+            &DedupOptions {
+                mode: CandidateMode::Exact,
+                force_path: Some("joint".into()),
+                ..DedupOptions::default()
+            },
+            None,
+            None,
+        )
+        .is_err()
+    );
+}

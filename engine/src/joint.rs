@@ -1,0 +1,412 @@
+//! The joint candidate path of a multi-modal run: one scan of every pair through all fused modalities' i8
+//! codes, keeping a pair only where its summed evidence can reach the floor ([`pacha_index::joint`]).
+//!
+//! Per-modality joins must each keep every pair whose cosine the other modalities could still complete at
+//! their best: with a face and two fingers that is a cosine near 0.25–0.3 in every modality, 0.2 % of all
+//! pairs per join, each rescored and bounded one by one. When every fused modality would be scanned
+//! exhaustively anyway (the pilots chose the exact i8 join for each), the joint scan computes the same
+//! products and tests them together.
+//!
+//! # The test, and why it keeps every pair that reaches the floor
+//! A pair sharing modalities `S` reaches the floor iff `Σ_{m∈S} L_m(c_m) ≥` the least evidence sum that
+//! reaches it on the pair's own fused distribution (modality subset × quality bands:
+//! [`Calibration::llr_needed`], less one grid step as in [`crate::fusedbound`]). Here:
+//! - each modality's evidence `L_m` ([`crate::fusion::ModalityModel::llr`], monotone) is bounded above by
+//!   the largest of [`JOINT_LINES`] lines: a constant up to the impostor mean, then over three domains a
+//!   line from the domain's start at the steepest slope to any later point of it (a chord where the
+//!   evidence is convex, the tangent over its concave cap at the evidence ceiling); the domains' two
+//!   inner ends are chosen to make the bound tightest where impostor pairs meet the threshold (one
+//!   standard deviation above the impostor mean up to the cosine where the modality alone reaches it).
+//!   Each line's intercept is made valid on its domain cell by cell: on a cell
+//!   `[c_i, c_{i+1}]` of a 16 384-cell grid, `L(c) − α·c ≤ L(c_{i+1}) − α·c_i` (monotone `L`, `α ≥ 0`), so
+//!   the intercept is the largest of those over the domain's cells, whatever the shape of `L`;
+//! - the needed sum of a subset of modalities is at most the least over all its band combinations
+//!   ([`Calibration::llr_needed_any_band`]: each banded modality at its pointwise lowest band survival).
+//!
+//! The scan evaluates that test on upper bounds of the cosines from the codes, widened for its rounding
+//! ([`pacha_index::joint`]); the pairs it keeps are scored exactly like any candidate.
+
+use pacha_datasets::Modality;
+use pacha_index::exact_i8::QuantRows;
+use pacha_index::joint::{JOINT_LINES, JointJoin, JointLine, JointStats, JointTest, MAX_JOINT};
+use pacha_index::kernels::dot_f32;
+use pacha_index::quant::l1_bounds;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+use crate::EngineError;
+use crate::fusion::{Calibration, GRID_STEP, ModalityModel};
+use crate::policy::RunIndex;
+use crate::store::Snapshot;
+
+/// Cells of the grid the lines' intercepts are made valid on.
+const CELLS: usize = 16_384;
+/// Candidate knots of the pieces.
+const KNOTS: usize = 32;
+
+/// What a run's joint path is, for its summary and checkpoint key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JointInfo {
+    /// The name its counters and audit evidence go under, e.g. `joint(face+finger2+finger7)`.
+    pub key: String,
+    /// Member modality keys, in schema order.
+    pub members: Vec<String>,
+    /// Per member, its evidence bound's pieces `(from cosine, slope, intercept)` (the first from −∞, shown
+    /// as −1).
+    pub lines: Vec<Vec<(f32, f32, f32)>>,
+    /// Per subset of members (bit `k`: member `k`), the least bound sum that may reach the floor
+    /// (`None`: no pair sharing exactly those members can).
+    pub needed: Vec<Option<f32>>,
+}
+
+/// A run's joint path: its members, test and each row's presence.
+pub struct JointPlan {
+    /// Schema positions of the members.
+    pub members: Vec<usize>,
+    modalities: Vec<Modality>,
+    /// The test the scan applies.
+    pub test: JointTest,
+    /// Per row: bit `k` iff the row is live and has member `k`'s template.
+    presence: Vec<u8>,
+    /// L1 bounds of members whose plan did not compute them.
+    own_l1: Vec<Option<Vec<f32>>>,
+    /// For the summary.
+    pub info: JointInfo,
+}
+
+impl JointPlan {
+    /// The joint path of a run over `snap` scored on `cal` against `floor`, when `run` planned every fused
+    /// modality of the schema onto the exact i8 join (or `force`, which then takes any plan), there are 2 to
+    /// [`MAX_JOINT`] of them and each has i8 codes. `None` otherwise (the run joins modality by modality).
+    pub fn new(
+        snap: &Snapshot,
+        cal: &Calibration,
+        floor: f64,
+        run: &RunIndex,
+        force: bool,
+    ) -> Result<Option<JointPlan>, EngineError> {
+        let refuse = |why: String| {
+            if force {
+                Err(EngineError::InvalidArgument(format!(
+                    "the joint path cannot run: {why}"
+                )))
+            } else {
+                Ok(None)
+            }
+        };
+        let fused: Vec<(usize, Modality, usize)> = snap
+            .schema()
+            .modalities
+            .iter()
+            .enumerate()
+            .filter_map(|(mi, s)| Some((mi, s.modality, cal.position(s.modality)?)))
+            .collect();
+        if fused.len() < 2 || fused.len() > MAX_JOINT {
+            return refuse(format!(
+                "{} fused modalities (2 to {MAX_JOINT})",
+                fused.len()
+            ));
+        }
+        let mut own_l1 = Vec::new();
+        for &(mi, m, _) in &fused {
+            let Some(codes) = snap.i8_rows(m) else {
+                return refuse(format!("{m} has no i8 codes"));
+            };
+            match run.exact_i8(mi) {
+                Some(_) => own_l1.push(None),
+                None if force => own_l1.push(Some(l1_bounds(codes))),
+                None => return Ok(None),
+            }
+        }
+        let positions: Vec<usize> = fused.iter().map(|f| f.2).collect();
+        let mut needed = [f32::INFINITY; 1 << MAX_JOINT];
+        for (subset, n) in needed.iter_mut().enumerate().take(1 << fused.len()).skip(1) {
+            let mask = positions
+                .iter()
+                .enumerate()
+                .filter(|&(k, _)| subset & (1 << k) != 0)
+                .fold(0u32, |m, (_, &p)| m | 1 << p);
+            let need = cal.llr_needed_any_band(mask, floor) - GRID_STEP;
+            // Rounded down: the f32 sum needed is never above the real one.
+            *n = if need.is_finite() {
+                (need as f32).next_down()
+            } else {
+                need as f32
+            };
+        }
+        let top = needed
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let lines: Vec<[JointLine; JOINT_LINES]> = fused
+            .iter()
+            .map(|&(_, _, pos)| evidence_lines(&cal.models[pos].1, f64::from(top)))
+            .collect();
+        let test = JointTest { lines, needed };
+        test.check()?;
+        let modalities: Vec<Modality> = fused.iter().map(|f| f.1).collect();
+        let presence: Vec<u8> = (0..snap.rows())
+            .into_par_iter()
+            .map(|r| {
+                if snap.is_deleted(r) {
+                    return 0;
+                }
+                modalities
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &m)| snap.is_present(m, r))
+                    .fold(0u8, |b, (k, _)| b | 1 << k)
+            })
+            .collect();
+        let keys: Vec<String> = modalities.iter().map(|m| m.key()).collect();
+        let info = JointInfo {
+            key: format!("joint({})", keys.join("+")),
+            members: keys,
+            lines: test
+                .lines
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|p| (p.from.max(-1.0), p.slope, p.intercept))
+                        .collect()
+                })
+                .collect(),
+            needed: test.needed[..1 << fused.len()]
+                .iter()
+                .map(|v| v.is_finite().then_some(*v))
+                .collect(),
+        };
+        Ok(Some(JointPlan {
+            members: fused.iter().map(|f| f.0).collect(),
+            modalities,
+            test,
+            presence,
+            own_l1,
+            info,
+        }))
+    }
+
+    /// True iff modality `mi` (schema position) is a member.
+    pub fn has(&self, mi: usize) -> bool {
+        self.members.contains(&mi)
+    }
+
+    /// The pairs `(a, b)`, `b` in `probes`, `a < b`, the scan keeps, and its counters.
+    pub fn join(
+        &self,
+        snap: &Snapshot,
+        run: &RunIndex,
+        probes: Range<usize>,
+    ) -> Result<(Vec<(u32, u32)>, JointStats), EngineError> {
+        let mut rows = Vec::with_capacity(self.members.len());
+        for (k, (&mi, &m)) in self.members.iter().zip(&self.modalities).enumerate() {
+            let (Some(view), Some(codes)) = (snap.f32_rows(m), snap.i8_rows(m)) else {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the joint path lost {m}'s rows"
+                )));
+            };
+            let l1 = match (&self.own_l1[k], run.exact_i8(mi)) {
+                (Some(own), _) => own.as_slice(),
+                (None, Some(l1)) => l1,
+                (None, None) => {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "the joint path has no L1 bounds of {m}"
+                    )));
+                }
+            };
+            rows.push(QuantRows::new(view, codes, l1)?);
+        }
+        let join = JointJoin::new(rows, &self.presence, &self.test)?;
+        Ok(join.probe_join(probes)?)
+    }
+
+    /// The exact test on stored rows `a` and `b` (their f32 templates): what the audit's oracle counts as
+    /// the joint path's boundary (the scan may never miss such a pair).
+    pub fn exact_passes(&self, snap: &Snapshot, a: usize, b: usize) -> bool {
+        let key =
+            self.presence.get(a).copied().unwrap_or(0) & self.presence.get(b).copied().unwrap_or(0);
+        if key == 0 {
+            return false;
+        }
+        let mut cos = [0.0f32; MAX_JOINT];
+        for (k, &m) in self.modalities.iter().enumerate() {
+            if let (Some(x), Some(y)) = (snap.template(m, a), snap.template(m, b)) {
+                cos[k] = dot_f32(x, y);
+            }
+        }
+        self.test.passes(key, &cos)
+    }
+}
+
+/// A piecewise linear upper bound on `model`'s evidence that never falls (see the module docs): a constant
+/// up to the first knot, then three pieces, each from its knot at the steepest slope to any later point of
+/// its domain (a chord where the evidence is convex, a tangent over a concave cap); the three knots
+/// minimise the largest gap above the evidence between one impostor standard deviation above the mean and
+/// the cosine where the evidence reaches `top`.
+pub fn evidence_lines(model: &ModalityModel, top: f64) -> [JointLine; JOINT_LINES] {
+    let at = |i: usize| -1.0 + 2.0 * i as f64 / CELLS as f64;
+    let l: Vec<f64> = (0..=CELLS).map(|i| model.llr(at(i))).collect();
+    let cell = |c: f64| (((c + 1.0) * CELLS as f64 / 2.0).round() as usize).min(CELLS);
+    let (mu, sd) = (model.impostor.mean, model.impostor.sd.max(1e-3));
+    // Where the bound must fit: from one impostor deviation above the mean to where the evidence alone
+    // reaches `top`; its knots may sit from the mean (or where the evidence leaves its floor, if that is
+    // earlier) on.
+    let fit_lo = cell((mu + sd).clamp(-0.98, 0.95));
+    let hi = if top.is_finite() {
+        model.cosine_for_llr(top).map_or(CELLS, cell)
+    } else {
+        CELLS
+    }
+    .clamp(fit_lo + KNOTS, CELLS - 1);
+    let fit_lo = fit_lo.min(hi - KNOTS);
+    let rise = (0..=CELLS).find(|&i| l[i] > l[0] + 0.5).unwrap_or(CELLS);
+    let lo = cell(mu.clamp(-0.99, 0.9)).min(rise).clamp(1, hi - KNOTS);
+    // Intercept of slope `a` on cells `i0..i1` (each cell `[c_i, c_{i+1}]` bounded by `L(c_{i+1}) − a·c_i`;
+    // every `step`-th cell for the search, whose cells then span `step` grid steps).
+    let intercept = |a: f64, i0: usize, i1: usize, step: usize| -> f64 {
+        (i0..i1)
+            .step_by(step)
+            .map(|i| l[(i + step).min(i1)] - a * at(i))
+            .fold(f64::NEG_INFINITY, f64::max)
+    };
+    // The steepest slope from the domain's start to any later point of it.
+    let steepest = |i0: usize, i1: usize, step: usize| -> f64 {
+        (i0 + 1..=i1)
+            .step_by(step)
+            .chain(std::iter::once(i1))
+            .map(|i| (l[i] - l[i0]) / (at(i) - at(i0)))
+            .fold(0.0f64, f64::max)
+    };
+    let domains = |s: [usize; 3]| [(0, s[0]), (s[0], s[1]), (s[1], s[2]), (s[2], CELLS)];
+    let knots: Vec<usize> = (0..KNOTS)
+        .map(|k| lo + (hi - lo) * k / (KNOTS - 1))
+        .collect();
+    let probe: Vec<usize> = (0..=200)
+        .map(|k| fit_lo + (hi - fit_lo) * k / 200)
+        .collect();
+    let mut best = (f64::INFINITY, [lo, lo + 1, hi]);
+    for (x, &s0) in knots.iter().enumerate() {
+        for (y, &s1) in knots.iter().enumerate().skip(x + 1) {
+            for &s2 in &knots[y + 1..] {
+                let d = domains([s0, s1, s2]);
+                let pieces: Vec<(f64, f64)> = d
+                    .iter()
+                    .map(|&(i0, i1)| {
+                        let a = if i0 == 0 { 0.0 } else { steepest(i0, i1, 16) };
+                        (a, intercept(a, i0, i1, 16))
+                    })
+                    .collect();
+                let gap = probe
+                    .iter()
+                    .map(|&i| {
+                        let j = d.iter().rposition(|&(i0, _)| i0 <= i).unwrap_or(0);
+                        pieces[j].0 * at(i) + pieces[j].1 - l[i]
+                    })
+                    .fold(0.0f64, f64::max);
+                if gap < best.0 {
+                    best = (gap, [s0, s1, s2]);
+                }
+            }
+        }
+    }
+    let mut out = [JointLine {
+        from: f32::NEG_INFINITY,
+        slope: 0.0,
+        intercept: 0.0,
+    }; JOINT_LINES];
+    let d = domains(best.1);
+    for (j, &(i0, i1)) in d.iter().enumerate() {
+        // The knot as f32, and the cells covering the piece's domain between the f32 knots.
+        let from = if j == 0 {
+            f32::NEG_INFINITY
+        } else {
+            at(i0) as f32
+        };
+        let c0 = if j == 0 {
+            0
+        } else {
+            ((f64::from(from) + 1.0) * CELLS as f64 / 2.0).floor() as usize
+        };
+        let c1 = match d.get(j + 1) {
+            Some(&(n0, _)) => ((at(n0) as f32 as f64 + 1.0) * CELLS as f64 / 2.0).ceil() as usize,
+            None => CELLS,
+        }
+        .clamp(c0 + 1, CELLS);
+        let a = if j == 0 {
+            0.0
+        } else {
+            steepest(i0, i1, 1) as f32
+        };
+        let b = intercept(f64::from(a), c0, c1, 1);
+        // f64 rounding of the grid, then rounded up to f32: never below the real intercept.
+        let mut piece = JointLine {
+            from,
+            slope: a,
+            intercept: ((b + 1e-9 * (1.0 + b.abs())) as f32).next_up(),
+        };
+        // Never falling: a piece starts no lower than the previous one ends.
+        if j > 0 {
+            let c = f64::from(from);
+            let prev = &out[j - 1];
+            let end = f64::from(prev.slope) * c + f64::from(prev.intercept);
+            while f64::from(piece.slope) * c + f64::from(piece.intercept) < end {
+                let need = end - f64::from(piece.slope) * c;
+                piece.intercept = (need as f32).max(piece.intercept).next_up();
+            }
+        }
+        out[j] = piece;
+    }
+    out
+}
+
+/// The joint counters in the summary's per-join form: every scanned pair is an i8 product of each member
+/// (`products`, all `rescored` by the test), `above` the pairs kept.
+pub fn join_stats(st: &JointStats) -> pacha_index::ivf::JoinStats {
+    pacha_index::ivf::JoinStats {
+        products: st.products,
+        sketch_pass: 0,
+        rescored: st.products,
+        exact_reads: 0,
+        above: st.kept,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pacha_datasets::Modality;
+
+    /// The lines lie above the evidence everywhere (checked densely, between the grid's cells too), rise,
+    /// and stay close to it where impostors meet the threshold.
+    #[test]
+    fn evidence_lines_bound_the_evidence_and_fit_it() {
+        for m in [Modality::Face, Modality::Finger(2)] {
+            let model = ModalityModel::default_for(m);
+            for top in [5.0, 13.0, 40.0] {
+                let lines = evidence_lines(&model, top);
+                let test = JointTest {
+                    lines: vec![lines],
+                    needed: [0.0; 1 << MAX_JOINT],
+                };
+                test.check().expect("pieces ascending, never falling");
+                let bound = |c: f64| test.bound(0, c);
+                for k in 0..=200_000 {
+                    let c = -1.0 + 2.0 * f64::from(k) / 200_000.0;
+                    assert!(bound(c) >= model.llr(c), "{m:?} top {top}: c {c}");
+                }
+                // Beyond ±1 (rounding of unit rows) the evidence is clamped and the bound still holds.
+                assert!(bound(-1.0 - 1e-6) >= model.llr(-1.0));
+                assert!(bound(1.0 + 1e-6) >= model.llr(1.0));
+                let (mu, sd) = (model.impostor.mean, model.impostor.sd);
+                let end = model.cosine_for_llr(top).unwrap_or(1.0);
+                let worst = (0..=100)
+                    .map(|k| mu + sd + (end - mu - sd) * f64::from(k) / 100.0)
+                    .map(|c| bound(c) - model.llr(c))
+                    .fold(0.0f64, f64::max);
+                assert!(worst < 3.0, "{m:?} top {top}: gap {worst}");
+            }
+        }
+    }
+}

@@ -1,0 +1,881 @@
+//! A joint threshold join over several modalities' i8 codes: every pair is scanned in every member
+//! modality, and kept when an upper bound on its summed evidence can reach what the pair needs. Complete by
+//! construction for any test whose per-member bounds are monotone (slopes ≥ 0) and above the evidence.
+//!
+//! # Why
+//! With several fused modalities, a pair reaches the fused threshold on the *sum* of its modalities'
+//! evidence. Joined one modality at a time, each join must keep every pair whose cosine could still be
+//! completed by the others at their best, a low cosine (≈ 0.25–0.3 for a face with two fingers) that
+//! ≈ 0.2 % of all pairs pass, and the survivors are rescored and bounded one by one. Here the products of
+//! all members are computed for the same register block and the test sums their bounds in registers: a
+//! pair passes only where its *joint* evidence can reach the floor (≈ 10⁻⁵ of pairs).
+//!
+//! # The test ([`JointTest`])
+//! Member `k`'s evidence `L_k(c)` (monotone in the cosine) is bounded above by a piecewise linear
+//! function `ℓ_k` of [`JOINT_LINES`] pieces ([`JointLine`]: from its knot on, `α·c + β`, `α ≥ 0`, each piece
+//! starting no lower than the previous one ends, so `ℓ_k` never falls); a pair whose rows share members `S`
+//! (bit `k` of its key: both rows present in member `k`) passes iff `Σ_{k∈S} ℓ_k(u_k) ≥ needed[S]`, where `u_k`
+//! is an upper bound on the pair's exact cosine in member `k`: the i8 filter's `x̂` of [`crate::exact_i8`]
+//! (the codes' estimate plus their rigorous error bound) plus that join's rounding bound and the f32
+//! kernel's slack. Since `ℓ_k` never falls, `u_k ≥ c_k` gives a sum at least the one of the exact cosines,
+//! so a pair whose exact test ([`JointTest::passes`]) holds always passes the scan. The scan evaluates
+//! `ℓ_k(x̂ + δ)` as `α·x̂ + (β + α·δ)` on the piece whose knot less `δ` the f32 `x̂` reaches, and the sum in
+//! f32: `needed` is lowered by a bound on those roundings (the scan does every widening itself).
+//!
+//! # Kernels
+//! The i8 products are [`crate::exact_i8`]'s packed register blocks, one per member for the same rows; the
+//! test runs on the block's lanes (AVX-512: 16 lanes, the key's `needed` by `vpermps`; AVX2: 8 lanes;
+//! portable), with the same operations in the same order in every kernel, so all take the same decisions.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::IndexError;
+use crate::exact_i8::{
+    I8Kernel, MAX_BLOCK, QuantRows, RowParams, block_dots, lane_mask, pack_base, pack_probe,
+    rounding_bound, row_params,
+};
+use crate::quant::CODE_BOUND_SLACK;
+
+/// Most member modalities of a joint join (a pair's key indexes a 16-entry table).
+pub const MAX_JOINT: usize = 4;
+/// Lines bounding each member's evidence.
+pub const JOINT_LINES: usize = 4;
+/// Probe rows per work item.
+const QUERY_TILE: usize = 512;
+/// Base rows per work item.
+const BASE_TILE: usize = 1024;
+
+/// One piece of a member's evidence bound: `slope·c + intercept` for cosines from `from` on (up to the
+/// next piece's `from`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JointLine {
+    /// First cosine of the piece (`−∞` for the first piece).
+    pub from: f32,
+    /// `α ≥ 0`.
+    pub slope: f32,
+    /// `β`.
+    pub intercept: f32,
+}
+
+impl JointLine {
+    /// `slope·c + intercept` in f64 (exact for f32 inputs up to one rounding).
+    fn at(&self, c: f64) -> f64 {
+        f64::from(self.slope) * c + f64::from(self.intercept)
+    }
+}
+
+/// The joint test (see the module docs): per member its evidence's upper bound, per shared-member subset
+/// the bound sum a pair needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JointTest {
+    /// Per member: the pieces of its evidence bound, knots ascending, the first from `−∞`.
+    pub lines: Vec<[JointLine; JOINT_LINES]>,
+    /// Per subset of members (bit `k`: member `k` shared by both rows), the least bound sum that may reach
+    /// the floor; `+∞` where no pair can (and for the empty subset).
+    pub needed: [f32; 1 << MAX_JOINT],
+}
+
+impl JointTest {
+    /// Checks the shape: 1 to [`MAX_JOINT`] members; per member finite pieces with `α ≥ 0`, the first from
+    /// `−∞`, knots ascending, each piece starting no lower than the previous ends (a bound that never
+    /// falls); no `NaN` in `needed`.
+    pub fn check(&self) -> Result<(), IndexError> {
+        if self.lines.is_empty() || self.lines.len() > MAX_JOINT {
+            return Err(IndexError::Shape(format!(
+                "joint test: {} members (1 to {MAX_JOINT})",
+                self.lines.len()
+            )));
+        }
+        for (k, lines) in self.lines.iter().enumerate() {
+            let pieces_ok = lines
+                .iter()
+                .all(|l| l.slope.is_finite() && l.intercept.is_finite() && l.slope >= 0.0);
+            let knots_ok = lines[0].from == f32::NEG_INFINITY
+                && lines[1..].iter().all(|l| l.from.is_finite())
+                && lines.windows(2).all(|w| {
+                    let c = f64::from(w[1].from);
+                    w[0].from < w[1].from && w[1].at(c) >= w[0].at(c)
+                });
+            if !pieces_ok || !knots_ok {
+                return Err(IndexError::Shape(format!(
+                    "joint test: member {k}'s pieces {lines:?} (finite, slopes ≥ 0, knots ascending, never falling)"
+                )));
+            }
+        }
+        if self.needed.iter().any(|v| v.is_nan()) {
+            return Err(IndexError::Shape("joint test: NaN needed sum".into()));
+        }
+        Ok(())
+    }
+
+    /// Member `k`'s evidence bound at cosine `c` (in f64): the piece of the last knot at or below `c`.
+    pub fn bound(&self, k: usize, c: f64) -> f64 {
+        let lines = &self.lines[k];
+        lines
+            .iter()
+            .rev()
+            .find(|l| f64::from(l.from) <= c)
+            .unwrap_or(&lines[0])
+            .at(c)
+    }
+
+    /// The exact test of a pair sharing the members in `key` with exact cosines `cos` (by member; entries of
+    /// members outside `key` are ignored): what the scan may never reject.
+    pub fn passes(&self, key: u8, cos: &[f32]) -> bool {
+        let key = usize::from(key) & ((1 << self.lines.len()) - 1);
+        let sum: f64 = (0..self.lines.len())
+            .filter(|&k| key & (1 << k) != 0)
+            .map(|k| self.bound(k, f64::from(cos[k])))
+            .sum();
+        sum >= f64::from(self.needed[key])
+    }
+}
+
+/// Counters of a joint join.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JointStats {
+    /// Pairs scanned (each through every member's codes).
+    pub pairs: u64,
+    /// i8 products computed (pairs × members).
+    pub products: u64,
+    /// Pairs the test kept.
+    pub kept: u64,
+}
+
+/// The widened test one scan evaluates, in the kernels' f32 (see the module docs).
+struct Scan {
+    /// Per member: pieces `(knot, α, β)` with the knot lowered and `β` raised by `δ = rounding + slack`
+    /// (the first knot `−∞`).
+    lines: [[(f32, f32, f32); JOINT_LINES]; MAX_JOINT],
+    /// `needed` lowered by the sum's rounding bound.
+    needed: [f32; 1 << MAX_JOINT],
+    /// Per member: `d/4`, the VNNI offset term of the filter.
+    qd: [f32; MAX_JOINT],
+    members: usize,
+}
+
+impl Scan {
+    fn new(test: &JointTest, params: &[(RowParams, usize)]) -> Scan {
+        let mut lines = [[(f32::INFINITY, 0.0f32, 0.0f32); JOINT_LINES]; MAX_JOINT];
+        let mut qd = [0.0f32; MAX_JOINT];
+        let (mut scale, mut slopes) = (0.0f64, 0.0f64);
+        for (k, (p, d)) in params.iter().enumerate() {
+            let (e, mag) = rounding_bound(p, p, *d);
+            let widen = f64::from(CODE_BOUND_SLACK) + e;
+            let (mut top, mut steep) = (0.0f64, 0.0f64);
+            for (j, l) in test.lines[k].iter().enumerate() {
+                let b2 = ((f64::from(l.intercept) + f64::from(l.slope) * widen) as f32).next_up();
+                let from = if j == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    ((f64::from(l.from) - widen) as f32).next_down()
+                };
+                lines[k][j] = (from, l.slope, b2);
+                top = top.max(f64::from(l.slope) * (mag + widen) + f64::from(b2).abs());
+                steep = steep.max(f64::from(l.slope));
+            }
+            qd[k] = 0.25 * *d as f32;
+            scale += top;
+            slopes += steep;
+        }
+        // Each member's bound: one product and one sum rounded, then one sum per member: at most
+        // (members + 2) roundings of magnitudes ≤ `scale`, 16 units of roundoff cover them. The knots,
+        // lowered by `δ` and rounded down, may pick a piece up to two units of roundoff of a cosine early,
+        // where it lies at most `α·2⁻²²` below the bound (it starts no lower than the previous piece ends).
+        let margin = 16.0 * f64::from(f32::EPSILON) * scale + 1e-6 * slopes;
+        let mut needed = [f32::INFINITY; 1 << MAX_JOINT];
+        for (key, n) in needed.iter_mut().enumerate().skip(1) {
+            let v = test.needed.get(key).copied().unwrap_or(f32::INFINITY);
+            if v.is_finite() {
+                *n = ((f64::from(v) - margin) as f32).next_down();
+            } else if v < 0.0 {
+                *n = f32::NEG_INFINITY;
+            }
+        }
+        Scan {
+            lines,
+            needed,
+            qd,
+            members: params.len(),
+        }
+    }
+}
+
+/// A joint join's inputs: the members' rows (same row numbers), each row's presence and the test.
+pub struct JointJoin<'a> {
+    members: Vec<QuantRows<'a>>,
+    presence: &'a [u8],
+    test: &'a JointTest,
+}
+
+impl<'a> JointJoin<'a> {
+    /// Checks that the members describe the same rows, `presence` has one byte per row (bit `k`: the row
+    /// takes part in member `k`; 0: the row gives no pairs) and the test has one line set per member.
+    pub fn new(
+        members: Vec<QuantRows<'a>>,
+        presence: &'a [u8],
+        test: &'a JointTest,
+    ) -> Result<JointJoin<'a>, IndexError> {
+        test.check()?;
+        if members.len() != test.lines.len() {
+            return Err(IndexError::Shape(format!(
+                "joint join: {} members, a test for {}",
+                members.len(),
+                test.lines.len()
+            )));
+        }
+        let rows = members.first().map_or(0, QuantRows::rows);
+        if members.iter().any(|m| m.rows() != rows) || presence.len() != rows {
+            return Err(IndexError::Shape(format!(
+                "joint join: member rows {:?}, {} presence bytes",
+                members.iter().map(QuantRows::rows).collect::<Vec<_>>(),
+                presence.len()
+            )));
+        }
+        Ok(JointJoin {
+            members,
+            presence,
+            test,
+        })
+    }
+
+    /// All pairs `(a, b)`, `b` in `probes`, `a < b`, that pass the widened test, sorted, with the counters
+    /// (the dedup form: each probe row against every earlier row).
+    pub fn probe_join(
+        &self,
+        probes: Range<usize>,
+    ) -> Result<(Vec<(u32, u32)>, JointStats), IndexError> {
+        self.probe_join_with_kernel(I8Kernel::detect(), probes)
+    }
+
+    /// [`JointJoin::probe_join`] with a chosen kernel (tests and benches; an unavailable one runs the
+    /// portable path).
+    #[doc(hidden)]
+    pub fn probe_join_with_kernel(
+        &self,
+        kernel: I8Kernel,
+        probes: Range<usize>,
+    ) -> Result<(Vec<(u32, u32)>, JointStats), IndexError> {
+        let kernel = if kernel.available() {
+            kernel
+        } else {
+            I8Kernel::Scalar
+        };
+        let rows = self.presence.len();
+        let end = probes.end.min(rows);
+        let start = probes.start.min(end);
+        let params: Vec<(RowParams, usize)> = self
+            .members
+            .iter()
+            .map(|m| Ok((row_params(&m.slice_rows(0, end))?, m.dim())))
+            .collect::<Result<_, IndexError>>()?;
+        let scan = Scan::new(self.test, &params);
+        let mut items = Vec::new();
+        for q0 in (start..end).step_by(QUERY_TILE) {
+            let q1 = (q0 + QUERY_TILE).min(end);
+            // Base rows below the band's last row only.
+            for b0 in (0..q1 - 1).step_by(BASE_TILE) {
+                items.push((q0..q1, b0..(b0 + BASE_TILE).min(q1 - 1)));
+            }
+        }
+        let ctx = Ctx {
+            kernel,
+            join: self,
+            params: &params,
+            scan: &scan,
+        };
+        let parts: Vec<(Vec<(u32, u32)>, JointStats)> = items
+            .par_iter()
+            .map_init(Scratch::default, |sc, (band, tile)| {
+                ctx.item(sc, band.clone(), tile.clone())
+            })
+            .collect();
+        let mut stats = JointStats::default();
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.0.len()).sum());
+        for (p, s) in parts {
+            out.extend(p);
+            stats.pairs += s.pairs;
+            stats.products += s.products;
+            stats.kept += s.kept;
+        }
+        out.sort_unstable();
+        Ok((out, stats))
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    a: Vec<Vec<i8>>,
+    b: Vec<Vec<u8>>,
+}
+
+struct Ctx<'a, 'p> {
+    kernel: I8Kernel,
+    join: &'p JointJoin<'a>,
+    params: &'p [(RowParams, usize)],
+    scan: &'p Scan,
+}
+
+/// One register block's lane quantities, per member.
+struct Lanes {
+    /// Probe rows: scale, half L1 bound, presence.
+    sa: [[f32; 8]; MAX_JOINT],
+    uah: [[f32; 8]; MAX_JOINT],
+    pa: [i32; 8],
+    /// Base lanes: scale, half L1 bound, presence.
+    sb: [[f32; 32]; MAX_JOINT],
+    ubh: [[f32; 32]; MAX_JOINT],
+    pb: [i32; 32],
+}
+
+impl Ctx<'_, '_> {
+    /// One band (probe rows, absolute) × tile (base rows): every member's packed scan, the joint test.
+    #[allow(clippy::needless_range_loop)] // rows and lanes index several parallel arrays
+    fn item(
+        &self,
+        sc: &mut Scratch,
+        band: Range<usize>,
+        tile: Range<usize>,
+    ) -> (Vec<(u32, u32)>, JointStats) {
+        let k = self.kernel;
+        let (mr, nr) = (k.mr(), k.nr());
+        let nm = self.join.members.len();
+        sc.a.resize_with(nm, Vec::new);
+        sc.b.resize_with(nm, Vec::new);
+        let mut kps = [0usize; MAX_JOINT];
+        for (m, rows) in self.join.members.iter().enumerate() {
+            let k4 = rows.dim().div_ceil(4);
+            kps[m] = k4 * 4;
+            pack_probe(&rows.codes, band.clone(), mr, kps[m], &mut sc.a[m]);
+            pack_base(
+                &rows.codes,
+                tile.clone(),
+                nr,
+                k4,
+                k.base_xor(),
+                &mut sc.b[m],
+            );
+        }
+        let pres = self.join.presence;
+        let nb = band.len().div_ceil(mr) * mr;
+        let mut st = JointStats::default();
+        let mut out = Vec::new();
+        let mut dots = [[0i32; MAX_BLOCK]; MAX_JOINT];
+        let mut masks = [0u32; 8];
+        let mut corr = [[0i32; 8]; MAX_JOINT];
+        let mut lanes = Lanes {
+            sa: [[0.0; 8]; MAX_JOINT],
+            uah: [[0.0; 8]; MAX_JOINT],
+            pa: [0; 8],
+            sb: [[0.0; 32]; MAX_JOINT],
+            ubh: [[0.0; 32]; MAX_JOINT],
+            pb: [0; 32],
+        };
+        for p in 0..tile.len().div_ceil(nr) {
+            let j0 = tile.start + p * nr;
+            let jn = nr.min(tile.end - j0);
+            lanes.pb = [0; 32];
+            for l in 0..jn {
+                lanes.pb[l] = i32::from(pres[j0 + l]);
+            }
+            if lanes.pb.iter().all(|&x| x == 0) {
+                continue;
+            }
+            for (m, (rp, _)) in self.params.iter().enumerate() {
+                lanes.sb[m] = [0.0; 32];
+                lanes.ubh[m] = [0.0; 32];
+                for l in 0..jn {
+                    lanes.sb[m][l] = rp.s[j0 + l];
+                    lanes.ubh[m][l] = rp.uh[j0 + l];
+                }
+            }
+            for g in 0..nb / mr {
+                let r0 = g * mr;
+                let rn = mr.min(band.len() - r0);
+                let i0 = band.start + r0;
+                // Only lanes j < i: a block whose first base row is past its last probe row has none.
+                if j0 + 1 >= i0 + rn {
+                    continue;
+                }
+                lanes.pa = [0; 8];
+                for r in 0..rn {
+                    lanes.pa[r] = i32::from(pres[i0 + r]);
+                }
+                if lanes.pa.iter().all(|&x| x == 0) {
+                    continue;
+                }
+                for (m, (rp, _)) in self.params.iter().enumerate() {
+                    lanes.sa[m] = [0.0; 8];
+                    lanes.uah[m] = [0.0; 8];
+                    corr[m] = [0; 8];
+                    for r in 0..rn {
+                        lanes.sa[m][r] = rp.s[i0 + r];
+                        lanes.uah[m][r] = rp.uh[i0 + r];
+                        if k == I8Kernel::Vnni {
+                            corr[m][r] = rp.corr[i0 + r];
+                        }
+                    }
+                    let kp = kps[m];
+                    block_dots(
+                        k,
+                        &sc.a[m][r0 * kp..(r0 + mr) * kp],
+                        kp,
+                        &sc.b[m][p * kp * nr..(p + 1) * kp * nr],
+                        &corr[m],
+                        &mut dots[m],
+                    );
+                }
+                joint_filter(k, &dots, &lanes, self.scan, &mut masks);
+                for r in 0..rn {
+                    if lanes.pa[r] == 0 {
+                        continue;
+                    }
+                    let i = i0 + r;
+                    let n = i.saturating_sub(j0).min(jn);
+                    st.pairs += n as u64;
+                    let mut bits = masks[r] & lane_mask(n);
+                    while bits != 0 {
+                        let l = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        out.push(((j0 + l) as u32, i as u32));
+                    }
+                }
+            }
+        }
+        st.products = st.pairs * nm as u64;
+        st.kept = out.len() as u64;
+        (out, st)
+    }
+}
+
+/// `masks[r]` bit `l` set iff lane `(r, l)` passes the widened test.
+fn joint_filter(
+    kernel: I8Kernel,
+    dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
+    lanes: &Lanes,
+    scan: &Scan,
+    masks: &mut [u32; 8],
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        I8Kernel::Vnni if kernel.available() => {
+            // SAFETY: the CPU has AVX-512F (`available` checked it with BW and VNNI).
+            unsafe { joint_filter_avx512(dots, lanes, scan, masks) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        I8Kernel::Avx2 if kernel.available() => {
+            // SAFETY: the CPU has AVX2 (`available` just checked).
+            unsafe { joint_filter_avx2(dots, lanes, scan, masks) }
+        }
+        _ => joint_filter_scalar(kernel.mr(), kernel.nr(), dots, lanes, scan, masks),
+    }
+}
+
+/// The portable [`joint_filter`]: the reference order of operations.
+#[allow(clippy::needless_range_loop)] // members index several parallel arrays
+fn joint_filter_scalar(
+    mr: usize,
+    nr: usize,
+    dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
+    lanes: &Lanes,
+    scan: &Scan,
+    masks: &mut [u32; 8],
+) {
+    for (r, mask) in masks.iter_mut().enumerate().take(mr) {
+        let mut bits = 0u32;
+        for l in 0..nr {
+            let key = (lanes.pa[r] & lanes.pb[l]) as usize & ((1 << MAX_JOINT) - 1);
+            let mut sum = 0.0f32;
+            for m in 0..scan.members {
+                let (sa, sb) = (lanes.sa[m][r], lanes.sb[m][l]);
+                let x = (sa * sb) * (dots[m][r * nr + l] as f32 + scan.qd[m])
+                    + sa * lanes.ubh[m][l]
+                    + lanes.uah[m][r] * sb;
+                let (_, a0, c0) = scan.lines[m][0];
+                let mut b = a0 * x + c0;
+                for &(from, a, c) in &scan.lines[m][1..] {
+                    if x >= from {
+                        b = a * x + c;
+                    }
+                }
+                if key & (1 << m) != 0 {
+                    sum += b;
+                }
+            }
+            if sum >= scan.needed[key] {
+                bits |= 1 << l;
+            }
+        }
+        *mask = bits;
+    }
+}
+
+/// AVX-512 [`joint_filter`] for the VNNI block (8 × 32), the scalar one's operations in its order.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // members index several parallel arrays
+#[target_feature(enable = "avx512f")]
+unsafe fn joint_filter_avx512(
+    dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
+    lanes: &Lanes,
+    scan: &Scan,
+    masks: &mut [u32; 8],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: `needed` holds 16 f32.
+    let need = unsafe { _mm512_loadu_ps(scan.needed.as_ptr()) };
+    let lowbits = _mm512_set1_epi32((1 << MAX_JOINT) - 1);
+    for (r, mask) in masks.iter_mut().enumerate() {
+        let pa = _mm512_set1_epi32(lanes.pa[r]);
+        let mut bits = 0u32;
+        for h in 0..2 {
+            // SAFETY: `pb` holds 32 i32; 16 are read from 16h ≤ 16.
+            let pb = unsafe { _mm512_loadu_si512(lanes.pb.as_ptr().add(16 * h).cast()) };
+            let key = _mm512_and_si512(_mm512_and_si512(pa, pb), lowbits);
+            let mut sum = _mm512_setzero_ps();
+            for m in 0..scan.members {
+                let sa = _mm512_set1_ps(lanes.sa[m][r]);
+                let uah = _mm512_set1_ps(lanes.uah[m][r]);
+                // SAFETY: `sb` and `ubh` hold 32 f32 per member; 16 are read from 16h ≤ 16.
+                let sb = unsafe { _mm512_loadu_ps(lanes.sb[m].as_ptr().add(16 * h)) };
+                // SAFETY: `sb` and `ubh` hold 32 f32 per member; 16 are read from 16h ≤ 16.
+                let ubh = unsafe { _mm512_loadu_ps(lanes.ubh[m].as_ptr().add(16 * h)) };
+                // SAFETY: `dots[m]` holds 256 i32; 16 are read from r·32 + 16h ≤ 240.
+                let d = unsafe { _mm512_loadu_si512(dots[m].as_ptr().add(r * 32 + 16 * h).cast()) };
+                let df = _mm512_add_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scan.qd[m]));
+                let w = _mm512_mul_ps(_mm512_mul_ps(sa, sb), df);
+                let y = _mm512_add_ps(w, _mm512_mul_ps(sa, ubh));
+                let x = _mm512_add_ps(y, _mm512_mul_ps(uah, sb));
+                let (_, a0, c0) = scan.lines[m][0];
+                let mut b = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(a0), x), _mm512_set1_ps(c0));
+                for &(from, a, c) in &scan.lines[m][1..] {
+                    let v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(a), x), _mm512_set1_ps(c));
+                    let on = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(from));
+                    b = _mm512_mask_blend_ps(on, b, v);
+                }
+                let has = _mm512_test_epi32_mask(key, _mm512_set1_epi32(1 << m));
+                sum = _mm512_mask_add_ps(sum, has, sum, b);
+            }
+            let nk = _mm512_permutexvar_ps(key, need);
+            let k = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(sum, nk);
+            bits |= u32::from(k) << (16 * h);
+        }
+        *mask = bits;
+    }
+}
+
+/// AVX2 [`joint_filter`] for the AVX2 block (4 × 16), the scalar one's operations in its order.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // members index several parallel arrays
+#[target_feature(enable = "avx2")]
+unsafe fn joint_filter_avx2(
+    dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
+    lanes: &Lanes,
+    scan: &Scan,
+    masks: &mut [u32; 8],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: `needed` holds 16 f32: halves 0..8 and 8..16.
+    let (need_lo, need_hi) = unsafe {
+        (
+            _mm256_loadu_ps(scan.needed.as_ptr()),
+            _mm256_loadu_ps(scan.needed.as_ptr().add(8)),
+        )
+    };
+    let lowbits = _mm256_set1_epi32((1 << MAX_JOINT) - 1);
+    let eight = _mm256_set1_epi32(8);
+    for (r, mask) in masks.iter_mut().enumerate().take(4) {
+        let pa = _mm256_set1_epi32(lanes.pa[r]);
+        let mut bits = 0u32;
+        for h in 0..2 {
+            // SAFETY: `pb` holds 32 i32; 8 are read from 8h ≤ 8.
+            let pb = unsafe { _mm256_loadu_si256(lanes.pb.as_ptr().add(8 * h).cast()) };
+            let key = _mm256_and_si256(_mm256_and_si256(pa, pb), lowbits);
+            let mut sum = _mm256_setzero_ps();
+            for m in 0..scan.members {
+                let sa = _mm256_set1_ps(lanes.sa[m][r]);
+                let uah = _mm256_set1_ps(lanes.uah[m][r]);
+                // SAFETY: `sb` and `ubh` hold 32 f32 per member; 8 are read from 8h ≤ 8.
+                let sb = unsafe { _mm256_loadu_ps(lanes.sb[m].as_ptr().add(8 * h)) };
+                // SAFETY: `sb` and `ubh` hold 32 f32 per member; 8 are read from 8h ≤ 8.
+                let ubh = unsafe { _mm256_loadu_ps(lanes.ubh[m].as_ptr().add(8 * h)) };
+                // SAFETY: `dots[m]` holds 256 i32; 8 are read from r·16 + 8h ≤ 56.
+                let d = unsafe { _mm256_loadu_si256(dots[m].as_ptr().add(r * 16 + 8 * h).cast()) };
+                let df = _mm256_add_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scan.qd[m]));
+                let w = _mm256_mul_ps(_mm256_mul_ps(sa, sb), df);
+                let y = _mm256_add_ps(w, _mm256_mul_ps(sa, ubh));
+                let x = _mm256_add_ps(y, _mm256_mul_ps(uah, sb));
+                let (_, a0, c0) = scan.lines[m][0];
+                let mut b = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(a0), x), _mm256_set1_ps(c0));
+                for &(from, a, c) in &scan.lines[m][1..] {
+                    let v = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(a), x), _mm256_set1_ps(c));
+                    let on = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(from));
+                    b = _mm256_blendv_ps(b, v, on);
+                }
+                let bit = _mm256_set1_epi32(1 << m);
+                let has = _mm256_cmpeq_epi32(_mm256_and_si256(key, bit), bit);
+                // Adding +0 where the member is not shared leaves the sum as the scalar path's skip does.
+                sum = _mm256_add_ps(sum, _mm256_and_ps(b, _mm256_castsi256_ps(has)));
+            }
+            let lo = _mm256_permutevar8x32_ps(need_lo, key);
+            let hi = _mm256_permutevar8x32_ps(need_hi, key);
+            let upper = _mm256_cmpeq_epi32(_mm256_and_si256(key, eight), eight);
+            let nk = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(upper));
+            let k = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(sum, nk)) as u32;
+            bits |= (k & 0xff) << (8 * h);
+        }
+        *mask = bits;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dot_f32;
+    use crate::quant::{l1_bounds, quantize_rows};
+    use crate::view::RowsF32;
+    use proptest::prelude::*;
+
+    fn kernels() -> Vec<I8Kernel> {
+        [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    /// Unit rows in `d` dimensions; every 5th row leans on the row `lag` before it (pairs near any cosine).
+    fn rows(n: usize, d: usize, seed: u64, lag: usize, lean: f32) -> Vec<f32> {
+        let mut s = crate::rng::SplitMix(seed);
+        let mut v = vec![0.0f32; n * d];
+        for x in v.iter_mut() {
+            *x = (s.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        }
+        for i in (lag..n).step_by(5) {
+            let (lo, hi) = v.split_at_mut(i * d);
+            let src = &lo[(i - lag) * d..(i - lag + 1) * d];
+            for (x, &y) in hi[..d].iter_mut().zip(src) {
+                *x = (1.0 - lean) * *x + lean * y;
+            }
+        }
+        for r in v.chunks_exact_mut(d) {
+            let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|x| *x /= n);
+        }
+        v
+    }
+
+    struct Fixture {
+        f32s: Vec<Vec<f32>>,
+        dims: Vec<usize>,
+        quant: Vec<crate::QuantizedRows>,
+        l1: Vec<Vec<f32>>,
+        presence: Vec<u8>,
+    }
+
+    impl Fixture {
+        fn new(n: usize, dims: &[usize], seed: u64) -> Fixture {
+            let f32s: Vec<Vec<f32>> = dims
+                .iter()
+                .enumerate()
+                .map(|(k, &d)| {
+                    rows(
+                        n,
+                        d,
+                        seed ^ (k as u64 * 0x9e37),
+                        3 + k,
+                        0.4 + 0.15 * k as f32,
+                    )
+                })
+                .collect();
+            let quant: Vec<_> = f32s
+                .iter()
+                .zip(dims)
+                .map(|(v, &d)| quantize_rows(RowsF32::dense(v, d).unwrap()))
+                .collect();
+            let l1 = quant.iter().map(|q| l1_bounds(q.view())).collect();
+            let mut s = crate::rng::SplitMix(seed ^ 0xabc);
+            let full = (1u8 << dims.len()) - 1;
+            // Most rows have every member; some lack one, a few take no part at all.
+            let presence = (0..n)
+                .map(|_| match s.next_u64() % 10 {
+                    0 => full & !(1 << (s.next_u64() as usize % dims.len())),
+                    1 if n > 50 => 0,
+                    _ => full,
+                })
+                .collect();
+            Fixture {
+                f32s,
+                dims: dims.to_vec(),
+                quant,
+                l1,
+                presence,
+            }
+        }
+
+        fn members(&self) -> Vec<QuantRows<'_>> {
+            (0..self.dims.len())
+                .map(|k| {
+                    QuantRows::new(
+                        RowsF32::dense(&self.f32s[k], self.dims[k]).unwrap(),
+                        self.quant[k].view(),
+                        &self.l1[k],
+                    )
+                    .unwrap()
+                })
+                .collect()
+        }
+
+        fn cos(&self, k: usize, a: usize, b: usize) -> f32 {
+            let d = self.dims[k];
+            dot_f32(
+                &self.f32s[k][a * d..(a + 1) * d],
+                &self.f32s[k][b * d..(b + 1) * d],
+            )
+        }
+
+        /// Pairs `(a, b)`, `b` in `probes`, `a < b`, that the exact test passes.
+        fn exact(&self, test: &JointTest, probes: Range<usize>) -> Vec<(u32, u32)> {
+            let mut out = Vec::new();
+            for b in probes {
+                for a in 0..b {
+                    let key = self.presence[a] & self.presence[b];
+                    let cos: Vec<f32> = (0..self.dims.len()).map(|k| self.cos(k, a, b)).collect();
+                    if key != 0 && test.passes(key, &cos) {
+                        out.push((a as u32, b as u32));
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    /// A test with evidence like a calibrated face and fingers: flat well below the impostor body, rising
+    /// through the tail; `need` scales the sums needed.
+    fn test_of(members: usize, need: f32, steep: f32) -> JointTest {
+        let lines = (0..members)
+            .map(|k| {
+                let s = steep * (1.0 + 0.3 * k as f32);
+                let piece = |from: f32, slope: f32, intercept: f32| JointLine {
+                    from,
+                    slope,
+                    intercept,
+                };
+                // Each piece starts a little above where the previous one ends (never falling).
+                let p1 = piece(-0.2, 0.3 * s, -8.0 + 0.06 * s + 0.01);
+                let p2 = piece(0.2, s, p1.intercept + 0.2 * (p1.slope - s) + 0.5);
+                let p3 = piece(
+                    0.5,
+                    3.0 * s,
+                    p2.intercept + 0.5 * (p2.slope - 3.0 * s) + 0.01,
+                );
+                [piece(f32::NEG_INFINITY, 0.0, -8.0), p1, p2, p3]
+            })
+            .collect();
+        let mut needed = [f32::INFINITY; 1 << MAX_JOINT];
+        for (key, n) in needed
+            .iter_mut()
+            .enumerate()
+            .skip(1)
+            .take((1 << members) - 1)
+        {
+            *n = need + key.count_ones() as f32;
+        }
+        JointTest { lines, needed }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Every pair the exact test passes is found, by every kernel, and all kernels return the same
+        /// pairs; a strict test keeps few of them.
+        #[test]
+        fn joint_join_keeps_every_pair_the_exact_test_passes(
+            n in 2usize..180, members in 1usize..=MAX_JOINT, seed in any::<u64>(),
+            need in -10.0f32..12.0, steep in 5.0f32..40.0, start_frac in 0.0f64..1.0,
+        ) {
+            let dims: Vec<usize> = (0..members).map(|k| [96, 40, 64, 33][k]).collect();
+            let fx = Fixture::new(n, &dims, seed);
+            let test = test_of(members, need, steep);
+            let start = ((n as f64 * start_frac) as usize).min(n - 1);
+            let want = fx.exact(&test, start..n);
+            let join = JointJoin::new(fx.members(), &fx.presence, &test).unwrap();
+            let mut first: Option<Vec<(u32, u32)>> = None;
+            for k in kernels() {
+                let (got, st) = join.probe_join_with_kernel(k, start..n).unwrap();
+                let set: std::collections::HashSet<_> = got.iter().copied().collect();
+                for p in &want {
+                    prop_assert!(set.contains(p), "kernel {}: exact pair {p:?} missed", k.name());
+                }
+                for &(a, b) in &got {
+                    prop_assert!(a < b && (b as usize) >= start && fx.presence[a as usize] & fx.presence[b as usize] != 0);
+                }
+                prop_assert_eq!(st.kept as usize, got.len());
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => prop_assert_eq!(f, &got, "kernel {} differs", k.name()),
+                }
+            }
+        }
+    }
+
+    /// The test separates: with a demanding `needed`, the scan keeps a small share of the pairs and the
+    /// exact test's pairs are among them; with `needed = −∞` every pair of rows sharing a member is kept.
+    #[test]
+    fn joint_join_is_selective_and_complete() {
+        let dims = [128, 64, 64];
+        let fx = Fixture::new(600, &dims, 7);
+        let test = test_of(3, 10.0, 25.0);
+        let join = JointJoin::new(fx.members(), &fx.presence, &test).unwrap();
+        let (got, st) = join.probe_join(100..600).unwrap();
+        let want = fx.exact(&test, 100..600);
+        assert!(!want.is_empty(), "the fixture has pairs that pass");
+        let set: std::collections::HashSet<_> = got.iter().copied().collect();
+        assert!(want.iter().all(|p| set.contains(p)));
+        assert!(
+            (got.len() as u64) * 20 < st.pairs,
+            "kept {} of {} pairs",
+            got.len(),
+            st.pairs
+        );
+        assert_eq!(st.products, st.pairs * 3);
+        let mut all = test.clone();
+        all.needed = [f32::NEG_INFINITY; 1 << MAX_JOINT];
+        all.needed[0] = f32::INFINITY;
+        let join = JointJoin::new(fx.members(), &fx.presence, &all).unwrap();
+        let (every, _) = join.probe_join(100..600).unwrap();
+        let sharing = (100..600)
+            .map(|b| {
+                (0..b)
+                    .filter(|&a| fx.presence[a] & fx.presence[b] != 0)
+                    .count()
+            })
+            .sum::<usize>();
+        assert_eq!(every.len(), sharing);
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let fx = Fixture::new(10, &[32, 32], 1);
+        let test = test_of(3, 1.0, 10.0);
+        assert!(JointJoin::new(fx.members(), &fx.presence, &test).is_err());
+        let mut bad = test_of(2, 1.0, 10.0);
+        bad.lines[1][2].slope = -1.0;
+        assert!(JointJoin::new(fx.members(), &fx.presence, &bad).is_err());
+        // A bound that falls at a knot is refused.
+        let mut falls = test_of(2, 1.0, 10.0);
+        falls.lines[0][2].intercept -= 5.0;
+        assert!(JointJoin::new(fx.members(), &fx.presence, &falls).is_err());
+        let mut unordered = test_of(2, 1.0, 10.0);
+        unordered.lines[0][2].from = -0.5;
+        assert!(JointJoin::new(fx.members(), &fx.presence, &unordered).is_err());
+        let ok = test_of(2, 1.0, 10.0);
+        assert!(JointJoin::new(fx.members(), &fx.presence[..9], &ok).is_err());
+    }
+}
