@@ -1026,13 +1026,13 @@ pub(crate) fn lane_mask(n: usize) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::scalar;
     use crate::quant::{l1_bounds, quantize_rows};
     use proptest::prelude::*;
 
-    fn kernels() -> Vec<I8Kernel> {
+    pub(crate) fn kernels() -> Vec<I8Kernel> {
         [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar]
             .into_iter()
             .filter(|k| k.available())

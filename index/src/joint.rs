@@ -638,17 +638,11 @@ unsafe fn joint_filter_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exact_i8::tests::kernels;
     use crate::kernels::dot_f32;
     use crate::quant::{l1_bounds, quantize_rows};
     use crate::view::RowsF32;
     use proptest::prelude::*;
-
-    fn kernels() -> Vec<I8Kernel> {
-        [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar]
-            .into_iter()
-            .filter(|k| k.available())
-            .collect()
-    }
 
     /// Unit rows in `d` dimensions; every 5th row leans on the row `lag` before it (pairs near any cosine).
     fn rows(n: usize, d: usize, seed: u64, lag: usize, lean: f32) -> Vec<f32> {

@@ -636,22 +636,7 @@ fn the_fused_bound_keeps_every_pair_that_reaches_the_floor() {
     use pacha_engine::matcher::fused_rows;
     use pacha_index::kernels::dot_f32;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cfg(Preset::Structured, 1200);
-    c.duplicate_rate = 0.1;
-    let l = pacha_tests::load_edited(dir.path(), &c, None, &|b| {
-        // Every 5th record loses finger 7: pairs share two or three modalities.
-        for blk in b
-            .blocks
-            .iter_mut()
-            .filter(|blk| blk.modality == Modality::Finger(7))
-        {
-            for (i, p) in blk.present.iter_mut().enumerate() {
-                if i % 5 == 0 {
-                    *p = false;
-                }
-            }
-        }
-    });
+    let l = face_and_two_fingers(dir.path(), 1200);
     let e = &l.engine;
     e.calibrate(&CalibrateOptions::default()).unwrap();
     let snap = e.snapshot();
@@ -791,12 +776,12 @@ fn a_calibration_no_pair_can_pass_is_named_in_the_audit() {
     );
 }
 
-/// A face + 2 fingers store where every fifth record lacks finger 7 and a few are deleted: pairs share
-/// two or three modalities.
-fn three_modalities(dir: &std::path::Path, records: u64) -> pacha_tests::Loaded {
+/// A structured face + 2 fingers store (10 % duplicates) where every fifth record lacks finger 7: pairs
+/// share two or three modalities.
+fn face_and_two_fingers(dir: &std::path::Path, records: u64) -> pacha_tests::Loaded {
     let mut c = cfg(Preset::Structured, records);
     c.duplicate_rate = 0.1;
-    let l = pacha_tests::load_edited(dir, &c, None, &|b| {
+    pacha_tests::load_edited(dir, &c, None, &|b| {
         for blk in b
             .blocks
             .iter_mut()
@@ -808,7 +793,12 @@ fn three_modalities(dir: &std::path::Path, records: u64) -> pacha_tests::Loaded 
                 }
             }
         }
-    });
+    })
+}
+
+/// [`face_and_two_fingers`], calibrated, with a few records deleted.
+fn three_modalities(dir: &std::path::Path, records: u64) -> pacha_tests::Loaded {
+    let l = face_and_two_fingers(dir, records);
     l.engine.calibrate(&CalibrateOptions::default()).unwrap();
     // Deleted rows take part in no pair.
     for r in [3, records as usize / 2, records as usize - 7] {
