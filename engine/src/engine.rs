@@ -692,7 +692,7 @@ impl Engine {
         probe: &Probe,
         floor: f64,
     ) -> Result<Vec<Vec<usize>>, EngineError> {
-        let cand_cos = cal.candidate_cosines(floor);
+        let cand_cos = probe_candidate_cosines(snap, cal, probe, floor);
         let ann = self.usable_ann()?.filter(|a| a.covers(snap));
         let mut per = vec![Vec::new(); snap.schema().modalities.len()];
         for (mi, spec) in snap.schema().modalities.iter().enumerate() {
@@ -1728,4 +1728,37 @@ fn m_key(m: Modality) -> u8 {
         Modality::Face => 0,
         Modality::Finger(p) => p,
     }
+}
+
+/// The candidate cosine of each schema modality (schema order) for `probe` at `floor`: the complete budgets
+/// over the modality subsets the probe has ([`Calibration::candidate_cosines_within`]), since a pair of the
+/// probe and an enrolment shares only modalities the probe has; `None` where the probe has no template or no
+/// cosine up to 1 can reach `floor`. Identify searches at these, and its audit checks them.
+pub fn probe_candidate_cosines(
+    snap: &Snapshot,
+    cal: &Calibration,
+    probe: &Probe,
+    floor: f64,
+) -> Vec<Option<f32>> {
+    let positions: Vec<Option<usize>> = snap
+        .schema()
+        .modalities
+        .iter()
+        .map(|s| cal.position(s.modality).filter(|&p| p < 32))
+        .collect();
+    let within = positions
+        .iter()
+        .zip(&probe.templates)
+        .filter_map(|(p, t)| t.as_ref().and(*p))
+        .fold(0u32, |m, p| m | 1 << p);
+    let cos = cal.candidate_cosines_within(floor, within);
+    positions
+        .iter()
+        .zip(&probe.templates)
+        .map(|(p, t)| {
+            t.as_ref()
+                .and(*p)
+                .and_then(|p| cos.get(p).copied().flatten())
+        })
+        .collect()
 }

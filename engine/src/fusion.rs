@@ -1454,10 +1454,29 @@ impl Calibration {
         score_threshold: f64,
         genuine_miss: f64,
     ) -> Vec<Option<f32>> {
+        self.budget_cosines(score_threshold, genuine_miss, u32::MAX)
+    }
+
+    /// [`Calibration::candidate_cosines`] for a probe that has only the models in `within` (bit `i`: model
+    /// `i`): its pairs share a subset of `within`, so only those subsets' limits bind and the budgets (and
+    /// cosines) are never lower than they need to be for it; models outside `within` get `None`. A face-only
+    /// probe against a face + 2 fingers store is searched at the cosine where the face alone reaches the
+    /// threshold, not at the third of it the three-modality split leaves the face.
+    pub fn candidate_cosines_within(&self, score_threshold: f64, within: u32) -> Vec<Option<f32>> {
+        self.budget_cosines(score_threshold, 0.0, within)
+    }
+
+    /// The budget cosines of [`Calibration::candidate_cosines_relaxed`] over the subsets of `within`.
+    fn budget_cosines(
+        &self,
+        score_threshold: f64,
+        genuine_miss: f64,
+        within: u32,
+    ) -> Vec<Option<f32>> {
         let fmr = fmr_from_score(score_threshold);
         let n = self.models.len().min(MAX_MODALITIES);
         let masks: Vec<u32> = if n <= 8 {
-            (1u32..(1 << n)).collect()
+            (1u32..(1 << n)).filter(|m| m & !within == 0).collect()
         } else {
             // Too many subsets to enumerate: singles, pairs and the full set (documented limitation).
             let mut v: Vec<u32> = (0..n).map(|i| 1 << i).collect();
@@ -1467,6 +1486,7 @@ impl Calibration {
                 }
             }
             v.push((1 << n) - 1);
+            v.retain(|m| m & !within == 0);
             v
         };
         // Subset limits, lowered by one grid step per modality to absorb the grid's rounding.
@@ -1540,7 +1560,12 @@ impl Calibration {
         // could be affected.
         b.iter()
             .zip(&self.models)
-            .map(|(&l, (_, model))| budget_cosine(model, l))
+            .enumerate()
+            .map(|(i, (&l, (_, model)))| {
+                (i < 32 && within & (1 << i) != 0)
+                    .then(|| budget_cosine(model, l))
+                    .flatten()
+            })
             .collect()
     }
 
@@ -2039,6 +2064,67 @@ mod tests {
         for ci in c.iter().flatten() {
             assert!(*ci > 0.2, "{c:?}");
         }
+    }
+
+    /// A probe with only some modalities: its cosines keep every passing pair that shares a subset of
+    /// them, none is below what the whole split gives where that subset is one modality, the rest are `None`,
+    /// and all modalities give exactly the split's cosines.
+    #[test]
+    fn candidate_cosines_within_keep_every_pair_of_the_probe_modalities() {
+        let cal =
+            Calibration::defaults(&[Modality::Face, Modality::Finger(2), Modality::Finger(7)]);
+        let thr = threshold_for_fpir(1e-3, 1_000_000).unwrap();
+        let split = cal.candidate_cosines(thr);
+        assert_eq!(cal.candidate_cosines_within(thr, 0b111), split);
+        assert_eq!(cal.candidate_cosines_within(thr, u32::MAX), split);
+        let steps: Vec<f32> = (0..=40).map(|i| -0.2 + i as f32 * 0.03).collect();
+        for within in 1u32..8 {
+            let c = cal.candidate_cosines_within(thr, within);
+            let members: Vec<usize> = (0..3).filter(|i| within & (1 << i) != 0).collect();
+            for i in 0..3 {
+                assert_eq!(c[i].is_some(), within & (1 << i) != 0, "{within:b}: {c:?}");
+            }
+            if members.len() == 1 {
+                let i = members[0];
+                assert!(
+                    c[i].unwrap() > split[i].unwrap() + 0.05,
+                    "{c:?} vs {split:?}"
+                );
+            }
+            // Every pair sharing a non-empty subset of `within` that passes exceeds one of its cosines.
+            let mut passing = 0;
+            for shared in 1u32..8 {
+                if shared & !within != 0 {
+                    continue;
+                }
+                let idx: Vec<usize> = (0..3).filter(|i| shared & (1 << i) != 0).collect();
+                let grid = steps.len().pow(idx.len() as u32);
+                for g in 0..grid {
+                    let mut rest = g;
+                    let cos: Vec<(usize, f32)> = idx
+                        .iter()
+                        .map(|&i| {
+                            let v = steps[rest % steps.len()];
+                            rest /= steps.len();
+                            (i, v)
+                        })
+                        .collect();
+                    if cal.fuse(&cos).score >= thr {
+                        passing += 1;
+                        assert!(
+                            cos.iter().any(|&(i, v)| c[i].is_some_and(|ci| v >= ci)),
+                            "{within:b}: {cos:?} passes, cosines {c:?}"
+                        );
+                    }
+                }
+            }
+            assert!(passing > 0, "{within:b}: no passing pair on the grid");
+        }
+        assert!(
+            cal.candidate_cosines_within(thr, 0)
+                .iter()
+                .all(Option::is_none)
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! recall at `min_recall` (or shows a miss), else the boundary figure.
 
 use crate::audit::{AuditOptions, RecallFigure, pairs_needed};
-use crate::engine::{IdentifyOptions, IdentifyResult};
+use crate::engine::{IdentifyOptions, IdentifyResult, probe_candidate_cosines};
 use crate::fusion::threshold_for_fpir;
 use crate::matcher::{Probe, compare_probe};
 use crate::store::Template;
@@ -24,7 +24,7 @@ use pacha_index::RowsF32;
 use pacha_index::kernels::dot_f32;
 use pacha_index::rng::SplitMix;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 /// Default probes an identify batch audits.
@@ -202,22 +202,34 @@ impl Engine {
                 }),
             });
         }
-        let cand_cos = cal.candidate_cosines(floor);
-        // Exact boundary rows of each sampled probe, per modality (independent of the candidate path).
+        // Each probe's candidate cosines depend only on which modalities it has (computed once per pattern).
+        let mut by_pattern: HashMap<Vec<bool>, Vec<Option<f32>>> = HashMap::new();
+        let probe_cos: Vec<Vec<Option<f32>>> = valid
+            .iter()
+            .map(|p| {
+                let pattern: Vec<bool> = p.templates.iter().map(Option::is_some).collect();
+                by_pattern
+                    .entry(pattern)
+                    .or_insert_with(|| probe_candidate_cosines(&snap, &cal, p, floor))
+                    .clone()
+            })
+            .collect();
+        // Exact boundary rows of each sampled probe, per modality (independent of the candidate path): the
+        // rows at or above that probe's own candidate cosine.
         let mut exact: Vec<Vec<HashSet<usize>>> = vec![vec![HashSet::new(); keys.len()]; k];
         for (mi, spec) in snap.schema().modalities.iter().enumerate() {
-            let (Some(view), Some(c)) = (
-                snap.f32_rows(spec.modality),
-                cand_cos.get(mi).copied().flatten(),
-            ) else {
+            let with: Vec<usize> = (0..k)
+                .filter(|&i| {
+                    valid[pool[i]].templates[mi].is_some() && probe_cos[pool[i]][mi].is_some()
+                })
+                .collect();
+            let lowest = with
+                .iter()
+                .filter_map(|&i| probe_cos[pool[i]][mi])
+                .reduce(f32::min);
+            let (Some(view), Some(c)) = (snap.f32_rows(spec.modality), lowest) else {
                 continue;
             };
-            let with: Vec<usize> = (0..k)
-                .filter(|&i| valid[pool[i]].templates[mi].is_some())
-                .collect();
-            if with.is_empty() {
-                continue;
-            }
             let mut dense = Vec::with_capacity(with.len() * spec.dim);
             for &i in &with {
                 if let Some(t) = &valid[pool[i]].templates[mi] {
@@ -230,8 +242,9 @@ impl Engine {
             // GEMM and the scoring kernel differ by rounding: search a hair lower, decide on `dot_f32`.
             for p in pacha_index::exact::threshold_join(probe, view, c - 1e-4, None, Some(&skip))? {
                 let i = with[p.a as usize];
-                if let Some(q) = &valid[pool[i]].templates[mi]
-                    && dot_f32(q, view.row(p.b as usize)) >= c
+                if let (Some(q), Some(own)) =
+                    (&valid[pool[i]].templates[mi], probe_cos[pool[i]][mi])
+                    && dot_f32(q, view.row(p.b as usize)) >= own
                 {
                     exact[i][mi].insert(p.b as usize);
                 }
@@ -289,8 +302,11 @@ impl Engine {
             .filter(|p| {
                 keys.iter()
                     .position(|k| *k == p.modality)
-                    .and_then(|mi| cand_cos.get(mi).copied().flatten())
-                    == Some(p.cosine)
+                    .is_some_and(|mi| {
+                        by_pattern
+                            .values()
+                            .any(|cos| cos.get(mi).copied().flatten() == Some(p.cosine))
+                    })
             })
             .collect();
         let paths: Vec<(String, String)> = plans

@@ -42,14 +42,15 @@ fn cfg(preset: Preset, records: u64) -> PopulationConfig {
 }
 
 /// Candidate rows of `probe` per modality by the identify path in force, against an exact scan of every
-/// indexed row at the candidate cosine of the default threshold.
+/// indexed row at the probe's candidate cosine of the default threshold (the budgets over the modalities the
+/// probe has).
 fn candidates_vs_exact(e: &pacha_engine::Engine, probe: &[Template]) -> Vec<(Vec<u32>, Vec<u32>)> {
     let snap = e.snapshot();
     let ann = e.index().expect("an index");
     let cal = e.calibration();
     let threshold = pacha_engine::fusion::threshold_for_fpir(1e-3, snap.live()).unwrap();
-    let cosines = cal.candidate_cosines(threshold);
     let p = pacha_engine::matcher::Probe::new("probe", probe, snap.schema()).unwrap();
+    let cosines = pacha_engine::engine::probe_candidate_cosines(&snap, &cal, &p, threshold);
     let mut out = Vec::new();
     for (mi, spec) in snap.schema().modalities.iter().enumerate() {
         let (Some(q), Some(c), Some(view)) = (
@@ -487,6 +488,89 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
         compared += 1;
     }
     assert_eq!(compared, 100);
+
+    // Probes with the face only: their pairs share the face alone, so they are searched at the cosine where
+    // the face alone reaches the threshold (far above the share the three-modality split leaves it), and
+    // answered as the gallery scan answers; their audited batch proves it against exact search.
+    let cal = e.calibration();
+    let threshold = pacha_engine::fusion::threshold_for_fpir(1e-3, snap.live()).unwrap();
+    let split = cal.candidate_cosines(threshold);
+    let face_mi = snap
+        .schema()
+        .modalities
+        .iter()
+        .position(|s| s.modality == Modality::Face)
+        .unwrap();
+    let mut face_probes = Vec::new();
+    let mut face_ids = Vec::new();
+    for probe in &probes {
+        let fp: Vec<Template> = probe
+            .iter()
+            .filter(|t| t.modality == Modality::Face)
+            .cloned()
+            .collect();
+        if fp.is_empty() {
+            continue;
+        }
+        let p = pacha_engine::matcher::Probe::new("face probe", &fp, snap.schema()).unwrap();
+        let cos = pacha_engine::engine::probe_candidate_cosines(&snap, &cal, &p, threshold);
+        let (own, shared) = (cos[face_mi].unwrap(), split[face_mi].unwrap());
+        assert!(
+            own > shared + 0.05,
+            "face-only cosine {own} vs split {shared}"
+        );
+        assert!(
+            cos.iter()
+                .enumerate()
+                .all(|(mi, c)| mi == face_mi || c.is_none())
+        );
+        let indexed = e.identify(&fp, &IdentifyOptions::default()).unwrap();
+        let exact = e
+            .identify(
+                &fp,
+                &IdentifyOptions {
+                    gallery: Some(&all),
+                    ..IdentifyOptions::default()
+                },
+            )
+            .unwrap();
+        let ids: Vec<String> = exact
+            .candidates
+            .iter()
+            .map(|c| c.subject_id.clone())
+            .collect();
+        assert_eq!(
+            indexed
+                .candidates
+                .iter()
+                .map(|c| c.subject_id.clone())
+                .collect::<Vec<_>>(),
+            ids,
+            "face-only identify"
+        );
+        face_ids.push(ids);
+        face_probes.push(fp);
+    }
+    assert!(face_probes.len() >= 90, "{} face probes", face_probes.len());
+    let fb = e
+        .identify_batch(
+            &face_probes,
+            &IdentifyOptions::default(),
+            &pacha_engine::audit::AuditOptions {
+                probes: face_probes.len(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let fa = fb.audit.expect("an indexed batch is audited");
+    assert!(fa.passed, "{fa:?}");
+    assert_eq!(fa.contract.found, fa.contract.pairs, "{fa:?}");
+    assert_eq!(fa.boundary_pooled.found, fa.boundary_pooled.pairs, "{fa:?}");
+    assert!(fa.contract.pairs > 0, "{fa:?}");
+    // Indexed rows at a face-only probe's cosine are the batch's duplicates in the indexed rows: few, but
+    // each compared by two paths.
+    let face_boundary = identify_paths_match_exact(e, &face_probes, &face_ids, true);
+    assert!(face_boundary > 0, "{face_boundary} face boundary rows");
 
     // The same probes as one audited batch (every probe audited): the same answers, and an audit whose
     // exact oracle counts what the gallery scans above found.
