@@ -1562,7 +1562,8 @@ impl Calibration {
             .zip(&self.models)
             .enumerate()
             .map(|(i, (&l, (_, model)))| {
-                (i < 32 && within & (1 << i) != 0)
+                // `i < n ≤ MAX_MODALITIES`: the shift stays in range.
+                (within & (1 << i) != 0)
                     .then(|| budget_cosine(model, l))
                     .flatten()
             })

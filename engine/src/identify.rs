@@ -218,10 +218,9 @@ impl Engine {
         // rows at or above that probe's own candidate cosine.
         let mut exact: Vec<Vec<HashSet<usize>>> = vec![vec![HashSet::new(); keys.len()]; k];
         for (mi, spec) in snap.schema().modalities.iter().enumerate() {
+            // A probe without this modality's template has no cosine for it.
             let with: Vec<usize> = (0..k)
-                .filter(|&i| {
-                    valid[pool[i]].templates[mi].is_some() && probe_cos[pool[i]][mi].is_some()
-                })
+                .filter(|&i| probe_cos[pool[i]][mi].is_some())
                 .collect();
             let lowest = with
                 .iter()
