@@ -651,6 +651,11 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
         target_fpir: a.target_fpir,
         gallery,
         min_score: a.min_score,
+        batch_scan: match a.batch_scan {
+            crate::BatchScanArg::Auto => pacha_engine::identify::BatchScan::Auto,
+            crate::BatchScanArg::Joint => pacha_engine::identify::BatchScan::Joint,
+            crate::BatchScanArg::PerProbe => pacha_engine::identify::BatchScan::PerProbe,
+        },
     };
     if !(0.0..=1.0).contains(&a.min_recall) {
         return Err(anyhow!("--min-recall {} is not in [0, 1]", a.min_recall).into());
@@ -686,9 +691,24 @@ fn identify(a: &crate::IdentifyArgs, ui: Ui) -> Result<(), Failure> {
         all.push(json!({"probe_row": row, "result": r}));
     }
     let l = &batch.latency;
+    for j in &l.joint_scans {
+        ui.out(format!(
+            "joint scan {}: {} probes x every enrolment in {:.2} s ({:.2} ms per probe; predicted {:.2} ms{}), {} of {} pairs kept",
+            j.key,
+            j.probes,
+            j.seconds,
+            j.seconds * 1e3 / j.probes.max(1) as f64,
+            j.predicted_ms_per_probe,
+            j.predicted_ms_one_by_one
+                .map_or(", asked for".to_string(), |o| format!(" vs {o:.2} ms one by one")),
+            j.kept,
+            j.pairs
+        ));
+    }
+    let joint: usize = l.joint_scans.iter().map(|j| j.probes).sum();
     ui.out(format!(
-        "latency per probe ({} probes, one at a time): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; first {:.2} ms (plans the index's probe rule)",
-        l.probes, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.first_ms
+        "latency per probe ({} probes: {} one at a time, {joint} by joint scans, charged their share): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; first {:.2} ms",
+        l.probes, l.probes - joint, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.first_ms
     ));
     if let Some(au) = &batch.audit {
         ui.out(format!(

@@ -407,6 +407,21 @@ pub struct IdentifyArgs {
     /// Recall the batch must prove: if the audit's 95 % lower bound is below it, exit code 3.
     #[arg(long, default_value_t = pacha_engine::audit::DEFAULT_MIN_RECALL)]
     pub min_recall: f64,
+    /// How the batch searches its probes: `auto` runs one joint i8 scan of every enrolment per group of
+    /// probes holding the same modalities where it is predicted cheaper than searching them one by one.
+    #[arg(long, value_enum, default_value_t = BatchScanArg::Auto)]
+    pub batch_scan: BatchScanArg,
+}
+
+/// How `identify` searches a batch of probes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BatchScanArg {
+    /// The joint scan where predicted cheaper than searching the probes one by one.
+    Auto,
+    /// The joint scan for every group of probes it can serve (1 to 4 fused modalities with i8 codes).
+    Joint,
+    /// Every probe searched on its own (the index's paths, or an exact scan).
+    PerProbe,
 }
 
 /// Arguments of `verify`.

@@ -318,6 +318,33 @@ impl AnnSet {
         Ok(plan)
     }
 
+    /// Predicted milliseconds per query of identify's search of modality `mi` at cosine `t`: the cached
+    /// plan's chosen path, or without one (no pilot run) the cheaper of the exact and sketch scans.
+    pub fn identify_estimate(
+        &self,
+        snap: &Snapshot,
+        mi: usize,
+        t: f32,
+        impostor: Option<(f64, f64)>,
+    ) -> f64 {
+        {
+            let cache = self
+                .identify_plans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = cache.iter().find(|e| e.0 == mi && e.1 == t.to_bits())
+                && let Some(ms) =
+                    e.2.predicted_ms
+                        .iter()
+                        .find(|(name, _)| name == e.2.path.name())
+            {
+                return ms.1;
+            }
+        }
+        let sketches = self.indexed_sketches(mi).is_some() && self.sketcher(mi).is_some();
+        crate::idpath::pilotless_ms(snap, self.rows, mi, t, impostor, sketches)
+    }
+
     /// The sign sketches of the indexed rows `0..rows()` of modality `mi` without computing any: the saved
     /// ones, or those of an index built in this process; `None` if neither is at hand.
     fn indexed_sketches(&self, mi: usize) -> Option<Arc<Sketches>> {

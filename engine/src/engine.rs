@@ -35,6 +35,8 @@ pub struct IdentifyOptions<'a> {
     pub gallery: Option<&'a [String]>,
     /// Return candidates down to this calibrated score instead of the FPIR threshold (for investigation).
     pub min_score: Option<f64>,
+    /// How [`Engine::identify_batch`] searches its probes (ignored by [`Engine::identify`]).
+    pub batch_scan: crate::identify::BatchScan,
 }
 
 impl Default for IdentifyOptions<'_> {
@@ -44,6 +46,7 @@ impl Default for IdentifyOptions<'_> {
             target_fpir: crate::fusion::DEFAULT_FPIR,
             gallery: None,
             min_score: None,
+            batch_scan: crate::identify::BatchScan::Auto,
         }
     }
 }
@@ -654,33 +657,15 @@ impl Engine {
                 rows
             }
         };
-        let compared = rows.len();
-        let mut cands: Vec<(usize, Comparison)> = rows
-            .par_iter()
-            .filter(|&&r| !snap.is_deleted(r))
-            .map(|&r| (r, compare_probe(snap, cal, probe, r)))
-            .filter(|(_, c)| c.fused.score >= floor)
-            .collect();
-        cands.sort_by(|a, b| {
-            b.1.fused
-                .score
-                .total_cmp(&a.1.fused.score)
-                .then_with(|| snap.subject_id(a.0).cmp(snap.subject_id(b.0)))
-        });
-        cands.dedup_by_key(|c| c.0);
-        cands.truncate(options.max_results);
-        let candidates = cands
-            .into_iter()
-            .map(|(r, comparison)| Candidate {
-                subject_id: snap.subject_id(r).to_string(),
-                comparison,
-            })
-            .collect();
-        Ok(IdentifyResult {
+        Ok(answer(
+            snap,
+            cal,
+            probe,
+            &rows,
             threshold,
-            candidates,
-            compared,
-        })
+            floor,
+            options.max_results,
+        ))
     }
 
     /// Rows worth comparing exactly with `probe`, per modality (schema order): rows whose cosine can matter
@@ -1721,6 +1706,45 @@ fn fit_tail(
         bands: bands.map(Some),
         whole_store,
     }))
+}
+
+/// The answer to `probe` from the rows worth comparing (`rows`): each compared exactly, those at or above
+/// `floor` kept, best first (ties by subject ID), at most `max_results`.
+pub(crate) fn answer(
+    snap: &Snapshot,
+    cal: &Calibration,
+    probe: &Probe,
+    rows: &[usize],
+    threshold: f64,
+    floor: f64,
+    max_results: usize,
+) -> IdentifyResult {
+    let mut cands: Vec<(usize, Comparison)> = rows
+        .par_iter()
+        .filter(|&&r| !snap.is_deleted(r))
+        .map(|&r| (r, compare_probe(snap, cal, probe, r)))
+        .filter(|(_, c)| c.fused.score >= floor)
+        .collect();
+    cands.sort_by(|a, b| {
+        b.1.fused
+            .score
+            .total_cmp(&a.1.fused.score)
+            .then_with(|| snap.subject_id(a.0).cmp(snap.subject_id(b.0)))
+    });
+    cands.dedup_by_key(|c| c.0);
+    cands.truncate(max_results);
+    let candidates = cands
+        .into_iter()
+        .map(|(r, comparison)| Candidate {
+            subject_id: snap.subject_id(r).to_string(),
+            comparison,
+        })
+        .collect();
+    IdentifyResult {
+        threshold,
+        candidates,
+        compared: rows.len(),
+    }
 }
 
 fn m_key(m: Modality) -> u8 {

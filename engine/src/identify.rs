@@ -8,23 +8,28 @@
 //! - **contract recall**: the exact search's candidates at or above the threshold, cut to `max_results` by the
 //!   same order as the answer (score, then subject ID), and how many the answer holds;
 //! - **boundary recall** per modality: the enrolments whose cosine reaches the candidate cosine and how many
-//!   the candidate path reached (the hardest rows for the index: the hits sit above them).
+//!   the candidate path reached (the hardest rows for the index: the hits sit above them); for a probe
+//!   answered by a joint scan ([`BatchScan`]), the enrolments among those whose exact cosines pass the
+//!   scan's test, all of which it must have kept (boundary entry `joint(…)`).
 //!
 //! The verdict follows the dedup audit: complete by construction when no index is used (an exact scan of every
-//! enrolment, or of a named gallery), else the contract figure when the sample holds enough pairs to bound
-//! recall at `min_recall` (or shows a miss), else the boundary figure.
+//! enrolment, or of a named gallery) or every probe took an exact or joint scan and the sample shows no miss,
+//! else the contract figure when the sample holds enough pairs to bound recall at `min_recall` (or shows a
+//! miss), else the boundary figure.
 
 use crate::audit::{AuditOptions, RecallFigure, pairs_needed};
-use crate::engine::{IdentifyOptions, IdentifyResult, probe_candidate_cosines};
-use crate::fusion::threshold_for_fpir;
+use crate::engine::{IdentifyOptions, IdentifyResult, answer, probe_candidate_cosines};
+use crate::fusion::{Calibration, threshold_for_fpir};
+use crate::joint::ProbeScan;
 use crate::matcher::{Probe, compare_probe};
+use crate::store::Snapshot;
 use crate::store::Template;
 use crate::{Engine, EngineError};
 use pacha_index::RowsF32;
 use pacha_index::kernels::dot_f32;
 use pacha_index::rng::SplitMix;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 /// Default probes an identify batch audits.
@@ -44,9 +49,12 @@ pub struct IdentifyBatch {
 
 /// Wall-clock time per probe of an identify batch, in milliseconds: what a caller waiting on one answer sees.
 ///
-/// Probes run one after another (each uses every core for its own search), so these are single-probe
-/// latencies, not a throughput. The first probe of a process also plans the index's probe rule for the
-/// batch's candidate cosine (a pilot, cached afterwards): `first_ms` shows it apart.
+/// Probes searched one by one run one after another (each uses every core for its own search): theirs are
+/// single-probe latencies. A probe answered by a joint scan is charged its share of the scan (the scan's
+/// time over its probes) plus its own exact rescoring: a cost per probe, not the wait of one caller (all its
+/// answers come at the scan's end; `joint_scans` shows each scan). The first probe of a process searched on
+/// its own also plans the index's probe rule for its candidate cosine (a pilot, cached afterwards):
+/// `first_ms` shows the batch's first probe apart.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// Probes timed.
@@ -63,6 +71,31 @@ pub struct Latency {
     pub max_ms: f64,
     /// The first probe (the one that may have planned the probe rule).
     pub first_ms: f64,
+    /// The batch's joint scans (each probe they answered is charged its share of the scan plus its own
+    /// exact rescoring).
+    #[serde(default)]
+    pub joint_scans: Vec<JointScanInfo>,
+}
+
+/// One joint scan of an identify batch: a group of probes holding the same fused modalities against every
+/// enrolment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JointScanInfo {
+    /// The scan's members, e.g. `joint(face+finger2+finger7)`.
+    pub key: String,
+    /// Probes of the group.
+    pub probes: usize,
+    /// Seconds of the scan (the exact rescoring excluded).
+    pub seconds: f64,
+    /// Probe × enrolment pairs scanned.
+    pub pairs: u64,
+    /// Pairs the scan kept (then compared exactly).
+    pub kept: u64,
+    /// Predicted milliseconds per probe of the scan.
+    pub predicted_ms_per_probe: f64,
+    /// Predicted milliseconds per probe searched on its own (`auto` chose from the two; `None` when the
+    /// joint scan was asked for).
+    pub predicted_ms_one_by_one: Option<f64>,
 }
 
 impl Latency {
@@ -83,6 +116,7 @@ impl Latency {
             p99_ms: q(0.99),
             max_ms: sorted[sorted.len() - 1],
             first_ms: ms[0],
+            joint_scans: Vec::new(),
         }
     }
 }
@@ -120,10 +154,88 @@ pub struct IdentifyAudit {
     pub paths: Vec<(String, String)>,
 }
 
+/// How an identify batch searches its probes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchScan {
+    /// The joint scan ([`crate::joint::ProbeScan`]) for each group of probes holding the same fused
+    /// modalities where it is predicted cheaper than searching the group's probes one by one.
+    #[default]
+    Auto,
+    /// The joint scan for every group it can serve (at most [`pacha_index::joint::MAX_JOINT`] fused
+    /// modalities, each with i8 codes); the others one by one.
+    Joint,
+    /// Every probe searched on its own (the index's paths, or an exact scan).
+    PerProbe,
+}
+
+/// Seconds per probe × row pair and per code byte of the joint scan, both cores (the i8 products and the
+/// test; measured, see BENCHMARKS.md "Joint scan of identify batches").
+const JOINT_PAIR_BYTE_S: f64 = 2.0e-12;
+/// Seconds per stored code byte of each band of up to 512 probes (packing the rows' codes), and once per
+/// batch (their L1 bounds and row parameters), both cores.
+const JOINT_ROW_BYTE_S: f64 = 0.15e-9;
+
+/// Predicted milliseconds of the joint scan of `probes` probes against `rows` rows of `bytes` code bytes.
+fn joint_ms(rows: usize, bytes: usize, probes: usize) -> f64 {
+    let base = rows as f64 * bytes as f64;
+    let bands = probes.div_ceil(pacha_index::exact_i8::QUERY_TILE) as f64;
+    base * (probes as f64 * JOINT_PAIR_BYTE_S + (bands + 1.0) * JOINT_ROW_BYTE_S) * 1e3
+}
+
+/// A group of the batch's probes answered by one joint scan.
+struct JointGroup {
+    scan: ProbeScan,
+    /// Positions of the group's probes in the batch.
+    probes: Vec<usize>,
+    /// Per probe of the group, the rows the scan kept.
+    kept: Vec<Vec<usize>>,
+    /// Why the group took the joint scan: predicted ms per probe joint, and one by one (`auto` only).
+    predicted: (f64, Option<f64>),
+}
+
 impl Engine {
+    /// Predicted milliseconds of searching `probe` on its own: per modality, the index's cached plan, or
+    /// without one the cheaper of its exact and sketch scans ([`crate::AnnSet::identify_estimate`], no pilot
+    /// run); an exact scan of every row without an index.
+    fn per_probe_ms(
+        &self,
+        snap: &Snapshot,
+        cal: &Calibration,
+        probe: &Probe,
+        floor: f64,
+        ann: Option<&crate::AnnSet>,
+    ) -> f64 {
+        let mut ms = 0.0;
+        for (mi, c) in probe_candidate_cosines(snap, cal, probe, floor)
+            .into_iter()
+            .enumerate()
+        {
+            let Some(c) = c else { continue };
+            let spec = &snap.schema().modalities[mi];
+            ms += match ann {
+                Some(a) => {
+                    let impostor = cal
+                        .model(spec.modality)
+                        .map(|m| (m.impostor.mean, m.impostor.sd));
+                    a.identify_estimate(snap, mi, c, impostor)
+                }
+                None => {
+                    snap.rows() as f64 * crate::idpath::EXACT_ROW_S_512 * spec.dim as f64 / 512.0
+                        * 1e3
+                }
+            };
+        }
+        ms
+    }
+
     /// Identifies every probe of `probes` ([`Engine::identify`], one answer each) and audits the batch on a
     /// seeded sample of `audit.probes` probes (0 turns the audit off). Every probe is validated before any is
     /// searched; an invalid one is named by its position (`probe 7`).
+    ///
+    /// Probes holding the same fused modalities form a group; a group is answered by one joint scan of
+    /// every probe × enrolment pair through those modalities' i8 codes ([`crate::joint::ProbeScan`],
+    /// complete by construction) where `options.batch_scan` asks for it or predicts it cheaper than
+    /// searching the probes one by one, else probe by probe. A named gallery is always compared exactly.
     pub fn identify_batch(
         &self,
         probes: &[Vec<Template>],
@@ -139,17 +251,111 @@ impl Engine {
             .map(|(i, p)| Probe::new(&format!("probe {i}"), p, snap.schema()))
             .collect::<Result<_, _>>()?;
         let cal = self.matching_calibration(&snap)?;
-        let mut ms = Vec::with_capacity(probes.len());
-        let results = valid
-            .iter()
-            .map(|p| {
+        if options.max_results == 0 {
+            return Err(EngineError::InvalidArgument(
+                "max_results must be at least 1".into(),
+            ));
+        }
+        let n = match options.gallery {
+            Some(g) => g.len(),
+            None => snap.live(),
+        };
+        let threshold = threshold_for_fpir(options.target_fpir, n)?;
+        let floor = options.min_score.unwrap_or(threshold);
+        let ann = self.usable_ann()?.filter(|a| a.covers(&snap));
+        let indexed = options.gallery.is_none()
+            && snap.live() > crate::candidates::AUTO_EXACT_MAX_ROWS
+            && ann.is_some();
+        // Groups by the fused modalities each probe holds.
+        let mut groups: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+        if options.gallery.is_none() && options.batch_scan != BatchScan::PerProbe {
+            for (i, p) in valid.iter().enumerate() {
+                let members: Vec<usize> = snap
+                    .schema()
+                    .modalities
+                    .iter()
+                    .enumerate()
+                    .filter(|&(mi, s)| {
+                        p.templates[mi].is_some() && cal.position(s.modality).is_some()
+                    })
+                    .map(|(mi, _)| mi)
+                    .collect();
+                groups.entry(members).or_default().push(i);
+            }
+        }
+        let mut joint: Vec<JointGroup> = Vec::new();
+        for (members, idx) in groups {
+            let Some(scan) = ProbeScan::new(&snap, &cal, floor, &members)? else {
+                continue;
+            };
+            let bytes: usize = members
+                .iter()
+                .map(|&mi| snap.schema().modalities[mi].dim)
+                .sum();
+            let per_joint = joint_ms(snap.rows(), bytes, idx.len()) / idx.len() as f64;
+            let one_by_one = (options.batch_scan == BatchScan::Auto).then(|| {
+                self.per_probe_ms(
+                    &snap,
+                    &cal,
+                    &valid[idx[0]],
+                    floor,
+                    ann.as_deref().filter(|_| indexed),
+                )
+            });
+            if one_by_one.is_none_or(|one| per_joint < one) {
+                joint.push(JointGroup {
+                    scan,
+                    probes: idx,
+                    kept: Vec::new(),
+                    predicted: (per_joint, one_by_one),
+                });
+            }
+        }
+        let mut results: Vec<Option<IdentifyResult>> = vec![None; valid.len()];
+        let mut ms = vec![0.0f64; valid.len()];
+        let mut joint_of: Vec<Option<(usize, usize)>> = vec![None; valid.len()];
+        let mut scans = Vec::with_capacity(joint.len());
+        for (g, group) in joint.iter_mut().enumerate() {
+            let t = Instant::now();
+            let members: Vec<&Probe> = group.probes.iter().map(|&i| &valid[i]).collect();
+            let (kept, stats) = group.scan.search(&snap, &members)?;
+            let share = t.elapsed().as_secs_f64() * 1e3 / group.probes.len() as f64;
+            for (k, (&i, rows)) in group.probes.iter().zip(&kept).enumerate() {
                 let t = Instant::now();
-                let r = self.identify_probe(&snap, &cal, p, options);
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-                r
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let latency = Latency::of(&ms);
+                results[i] = Some(answer(
+                    &snap,
+                    &cal,
+                    &valid[i],
+                    rows,
+                    threshold,
+                    floor,
+                    options.max_results,
+                ));
+                ms[i] = share + t.elapsed().as_secs_f64() * 1e3;
+                joint_of[i] = Some((g, k));
+            }
+            scans.push(JointScanInfo {
+                key: group.scan.key.clone(),
+                probes: group.probes.len(),
+                seconds: share * group.probes.len() as f64 / 1e3,
+                pairs: stats.pairs,
+                kept: stats.kept,
+                predicted_ms_per_probe: group.predicted.0,
+                predicted_ms_one_by_one: group.predicted.1,
+            });
+            group.kept = kept;
+        }
+        for (i, p) in valid.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let t = Instant::now();
+            results[i] = Some(self.identify_probe(&snap, &cal, p, options)?);
+            ms[i] = t.elapsed().as_secs_f64() * 1e3;
+        }
+        let results: Vec<IdentifyResult> = results.into_iter().flatten().collect();
+        let mut latency = Latency::of(&ms);
+        latency.joint_scans = scans;
         if audit.probes == 0 || probes.is_empty() {
             return Ok(IdentifyBatch {
                 results,
@@ -158,25 +364,19 @@ impl Engine {
             });
         }
         let t0 = Instant::now();
-        let n = options.gallery.map_or(snap.live(), |g| g.len());
-        let threshold = threshold_for_fpir(options.target_fpir, n)?;
-        let floor = options.min_score.unwrap_or(threshold);
         let keys: Vec<String> = snap
             .schema()
             .modalities
             .iter()
             .map(|s| s.modality.key())
             .collect();
-        let indexed = options.gallery.is_none()
-            && snap.live() > crate::candidates::AUTO_EXACT_MAX_ROWS
-            && self.usable_ann()?.is_some_and(|a| a.covers(&snap));
         let mut pool: Vec<usize> = (0..probes.len()).collect();
         let k = audit.probes.min(pool.len());
         SplitMix(audit.seed).shuffle_prefix(&mut pool, k);
         pool.truncate(k);
         pool.sort_unstable();
         let needed = pairs_needed(audit.min_recall);
-        if !indexed {
+        if !indexed && joint.is_empty() {
             let why = if options.gallery.is_some() {
                 "every enrolment of the named gallery compared exactly"
             } else {
@@ -251,14 +451,30 @@ impl Engine {
         }
         let mut contract = (0u64, 0u64);
         let mut bnd = vec![(0u64, 0u64); keys.len()];
+        // Per joint group: the sampled probes' rows whose exact cosines pass the scan's test (its boundary).
+        let mut jbnd = vec![(0u64, 0u64); joint.len()];
         for (i, &pi) in pool.iter().enumerate() {
-            let reached = self.identify_candidates(&snap, &cal, &valid[pi], floor)?;
-            for (mi, rows) in exact[i].iter().enumerate() {
-                let got: HashSet<usize> = reached.get(mi).into_iter().flatten().copied().collect();
-                bnd[mi].0 += rows.iter().filter(|r| got.contains(r)).count() as u64;
-                bnd[mi].1 += rows.len() as u64;
-            }
             let union: HashSet<usize> = exact[i].iter().flatten().copied().collect();
+            match joint_of[pi] {
+                Some((g, kk)) => {
+                    let kept = &joint[g].kept[kk];
+                    for &r in &union {
+                        if joint[g].scan.exact_passes(&snap, &valid[pi], r) {
+                            jbnd[g].1 += 1;
+                            jbnd[g].0 += u64::from(kept.binary_search(&r).is_ok());
+                        }
+                    }
+                }
+                None => {
+                    let reached = self.identify_candidates(&snap, &cal, &valid[pi], floor)?;
+                    for (mi, rows) in exact[i].iter().enumerate() {
+                        let got: HashSet<usize> =
+                            reached.get(mi).into_iter().flatten().copied().collect();
+                        bnd[mi].0 += rows.iter().filter(|r| got.contains(r)).count() as u64;
+                        bnd[mi].1 += rows.len() as u64;
+                    }
+                }
+            }
             let mut top: Vec<(f64, &str)> = union
                 .into_iter()
                 .map(|r| {
@@ -282,63 +498,102 @@ impl Engine {
             }
         }
         let mut pooled = (0u64, 0u64);
-        let boundary: Vec<(String, Option<RecallFigure>)> = keys
+        let mut boundary: Vec<(String, Option<RecallFigure>)> = Vec::new();
+        for (key, &(f, n)) in keys
             .iter()
             .zip(&bnd)
-            .map(|(key, &(f, n))| {
-                pooled = (pooled.0 + f, pooled.1 + n);
-                (key.clone(), (n > 0).then(|| RecallFigure::new(f, n)))
-            })
-            .collect();
+            .chain(joint.iter().map(|g| &g.scan.key).zip(&jbnd))
+        {
+            pooled = (pooled.0 + f, pooled.1 + n);
+            boundary.push((key.clone(), (n > 0).then(|| RecallFigure::new(f, n))));
+        }
         let contract = RecallFigure::new(contract.0, contract.1);
         let pooled = RecallFigure::new(pooled.0, pooled.1);
-        // The paths the answers took (plans are cached per modality and candidate cosine).
-        let plans: Vec<crate::idpath::IdentifyPlan> = self
-            .usable_ann()?
-            .map(|a| a.identify_plans())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| {
-                keys.iter()
-                    .position(|k| *k == p.modality)
-                    .is_some_and(|mi| {
-                        by_pattern
-                            .values()
-                            .any(|cos| cos.get(mi).copied().flatten() == Some(p.cosine))
-                    })
-            })
+        // The paths the one-by-one answers took through the index (plans are cached per modality and
+        // candidate cosine): those of the patterns of probes not answered by a joint scan.
+        let one_by_one: Vec<usize> = (0..valid.len())
+            .filter(|&i| joint_of[i].is_none())
             .collect();
-        let paths: Vec<(String, String)> = plans
+        let seq_indexed = indexed && !one_by_one.is_empty();
+        let plans: Vec<crate::idpath::IdentifyPlan> = if seq_indexed {
+            ann.as_ref()
+                .map(|a| a.identify_plans())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| {
+                    keys.iter()
+                        .position(|k| *k == p.modality)
+                        .is_some_and(|mi| {
+                            one_by_one
+                                .iter()
+                                .any(|&i| probe_cos[i].get(mi).copied().flatten() == Some(p.cosine))
+                        })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut paths: Vec<(String, String)> = plans
             .iter()
             .map(|p| (p.modality.clone(), p.path.name().to_string()))
             .collect();
-        // Without a partition (exact scans, sketch scans) a row at the candidate cosine is lost only through
-        // the sketch filter, whose drop the binomial model bounds: the dedup audit's "brute" rule.
-        let drop_bound: Option<f64> = plans
-            .iter()
-            .map(|p| p.drop_bound)
-            .try_fold(0.0, |acc, d| d.map(|d| acc + d));
+        paths.extend(
+            joint
+                .iter()
+                .map(|g| (g.scan.key.clone(), "joint".to_string())),
+        );
+        // Without a partition (exact scans, sketch scans, joint scans) a row at the candidate cosine is lost
+        // only through the sketch filter, whose drop the binomial model bounds: the dedup audit's "brute"
+        // rule. Probes answered one by one without an index were scanned exactly.
+        let drop_bound: Option<f64> = if !seq_indexed {
+            Some(0.0)
+        } else if plans.is_empty() {
+            None
+        } else {
+            plans
+                .iter()
+                .map(|p| p.drop_bound)
+                .try_fold(0.0, |acc, d| d.map(|d| acc + d))
+        };
+        let mut how = Vec::new();
+        if !joint.is_empty() {
+            let keys: Vec<&str> = joint.iter().map(|g| g.scan.key.as_str()).collect();
+            how.push(format!(
+                "{} probes by the joint i8 scan of every enrolment ({}, a rigorous bound on the summed evidence)",
+                valid.len() - one_by_one.len(),
+                keys.join(", ")
+            ));
+        }
+        if !one_by_one.is_empty() {
+            how.push(format!(
+                "{} probes one by one ({})",
+                one_by_one.len(),
+                if seq_indexed {
+                    "the index's paths"
+                } else {
+                    "every enrolment scanned exactly, no index in use"
+                }
+            ));
+        }
+        let sample = format!(
+            "sample: {} of {} contract candidates, {} of {} enrolments at the boundary",
+            contract.found, contract.pairs, pooled.found, pooled.pairs
+        );
         let no_miss = contract.found == contract.pairs && pooled.found == pooled.pairs;
-        let (lower_bound, evidence) = if let (Some(drop), true, false) =
-            (drop_bound, no_miss, plans.is_empty())
-        {
+        let (lower_bound, evidence) = if let (Some(drop), true) = (drop_bound, no_miss) {
             if drop == 0.0 {
                 (
                     1.0,
-                    format!(
-                        "complete by construction: every enrolment scanned exactly (exact path); sample: {} of {} \
-                         contract candidates, {} of {} enrolments at the candidate cosines",
-                        contract.found, contract.pairs, pooled.found, pooled.pairs
-                    ),
+                    format!("complete by construction: {}; {sample}", how.join("; ")),
                 )
             } else {
                 (
                     1.0 - drop,
                     format!(
-                        "complete up to the sketch filter: every enrolment's sign sketch scanned, a row at the \
-                         candidate cosine dropped with probability ≤ {drop:.1e} (binomial model at the complete \
-                         cuts); sample: {} of {} contract candidates, {} of {} enrolments at the candidate cosines",
-                        contract.found, contract.pairs, pooled.found, pooled.pairs
+                        "complete up to the sketch filter: {}; every enrolment's sign sketch scanned, a row at \
+                         the candidate cosine dropped with probability ≤ {drop:.1e} (binomial model at the \
+                         complete cuts); {sample}",
+                        how.join("; ")
                     ),
                 )
             }
@@ -355,7 +610,7 @@ impl Engine {
                 pooled.lower,
                 format!(
                     "boundary pairs: {} contract pairs (all found) cannot bound recall at {} (needs {needed}); {} of {} \
-                     enrolments at the candidate cosines reached — the hardest rows for the candidate path",
+                     enrolments at the boundary reached — the hardest rows for the candidate path",
                     contract.pairs, audit.min_recall, pooled.found, pooled.pairs
                 ),
             )

@@ -35,7 +35,7 @@ use std::cell::OnceCell;
 use std::time::Instant;
 
 /// Seconds per indexed row of the exact scan (a streamed 512-d f32 row and `dot_f32`), both cores.
-const EXACT_ROW_S_512: f64 = 60e-9;
+pub(crate) const EXACT_ROW_S_512: f64 = 60e-9;
 /// Seconds per indexed row of the sketch scan's first stage (one 64-byte prefix), both cores.
 const SCAN_ROW_S: f64 = 4e-9;
 /// Seconds per first-stage survivor of the sketch scan's second stage (the rest of the sketch).
@@ -151,22 +151,8 @@ pub(crate) fn plan(
         }
     }
     if sketches {
-        let policy = crate::dedup::complete_cuts();
-        let model = impostor.unwrap_or((0.0, 1.0));
-        let choose = |bits: usize| choose_cut(bits, f64::from(t), model, model, &policy);
-        let (prefix, full) = (
-            choose(crate::annset::SKETCH_PREFIX_BITS),
-            choose(crate::annset::SKETCH_BITS),
-        );
-        let (p1, p2) = match impostor {
-            Some(_) => (prefix.impostor_pass, full.impostor_pass),
-            None => (1.0, 1.0),
-        };
-        let cut = crate::annset::staged_cut(&prefix, &full);
-        let ms = n * (SCAN_ROW_S + p1 * SCAN_STAGE2_S + p2 * RESCORE_S_512 * scale) * 1e3;
+        let (cut, ms, drop) = sketch_scan(n, scale, t, impostor);
         predicted.push(("sketch".into(), ms));
-        let drop = drop_probability(crate::annset::SKETCH_PREFIX_BITS, f64::from(t), prefix.cut)
-            + drop_probability(crate::annset::SKETCH_BITS, f64::from(t), full.cut);
         if ms < best.1 || force == Some(ForcedPath::Sketch) {
             best = (IdentifyPath::Sketch(cut), ms, Some(drop));
         }
@@ -190,6 +176,47 @@ pub(crate) fn plan(
         sketches,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The sketch scan of `n` indexed rows at cosine `t` (`scale`: dimension / 512): its staged cut, predicted
+/// milliseconds per query and drop bound at `t` (see [`plan`]).
+fn sketch_scan(n: f64, scale: f64, t: f32, impostor: Option<(f64, f64)>) -> (StagedCut, f64, f64) {
+    let policy = crate::dedup::complete_cuts();
+    let model = impostor.unwrap_or((0.0, 1.0));
+    let choose = |bits: usize| choose_cut(bits, f64::from(t), model, model, &policy);
+    let (prefix, full) = (
+        choose(crate::annset::SKETCH_PREFIX_BITS),
+        choose(crate::annset::SKETCH_BITS),
+    );
+    let (p1, p2) = match impostor {
+        Some(_) => (prefix.impostor_pass, full.impostor_pass),
+        None => (1.0, 1.0),
+    };
+    let cut = crate::annset::staged_cut(&prefix, &full);
+    let ms = n * (SCAN_ROW_S + p1 * SCAN_STAGE2_S + p2 * RESCORE_S_512 * scale) * 1e3;
+    let drop = drop_probability(crate::annset::SKETCH_PREFIX_BITS, f64::from(t), prefix.cut)
+        + drop_probability(crate::annset::SKETCH_BITS, f64::from(t), full.cut);
+    (cut, ms, drop)
+}
+
+/// Predicted milliseconds per query of the cheaper of the exact scan and (with `sketches`) the sketch scan
+/// of `n` indexed rows of modality `mi` at cosine `t`: [`plan`]'s figures without its pilot (the IVF path
+/// is not priced), for choosing between one-by-one search and a batch's joint scan without planning.
+pub(crate) fn pilotless_ms(
+    snap: &Snapshot,
+    n: usize,
+    mi: usize,
+    t: f32,
+    impostor: Option<(f64, f64)>,
+    sketches: bool,
+) -> f64 {
+    let scale = snap.schema().modalities[mi].dim as f64 / 512.0;
+    let exact = n as f64 * EXACT_ROW_S_512 * scale * 1e3;
+    if sketches {
+        exact.min(sketch_scan(n as f64, scale, t, impostor).1)
+    } else {
+        exact
+    }
 }
 
 /// Indexed rows (`0..rows` of `base`) whose exact cosine with `query` is at least `t`, by `path`, sorted

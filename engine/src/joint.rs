@@ -27,16 +27,20 @@
 //! ([`pacha_index::joint`]); the pairs it keeps are scored exactly like any candidate.
 
 use pacha_datasets::Modality;
+use pacha_index::RowsF32;
 use pacha_index::exact_i8::QuantRows;
-use pacha_index::joint::{JOINT_LINES, JointJoin, JointLine, JointStats, JointTest, MAX_JOINT};
+use pacha_index::joint::{
+    JOINT_LINES, JointCross, JointJoin, JointLine, JointStats, JointTest, MAX_JOINT,
+};
 use pacha_index::kernels::dot_f32;
-use pacha_index::quant::l1_bounds;
+use pacha_index::quant::{QuantizedRows, l1_bounds, quantize_rows};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 use crate::EngineError;
 use crate::fusion::{Calibration, GRID_STEP, ModalityModel};
+use crate::matcher::Probe;
 use crate::policy::RunIndex;
 use crate::store::Snapshot;
 
@@ -120,32 +124,7 @@ impl JointPlan {
             }
         }
         let positions: Vec<usize> = fused.iter().map(|f| f.2).collect();
-        let mut needed = [f32::INFINITY; 1 << MAX_JOINT];
-        for (subset, n) in needed.iter_mut().enumerate().take(1 << fused.len()).skip(1) {
-            let mask = positions
-                .iter()
-                .enumerate()
-                .filter(|&(k, _)| subset & (1 << k) != 0)
-                .fold(0u32, |m, (_, &p)| m | 1 << p);
-            let need = cal.llr_needed_any_band(mask, floor) - GRID_STEP;
-            // Rounded down: the f32 sum needed is never above the real one.
-            *n = if need.is_finite() {
-                (need as f32).next_down()
-            } else {
-                need as f32
-            };
-        }
-        let top = needed
-            .iter()
-            .copied()
-            .filter(|v| v.is_finite())
-            .fold(f32::NEG_INFINITY, f32::max);
-        let lines: Vec<[JointLine; JOINT_LINES]> = fused
-            .iter()
-            .map(|&(_, _, pos)| evidence_lines(&cal.models[pos].1, f64::from(top)))
-            .collect();
-        let test = JointTest { lines, needed };
-        test.check()?;
+        let test = joint_test(cal, floor, &positions)?;
         let modalities: Vec<Modality> = fused.iter().map(|f| f.1).collect();
         let presence: Vec<u8> = (0..snap.rows())
             .into_par_iter()
@@ -237,6 +216,195 @@ impl JointPlan {
             }
         }
         self.test.passes(key, &cos)
+    }
+}
+
+/// The joint test of the fused models at calibration positions `positions` (the members, in order) for
+/// `floor`: per member its evidence bound, per subset the least bound sum that may reach the floor (see the
+/// module docs).
+fn joint_test(
+    cal: &Calibration,
+    floor: f64,
+    positions: &[usize],
+) -> Result<JointTest, EngineError> {
+    let mut needed = [f32::INFINITY; 1 << MAX_JOINT];
+    for (subset, n) in needed
+        .iter_mut()
+        .enumerate()
+        .take(1 << positions.len())
+        .skip(1)
+    {
+        let mask = positions
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| subset & (1 << k) != 0)
+            .fold(0u32, |m, (_, &p)| m | 1 << p);
+        let need = cal.llr_needed_any_band(mask, floor) - GRID_STEP;
+        // Rounded down: the f32 sum needed is never above the real one.
+        *n = if need.is_finite() {
+            (need as f32).next_down()
+        } else {
+            need as f32
+        };
+    }
+    let top = needed
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lines: Vec<[JointLine; JOINT_LINES]> = positions
+        .iter()
+        .map(|&pos| evidence_lines(&cal.models[pos].1, f64::from(top)))
+        .collect();
+    let test = JointTest { lines, needed };
+    test.check()?;
+    Ok(test)
+}
+
+/// The joint scan of an identify batch's probes that all hold templates of the same fused modalities
+/// against every live row of a snapshot: one pass of every probe × row pair through those modalities' i8
+/// codes, keeping the rows whose joint evidence bound can reach the floor (complete by construction, like
+/// the dedup's joint path).
+pub struct ProbeScan {
+    /// Schema positions of the members.
+    pub members: Vec<usize>,
+    modalities: Vec<Modality>,
+    /// The test the scan applies.
+    pub test: JointTest,
+    /// The key the scan's audit evidence and path go under, e.g. `joint(face+finger2+finger7)`.
+    pub key: String,
+}
+
+impl ProbeScan {
+    /// The scan of probes holding templates of exactly the schema positions `members` (1 to [`MAX_JOINT`],
+    /// each fused by `cal` and with i8 codes in `snap`) at `floor`; `None` when any is not.
+    pub fn new(
+        snap: &Snapshot,
+        cal: &Calibration,
+        floor: f64,
+        members: &[usize],
+    ) -> Result<Option<ProbeScan>, EngineError> {
+        if members.is_empty() || members.len() > MAX_JOINT {
+            return Ok(None);
+        }
+        let mut positions = Vec::with_capacity(members.len());
+        let mut modalities = Vec::with_capacity(members.len());
+        for &mi in members {
+            let Some(spec) = snap.schema().modalities.get(mi) else {
+                return Ok(None);
+            };
+            let (Some(pos), Some(_)) = (cal.position(spec.modality), snap.i8_rows(spec.modality))
+            else {
+                return Ok(None);
+            };
+            positions.push(pos);
+            modalities.push(spec.modality);
+        }
+        let test = joint_test(cal, floor, &positions)?;
+        let keys: Vec<String> = modalities.iter().map(|m| m.key()).collect();
+        Ok(Some(ProbeScan {
+            members: members.to_vec(),
+            modalities,
+            test,
+            key: format!("joint({})", keys.join("+")),
+        }))
+    }
+
+    /// Per probe of `probes` (each holding every member's template), the rows of `snap` the scan keeps,
+    /// ascending, with the counters.
+    pub fn search(
+        &self,
+        snap: &Snapshot,
+        probes: &[&Probe],
+    ) -> Result<(Vec<Vec<usize>>, JointStats), EngineError> {
+        let n = snap.rows();
+        let presence: Vec<u8> = (0..n)
+            .into_par_iter()
+            .map(|r| {
+                if snap.is_deleted(r) {
+                    return 0;
+                }
+                self.modalities
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &m)| snap.is_present(m, r))
+                    .fold(0u8, |b, (k, _)| b | 1 << k)
+            })
+            .collect();
+        let mut probe_f32 = Vec::with_capacity(self.members.len());
+        for (&mi, &m) in self.members.iter().zip(&self.modalities) {
+            let dim = snap.schema().modalities[mi].dim;
+            let mut dense = Vec::with_capacity(probes.len() * dim);
+            for p in probes {
+                let Some(t) = p.templates.get(mi).and_then(Option::as_ref) else {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "the joint scan of {} got probe {} without its {m} template",
+                        self.key, p.name
+                    )));
+                };
+                dense.extend_from_slice(t);
+            }
+            probe_f32.push((dense, dim));
+        }
+        let probe_codes: Vec<QuantizedRows> = probe_f32
+            .iter()
+            .map(|(v, d)| Ok(quantize_rows(RowsF32::dense(v, *d)?)))
+            .collect::<Result<_, EngineError>>()?;
+        let probe_l1: Vec<Vec<f32>> = probe_codes.iter().map(|q| l1_bounds(q.view())).collect();
+        let mut base_l1 = Vec::with_capacity(self.members.len());
+        for &m in &self.modalities {
+            let codes = snap.i8_rows(m).ok_or_else(|| {
+                EngineError::InvalidArgument(format!("the joint scan lost {m}'s codes"))
+            })?;
+            base_l1.push(l1_bounds(codes));
+        }
+        let mut probe_rows = Vec::with_capacity(self.members.len());
+        let mut base_rows = Vec::with_capacity(self.members.len());
+        for (k, &m) in self.modalities.iter().enumerate() {
+            let (Some(view), Some(codes)) = (snap.f32_rows(m), snap.i8_rows(m)) else {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the joint scan lost {m}'s rows"
+                )));
+            };
+            probe_rows.push(QuantRows::new(
+                RowsF32::dense(&probe_f32[k].0, probe_f32[k].1)?,
+                probe_codes[k].view(),
+                &probe_l1[k],
+            )?);
+            base_rows.push(QuantRows::new(view, codes, &base_l1[k])?);
+        }
+        let full = ((1u16 << self.members.len()) - 1) as u8;
+        let probe_presence = vec![full; probes.len()];
+        let join = JointCross::new(
+            probe_rows,
+            &probe_presence,
+            base_rows,
+            &presence,
+            &self.test,
+        )?;
+        let (pairs, stats) = join.join()?;
+        let mut out = vec![Vec::new(); probes.len()];
+        for (p, r) in pairs {
+            out[p as usize].push(r as usize);
+        }
+        Ok((out, stats))
+    }
+
+    /// The exact test of `probe` against stored row `r` (their f32 templates): the pairs the scan may never
+    /// miss (the audit's boundary for the scan).
+    pub fn exact_passes(&self, snap: &Snapshot, probe: &Probe, r: usize) -> bool {
+        if snap.is_deleted(r) {
+            return false;
+        }
+        let mut key = 0u8;
+        let mut cos = [0.0f32; MAX_JOINT];
+        for (k, (&mi, &m)) in self.members.iter().zip(&self.modalities).enumerate() {
+            if let (Some(Some(q)), Some(y)) = (probe.templates.get(mi), snap.template(m, r)) {
+                cos[k] = dot_f32(q, y);
+                key |= 1 << k;
+            }
+        }
+        key != 0 && self.test.passes(key, &cos)
     }
 }
 

@@ -157,12 +157,14 @@ struct Scan {
 }
 
 impl Scan {
-    fn new(test: &JointTest, params: &[(RowParams, usize)]) -> Scan {
+    /// The test widened for a join of probe rows with parameters `a` against base rows `b` (by member), of
+    /// dimensions `dims`.
+    fn new(test: &JointTest, a: &[RowParams], b: &[RowParams], dims: &[usize]) -> Scan {
         let mut lines = [[(f32::INFINITY, 0.0f32, 0.0f32); JOINT_LINES]; MAX_JOINT];
         let mut qd = [0.0f32; MAX_JOINT];
         let (mut scale, mut slopes) = (0.0f64, 0.0f64);
-        for (k, (p, d)) in params.iter().enumerate() {
-            let (e, mag) = rounding_bound(p, p, *d);
+        for (k, ((pa, pb), d)) in a.iter().zip(b).zip(dims).enumerate() {
+            let (e, mag) = rounding_bound(pa, pb, *d);
             let widen = f64::from(CODE_BOUND_SLACK) + e;
             let (mut top, mut steep) = (0.0f64, 0.0f64);
             for (j, l) in test.lines[k].iter().enumerate() {
@@ -198,7 +200,7 @@ impl Scan {
             lines,
             needed,
             qd,
-            members: params.len(),
+            members: dims.len(),
         }
     }
 }
@@ -258,20 +260,14 @@ impl<'a> JointJoin<'a> {
         kernel: I8Kernel,
         probes: Range<usize>,
     ) -> Result<(Vec<(u32, u32)>, JointStats), IndexError> {
-        let kernel = if kernel.available() {
-            kernel
-        } else {
-            I8Kernel::Scalar
-        };
         let rows = self.presence.len();
         let end = probes.end.min(rows);
         let start = probes.start.min(end);
-        let params: Vec<(RowParams, usize)> = self
+        let params: Vec<RowParams> = self
             .members
             .iter()
-            .map(|m| Ok((row_params(&m.slice_rows(0, end))?, m.dim())))
+            .map(|m| row_params(&m.slice_rows(0, end)))
             .collect::<Result<_, IndexError>>()?;
-        let scan = Scan::new(self.test, &params);
         let mut items = Vec::new();
         for q0 in (start..end).step_by(QUERY_TILE) {
             let q1 = (q0 + QUERY_TILE).min(end);
@@ -280,10 +276,150 @@ impl<'a> JointJoin<'a> {
                 items.push((q0..q1, b0..(b0 + BASE_TILE).min(q1 - 1)));
             }
         }
+        let sides = Sides {
+            probe: &self.members,
+            base: &self.members,
+            probe_presence: self.presence,
+            base_presence: self.presence,
+            probe_params: &params,
+            base_params: &params,
+            triangle: true,
+        };
+        Ok(sides.run(kernel, self.test, &items))
+    }
+}
+
+/// A joint join of separate probe rows against base rows (an identify batch against the store): every
+/// probe row against every base row, through every member's codes.
+pub struct JointCross<'a> {
+    probes: Vec<QuantRows<'a>>,
+    probe_presence: &'a [u8],
+    base: Vec<QuantRows<'a>>,
+    base_presence: &'a [u8],
+    test: &'a JointTest,
+}
+
+impl<'a> JointCross<'a> {
+    /// Checks that each side's members describe the same rows, with one presence byte per row (bit `k`:
+    /// the row has member `k`; 0: the row takes part in no pair), that both sides have one member per test
+    /// line set, and that member `k` has the same dimension on both sides.
+    pub fn new(
+        probes: Vec<QuantRows<'a>>,
+        probe_presence: &'a [u8],
+        base: Vec<QuantRows<'a>>,
+        base_presence: &'a [u8],
+        test: &'a JointTest,
+    ) -> Result<JointCross<'a>, IndexError> {
+        test.check()?;
+        if probes.len() != test.lines.len() || base.len() != test.lines.len() {
+            return Err(IndexError::Shape(format!(
+                "joint cross join: {} probe and {} base members, a test for {}",
+                probes.len(),
+                base.len(),
+                test.lines.len()
+            )));
+        }
+        for (side, members, presence) in [
+            ("probe", &probes, probe_presence),
+            ("base", &base, base_presence),
+        ] {
+            let rows = members.first().map_or(0, QuantRows::rows);
+            if members.iter().any(|m| m.rows() != rows) || presence.len() != rows {
+                return Err(IndexError::Shape(format!(
+                    "joint cross join: {side} member rows {:?}, {} presence bytes",
+                    members.iter().map(QuantRows::rows).collect::<Vec<_>>(),
+                    presence.len()
+                )));
+            }
+        }
+        if let Some((k, (p, b))) = probes
+            .iter()
+            .zip(&base)
+            .enumerate()
+            .find(|(_, (p, b))| p.dim() != b.dim())
+        {
+            return Err(IndexError::Shape(format!(
+                "joint cross join: member {k} has dimension {} on the probe side, {} on the base side",
+                p.dim(),
+                b.dim()
+            )));
+        }
+        Ok(JointCross {
+            probes,
+            probe_presence,
+            base,
+            base_presence,
+            test,
+        })
+    }
+
+    /// All pairs `(probe row, base row)` that pass the widened test, sorted, with the counters.
+    pub fn join(&self) -> Result<(Vec<(u32, u32)>, JointStats), IndexError> {
+        self.join_with_kernel(I8Kernel::detect())
+    }
+
+    /// [`JointCross::join`] with a chosen kernel (tests and benches; an unavailable one runs the portable
+    /// path).
+    #[doc(hidden)]
+    pub fn join_with_kernel(
+        &self,
+        kernel: I8Kernel,
+    ) -> Result<(Vec<(u32, u32)>, JointStats), IndexError> {
+        let params = |members: &[QuantRows<'_>]| -> Result<Vec<RowParams>, IndexError> {
+            members.iter().map(row_params).collect()
+        };
+        let (probe_params, base_params) = (params(&self.probes)?, params(&self.base)?);
+        let (np, nb) = (self.probe_presence.len(), self.base_presence.len());
+        let mut items = Vec::new();
+        for q0 in (0..np).step_by(QUERY_TILE) {
+            for b0 in (0..nb).step_by(BASE_TILE) {
+                items.push((q0..(q0 + QUERY_TILE).min(np), b0..(b0 + BASE_TILE).min(nb)));
+            }
+        }
+        let sides = Sides {
+            probe: &self.probes,
+            base: &self.base,
+            probe_presence: self.probe_presence,
+            base_presence: self.base_presence,
+            probe_params: &probe_params,
+            base_params: &base_params,
+            triangle: false,
+        };
+        Ok(sides.run(kernel, self.test, &items))
+    }
+}
+
+/// The two sides of a joint scan, per member: rows, presence and row parameters (the same slices on both
+/// sides for a self-join, which then keeps base rows below the probe row only: `triangle`).
+struct Sides<'a, 'p> {
+    probe: &'p [QuantRows<'a>],
+    base: &'p [QuantRows<'a>],
+    probe_presence: &'p [u8],
+    base_presence: &'p [u8],
+    probe_params: &'p [RowParams],
+    base_params: &'p [RowParams],
+    triangle: bool,
+}
+
+impl Sides<'_, '_> {
+    /// Every work item (probe band × base tile) in parallel; the kept pairs `(a, b)` sorted: `a < b` for
+    /// the triangle (base row, probe row), else `(probe row, base row)`.
+    fn run(
+        &self,
+        kernel: I8Kernel,
+        test: &JointTest,
+        items: &[(Range<usize>, Range<usize>)],
+    ) -> (Vec<(u32, u32)>, JointStats) {
+        let kernel = if kernel.available() {
+            kernel
+        } else {
+            I8Kernel::Scalar
+        };
+        let dims: Vec<usize> = self.probe.iter().map(QuantRows::dim).collect();
+        let scan = Scan::new(test, self.probe_params, self.base_params, &dims);
         let ctx = Ctx {
             kernel,
-            join: self,
-            params: &params,
+            sides: self,
             scan: &scan,
         };
         let parts: Vec<(Vec<(u32, u32)>, JointStats)> = items
@@ -301,7 +437,7 @@ impl<'a> JointJoin<'a> {
             stats.kept += s.kept;
         }
         out.sort_unstable();
-        Ok((out, stats))
+        (out, stats)
     }
 }
 
@@ -311,11 +447,10 @@ struct Scratch {
     b: Vec<Vec<u8>>,
 }
 
-struct Ctx<'a, 'p> {
+struct Ctx<'a, 'p, 's> {
     kernel: I8Kernel,
-    join: &'p JointJoin<'a>,
-    params: &'p [(RowParams, usize)],
-    scan: &'p Scan,
+    sides: &'s Sides<'a, 'p>,
+    scan: &'s Scan,
 }
 
 /// One register block's lane quantities, per member.
@@ -330,7 +465,7 @@ struct Lanes {
     pb: [i32; 32],
 }
 
-impl Ctx<'_, '_> {
+impl Ctx<'_, '_, '_> {
     /// One band (probe rows, absolute) × tile (base rows): every member's packed scan, the joint test.
     #[allow(clippy::needless_range_loop)] // rows and lanes index several parallel arrays
     fn item(
@@ -341,16 +476,17 @@ impl Ctx<'_, '_> {
     ) -> (Vec<(u32, u32)>, JointStats) {
         let k = self.kernel;
         let (mr, nr) = (k.mr(), k.nr());
-        let nm = self.join.members.len();
+        let sides = self.sides;
+        let nm = sides.probe.len();
         sc.a.resize_with(nm, Vec::new);
         sc.b.resize_with(nm, Vec::new);
         let mut kps = [0usize; MAX_JOINT];
-        for (m, rows) in self.join.members.iter().enumerate() {
-            let k4 = rows.dim().div_ceil(4);
+        for (m, (prows, brows)) in sides.probe.iter().zip(sides.base).enumerate() {
+            let k4 = prows.dim().div_ceil(4);
             kps[m] = k4 * 4;
-            pack_probe(&rows.codes, band.clone(), mr, kps[m], &mut sc.a[m]);
+            pack_probe(&prows.codes, band.clone(), mr, kps[m], &mut sc.a[m]);
             pack_base(
-                &rows.codes,
+                &brows.codes,
                 tile.clone(),
                 nr,
                 k4,
@@ -358,7 +494,7 @@ impl Ctx<'_, '_> {
                 &mut sc.b[m],
             );
         }
-        let pres = self.join.presence;
+        let (ppres, bpres) = (sides.probe_presence, sides.base_presence);
         let nb = band.len().div_ceil(mr) * mr;
         let mut st = JointStats::default();
         let mut out = Vec::new();
@@ -378,12 +514,12 @@ impl Ctx<'_, '_> {
             let jn = nr.min(tile.end - j0);
             lanes.pb = [0; 32];
             for l in 0..jn {
-                lanes.pb[l] = i32::from(pres[j0 + l]);
+                lanes.pb[l] = i32::from(bpres[j0 + l]);
             }
             if lanes.pb.iter().all(|&x| x == 0) {
                 continue;
             }
-            for (m, (rp, _)) in self.params.iter().enumerate() {
+            for (m, rp) in sides.base_params.iter().enumerate() {
                 lanes.sb[m] = [0.0; 32];
                 lanes.ubh[m] = [0.0; 32];
                 for l in 0..jn {
@@ -396,17 +532,17 @@ impl Ctx<'_, '_> {
                 let rn = mr.min(band.len() - r0);
                 let i0 = band.start + r0;
                 // Only lanes j < i: a block whose first base row is past its last probe row has none.
-                if j0 + 1 >= i0 + rn {
+                if sides.triangle && j0 + 1 >= i0 + rn {
                     continue;
                 }
                 lanes.pa = [0; 8];
                 for r in 0..rn {
-                    lanes.pa[r] = i32::from(pres[i0 + r]);
+                    lanes.pa[r] = i32::from(ppres[i0 + r]);
                 }
                 if lanes.pa.iter().all(|&x| x == 0) {
                     continue;
                 }
-                for (m, (rp, _)) in self.params.iter().enumerate() {
+                for (m, rp) in sides.probe_params.iter().enumerate() {
                     lanes.sa[m] = [0.0; 8];
                     lanes.uah[m] = [0.0; 8];
                     corr[m] = [0; 8];
@@ -433,13 +569,21 @@ impl Ctx<'_, '_> {
                         continue;
                     }
                     let i = i0 + r;
-                    let n = i.saturating_sub(j0).min(jn);
+                    let n = if sides.triangle {
+                        i.saturating_sub(j0).min(jn)
+                    } else {
+                        jn
+                    };
                     st.pairs += n as u64;
                     let mut bits = masks[r] & lane_mask(n);
                     while bits != 0 {
                         let l = bits.trailing_zeros() as usize;
                         bits &= bits - 1;
-                        out.push(((j0 + l) as u32, i as u32));
+                        out.push(if sides.triangle {
+                            ((j0 + l) as u32, i as u32)
+                        } else {
+                            (i as u32, (j0 + l) as u32)
+                        });
                     }
                 }
             }
@@ -817,6 +961,115 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The cross form (probe rows of their own against base rows): every (probe, base) pair the exact
+        /// test passes is found by every kernel, the kernels agree, and every kept pair shares a member.
+        #[test]
+        fn joint_cross_keeps_every_pair_the_exact_test_passes(
+            n in 2usize..160, members in 1usize..=MAX_JOINT, seed in any::<u64>(),
+            need in -10.0f32..12.0, steep in 5.0f32..40.0, from_frac in 0.0f64..1.0, len in 1usize..70,
+        ) {
+            let dims: Vec<usize> = (0..members).map(|k| [96, 40, 64, 33][k]).collect();
+            let fx = Fixture::new(n, &dims, seed);
+            let test = test_of(members, need, steep);
+            // Probes: rows s..e of the fixture, as views of their own (their own row parameters).
+            let s = ((n as f64 * from_frac) as usize).min(n - 1);
+            let e = (s + len).min(n);
+            let probes: Vec<QuantRows<'_>> = fx.members().iter().map(|m| m.slice_rows(s, e)).collect();
+            let mut want = Vec::new();
+            for i in s..e {
+                for j in 0..n {
+                    let key = fx.presence[i] & fx.presence[j];
+                    let cos: Vec<f32> = (0..members).map(|k| fx.cos(k, i, j)).collect();
+                    if key != 0 && test.passes(key, &cos) {
+                        want.push(((i - s) as u32, j as u32));
+                    }
+                }
+            }
+            let join = JointCross::new(probes, &fx.presence[s..e], fx.members(), &fx.presence, &test).unwrap();
+            let mut first: Option<Vec<(u32, u32)>> = None;
+            for k in kernels() {
+                let (got, st) = join.join_with_kernel(k).unwrap();
+                let set: std::collections::HashSet<_> = got.iter().copied().collect();
+                for p in &want {
+                    prop_assert!(set.contains(p), "kernel {}: exact pair {p:?} missed", k.name());
+                }
+                for &(a, b) in &got {
+                    prop_assert!(fx.presence[s + a as usize] & fx.presence[b as usize] != 0);
+                }
+                prop_assert_eq!(st.kept as usize, got.len());
+                let present = (s..e).filter(|&i| fx.presence[i] != 0).count() as u64;
+                prop_assert_eq!(st.pairs, present * n as u64);
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => prop_assert_eq!(f, &got, "kernel {} differs", k.name()),
+                }
+            }
+        }
+    }
+
+    /// The cross form is selective: a demanding test keeps a small share of the pairs, and with
+    /// `needed = −∞` it keeps exactly the pairs sharing a member.
+    #[test]
+    fn joint_cross_is_selective_and_complete() {
+        let dims = [128, 64, 64];
+        let fx = Fixture::new(700, &dims, 11);
+        let test = test_of(3, 10.0, 25.0);
+        let probes: Vec<QuantRows<'_>> =
+            fx.members().iter().map(|m| m.slice_rows(0, 100)).collect();
+        let join = JointCross::new(
+            probes.clone(),
+            &fx.presence[..100],
+            fx.members(),
+            &fx.presence,
+            &test,
+        )
+        .unwrap();
+        let (got, st) = join.join().unwrap();
+        assert!(!got.is_empty(), "each present probe passes against itself");
+        assert!(
+            (got.len() as u64) * 20 < st.pairs,
+            "kept {} of {}",
+            got.len(),
+            st.pairs
+        );
+        let mut all = test.clone();
+        all.needed = [f32::NEG_INFINITY; 1 << MAX_JOINT];
+        all.needed[0] = f32::INFINITY;
+        let join = JointCross::new(
+            probes,
+            &fx.presence[..100],
+            fx.members(),
+            &fx.presence,
+            &all,
+        )
+        .unwrap();
+        let (every, _) = join.join().unwrap();
+        let sharing = (0..100)
+            .map(|i| {
+                (0..700)
+                    .filter(|&j| fx.presence[i] & fx.presence[j] != 0)
+                    .count()
+            })
+            .sum::<usize>();
+        assert_eq!(every.len(), sharing);
+        // Shapes: a member missing on one side, or presence of the wrong length, is refused.
+        let two: Vec<QuantRows<'_>> = fx.members().into_iter().take(2).collect();
+        assert!(JointCross::new(two, &fx.presence, fx.members(), &fx.presence, &test).is_err());
+        assert!(
+            JointCross::new(
+                fx.members(),
+                &fx.presence[..9],
+                fx.members(),
+                &fx.presence,
+                &test
+            )
+            .is_err()
+        );
     }
 
     /// The test separates: with a demanding `needed`, the scan keeps a small share of the pairs and the

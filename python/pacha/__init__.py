@@ -629,13 +629,16 @@ class Store:
         audit_seed: Optional[int] = None,
         min_recall: float = 0.999,
         strict: bool = True,
+        batch_scan: str = "auto",
     ) -> IdentifyResult:
         """1:N identification of probes (``pacha identify``): row ``i`` of ``face`` and of every ``finger``
         array is probe ``i`` (a 1-D array is one probe; an all-zero row is an absent template).
 
         Returns an :class:`IdentifyResult` with each probe's candidates at or above the threshold (or
         ``min_score``), best first, at most ``max_results``; ``gallery`` restricts the search to those
-        subjects. The batch is audited like the CLI's (``strict`` as for :meth:`dedup`).
+        subjects. The batch is audited like the CLI's (``strict`` as for :meth:`dedup`). ``batch_scan``
+        (``"auto"``, ``"joint"``, ``"per-probe"``) is the CLI's ``--batch-scan``: probes holding the same
+        modalities answered by one joint i8 scan of every enrolment, or each searched on its own.
         """
         blocks = []
         for k, a in _blocks(face, finger):
@@ -653,6 +656,7 @@ class Store:
             int(audit_probes),
             None if audit_seed is None else int(audit_seed),
             float(min_recall),
+            str(batch_scan),
         )
         result = IdentifyResult(answers, audit, latency)
         if strict and not result.proven:

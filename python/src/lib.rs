@@ -14,6 +14,7 @@ use pacha_engine::audit::AuditOptions;
 use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, DedupResult, DedupScope, RunParameters};
 use pacha_engine::engine::{CalibrateOptions, IdentifyOptions};
+use pacha_engine::identify::BatchScan;
 use pacha_engine::store::{ModalitySpec, Schema, Template};
 use pacha_engine::{Engine as CoreEngine, EngineError, Modality, ModalityBlock, RecordBatch};
 use pyo3::exceptions::PyValueError;
@@ -569,7 +570,7 @@ impl Engine {
 
     /// Identifies every probe row (blocks as for ingest, without presence/quality); returns one dict of
     /// columns per probe, the audit as JSON (or None) and the per-probe latency summary as JSON.
-    #[pyo3(signature = (blocks, max_results, target_fpir, gallery, min_score, audit_probes, audit_seed, min_recall))]
+    #[pyo3(signature = (blocks, max_results, target_fpir, gallery, min_score, audit_probes, audit_seed, min_recall, batch_scan))]
     #[allow(clippy::too_many_arguments)]
     fn identify<'py>(
         &self,
@@ -582,6 +583,7 @@ impl Engine {
         audit_probes: usize,
         audit_seed: Option<u64>,
         min_recall: f64,
+        batch_scan: &str,
     ) -> PyResult<(Vec<Bound<'py, PyDict>>, Option<String>, String)> {
         let e = self.get()?;
         if !(0.0..=1.0).contains(&min_recall) {
@@ -589,6 +591,16 @@ impl Engine {
                 "min_recall {min_recall} is not in [0, 1]"
             )));
         }
+        let batch_scan = match batch_scan {
+            "auto" => BatchScan::Auto,
+            "joint" => BatchScan::Joint,
+            "per-probe" => BatchScan::PerProbe,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "batch_scan {other:?} is not one of \"auto\", \"joint\", \"per-probe\""
+                )));
+            }
+        };
         let held = hold_blocks(
             blocks
                 .into_iter()
@@ -631,6 +643,7 @@ impl Engine {
                     target_fpir,
                     gallery: gallery.as_deref(),
                     min_score,
+                    batch_scan,
                 };
                 e.identify_batch(
                     &probes,

@@ -54,6 +54,15 @@ def test_identify_returns_the_enrolled_subject_and_equals_cli(store: Path, small
         cands = p["result"]["candidates"]
         assert [c["subject_id"] for c in cands] == list(r[k]["subject_id"])
         assert [c["comparison"]["fused"]["score"] for c in cands] == list(r[k]["score"])
+    # One joint scan of the batch answers as the per-probe search does; it shows in the latency.
+    with pacha.Store.open(store, read_only=True) as s:
+        joint = s.identify(face=face, finger={2: f2}, max_results=5, batch_scan="joint")
+        one = s.identify(face=face, finger={2: f2}, max_results=5, batch_scan="per-probe")
+        with pytest.raises(ValueError, match="batch_scan"):
+            s.identify(face=face, batch_scan="sometimes")
+    assert [list(c["subject_id"]) for c in joint.candidates] == [list(c["subject_id"]) for c in one.candidates]
+    assert joint.latency["joint_scans"][0]["probes"] == 4 and not one.latency["joint_scans"]
+    assert joint.proven
     # A gallery restricts the search.
     with pacha.Store.open(store, read_only=True) as s:
         g = s.identify(face=face[:1], gallery=[small_pop.ids[1], small_pop.ids[2]], min_score=-1e9)

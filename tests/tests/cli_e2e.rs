@@ -316,6 +316,52 @@ fn full_pipeline_through_the_cli() {
         .iter()
         .any(|c| c["subject_id"] == ids[0]);
     assert!(found_q, "identify with --subjects lost {}: {idq}", ids[0]);
+    // A batch of 20 probes answered by one joint scan gives the answers the per-probe search gives, says
+    // so in its latency, and its audit checks the scan's boundary.
+    let lo = row.min(3000 - 20);
+    let rows: Vec<String> = (lo..lo + 20).map(|r| r.to_string()).collect();
+    let batch = |mode: &str| {
+        ok_json(&[
+            "--json",
+            "identify",
+            "--store",
+            s(&store),
+            "--face",
+            s(&pop.join("face.npy")),
+            "--rows",
+            &rows.join(","),
+            "--batch-scan",
+            mode,
+        ])
+    };
+    let (joint, one) = (batch("joint"), batch("per-probe"));
+    let answers = |j: &serde_json::Value| -> Vec<Vec<String>> {
+        j["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                p["result"]["candidates"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["subject_id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(answers(&joint), answers(&one));
+    assert!(answers(&joint)[row - lo].contains(&ids[0].to_string()));
+    let scans = &joint["latency"]["joint_scans"];
+    assert_eq!(scans[0]["key"], "joint(face)", "{scans}");
+    assert_eq!(scans[0]["probes"], 20, "{scans}");
+    assert!(one["latency"]["joint_scans"].as_array().unwrap().is_empty());
+    assert_eq!(joint["audit"]["passed"], true, "{}", joint["audit"]);
+    assert!(
+        joint["audit"]["paths"].to_string().contains("\"joint\""),
+        "{}",
+        joint["audit"]
+    );
 
     // delete, then check is clean (exit 0).
     // An ID that is not enrolled refuses the whole delete (exit 2, naming it); then the real one goes.

@@ -9,6 +9,7 @@ use pacha_engine::Modality;
 use pacha_engine::candidates::CandidateMode;
 use pacha_engine::dedup::{DedupOptions, DedupResult, DedupScope};
 use pacha_engine::engine::{CalibrateOptions, IdentifyOptions};
+use pacha_engine::identify::BatchScan;
 use pacha_engine::store::Template;
 use pacha_tests::{load, load_first, ordered};
 use std::collections::HashSet;
@@ -541,10 +542,14 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
         face_probes.push(fp);
     }
     assert!(face_probes.len() >= 90, "{} face probes", face_probes.len());
+    let per_probe = IdentifyOptions {
+        batch_scan: BatchScan::PerProbe,
+        ..IdentifyOptions::default()
+    };
     let fb = e
         .identify_batch(
             &face_probes,
-            &IdentifyOptions::default(),
+            &per_probe,
             &pacha_engine::audit::AuditOptions {
                 probes: face_probes.len(),
                 ..Default::default()
@@ -566,7 +571,7 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
     let audited_batch = || {
         e.identify_batch(
             &probes,
-            &IdentifyOptions::default(),
+            &per_probe,
             &pacha_engine::audit::AuditOptions {
                 probes: 100,
                 ..Default::default()
@@ -582,6 +587,77 @@ fn daily_batch_and_identify_with_an_index_match_exact() {
     assert_eq!(audit.contract.found, audit.contract.pairs, "{audit:?}");
     assert!(audit.boundary_pooled.pairs >= audit.contract.pairs);
     assert_eq!(audit.boundary_pooled.found, audit.boundary_pooled.pairs);
+
+    // The same probes, and the face-only ones, in one batch answered by joint scans (one per group of
+    // probes holding the same modalities, every enrolment through their i8 codes): the gallery scan's
+    // answers, and an audit that checks each sampled probe's joint boundary against exact search.
+    let mixed: Vec<Vec<Template>> = probes.iter().chain(&face_probes).cloned().collect();
+    let want: Vec<Vec<String>> = exact_ids.iter().chain(&face_ids).cloned().collect();
+    let jb = e
+        .identify_batch(
+            &mixed,
+            &IdentifyOptions {
+                batch_scan: BatchScan::Joint,
+                ..IdentifyOptions::default()
+            },
+            &pacha_engine::audit::AuditOptions {
+                probes: mixed.len(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for (i, (r, w)) in jb.results.iter().zip(&want).enumerate() {
+        assert_eq!(&ids(r), w, "joint-scanned probe {i}");
+    }
+    let scans = &jb.latency.joint_scans;
+    assert!(
+        scans
+            .iter()
+            .any(|j| j.key == "joint(face)" && j.probes == face_probes.len()),
+        "{scans:?}"
+    );
+    assert_eq!(
+        scans.iter().map(|j| j.probes).sum::<usize>(),
+        mixed.len(),
+        "{scans:?}"
+    );
+    // The scan keeps a small share of the pairs (the rest never reach the exact comparison).
+    for j in scans {
+        assert!(j.kept > 0 && j.kept * 50 < j.pairs, "{j:?}");
+    }
+    let ja = jb.audit.expect("a joint batch is audited");
+    assert!(
+        ja.passed && ja.evidence.starts_with("complete by construction"),
+        "{ja:?}"
+    );
+    assert_eq!(ja.contract.found, ja.contract.pairs, "{ja:?}");
+    assert!(ja.contract.pairs >= exact_hits, "{ja:?}");
+    let joint_boundary: u64 = ja
+        .boundary
+        .iter()
+        .filter(|(k, _)| k.starts_with("joint("))
+        .filter_map(|(_, f)| f.as_ref())
+        .map(|f| {
+            assert_eq!(f.found, f.pairs, "{ja:?}");
+            f.pairs
+        })
+        .sum();
+    assert!(joint_boundary >= ja.contract.pairs, "{ja:?}");
+    assert!(ja.paths.iter().all(|p| p.1 == "joint"), "{ja:?}");
+    // Auto takes the joint scan only where it predicts it cheaper, and answers the same either way.
+    let auto = e
+        .identify_batch(&mixed, &IdentifyOptions::default(), &Default::default())
+        .unwrap();
+    for (i, (r, w)) in auto.results.iter().zip(&want).enumerate() {
+        assert_eq!(&ids(r), w, "auto batch, probe {i}");
+    }
+    for j in &auto.latency.joint_scans {
+        assert!(
+            j.predicted_ms_one_by_one
+                .is_some_and(|one| j.predicted_ms_per_probe < one),
+            "{j:?}"
+        );
+    }
     // A named gallery is compared exhaustively: complete by construction, no sample needed.
     let gallery = e
         .identify_batch(

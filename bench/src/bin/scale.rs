@@ -175,8 +175,8 @@ struct Args {
     /// Records per ingest batch (each batch is a durable commit).
     #[arg(long, default_value_t = 10_000)]
     batch: usize,
-    /// Identify probes answered after the dedup, one at a time (`Engine::identify_batch`, every probe
-    /// audited against exact search): each is a seeded live row with every template moved to a cosine drawn
+    /// Identify probes answered after the dedup as one batch (`Engine::identify_batch`, every probe
+    /// audited against exact search; see `--identify-batch-scan`): each is a seeded live row with every template moved to a cosine drawn
     /// uniformly in [0.5, 0.95] with its source, towards a random direction. Reports the per-probe latency
     /// (p50/p99), the audit's recall vs exact and how many sources come back. 0 skips.
     #[arg(long, default_value_t = 0)]
@@ -185,6 +185,10 @@ struct Args {
     /// cost per query, see `pacha_engine::idpath`).
     #[arg(long)]
     identify_path: Option<IdPathArg>,
+    /// How the identify batch searches its probes (`auto`, `joint`, `per-probe`; default `auto`, or
+    /// `per-probe` when `--identify-path` imposes an index path).
+    #[arg(long)]
+    identify_batch_scan: Option<IdBatchArg>,
     /// Also search the identify probes' face templates with an HNSW graph (hnsw_rs, default build
     /// parameters) built over the face rows, at each of these ef values (comma-separated): build time,
     /// per-query latency and the share of exact search's rows at or above the candidate cosine and of the
@@ -202,6 +206,14 @@ enum IdPathArg {
     Ivf,
     Sketch,
     Exact,
+}
+
+/// `--identify-batch-scan` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum IdBatchArg {
+    Auto,
+    Joint,
+    PerProbe,
 }
 
 /// `n` identify probes made from seeded live rows of `engine`'s store: every present template of the row,
@@ -766,8 +778,14 @@ fn main() -> Result<()> {
     let mut identify = json!(null);
     if a.identify_probes > 0 {
         let (probes, sources) = identify_probes(&engine, a.identify_probes, a.seed ^ 0x1d3);
+        use pacha_engine::identify::BatchScan;
         let opts = pacha_engine::engine::IdentifyOptions {
             target_fpir: a.target_fpir,
+            batch_scan: match (a.identify_batch_scan, a.identify_path) {
+                (Some(IdBatchArg::Auto), _) | (None, None) => BatchScan::Auto,
+                (Some(IdBatchArg::Joint), _) => BatchScan::Joint,
+                (Some(IdBatchArg::PerProbe), _) | (None, Some(_)) => BatchScan::PerProbe,
+            },
             ..Default::default()
         };
         if let (Some(ann), Some(p)) = (engine.index(), a.identify_path) {
