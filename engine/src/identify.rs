@@ -172,8 +172,9 @@ pub enum BatchScan {
 /// test; measured, see BENCHMARKS.md "Joint scan of identify batches").
 const JOINT_PAIR_BYTE_S: f64 = 2.0e-12;
 /// Seconds per stored code byte of each band of up to 512 probes (packing the rows' codes), and once per
-/// batch (their L1 bounds and row parameters), both cores.
-const JOINT_ROW_BYTE_S: f64 = 0.15e-9;
+/// batch (their L1 bounds and row parameters), both cores: 0.27–0.45 ns measured at 1 M face + 2 fingers
+/// with 1 to 100 probes (one band), 0.11 ns with 945 (two).
+const JOINT_ROW_BYTE_S: f64 = 0.3e-9;
 
 /// Predicted milliseconds of the joint scan of `probes` probes against `rows` rows of `bytes` code bytes.
 fn joint_ms(rows: usize, bytes: usize, probes: usize) -> f64 {

@@ -317,6 +317,7 @@ impl ProbeScan {
         snap: &Snapshot,
         probes: &[&Probe],
     ) -> Result<(Vec<Vec<usize>>, JointStats), EngineError> {
+        let t0 = std::time::Instant::now();
         let n = snap.rows();
         let presence: Vec<u8> = (0..n)
             .into_par_iter()
@@ -351,6 +352,7 @@ impl ProbeScan {
             .map(|(v, d)| Ok(quantize_rows(RowsF32::dense(v, *d)?)))
             .collect::<Result<_, EngineError>>()?;
         let probe_l1: Vec<Vec<f32>> = probe_codes.iter().map(|q| l1_bounds(q.view())).collect();
+        let t_presence = t0.elapsed().as_secs_f64();
         let mut base_l1 = Vec::with_capacity(self.members.len());
         for &m in &self.modalities {
             let codes = snap.i8_rows(m).ok_or_else(|| {
@@ -382,7 +384,16 @@ impl ProbeScan {
             &presence,
             &self.test,
         )?;
+        let t_setup = t0.elapsed().as_secs_f64();
         let (pairs, stats) = join.join()?;
+        tracing::debug!(
+            "{}: {} probes x {n} rows: presence {t_presence:.3} s, probe codes and L1 bounds {:.3} s, scan {:.3} s, {} pairs kept",
+            self.key,
+            probes.len(),
+            t_setup - t_presence,
+            t0.elapsed().as_secs_f64() - t_setup,
+            stats.kept
+        );
         let mut out = vec![Vec::new(); probes.len()];
         for (p, r) in pairs {
             out[p as usize].push(r as usize);
