@@ -265,8 +265,8 @@ fn identify_probes(engine: &Engine, n: usize, seed: u64) -> (Vec<Vec<Template>>,
 /// HNSW against the identify contract on the face templates of `probes`: builds a graph over the store's
 /// face rows (hnsw_rs, `HnswParams::default()`: i8 graph, M 16, ef_construction 200, parallel inserts),
 /// then for each `ef` searches every probe one at a time (`k'` results rescored exactly) and counts the
-/// exact scan's rows at or above the face candidate cosine, and those whose fused score reaches the
-/// threshold, that it returns.
+/// exact scan's rows at or above the probe's face candidate cosine (as identify searches it), and those
+/// whose fused score reaches the threshold, that it returns.
 fn hnsw_identify(
     engine: &Engine,
     probes: &[Vec<Template>],
@@ -285,12 +285,6 @@ fn hnsw_identify(
         .context("--identify-hnsw needs a face modality")?;
     let view = snap.f32_rows(Modality::Face).context("no face rows")?;
     let threshold = pacha_engine::fusion::threshold_for_fpir(target_fpir, snap.live())?;
-    let c = cal
-        .candidate_cosines(threshold)
-        .get(mi)
-        .copied()
-        .flatten()
-        .context("no face candidate cosine")?;
     let t = Instant::now();
     let graph = pacha_index::HnswIndex::build(view, &pacha_index::HnswParams::default())?;
     let build_s = t.elapsed().as_secs_f64();
@@ -299,19 +293,26 @@ fn hnsw_identify(
         view.rows(),
         view.rows() as f64 / build_s
     ));
-    // Exact rows at or above the candidate cosine, and the contract's (fused score ≥ threshold), per probe.
-    let faces: Vec<(usize, &[f32])> = probes
+    // Exact rows at or above the probe's own face candidate cosine (identify's: the complete budgets over
+    // the modalities the probe has), and the contract's (fused score ≥ threshold), per probe.
+    let faces: Vec<(usize, &[f32], f32)> = probes
         .iter()
         .enumerate()
         .filter_map(|(i, p)| {
-            p.iter()
-                .find(|t| t.modality == Modality::Face)
-                .map(|t| (i, t.vector.as_slice()))
+            let face = p.iter().find(|t| t.modality == Modality::Face)?;
+            let probe = pacha_engine::matcher::Probe::new("probe", p, snap.schema()).ok()?;
+            let c = pacha_engine::engine::probe_candidate_cosines(&snap, &cal, &probe, threshold)
+                .get(mi)
+                .copied()
+                .flatten()?;
+            Some((i, face.vector.as_slice(), c))
         })
         .collect();
+    let lowest = faces.iter().map(|f| f.2).reduce(f32::min);
+    let highest = faces.iter().map(|f| f.2).reduce(f32::max);
     let exact: Vec<(HashSet<u32>, HashSet<u32>)> = faces
         .iter()
-        .map(|&(i, q)| {
+        .map(|&(i, q, c)| {
             let probe = pacha_engine::matcher::Probe::new("probe", &probes[i], snap.schema());
             let above: HashSet<u32> = (0..view.rows())
                 .filter(|&r| {
@@ -341,7 +342,7 @@ fn hnsw_identify(
     for &ef in efs {
         let mut ms = Vec::with_capacity(faces.len());
         let (mut b_found, mut b_all, mut c_found, mut c_all) = (0u64, 0u64, 0u64, 0u64);
-        for (&(_, q), (above, contract)) in faces.iter().zip(&exact) {
+        for (&(_, q, c), (above, contract)) in faces.iter().zip(&exact) {
             let t = Instant::now();
             let got = pacha_index::search_rescored(&graph, q, view, k, k, ef, None)?;
             ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -361,7 +362,7 @@ fn hnsw_identify(
             "boundary_found": b_found, "boundary_pairs": b_all}));
     }
     Ok(
-        json!({"rows": view.rows(), "build_seconds": build_s, "cosine": c,
+        json!({"rows": view.rows(), "build_seconds": build_s, "cosines": [lowest, highest],
               "threshold": threshold, "params": pacha_index::HnswParams::default(), "by_ef": rows}),
     )
 }
