@@ -221,21 +221,7 @@ impl<'a> JointJoin<'a> {
         test: &'a JointTest,
     ) -> Result<JointJoin<'a>, IndexError> {
         test.check()?;
-        if members.len() != test.lines.len() {
-            return Err(IndexError::Shape(format!(
-                "joint join: {} members, a test for {}",
-                members.len(),
-                test.lines.len()
-            )));
-        }
-        let rows = members.first().map_or(0, QuantRows::rows);
-        if members.iter().any(|m| m.rows() != rows) || presence.len() != rows {
-            return Err(IndexError::Shape(format!(
-                "joint join: member rows {:?}, {} presence bytes",
-                members.iter().map(QuantRows::rows).collect::<Vec<_>>(),
-                presence.len()
-            )));
-        }
+        check_side("joint join", &members, presence, test)?;
         Ok(JointJoin {
             members,
             presence,
@@ -289,6 +275,32 @@ impl<'a> JointJoin<'a> {
     }
 }
 
+/// Checks one side of a joint join: one member per test line set, all describing the same rows, one presence
+/// byte per row.
+fn check_side(
+    what: &str,
+    members: &[QuantRows<'_>],
+    presence: &[u8],
+    test: &JointTest,
+) -> Result<(), IndexError> {
+    if members.len() != test.lines.len() {
+        return Err(IndexError::Shape(format!(
+            "{what}: {} members, a test for {}",
+            members.len(),
+            test.lines.len()
+        )));
+    }
+    let rows = members.first().map_or(0, QuantRows::rows);
+    if members.iter().any(|m| m.rows() != rows) || presence.len() != rows {
+        return Err(IndexError::Shape(format!(
+            "{what}: member rows {:?}, {} presence bytes",
+            members.iter().map(QuantRows::rows).collect::<Vec<_>>(),
+            presence.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A joint join of separate probe rows against base rows (an identify batch against the store): every
 /// probe row against every base row, through every member's codes.
 pub struct JointCross<'a> {
@@ -311,27 +323,13 @@ impl<'a> JointCross<'a> {
         test: &'a JointTest,
     ) -> Result<JointCross<'a>, IndexError> {
         test.check()?;
-        if probes.len() != test.lines.len() || base.len() != test.lines.len() {
-            return Err(IndexError::Shape(format!(
-                "joint cross join: {} probe and {} base members, a test for {}",
-                probes.len(),
-                base.len(),
-                test.lines.len()
-            )));
-        }
-        for (side, members, presence) in [
-            ("probe", &probes, probe_presence),
-            ("base", &base, base_presence),
-        ] {
-            let rows = members.first().map_or(0, QuantRows::rows);
-            if members.iter().any(|m| m.rows() != rows) || presence.len() != rows {
-                return Err(IndexError::Shape(format!(
-                    "joint cross join: {side} member rows {:?}, {} presence bytes",
-                    members.iter().map(QuantRows::rows).collect::<Vec<_>>(),
-                    presence.len()
-                )));
-            }
-        }
+        check_side(
+            "joint cross join, probe side",
+            &probes,
+            probe_presence,
+            test,
+        )?;
+        check_side("joint cross join, base side", &base, base_presence, test)?;
         if let Some((k, (p, b))) = probes
             .iter()
             .zip(&base)

@@ -267,16 +267,20 @@ fn full_pipeline_through_the_cli() {
 
     // identify: probe row = record ids[1]'s row in the population files finds ids[0].
     let row: usize = ids[1].trim_start_matches('P').parse().unwrap();
-    let idf = ok_json(&[
-        "--json",
-        "identify",
-        "--store",
-        s(&store),
-        "--face",
-        s(&pop.join("face.npy")),
-        "--rows",
-        &row.to_string(),
-    ]);
+    let (face, subjects) = (pop.join("face.npy"), pop.join("subjects.csv"));
+    let identify = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "identify",
+            "--store",
+            s(&store),
+            "--face",
+            s(&face),
+        ];
+        args.extend_from_slice(extra);
+        ok_json(&args)
+    };
+    let idf = identify(&["--rows", &row.to_string()]);
     let cands: Vec<String> = idf["probes"][0]["result"]["candidates"]
         .as_array()
         .unwrap()
@@ -298,18 +302,7 @@ fn full_pipeline_through_the_cli() {
     );
     assert!(p50 > 0.0 && p50 == first, "latency: {lat}");
     // With the population's subjects file the probe carries its capture qualities and still finds its mate.
-    let idq = ok_json(&[
-        "--json",
-        "identify",
-        "--store",
-        s(&store),
-        "--face",
-        s(&pop.join("face.npy")),
-        "--subjects",
-        s(&pop.join("subjects.csv")),
-        "--rows",
-        &row.to_string(),
-    ]);
+    let idq = identify(&["--subjects", s(&subjects), "--rows", &row.to_string()]);
     let found_q = idq["probes"][0]["result"]["candidates"]
         .as_array()
         .unwrap()
@@ -320,20 +313,7 @@ fn full_pipeline_through_the_cli() {
     // so in its latency, and its audit checks the scan's boundary.
     let lo = row.min(3000 - 20);
     let rows: Vec<String> = (lo..lo + 20).map(|r| r.to_string()).collect();
-    let batch = |mode: &str| {
-        ok_json(&[
-            "--json",
-            "identify",
-            "--store",
-            s(&store),
-            "--face",
-            s(&pop.join("face.npy")),
-            "--rows",
-            &rows.join(","),
-            "--batch-scan",
-            mode,
-        ])
-    };
+    let batch = |mode: &str| identify(&["--rows", &rows.join(","), "--batch-scan", mode]);
     let (joint, one) = (batch("joint"), batch("per-probe"));
     let answers = |j: &serde_json::Value| -> Vec<Vec<String>> {
         j["probes"]
