@@ -497,3 +497,62 @@ fn fast_fused_score_equals_full_comparison() {
     }
     assert!(checked > 400);
 }
+
+/// An identify batch answered by joint scans (no index needed) finds each probe's planted mate, answers as
+/// the per-probe search does, and never returns a deleted subject.
+#[test]
+fn joint_identify_batches_match_per_probe_and_skip_deleted_subjects() {
+    use pacha_engine::identify::BatchScan;
+    let dir = tempfile::tempdir().unwrap();
+    let pop = load(dir.path(), &config(3_000, 11), None);
+    let e = &pop.engine;
+    let pairs: Vec<(String, String)> = pop.truth.iter().take(12).cloned().collect();
+    assert!(pairs.len() >= 8, "{} planted pairs", pairs.len());
+    let probes: Vec<Vec<Template>> = pairs.iter().map(|(_, b)| templates_of(e, b)).collect();
+    let batch = |scan| {
+        e.identify_batch(
+            &probes,
+            &IdentifyOptions {
+                batch_scan: scan,
+                ..IdentifyOptions::default()
+            },
+            &pacha_engine::audit::AuditOptions::default(),
+        )
+        .unwrap()
+    };
+    let ids = |b: &pacha_engine::identify::IdentifyBatch| -> Vec<Vec<String>> {
+        b.results
+            .iter()
+            .map(|r| r.candidates.iter().map(|c| c.subject_id.clone()).collect())
+            .collect()
+    };
+    let (joint, one) = (batch(BatchScan::Joint), batch(BatchScan::PerProbe));
+    assert_eq!(ids(&joint), ids(&one));
+    assert!(!joint.latency.joint_scans.is_empty());
+    assert!(one.latency.joint_scans.is_empty());
+    let audit = joint.audit.as_ref().unwrap();
+    assert!(
+        audit.passed && audit.contract.found == audit.contract.pairs,
+        "{audit:?}"
+    );
+    // Each probe is a stored enrolment: it finds itself and, mostly, its planted mate.
+    let mates = pairs
+        .iter()
+        .zip(ids(&joint))
+        .filter(|((a, b), got)| {
+            assert!(got.contains(b), "probe {b} did not find itself: {got:?}");
+            got.contains(a)
+        })
+        .count();
+    assert!(
+        mates * 4 >= pairs.len() * 3,
+        "{mates} of {} mates",
+        pairs.len()
+    );
+    // Deleted subjects are never returned, by either path.
+    let (gone, _) = &pairs[0];
+    assert!(e.delete(gone).unwrap());
+    let (joint, one) = (batch(BatchScan::Joint), batch(BatchScan::PerProbe));
+    assert_eq!(ids(&joint), ids(&one));
+    assert!(ids(&joint).iter().flatten().all(|id| id != gone));
+}
