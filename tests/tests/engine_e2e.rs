@@ -555,4 +555,23 @@ fn joint_identify_batches_match_per_probe_and_skip_deleted_subjects() {
     let (joint, one) = (batch(BatchScan::Joint), batch(BatchScan::PerProbe));
     assert_eq!(ids(&joint), ids(&one));
     assert!(ids(&joint).iter().flatten().all(|id| id != gone));
+    // A floor every pair reaches (min_score far below 0) would keep the whole store per probe: no joint
+    // scan then, even when asked for, and the answers are the per-probe search's.
+    let low = |scan| {
+        e.identify_batch(
+            &probes[..2],
+            &IdentifyOptions {
+                batch_scan: scan,
+                min_score: Some(-1e9),
+                max_results: 5,
+                ..IdentifyOptions::default()
+            },
+            &pacha_engine::audit::AuditOptions::default(),
+        )
+        .unwrap()
+    };
+    let (lj, lp) = (low(BatchScan::Joint), low(BatchScan::PerProbe));
+    assert!(lj.latency.joint_scans.is_empty());
+    assert_eq!(ids(&lj), ids(&lp));
+    assert!(ids(&lj).iter().all(|a| a.len() == 5));
 }
