@@ -320,7 +320,9 @@ class IdentifyResult:
         #: The batch's completeness audit (``None`` when turned off).
         self.audit: Optional[Dict[str, Any]] = json.loads(audit_json) if audit_json else None
         #: Per-probe search time of the batch (milliseconds): ``probes``, ``mean_ms``, ``p50_ms``, ``p90_ms``,
-        #: ``p99_ms``, ``max_ms`` and ``first_ms`` (the first probe, which may have planned the search).
+        #: ``p99_ms``, ``max_ms`` and ``first_ms`` (the first probe, which may have planned the search), and
+        #: ``joint_scans``: one dict per joint scan (``key``, ``probes``, ``seconds``, ``pairs``, ``kept``,
+        #: predicted costs); a probe a scan answered is charged its share of the scan plus its rescoring.
         self.latency: Dict[str, Any] = json.loads(latency_json) if latency_json else {}
 
     @property
