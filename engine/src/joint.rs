@@ -126,19 +126,7 @@ impl JointPlan {
         let positions: Vec<usize> = fused.iter().map(|f| f.2).collect();
         let test = joint_test(cal, floor, &positions)?;
         let modalities: Vec<Modality> = fused.iter().map(|f| f.1).collect();
-        let presence: Vec<u8> = (0..snap.rows())
-            .into_par_iter()
-            .map(|r| {
-                if snap.is_deleted(r) {
-                    return 0;
-                }
-                modalities
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &m)| snap.is_present(m, r))
-                    .fold(0u8, |b, (k, _)| b | 1 << k)
-            })
-            .collect();
+        let presence = row_presence(snap, &modalities);
         let keys: Vec<String> = modalities.iter().map(|m| m.key()).collect();
         let info = JointInfo {
             key: format!("joint({})", keys.join("+")),
@@ -217,6 +205,23 @@ impl JointPlan {
         }
         self.test.passes(key, &cos)
     }
+}
+
+/// Per row of `snap`: bit `k` iff the row is live and holds a template of `modalities[k]`.
+fn row_presence(snap: &Snapshot, modalities: &[Modality]) -> Vec<u8> {
+    (0..snap.rows())
+        .into_par_iter()
+        .map(|r| {
+            if snap.is_deleted(r) {
+                return 0;
+            }
+            modalities
+                .iter()
+                .enumerate()
+                .filter(|&(_, &m)| snap.is_present(m, r))
+                .fold(0u8, |b, (k, _)| b | 1 << k)
+        })
+        .collect()
 }
 
 /// The joint test of the fused models at calibration positions `positions` (the members, in order) for
@@ -325,19 +330,7 @@ impl ProbeScan {
     ) -> Result<(Vec<Vec<usize>>, JointStats), EngineError> {
         let t0 = std::time::Instant::now();
         let n = snap.rows();
-        let presence: Vec<u8> = (0..n)
-            .into_par_iter()
-            .map(|r| {
-                if snap.is_deleted(r) {
-                    return 0;
-                }
-                self.modalities
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &m)| snap.is_present(m, r))
-                    .fold(0u8, |b, (k, _)| b | 1 << k)
-            })
-            .collect();
+        let presence = row_presence(snap, &self.modalities);
         let t_presence = t0.elapsed().as_secs_f64();
         let mut probe_f32 = Vec::with_capacity(self.members.len());
         for (&mi, &m) in self.members.iter().zip(&self.modalities) {
