@@ -22,6 +22,9 @@
 //! bound the difference by `1e-5 · (1 + ‖a‖·‖b‖)` at lengths up to 1100 (f32 rounding over `n` terms is at most
 //! `n·ε·Σ|aᵢbᵢ| ≤ n·ε·‖a‖‖b‖`, and the observed error is far below that worst case).
 
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -306,6 +309,27 @@ pub fn dot_many(
         *o = kernel(query, base.row(r as usize));
     }
     Ok(())
+}
+
+/// Copies rows `ids` of `base` into `buf`, densely.
+pub(crate) fn gather(base: RowsF32<'_>, ids: &[u32], buf: &mut Vec<f32>) {
+    let d = base.dim();
+    buf.clear();
+    buf.reserve(ids.len() * d);
+    for &i in ids {
+        buf.extend_from_slice(base.row(i as usize));
+    }
+}
+
+/// `out[i*n + k] = a_i · b_k` for dense row-major `a` (m × d) and `b` (n × d).
+pub(crate) fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
+    if out.len() < m * n {
+        out.resize(m * n, 0.0);
+    }
+    let am = MatRef::from_row_major_slice(&a[..m * d], m, d);
+    let bm = MatRef::from_row_major_slice(&b[..n * d], n, d);
+    let c = MatMut::from_row_major_slice_mut(&mut out[..m * n], m, n);
+    matmul(c, Accum::Replace, am, bm.transpose(), 1.0f32, Par::Seq);
 }
 
 #[cfg(test)]

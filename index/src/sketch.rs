@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use crate::IndexError;
-use crate::ivf::{gather, gemm};
+use crate::kernels::{gather, gemm};
 use crate::rng::SplitMix;
 use crate::view::RowsF32;
 

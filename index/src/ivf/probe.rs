@@ -10,9 +10,7 @@
 //! (one list holding every row) for data that gives a partition no leverage: its join compares every pair
 //! once, by sketch.
 
-use super::{
-    ASSIGN_TILE, Ivf, ProbeTable, assign_streaming, check_base, score_against, top_select,
-};
+use super::*;
 use crate::IndexError;
 use crate::kernels::dot_f32;
 use crate::view::{RowPager, RowsF32};
@@ -276,6 +274,49 @@ impl Ivf {
                 best.0
             })
             .collect()
+    }
+}
+
+impl Ivf {
+    /// How deep row `a` must probe to reach one of row `b`'s home lists: the best rank (0 = best, ties by
+    /// list id) of `b`'s homes among `a`'s centroid similarities; `None` if either row is absent or out of
+    /// range. With two-way visits the join compares `a` and `b` iff either rank (a→b, b→a) is below
+    /// `probes`; with one-way visits (one home per row) iff the rank towards the home with the larger id is.
+    /// For recall analysis.
+    pub fn probe_rank(&self, base: RowsF32<'_>, a: usize, b: usize) -> Option<usize> {
+        if a >= self.rows || b >= self.rows || self.home[a] == 0 || self.home[b] == 0 {
+            return None;
+        }
+        let q = base.row(a);
+        let scores: Vec<f32> = (0..self.lists).map(|j| self.list_score(q, j)).collect();
+        let (pb, hb) = self.row_lists(b as u32);
+        pb[..hb]
+            .iter()
+            .map(|&t| {
+                let (t, st) = (t as usize, scores[t as usize]);
+                scores
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, &s)| s > st || (s == st && j < t))
+                    .count()
+            })
+            .min()
+    }
+
+    /// How the join's visit rule reaches the pair {`a`, `b`}: the probe depth it needs (the smaller
+    /// [`Ivf::probe_rank`] of the directions the rule allows: both two-way; one-way, only the visit towards
+    /// the home with the larger id) and whether this index's own per-row probe counts reach it. `None` if
+    /// either row is absent or out of range. For recall analysis.
+    pub fn pair_reach(&self, base: RowsF32<'_>, a: usize, b: usize) -> Option<(usize, bool)> {
+        let (ra, rb) = (self.probe_rank(base, a, b)?, self.probe_rank(base, b, a)?);
+        let (ka, kb) = (self.row_probes(a), self.row_probes(b));
+        Some(if !self.one_way {
+            (ra.min(rb), ra < ka || rb < kb)
+        } else if self.home_list(b) >= self.home_list(a) {
+            (ra, ra < ka)
+        } else {
+            (rb, rb < kb)
+        })
     }
 }
 
