@@ -247,6 +247,8 @@ pub struct Engine {
     ann: RwLock<Option<Arc<AnnSet>>>,
     /// Why the saved index is unusable, if it is (dedup and identify are refused until `build_index`).
     ann_problem: RwLock<Option<DerivedProblem>>,
+    /// Stored rows prepared for identify batches' joint scans, kept between batches.
+    pub(crate) scan_cache: crate::joint::ScanCache,
 }
 
 /// State of the saved calibration.
@@ -348,6 +350,7 @@ impl Engine {
             cal_state: RwLock::new(CalState::Missing),
             ann: RwLock::new(None),
             ann_problem: RwLock::new(None),
+            scan_cache: Default::default(),
         })
     }
 
@@ -416,6 +419,7 @@ impl Engine {
             cal_state: RwLock::new(cal_state),
             ann: RwLock::new(ann.map(Arc::new)),
             ann_problem: RwLock::new(ann_problem),
+            scan_cache: Default::default(),
         })
     }
 

@@ -27,16 +27,17 @@
 //! ([`pacha_index::joint`]); the pairs it keeps are scored exactly like any candidate.
 
 use pacha_datasets::Modality;
-use pacha_index::RowsF32;
 use pacha_index::exact_i8::QuantRows;
 use pacha_index::joint::{
-    JOINT_LINES, JointCross, JointJoin, JointLine, JointStats, JointTest, MAX_JOINT,
+    JOINT_LINES, JointCross, JointJoin, JointLine, JointStats, JointTest, MAX_JOINT, PreparedBase,
 };
 use pacha_index::kernels::dot_f32;
 use pacha_index::quant::{QuantizedRows, l1_bounds, quantize_rows};
+use pacha_index::{RowsF32, RowsI8};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::EngineError;
 use crate::fusion::{Calibration, GRID_STEP, ModalityModel};
@@ -322,12 +323,15 @@ impl ProbeScan {
     }
 
     /// Per probe of `probes` (each holding every member's template), the rows of `snap` the scan keeps,
-    /// ascending, with the counters.
+    /// ascending, with the counters; against `prepared` (every row of `snap` prepared, e.g. by a
+    /// [`ScanCache`]) where given, else the scan prepares the stored rows itself.
     pub fn search(
         &self,
         snap: &Snapshot,
         probes: &[&Probe],
+        prepared: Option<&PreparedBase>,
     ) -> Result<(Vec<Vec<usize>>, JointStats), EngineError> {
+        let prepared = prepared.filter(|p| p.rows() == snap.rows());
         let t0 = std::time::Instant::now();
         let n = snap.rows();
         let presence = row_presence(snap, &self.modalities);
@@ -352,47 +356,55 @@ impl ProbeScan {
             .map(|(v, d)| Ok(quantize_rows(RowsF32::dense(v, *d)?)))
             .collect::<Result<_, EngineError>>()?;
         let probe_l1: Vec<Vec<f32>> = probe_codes.iter().map(|q| l1_bounds(q.view())).collect();
+        let probe_rows = probe_f32
+            .iter()
+            .zip(&probe_codes)
+            .zip(&probe_l1)
+            .map(|(((v, d), q), l1)| Ok(QuantRows::new(RowsF32::dense(v, *d)?, q.view(), l1)?))
+            .collect::<Result<Vec<_>, EngineError>>()?;
         let t_probes = t0.elapsed().as_secs_f64();
-        let mut base_l1 = Vec::with_capacity(self.members.len());
-        for &m in &self.modalities {
-            let codes = snap.i8_rows(m).ok_or_else(|| {
-                EngineError::InvalidArgument(format!("the joint scan lost {m}'s codes"))
-            })?;
-            base_l1.push(l1_bounds(codes));
-        }
-        let mut probe_rows = Vec::with_capacity(self.members.len());
-        let mut base_rows = Vec::with_capacity(self.members.len());
-        for (k, &m) in self.modalities.iter().enumerate() {
-            let (Some(view), Some(codes)) = (snap.f32_rows(m), snap.i8_rows(m)) else {
-                return Err(EngineError::InvalidArgument(format!(
-                    "the joint scan lost {m}'s rows"
-                )));
-            };
-            probe_rows.push(QuantRows::new(
-                RowsF32::dense(&probe_f32[k].0, probe_f32[k].1)?,
-                probe_codes[k].view(),
-                &probe_l1[k],
-            )?);
-            base_rows.push(QuantRows::new(view, codes, &base_l1[k])?);
-        }
         let full = ((1u16 << self.members.len()) - 1) as u8;
         let probe_presence = vec![full; probes.len()];
-        let join = JointCross::new(
-            probe_rows,
-            &probe_presence,
-            base_rows,
-            &presence,
-            &self.test,
-        )?;
-        let t_setup = t0.elapsed().as_secs_f64();
-        let (pairs, stats) = join.join()?;
+        let (pairs, stats, t_setup) = match prepared {
+            Some(base) => {
+                let join = JointCross::with_prepared(
+                    probe_rows,
+                    &probe_presence,
+                    base,
+                    &presence,
+                    &self.test,
+                )?;
+                let t_setup = t0.elapsed().as_secs_f64();
+                let (pairs, stats) = join.join()?;
+                (pairs, stats, t_setup)
+            }
+            None => {
+                let (views, base_l1) = self.stored(snap, 0..n)?;
+                let base_rows = quant_rows(&views, &base_l1)?;
+                let join = JointCross::new(
+                    probe_rows,
+                    &probe_presence,
+                    base_rows,
+                    &presence,
+                    &self.test,
+                )?;
+                let t_setup = t0.elapsed().as_secs_f64();
+                let (pairs, stats) = join.join()?;
+                (pairs, stats, t_setup)
+            }
+        };
         tracing::debug!(
-            "{}: {} probes x {n} rows: presence {t_presence:.3} s, probe codes {:.3} s, stored rows' L1 bounds {:.3} s, scan {:.3} s, {} pairs kept",
+            "{}: {} probes x {n} rows: presence {t_presence:.3} s, probe codes {:.3} s, stored rows' L1 bounds {:.3} s, scan {:.3} s ({}), {} pairs kept",
             self.key,
             probes.len(),
             t_probes - t_presence,
             t_setup - t_probes,
             t0.elapsed().as_secs_f64() - t_setup,
+            if prepared.is_some() {
+                "stored rows prepared before"
+            } else {
+                "stored rows prepared by the scan"
+            },
             stats.kept
         );
         let mut out = vec![Vec::new(); probes.len()];
@@ -400,6 +412,39 @@ impl ProbeScan {
             out[p as usize].push(r as usize);
         }
         Ok((out, stats))
+    }
+
+    /// The members' stored rows `range` of `snap`: per member its f32 view and codes, and the codes' L1
+    /// bounds (computed here).
+    #[allow(clippy::type_complexity)] // a view pair per member, and the bounds they borrow
+    fn stored<'s>(
+        &self,
+        snap: &'s Snapshot,
+        range: Range<usize>,
+    ) -> Result<(Vec<(RowsF32<'s>, RowsI8<'s>)>, Vec<Vec<f32>>), EngineError> {
+        let mut views = Vec::with_capacity(self.modalities.len());
+        let mut l1 = Vec::with_capacity(self.modalities.len());
+        for &m in &self.modalities {
+            let (Some(view), Some(codes)) = (snap.f32_rows(m), snap.i8_rows(m)) else {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the joint scan lost {m}'s rows"
+                )));
+            };
+            let codes = codes.slice_rows(range.start, range.end);
+            l1.push(l1_bounds(codes));
+            views.push((view.slice_rows(range.start, range.end), codes));
+        }
+        Ok((views, l1))
+    }
+
+    /// Bytes of the members' stored rows prepared ([`PreparedBase::bytes`], predicted).
+    fn prepared_bytes(&self, snap: &Snapshot) -> usize {
+        let per_row: usize = self
+            .members
+            .iter()
+            .map(|&mi| snap.schema().modalities[mi].dim.div_ceil(4) * 4 + 12)
+            .sum();
+        snap.rows() * per_row
     }
 
     /// The exact test of `probe` against stored row `r` (their f32 templates): the pairs the scan may never
@@ -539,6 +584,141 @@ pub fn evidence_lines(model: &ModalityModel, top: f64) -> [JointLine; JOINT_LINE
         out[j] = piece;
     }
     out
+}
+
+/// Most bytes of stored rows a [`ScanCache`] keeps prepared (1 M face + 2 fingers: ≈ 1 GB).
+pub const SCAN_CACHE_BYTES: usize = 4 << 30;
+
+/// Stored rows prepared for identify's joint scans ([`PreparedBase`]), kept between the batches of a
+/// long-lived engine: without it every batch computes every stored row's parameters and packs its codes
+/// again (≈ 0.5 s at 1 M face + 2 fingers, what makes a batch of 10 probes cost 50–90 ms each). One entry
+/// per set of member modalities, for the store generation it was prepared on (compaction renumbers rows);
+/// rows appended since are prepared on the next batch.
+///
+/// A set is prepared on its *second* scan: preparing every row at once costs more than one scan's own
+/// preparation (1.3 s against 0.5 s at 1 M face + 2 fingers: a gigabyte of fresh memory written), which a
+/// process answering one batch (the CLI) would pay for nothing. At most [`SCAN_CACHE_BYTES`] in all: a set
+/// that would not fit is prepared by each scan itself, the least recently used sets are dropped to make
+/// room.
+#[derive(Default)]
+pub struct ScanCache {
+    entries: Mutex<Vec<CacheEntry>>,
+}
+
+/// One member set: scanned once (`None`), or prepared.
+struct CacheEntry {
+    generation: u64,
+    modalities: Vec<Modality>,
+    base: Option<Arc<PreparedBase>>,
+}
+
+impl ScanCache {
+    /// Rows of `snap` already prepared for `scan` (what [`ScanCache::get`] would reuse), `None` where there
+    /// is no such preparation.
+    pub fn prepared_rows(&self, snap: &Snapshot, scan: &ProbeScan) -> Option<usize> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .iter()
+            .find(|e| e.generation == snap.generation() && e.modalities == scan.modalities)
+            .and_then(|e| e.base.as_ref())
+            .map(|b| b.rows())
+            .filter(|&r| r <= snap.rows())
+    }
+
+    /// The stored rows of `snap` prepared for `scan`: cached, extended by the rows appended since, or
+    /// prepared now and kept (from the set's second scan on); with the number of rows an earlier call had
+    /// prepared. `None` on the set's first scan, where they would exceed [`SCAN_CACHE_BYTES`], or where
+    /// `snap` has fewer rows than the cached preparation (an older snapshot): the scan then prepares its
+    /// own.
+    pub fn get(
+        &self,
+        snap: &Snapshot,
+        scan: &ProbeScan,
+    ) -> Result<Option<(Arc<PreparedBase>, usize)>, EngineError> {
+        if scan.prepared_bytes(snap) > SCAN_CACHE_BYTES {
+            return Ok(None);
+        }
+        // A panic while an entry was out of the list leaves the list without it: nothing half-built stays.
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.retain(|e| e.generation == snap.generation());
+        let n = snap.rows();
+        let Some(i) = entries.iter().position(|e| e.modalities == scan.modalities) else {
+            entries.push(CacheEntry {
+                generation: snap.generation(),
+                modalities: scan.modalities.clone(),
+                base: None,
+            });
+            return Ok(None);
+        };
+        let mut entry = entries.remove(i);
+        let (base, reused) = match entry.base.take() {
+            Some(b) if b.rows() == n => (b, n),
+            Some(b) if b.rows() > n => {
+                entry.base = Some(b);
+                entries.push(entry);
+                return Ok(None);
+            }
+            Some(mut b) => {
+                let from = b.rows();
+                let (views, l1) = scan.stored(snap, from..n)?;
+                let more = quant_rows(&views, &l1)?;
+                match Arc::get_mut(&mut b) {
+                    Some(prepared) => {
+                        prepared.extend(&more)?;
+                        (b, from)
+                    }
+                    // Another batch still scans the cached rows: prepare them all anew.
+                    None => (Arc::new(prepare(scan, snap)?), 0),
+                }
+            }
+            None => (Arc::new(prepare(scan, snap)?), 0),
+        };
+        // Most recently used last; drop the oldest preparations until the new one fits.
+        let held = |entries: &[CacheEntry]| -> usize {
+            entries
+                .iter()
+                .filter_map(|e| e.base.as_ref())
+                .map(|b| b.bytes())
+                .sum()
+        };
+        while held(&entries) + base.bytes() > SCAN_CACHE_BYTES {
+            match entries.iter().position(|e| e.base.is_some()) {
+                Some(k) => entries[k].base = None,
+                None => break,
+            }
+        }
+        entry.base = Some(Arc::clone(&base));
+        entries.push(entry);
+        Ok(Some((base, reused)))
+    }
+}
+
+/// Every stored row of `snap` prepared for `scan`.
+fn prepare(scan: &ProbeScan, snap: &Snapshot) -> Result<PreparedBase, EngineError> {
+    let t0 = std::time::Instant::now();
+    let (views, l1) = scan.stored(snap, 0..snap.rows())?;
+    let t_l1 = t0.elapsed().as_secs_f64();
+    let base = PreparedBase::new(&quant_rows(&views, &l1)?)?;
+    tracing::debug!(
+        "{}: {} stored rows prepared for joint scans in {:.3} s (L1 bounds {t_l1:.3} s), {} bytes kept",
+        scan.key,
+        base.rows(),
+        t0.elapsed().as_secs_f64(),
+        base.bytes()
+    );
+    Ok(base)
+}
+
+/// Per member, its view and codes with their L1 bounds as one i8 join side.
+fn quant_rows<'s>(
+    views: &[(RowsF32<'s>, RowsI8<'s>)],
+    l1: &'s [Vec<f32>],
+) -> Result<Vec<QuantRows<'s>>, EngineError> {
+    views
+        .iter()
+        .zip(l1)
+        .map(|((v, c), l1)| Ok(QuantRows::new(*v, *c, l1)?))
+        .collect()
 }
 
 /// The joint counters in the summary's per-join form: every scanned pair is an i8 product of each member

@@ -232,6 +232,23 @@ pub(crate) struct RowParams {
     uh_max: f64,
 }
 
+impl RowParams {
+    /// Appends `more`'s rows (the rows that follow), keeping the maxima over all of them.
+    pub(crate) fn append(&mut self, more: RowParams) {
+        self.s.extend(more.s);
+        self.uh.extend(more.uh);
+        self.corr.extend(more.corr);
+        self.norm_max = self.norm_max.max(more.norm_max);
+        self.s_max = self.s_max.max(more.s_max);
+        self.uh_max = self.uh_max.max(more.uh_max);
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        12 * self.s.len()
+    }
+}
+
 pub(crate) fn row_params(q: &QuantRows<'_>) -> Result<RowParams, IndexError> {
     let rows: Vec<(f32, f32, i32, f64)> = (0..q.rows())
         .into_par_iter()
@@ -325,23 +342,33 @@ pub(crate) fn pack_base(
     let panel_bytes = k4 * nr * 4;
     out.clear();
     out.resize(panels * panel_bytes, xor);
-    let x4 = u32::from_ne_bytes([xor; 4]);
     for (r, row) in rows.enumerate() {
-        let (p, lane) = (r / nr, r % nr);
-        let panel = &mut out[p * panel_bytes..(p + 1) * panel_bytes];
-        let codes = codes.row(row);
-        // Whole 4-byte groups as one u32 each (the row's bytes in order, XORed together); the tail byte by
-        // byte (its padding keeps `0 ^ xor`).
-        let whole = codes.len() / 4;
-        for (k, ch) in codes.chunks_exact(4).enumerate() {
-            let w = u32::from_ne_bytes([ch[0] as u8, ch[1] as u8, ch[2] as u8, ch[3] as u8]) ^ x4;
-            let o = (k * nr + lane) * 4;
-            panel[o..o + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        let o = (whole * nr + lane) * 4;
-        for (b, &c) in codes[whole * 4..].iter().enumerate() {
-            panel[o + b] = (c as u8) ^ xor;
-        }
+        let p = r / nr;
+        pack_row(
+            &mut out[p * panel_bytes..(p + 1) * panel_bytes],
+            r % nr,
+            nr,
+            codes.row(row),
+            xor,
+        );
+    }
+}
+
+/// Writes one row's `codes` into lane `lane` of a panel of `nr` lanes (see [`pack_base`]; the panel's
+/// other bytes are left as they are, `0 ^ xor` where nothing was written).
+pub(crate) fn pack_row(panel: &mut [u8], lane: usize, nr: usize, codes: &[i8], xor: u8) {
+    let x4 = u32::from_ne_bytes([xor; 4]);
+    // Whole 4-byte groups as one u32 each (the row's bytes in order, XORed together); the tail byte by
+    // byte (its padding keeps `0 ^ xor`).
+    let whole = codes.len() / 4;
+    for (k, ch) in codes.chunks_exact(4).enumerate() {
+        let w = u32::from_ne_bytes([ch[0] as u8, ch[1] as u8, ch[2] as u8, ch[3] as u8]) ^ x4;
+        let o = (k * nr + lane) * 4;
+        panel[o..o + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let o = (whole * nr + lane) * 4;
+    for (b, &c) in codes[whole * 4..].iter().enumerate() {
+        panel[o + b] = (c as u8) ^ xor;
     }
 }
 

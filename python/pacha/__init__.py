@@ -322,7 +322,10 @@ class IdentifyResult:
         #: Per-probe search time of the batch (milliseconds): ``probes``, ``mean_ms``, ``p50_ms``, ``p90_ms``,
         #: ``p99_ms``, ``max_ms`` and ``first_ms`` (the first probe, which may have planned the search), and
         #: ``joint_scans``: one dict per joint scan (``key``, ``probes``, ``seconds``, ``pairs``, ``kept``,
-        #: predicted costs); a probe a scan answered is charged its share of the scan plus its rescoring.
+        #: predicted costs, ``reused_rows``: stored rows an earlier batch of this ``Store`` left prepared for
+        #: the scan; a set of modalities is prepared on its second scan and kept, so later batches, a lone
+        #: probe included, skip that work); a probe a scan answered is charged its share of the scan plus its
+        #: rescoring.
         self.latency: Dict[str, Any] = json.loads(latency_json) if latency_json else {}
 
     @property

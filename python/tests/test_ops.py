@@ -60,8 +60,15 @@ def test_identify_returns_the_enrolled_subject_and_equals_cli(store: Path, small
         one = s.identify(face=face, finger={2: f2}, max_results=5, batch_scan="per-probe")
         with pytest.raises(ValueError, match="batch_scan"):
             s.identify(face=face, batch_scan="sometimes")
+        # The second scan prepares the stored rows and the Store keeps them: the third reuses every row.
+        later = [s.identify(face=face, finger={2: f2}, max_results=5, batch_scan="joint") for _ in range(2)]
+        rows = s.info()["rows"]
     assert [list(c["subject_id"]) for c in joint.candidates] == [list(c["subject_id"]) for c in one.candidates]
     assert joint.latency["joint_scans"][0]["probes"] == 4 and not one.latency["joint_scans"]
+    assert joint.latency["joint_scans"][0]["reused_rows"] == 0
+    assert later[0].latency["joint_scans"][0]["reused_rows"] == 0
+    assert later[1].latency["joint_scans"][0]["reused_rows"] == rows
+    assert [list(c["subject_id"]) for c in later[1].candidates] == [list(c["subject_id"]) for c in one.candidates]
     assert joint.proven
     # A gallery restricts the search.
     with pacha.Store.open(store, read_only=True) as s:

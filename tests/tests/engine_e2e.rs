@@ -555,6 +555,49 @@ fn joint_identify_batches_match_per_probe_and_skip_deleted_subjects() {
     let (joint, one) = (batch(BatchScan::Joint), batch(BatchScan::PerProbe));
     assert_eq!(ids(&joint), ids(&one));
     assert!(ids(&joint).iter().flatten().all(|id| id != gone));
+    // The engine prepared the stored rows on the second joint batch and kept them: a third reuses them all.
+    let rows = e.snapshot().rows();
+    let again = batch(BatchScan::Joint);
+    assert_eq!(ids(&again), ids(&joint));
+    assert!(
+        again
+            .latency
+            .joint_scans
+            .iter()
+            .all(|j| j.reused_rows == rows),
+        "{:?}",
+        again.latency.joint_scans
+    );
+    // Rows enrolled since are prepared on the next batch (the earlier ones reused): an enrolment copying a
+    // probe's templates is found by the joint scan exactly as by the per-probe search.
+    let twin = Enrolment {
+        subject_id: "TWIN-OF-PROBE-1".into(),
+        templates: probes[1].clone(),
+    };
+    e.insert(&twin).unwrap();
+    let (joint, one) = (batch(BatchScan::Joint), batch(BatchScan::PerProbe));
+    assert_eq!(ids(&joint), ids(&one));
+    assert!(ids(&joint)[1].iter().any(|id| id == "TWIN-OF-PROBE-1"));
+    assert!(
+        joint
+            .latency
+            .joint_scans
+            .iter()
+            .all(|j| j.reused_rows == rows),
+        "{:?}",
+        joint.latency.joint_scans
+    );
+    // Compaction renumbers rows: the preparation is dropped (made again from the next scan on), the answers
+    // unchanged.
+    e.compact().unwrap();
+    let (joint, one) = (batch(BatchScan::Joint), batch(BatchScan::PerProbe));
+    assert_eq!(ids(&joint), ids(&one));
+    assert!(ids(&joint)[1].iter().any(|id| id == "TWIN-OF-PROBE-1"));
+    assert!(
+        joint.latency.joint_scans.iter().all(|j| j.reused_rows == 0),
+        "{:?}",
+        joint.latency.joint_scans
+    );
     // A floor every pair reaches (min_score far below 0) would keep the whole store per probe: no joint
     // scan then, even when asked for, and the answers are the per-probe search's.
     let low = |scan| {
