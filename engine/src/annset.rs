@@ -319,14 +319,15 @@ impl AnnSet {
     }
 
     /// Predicted milliseconds per query of identify's search of modality `mi` at cosine `t`: the cached
-    /// plan's chosen path, or without one (no pilot run) the cheaper of the exact and sketch scans.
+    /// plan's chosen path, or without one (no pilot run) the cheaper of the exact and sketch scans; with the
+    /// predicted milliseconds of the pilot the first search would run to plan it (0 when cached).
     pub fn identify_estimate(
         &self,
         snap: &Snapshot,
         mi: usize,
         t: f32,
         impostor: Option<(f64, f64)>,
-    ) -> f64 {
+    ) -> (f64, f64) {
         {
             let cache = self
                 .identify_plans
@@ -338,11 +339,14 @@ impl AnnSet {
                         .iter()
                         .find(|(name, _)| name == e.2.path.name())
             {
-                return ms.1;
+                return (ms.1, 0.0);
             }
         }
         let sketches = self.indexed_sketches(mi).is_some() && self.sketcher(mi).is_some();
-        crate::idpath::pilotless_ms(snap, self.rows, mi, t, impostor, sketches)
+        (
+            crate::idpath::pilotless_ms(snap, self.rows, mi, t, impostor, sketches),
+            crate::idpath::pilot_ms(snap, snap.rows(), mi),
+        )
     }
 
     /// The sign sketches of the indexed rows `0..rows()` of modality `mi` without computing any: the saved

@@ -20,7 +20,7 @@
 use crate::audit::{AuditOptions, RecallFigure, pairs_needed};
 use crate::engine::{IdentifyOptions, IdentifyResult, answer, probe_candidate_cosines};
 use crate::fusion::{Calibration, threshold_for_fpir};
-use crate::joint::ProbeScan;
+use crate::joint::{Preparation, ProbeScan};
 use crate::matcher::{Probe, compare_probe};
 use crate::store::Snapshot;
 use crate::store::Template;
@@ -94,7 +94,8 @@ pub struct JointScanInfo {
     /// Predicted milliseconds per probe of the scan.
     pub predicted_ms_per_probe: f64,
     /// Predicted milliseconds per probe searched on its own (`auto` chose from the two; `None` when the
-    /// joint scan was asked for).
+    /// joint scan was asked for), with its share of the pilots the index would run first to plan the search
+    /// where it has not yet, less what earlier joint scans of these modalities cost over one-by-one search.
     pub predicted_ms_one_by_one: Option<f64>,
     /// Stored rows whose preparation for the scan (row parameters, packed codes) an earlier batch left in
     /// the engine ([`crate::joint::ScanCache`]); the rest were prepared for this batch, inside `seconds`.
@@ -185,6 +186,10 @@ const JOINT_ROW_BYTE_S: f64 = 0.3e-9;
 /// probe at 1 M face + 2 fingers (16 GB/s).
 const JOINT_STREAM_BYTE_S: f64 = 0.065e-9;
 
+/// Seconds per stored code byte of preparing every row for later scans ([`crate::joint::ScanCache`]), both
+/// cores: 1.33 s for 1.06 GB at 1 M face + 2 fingers (fresh memory written), turin.
+const JOINT_PREPARE_BYTE_S: f64 = 1.25e-9;
+
 /// Predicted milliseconds of the joint scan of `probes` probes against `rows` rows of `bytes` code bytes,
 /// with the first `prepared` rows prepared by an earlier batch (`None`: prepared by the scan itself, every
 /// band packing them again).
@@ -202,6 +207,14 @@ fn joint_ms(rows: usize, bytes: usize, probes: usize, prepared: Option<usize>) -
     (products + rest) * 1e3
 }
 
+/// Predicted milliseconds per probe of searching `probes` probes one by one at `one` ms each when the
+/// index must first run `pilots` ms of pilots to plan the search, of which earlier joint scans of the same
+/// modalities have already "paid" `rent` ms by costing that much more than one-by-one search (ski rental:
+/// joint scans are rented until their extra cost reaches the pilots' price, then the search is planned).
+fn one_by_one_ms(one: f64, pilots: f64, rent: f64, probes: usize) -> f64 {
+    one + (pilots - rent).max(0.0) / probes.max(1) as f64
+}
+
 /// A group of the batch's probes answered by one joint scan.
 struct JointGroup {
     scan: ProbeScan,
@@ -216,7 +229,8 @@ struct JointGroup {
 impl Engine {
     /// Predicted milliseconds of searching `probe` on its own: per modality, the index's cached plan, or
     /// without one the cheaper of its exact and sketch scans ([`crate::AnnSet::identify_estimate`], no pilot
-    /// run); an exact scan of every row without an index.
+    /// run); an exact scan of every row without an index. With the milliseconds of the pilots the first
+    /// such search would run to plan its modalities (0 where planned, or without an index).
     fn per_probe_ms(
         &self,
         snap: &Snapshot,
@@ -224,28 +238,31 @@ impl Engine {
         probe: &Probe,
         floor: f64,
         ann: Option<&crate::AnnSet>,
-    ) -> f64 {
-        let mut ms = 0.0;
+    ) -> (f64, f64) {
+        let (mut ms, mut pilots) = (0.0, 0.0);
         for (mi, c) in probe_candidate_cosines(snap, cal, probe, floor)
             .into_iter()
             .enumerate()
         {
             let Some(c) = c else { continue };
             let spec = &snap.schema().modalities[mi];
-            ms += match ann {
+            let (one, pilot) = match ann {
                 Some(a) => {
                     let impostor = cal
                         .model(spec.modality)
                         .map(|m| (m.impostor.mean, m.impostor.sd));
                     a.identify_estimate(snap, mi, c, impostor)
                 }
-                None => {
+                None => (
                     snap.rows() as f64 * crate::idpath::EXACT_ROW_S_512 * spec.dim as f64 / 512.0
-                        * 1e3
-                }
+                        * 1e3,
+                    0.0,
+                ),
             };
+            ms += one;
+            pilots += pilot;
         }
-        ms
+        (ms, pilots)
     }
 
     /// Identifies every probe of `probes` ([`Engine::identify`], one answer each) and audits the batch on a
@@ -312,23 +329,47 @@ impl Engine {
                 .iter()
                 .map(|&mi| snap.schema().modalities[mi].dim)
                 .sum();
-            let prepared = self.scan_cache.prepared_rows(&snap, &scan);
-            let per_joint = joint_ms(snap.rows(), bytes, idx.len(), prepared) / idx.len() as f64;
+            let n = idx.len() as f64;
+            let state = self.scan_cache.state(&snap, &scan);
+            let per_joint = match state {
+                Preparation::Unseen => joint_ms(snap.rows(), bytes, idx.len(), None),
+                // The set's second scan prepares every row first, then streams them.
+                Preparation::Seen => {
+                    joint_ms(snap.rows(), bytes, idx.len(), Some(0))
+                        + snap.rows() as f64 * bytes as f64 * JOINT_PREPARE_BYTE_S * 1e3
+                }
+                Preparation::Prepared(rows) => joint_ms(snap.rows(), bytes, idx.len(), Some(rows)),
+            } / n;
+            // One by one: every probe's search, plus the pilots that would plan it where the index has not
+            // yet, less what earlier joint scans of the set cost over searching one by one (rent until the
+            // rent paid equals the price of buying: a long-lived engine plans once it has paid that much,
+            // a one-shot batch of a few probes never pays for a pilot it would not amortise).
             let one_by_one = (options.batch_scan == BatchScan::Auto).then(|| {
-                self.per_probe_ms(
+                let (one, pilots) = self.per_probe_ms(
                     &snap,
                     &cal,
                     &valid[idx[0]],
                     floor,
                     ann.as_deref().filter(|_| indexed),
-                )
+                );
+                let rent = self.scan_cache.rent_ms(&snap, &scan);
+                tracing::debug!(
+                    "{}: {} probes: joint {per_joint:.2} ms per probe ({state:?}); one by one {one:.2} ms + pilots {pilots:.0} ms less {rent:.0} ms paid",
+                    scan.key,
+                    idx.len()
+                );
+                (one, one_by_one_ms(one, pilots, rent, idx.len()))
             });
-            if one_by_one.is_none_or(|one| per_joint < one) {
+            if one_by_one.is_none_or(|(_, one)| per_joint < one) {
+                if let Some((one, _)) = one_by_one {
+                    self.scan_cache
+                        .add_rent(&snap, &scan, ((per_joint - one) * n).max(0.0));
+                }
                 joint.push(JointGroup {
                     scan,
                     probes: idx,
                     kept: Vec::new(),
-                    predicted: (per_joint, one_by_one),
+                    predicted: (per_joint, one_by_one.map(|(_, with_pilots)| with_pilots)),
                 });
             }
         }
@@ -666,7 +707,31 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::Latency;
+    use super::{Latency, joint_ms, one_by_one_ms};
+
+    /// The one-by-one price carries the pilots' unpaid share until joint scans have cost that much extra;
+    /// a lone probe at 1 M face + 2 fingers then takes the joint scan, first unprepared, and once the rows
+    /// are kept, a scan that streams them.
+    #[test]
+    fn pilots_are_charged_until_the_rent_paid_reaches_them() {
+        assert_eq!(one_by_one_ms(100.0, 0.0, 0.0, 1), 100.0);
+        assert_eq!(one_by_one_ms(100.0, 7000.0, 0.0, 1), 7100.0);
+        assert_eq!(one_by_one_ms(100.0, 7000.0, 0.0, 10), 800.0);
+        assert_eq!(one_by_one_ms(100.0, 7000.0, 6000.0, 1), 1100.0);
+        assert_eq!(one_by_one_ms(100.0, 7000.0, 9000.0, 1), 100.0);
+        assert_eq!(one_by_one_ms(5.0, 3000.0, 0.0, 0), 3005.0);
+        // 1 M rows × 1 024 code bytes, one probe: ≈ 0.6 s unprepared, ≈ 67 ms prepared, ≈ 0.7 s more to
+        // prepare rows enrolled since the preparation was 700 k rows old.
+        let (rows, bytes) = (1_000_000, 1024);
+        let cold = joint_ms(rows, bytes, 1, None);
+        let warm = joint_ms(rows, bytes, 1, Some(rows));
+        let stale = joint_ms(rows, bytes, 1, Some(300_000));
+        assert!((550.0..700.0).contains(&cold), "{cold}");
+        assert!((60.0..75.0).contains(&warm), "{warm}");
+        assert!(stale > warm + 200.0 && stale < cold + 100.0, "{stale}");
+        assert!(warm < one_by_one_ms(97.0, 7000.0, 0.0, 1));
+        assert!(cold < one_by_one_ms(97.0, 7000.0, 0.0, 1));
+    }
 
     #[test]
     fn latency_uses_nearest_rank_percentiles_and_keeps_the_first_probe_apart() {

@@ -199,6 +199,16 @@ fn sketch_scan(n: f64, scale: f64, t: f32, impostor: Option<(f64, f64)>) -> (Sta
     (cut, ms, drop)
 }
 
+/// Seconds per stored row and dimension of an identify plan's pilot (its exact search of the pilot rows,
+/// list scores, reach), both cores: measured at 1 M rows (`pacha -vv identify`'s pilot lines) 4.2 s for the
+/// 512-d face (8.2 ns) and 1.65–1.75 s for each 256-d finger (6.4–6.8 ns), turin.
+pub(crate) const PILOT_ROW_DIM_S: f64 = 7.0e-9;
+
+/// Predicted milliseconds of the pilot that plans identify's search of modality `mi` over `rows` rows.
+pub(crate) fn pilot_ms(snap: &Snapshot, rows: usize, mi: usize) -> f64 {
+    rows as f64 * snap.schema().modalities[mi].dim as f64 * PILOT_ROW_DIM_S * 1e3
+}
+
 /// Predicted milliseconds per query of the cheaper of the exact scan and (with `sketches`) the sketch scan
 /// of `n` indexed rows of modality `mi` at cosine `t`: [`plan`]'s figures without its pilot (the IVF path
 /// is not priced), for choosing between one-by-one search and a batch's joint scan without planning.

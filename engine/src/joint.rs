@@ -605,24 +605,77 @@ pub struct ScanCache {
     entries: Mutex<Vec<CacheEntry>>,
 }
 
-/// One member set: scanned once (`None`), or prepared.
+/// One member set of one store generation.
 struct CacheEntry {
     generation: u64,
     modalities: Vec<Modality>,
+    /// Joint scans served.
+    scans: usize,
+    /// The prepared rows, from the second scan on.
     base: Option<Arc<PreparedBase>>,
+    /// Predicted milliseconds the set's joint scans cost over searching their probes one by one
+    /// ([`ScanCache::add_rent`]).
+    rent_ms: f64,
+}
+
+/// How far a member set's stored rows are prepared ([`ScanCache::state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preparation {
+    /// Never scanned: the next scan prepares its own rows.
+    Unseen,
+    /// Scanned before, not prepared: the next scan prepares every row and keeps them.
+    Seen,
+    /// This many rows prepared: the next scan prepares only the rows enrolled since.
+    Prepared(usize),
 }
 
 impl ScanCache {
-    /// Rows of `snap` already prepared for `scan` (what [`ScanCache::get`] would reuse), `None` where there
-    /// is no such preparation.
-    pub fn prepared_rows(&self, snap: &Snapshot, scan: &ProbeScan) -> Option<usize> {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries
-            .iter()
-            .find(|e| e.generation == snap.generation() && e.modalities == scan.modalities)
-            .and_then(|e| e.base.as_ref())
-            .map(|b| b.rows())
-            .filter(|&r| r <= snap.rows())
+    /// Runs `f` on the entry of `scan`'s member set for `snap`'s generation (made if missing; entries of
+    /// other generations dropped).
+    fn with_entry<T>(
+        &self,
+        snap: &Snapshot,
+        scan: &ProbeScan,
+        f: impl FnOnce(&mut CacheEntry) -> T,
+    ) -> T {
+        // A panic while an entry was out of the list leaves the list without it: nothing half-built stays.
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.retain(|e| e.generation == snap.generation());
+        let i = match entries.iter().position(|e| e.modalities == scan.modalities) {
+            Some(i) => i,
+            None => {
+                entries.push(CacheEntry {
+                    generation: snap.generation(),
+                    modalities: scan.modalities.clone(),
+                    scans: 0,
+                    base: None,
+                    rent_ms: 0.0,
+                });
+                entries.len() - 1
+            }
+        };
+        f(&mut entries[i])
+    }
+
+    /// How far the stored rows of `snap` are prepared for `scan` (what [`ScanCache::get`] will do).
+    pub fn state(&self, snap: &Snapshot, scan: &ProbeScan) -> Preparation {
+        self.with_entry(snap, scan, |e| match &e.base {
+            _ if e.scans == 0 => Preparation::Unseen,
+            Some(b) if b.rows() <= snap.rows() => Preparation::Prepared(b.rows()),
+            Some(_) => Preparation::Unseen,
+            None => Preparation::Seen,
+        })
+    }
+
+    /// Milliseconds the set's joint scans were predicted to cost over searching one by one (what the auto
+    /// choice has paid instead of planning the one-by-one search).
+    pub fn rent_ms(&self, snap: &Snapshot, scan: &ProbeScan) -> f64 {
+        self.with_entry(snap, scan, |e| e.rent_ms)
+    }
+
+    /// Adds `ms` to [`ScanCache::rent_ms`].
+    pub fn add_rent(&self, snap: &Snapshot, scan: &ProbeScan, ms: f64) {
+        self.with_entry(snap, scan, |e| e.rent_ms += ms);
     }
 
     /// The stored rows of `snap` prepared for `scan`: cached, extended by the rows appended since, or
@@ -635,29 +688,25 @@ impl ScanCache {
         snap: &Snapshot,
         scan: &ProbeScan,
     ) -> Result<Option<(Arc<PreparedBase>, usize)>, EngineError> {
-        if scan.prepared_bytes(snap) > SCAN_CACHE_BYTES {
+        let first = self.with_entry(snap, scan, |e| {
+            e.scans += 1;
+            e.scans == 1
+        });
+        if first || scan.prepared_bytes(snap) > SCAN_CACHE_BYTES {
             return Ok(None);
         }
-        // A panic while an entry was out of the list leaves the list without it: nothing half-built stays.
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.retain(|e| e.generation == snap.generation());
         let n = snap.rows();
-        let Some(i) = entries.iter().position(|e| e.modalities == scan.modalities) else {
-            entries.push(CacheEntry {
-                generation: snap.generation(),
-                modalities: scan.modalities.clone(),
-                base: None,
-            });
+        let taken = self.with_entry(snap, scan, |e| match &e.base {
+            Some(b) if b.rows() > n => Err(()),
+            _ => Ok(e.base.take()),
+        });
+        let Ok(taken) = taken else {
             return Ok(None);
         };
-        let mut entry = entries.remove(i);
-        let (base, reused) = match entry.base.take() {
+        // Prepared outside the lock: other sets' scans go on meanwhile (this set's next scan may prepare
+        // its own copy; the last one made is kept).
+        let (base, reused) = match taken {
             Some(b) if b.rows() == n => (b, n),
-            Some(b) if b.rows() > n => {
-                entry.base = Some(b);
-                entries.push(entry);
-                return Ok(None);
-            }
             Some(mut b) => {
                 let from = b.rows();
                 let (views, l1) = scan.stored(snap, from..n)?;
@@ -673,6 +722,7 @@ impl ScanCache {
             }
             None => (Arc::new(prepare(scan, snap)?), 0),
         };
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         // Most recently used last; drop the oldest preparations until the new one fits.
         let held = |entries: &[CacheEntry]| -> usize {
             entries
@@ -681,6 +731,14 @@ impl ScanCache {
                 .map(|b| b.bytes())
                 .sum()
         };
+        let Some(i) = entries
+            .iter()
+            .position(|e| e.generation == snap.generation() && e.modalities == scan.modalities)
+        else {
+            // A compaction dropped the entry meanwhile: the rows are of an older generation.
+            return Ok(Some((base, reused)));
+        };
+        let mut entry = entries.remove(i);
         while held(&entries) + base.bytes() > SCAN_CACHE_BYTES {
             match entries.iter().position(|e| e.base.is_some()) {
                 Some(k) => entries[k].base = None,

@@ -374,6 +374,36 @@ fn save_load_round_trip_and_corruption() {
     let old = dir.path().join("v2.ivf");
     std::fs::write(&old, &v2).unwrap();
     assert_eq!(Ivf::load(&old).unwrap(), raw);
+    // A table with a repeated or out-of-range list id under a valid checksum is refused, naming the row.
+    let good = std::fs::read(&path).unwrap();
+    let body = good.len() - 4;
+    assert_eq!(
+        crc32fast::hash(&good[..body]).to_le_bytes(),
+        good[body..],
+        "the file ends with the crc32 of the rest"
+    );
+    let k = ivf.row_probes(n - 1);
+    assert!(k >= 2, "the last row probes {k} lists");
+    let first = body - 4 * k;
+    for (patch, want) in [
+        (good[first..first + 4].to_vec(), "repeated list id"),
+        (
+            (ivf.lists() as u32).to_le_bytes().to_vec(),
+            "invalid or repeated list id",
+        ),
+    ] {
+        let mut bad = good.clone();
+        bad[first + 4..first + 8].copy_from_slice(&patch);
+        let crc = crc32fast::hash(&bad[..body]);
+        bad[body..].copy_from_slice(&crc.to_le_bytes());
+        let p = dir.path().join("bad.ivf");
+        std::fs::write(&p, &bad).unwrap();
+        let err = Ivf::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("row {}", n - 1)) && err.contains(want),
+            "{err}"
+        );
+    }
     // Flip one byte: checksum error, not a panic.
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;

@@ -1,6 +1,7 @@
 //! The saved index: own binary format, streamed through a CRC-32, versions 1 to 3 readable.
 
 use super::*;
+use rayon::prelude::*;
 use std::io::Write;
 use std::path::Path;
 
@@ -216,26 +217,42 @@ impl Ivf {
         if computed != u32::from_le_bytes(tail) {
             return Err(bad("checksum mismatch".into()));
         }
-        for i in 0..rows {
-            let h = home[i] as usize;
-            let p = &probe[probe_off[i]..probe_off[i + 1]];
-            if h == 0 {
-                if !p.is_empty() {
-                    return Err(bad(format!("absent row {i} has lists")));
-                }
-                continue;
-            }
-            if h > p.len() {
-                return Err(bad(format!(
-                    "row {i}: {h} home lists > {} probe lists",
-                    p.len()
-                )));
-            }
-            for (k, &l) in p.iter().enumerate() {
-                if l as usize >= lists || p[..k].contains(&l) {
-                    return Err(bad(format!("row {i}: invalid or repeated list id {l}")));
-                }
-            }
+        // Every row's lists: in range and distinct (a bitset over the lists per worker, cleared after each
+        // row), rows in parallel; the first bad row is reported.
+        let problem = (0..rows)
+            .into_par_iter()
+            .map_init(
+                || vec![0u64; lists.div_ceil(64)],
+                |seen, i| -> Option<String> {
+                    let h = home[i] as usize;
+                    let p = &probe[probe_off[i]..probe_off[i + 1]];
+                    if h == 0 {
+                        return (!p.is_empty()).then(|| format!("absent row {i} has lists"));
+                    }
+                    if h > p.len() {
+                        return Some(format!("row {i}: {h} home lists > {} probe lists", p.len()));
+                    }
+                    let mut bad_list = None;
+                    for &l in p {
+                        let (w, b) = (l as usize / 64, 1u64 << (l % 64));
+                        if l as usize >= lists || seen[w] & b != 0 {
+                            bad_list = Some(l);
+                            break;
+                        }
+                        seen[w] |= b;
+                    }
+                    for &l in p {
+                        if let Some(word) = seen.get_mut(l as usize / 64) {
+                            *word = 0;
+                        }
+                    }
+                    bad_list.map(|l| format!("row {i}: invalid or repeated list id {l}"))
+                },
+            )
+            .find_first(Option::is_some)
+            .flatten();
+        if let Some(problem) = problem {
+            return Err(bad(problem));
         }
         if one_way && home.iter().any(|&h| h > 1) {
             return Err(bad("one-way visits with a row of several homes".into()));
