@@ -14,6 +14,7 @@ use pacha_datasets::Modality;
 use pacha_index::RowsF32;
 use pacha_index::ivf::{Ivf, IvfParams};
 use pacha_index::sketch::{SketchWords, Sketcher, Sketches, StagedCut};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -608,66 +609,69 @@ fn read_saved(
             .verify(snap)
             .map_err(|w| problem(&p, w, &listed))?;
     }
-    let mut ivf = Vec::with_capacity(meta.files.len());
-    for ((entry, key), (_, dim)) in meta
+    // The modalities' lists files load side by side (each read, checksummed, checked and its per-list
+    // tables derived); a problem is reported for the first modality in schema order that has one.
+    type Problem = (DerivedProblem, Vec<String>);
+    let loads: Vec<Result<Option<Ivf>, Problem>> = meta
         .files
-        .iter()
+        .par_iter()
         .zip(&meta.modalities)
         .zip(&meta.identity.schema)
-    {
-        let Some(entry) = entry else {
-            ivf.push(None);
-            continue;
-        };
-        let f = dir.join(&entry.file);
-        if entry.file != format!("{key}.ivf") {
-            return Err(problem(
-                &p,
-                format!("lists file {:?} for modality {key}", entry.file),
-                &listed,
-            ));
-        }
-        let len = match std::fs::metadata(&f) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        .map(|((entry, key), (_, dim))| {
+            let Some(entry) = entry else {
+                return Ok(None);
+            };
+            let f = dir.join(&entry.file);
+            if entry.file != format!("{key}.ivf") {
                 return Err(problem(
-                    &f,
-                    "listed in index.json but missing".into(),
+                    &p,
+                    format!("lists file {:?} for modality {key}", entry.file),
                     &listed,
                 ));
             }
-            Err(e) => return Err(problem(&f, format!("cannot read: {e}"), &listed)),
-        };
-        if len != entry.len {
-            return Err(problem(
-                &f,
-                format!("{len} bytes, index.json lists {}", entry.len),
-                &listed,
-            ));
-        }
-        let (loaded, crc) =
-            Ivf::load_with_crc(&f).map_err(|e| problem(&f, e.to_string(), &listed))?;
-        if format!("{crc:08x}") != entry.crc32 {
-            return Err(problem(
-                &f,
-                format!("body crc32 {crc:08x}, index.json lists {}", entry.crc32),
-                &listed,
-            ));
-        }
-        if loaded.rows() != meta.identity.rows || loaded.dim() != *dim {
-            return Err(problem(
-                &f,
-                format!(
-                    "{} rows of dimension {}, index.json says {} rows of dimension {dim}",
-                    loaded.rows(),
-                    loaded.dim(),
-                    meta.identity.rows
-                ),
-                &listed,
-            ));
-        }
-        ivf.push(Some(loaded));
-    }
+            let len = match std::fs::metadata(&f) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(problem(
+                        &f,
+                        "listed in index.json but missing".into(),
+                        &listed,
+                    ));
+                }
+                Err(e) => return Err(problem(&f, format!("cannot read: {e}"), &listed)),
+            };
+            if len != entry.len {
+                return Err(problem(
+                    &f,
+                    format!("{len} bytes, index.json lists {}", entry.len),
+                    &listed,
+                ));
+            }
+            let (loaded, crc) =
+                Ivf::load_with_crc(&f).map_err(|e| problem(&f, e.to_string(), &listed))?;
+            if format!("{crc:08x}") != entry.crc32 {
+                return Err(problem(
+                    &f,
+                    format!("body crc32 {crc:08x}, index.json lists {}", entry.crc32),
+                    &listed,
+                ));
+            }
+            if loaded.rows() != meta.identity.rows || loaded.dim() != *dim {
+                return Err(problem(
+                    &f,
+                    format!(
+                        "{} rows of dimension {}, index.json says {} rows of dimension {dim}",
+                        loaded.rows(),
+                        loaded.dim(),
+                        meta.identity.rows
+                    ),
+                    &listed,
+                ));
+            }
+            Ok(Some(loaded))
+        })
+        .collect();
+    let ivf = loads.into_iter().collect::<Result<Vec<_>, _>>()?;
     let mut saved = Vec::with_capacity(meta.modalities.len());
     for (mi, key) in meta.modalities.iter().enumerate() {
         let Some(entry) = meta.sketches.get(mi).and_then(|e| e.as_ref()) else {

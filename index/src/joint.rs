@@ -704,10 +704,12 @@ impl Ctx<'_, '_, '_> {
             for l in 0..jn {
                 lanes.pb[l] = i32::from(bpres[j0 + l]);
             }
-            if lanes.pb.iter().all(|&x| x == 0) {
-                continue;
-            }
+            // A panel of absent rows is counted (its pairs are in the join's range) but not scanned.
+            let base_empty = lanes.pb.iter().all(|&x| x == 0);
             for (m, rp) in sides.base_params.iter().enumerate() {
+                if base_empty {
+                    break;
+                }
                 lanes.sb[m] = [0.0; 32];
                 lanes.ubh[m] = [0.0; 32];
                 for l in 0..jn {
@@ -728,6 +730,21 @@ impl Ctx<'_, '_, '_> {
                     lanes.pa[r] = i32::from(ppres[i0 + r]);
                 }
                 if lanes.pa.iter().all(|&x| x == 0) {
+                    continue;
+                }
+                // Each present probe row's lanes in the pair set (the triangle's j < i).
+                let mut live = [0usize; 8];
+                for r in 0..rn {
+                    if lanes.pa[r] != 0 {
+                        live[r] = if sides.triangle {
+                            (i0 + r).saturating_sub(j0).min(jn)
+                        } else {
+                            jn
+                        };
+                        st.pairs += live[r] as u64;
+                    }
+                }
+                if base_empty {
                     continue;
                 }
                 for (m, rp) in sides.probe_params.iter().enumerate() {
@@ -759,13 +776,7 @@ impl Ctx<'_, '_, '_> {
                         continue;
                     }
                     let i = i0 + r;
-                    let n = if sides.triangle {
-                        i.saturating_sub(j0).min(jn)
-                    } else {
-                        jn
-                    };
-                    st.pairs += n as u64;
-                    let mut bits = masks[r] & lane_mask(n);
+                    let mut bits = masks[r] & lane_mask(live[r]);
                     while bits != 0 {
                         let l = bits.trailing_zeros() as usize;
                         bits &= bits - 1;
