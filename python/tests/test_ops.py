@@ -162,23 +162,29 @@ def test_incomplete_audit_raises_completeness_error_like_cli_exit_3(index_pop: P
         assert ok.proven
     cli = json.loads((tmp_path / "cli" / "summary.json").read_text())["summary"]["audit"]
     assert cli["passed"] is False and cli["lower_bound"] == run.audit["lower_bound"]
-    # An identify batch that cannot prove its --min-recall: CLI exit 3, Python raises. Identify picks its path
-    # by a fixed per-query cost model (deterministic on this seeded store): here the sketch scan, whose lower
-    # bound is 1 minus the binomial drop bound (about 1 - 2e-6), so a min_recall of 1 cannot be proven.
+    # An identify batch that cannot prove its --min-recall: CLI exit 3, Python raises. Searched one by one
+    # (auto would take the joint scan, complete by construction, for so few probes on a fresh store), each
+    # probe's path is picked by a fixed per-query cost model (deterministic on this seeded store): here the
+    # sketch scan, whose lower bound is 1 minus the binomial drop bound (about 1 - 2e-6), so a min_recall of
+    # 1 cannot be proven.
     np.save(tmp_path / "p.npy", index_pop.face[:3])
     r = subprocess.run([pacha_bin, "identify", "--store", str(store), "--face", str(tmp_path / "p.npy"),
-                        "--min-recall", "1"], capture_output=True, text=True)
+                        "--min-recall", "1", "--batch-scan", "per-probe"], capture_output=True, text=True)
     assert r.returncode == 3, r.stderr
     with pacha.Store.open(store, read_only=True) as s:
         with pytest.raises(pacha.CompletenessError) as ei:
-            s.identify(face=index_pop.face[:3], min_recall=1.0)
+            s.identify(face=index_pop.face[:3], min_recall=1.0, batch_scan="per-probe")
         ans = ei.value.result
         assert isinstance(ans, pacha.IdentifyResult) and not ans.proven
         assert [c["subject_id"][0] for c in ans.candidates] == index_pop.ids[:3]
         # At the default 0.999 the same batch is proven (the sketch scan's bound), in both front ends.
-        assert s.identify(face=index_pop.face[:3]).proven
-        lax = s.identify(face=index_pop.face[:3], strict=False, min_recall=1.0)
+        assert s.identify(face=index_pop.face[:3], batch_scan="per-probe").proven
+        lax = s.identify(face=index_pop.face[:3], strict=False, min_recall=1.0, batch_scan="per-probe")
         assert not lax.proven and lax.audit["lower_bound"] == ans.audit["lower_bound"]
+        # The joint scan of the same batch is complete by construction: proven even at min_recall 1.
+        joint = s.identify(face=index_pop.face[:3], min_recall=1.0, batch_scan="joint")
+        assert joint.proven and joint.latency["joint_scans"]
+        assert [c["subject_id"][0] for c in joint.candidates] == index_pop.ids[:3]
 
 
 def test_progress_callback_and_tqdm(small_pop: Population, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
