@@ -365,34 +365,24 @@ impl ProbeScan {
         let t_probes = t0.elapsed().as_secs_f64();
         let full = ((1u16 << self.members.len()) - 1) as u8;
         let probe_presence = vec![full; probes.len()];
-        let (pairs, stats, t_setup) = match prepared {
+        let stored;
+        let join = match prepared {
             Some(base) => {
-                let join = JointCross::with_prepared(
-                    probe_rows,
-                    &probe_presence,
-                    base,
-                    &presence,
-                    &self.test,
-                )?;
-                let t_setup = t0.elapsed().as_secs_f64();
-                let (pairs, stats) = join.join()?;
-                (pairs, stats, t_setup)
+                JointCross::with_prepared(probe_rows, &probe_presence, base, &presence, &self.test)?
             }
             None => {
-                let (views, base_l1) = self.stored(snap, 0..n)?;
-                let base_rows = quant_rows(&views, &base_l1)?;
-                let join = JointCross::new(
+                stored = self.stored(snap, 0..n)?;
+                JointCross::new(
                     probe_rows,
                     &probe_presence,
-                    base_rows,
+                    quant_rows(&stored.0, &stored.1)?,
                     &presence,
                     &self.test,
-                )?;
-                let t_setup = t0.elapsed().as_secs_f64();
-                let (pairs, stats) = join.join()?;
-                (pairs, stats, t_setup)
+                )?
             }
         };
+        let t_setup = t0.elapsed().as_secs_f64();
+        let (pairs, stats) = join.join()?;
         tracing::debug!(
             "{}: {} probes x {n} rows: presence {t_presence:.3} s, probe codes {:.3} s, stored rows' L1 bounds {:.3} s, scan {:.3} s ({}), {} pairs kept",
             self.key,
@@ -657,8 +647,12 @@ impl ScanCache {
         f(&mut entries[i])
     }
 
-    /// How far the stored rows of `snap` are prepared for `scan` (what [`ScanCache::get`] will do).
+    /// How far the stored rows of `snap` are prepared for `scan` (what [`ScanCache::get`] will do; a set
+    /// over [`SCAN_CACHE_BYTES`] is never prepared: every scan prepares its own).
     pub fn state(&self, snap: &Snapshot, scan: &ProbeScan) -> Preparation {
+        if scan.prepared_bytes(snap) > SCAN_CACHE_BYTES {
+            return Preparation::Unseen;
+        }
         self.with_entry(snap, scan, |e| match &e.base {
             _ if e.scans == 0 => Preparation::Unseen,
             Some(b) if b.rows() <= snap.rows() => Preparation::Prepared(b.rows()),

@@ -466,23 +466,16 @@ impl<'a> JointCross<'a> {
         base_presence: &'a [u8],
         test: &'a JointTest,
     ) -> Result<JointCross<'a>, IndexError> {
-        test.check()?;
-        check_side(
-            "joint cross join, probe side",
-            &probes,
-            probe_presence,
-            test,
-        )?;
         check_side("joint cross join, base side", &base, base_presence, test)?;
         let dims: Vec<usize> = base.iter().map(QuantRows::dim).collect();
-        check_dims(&probes, &dims)?;
-        Ok(JointCross {
+        Self::checked(
             probes,
             probe_presence,
-            base: Base::Rows(base),
+            Base::Rows(base),
+            &dims,
             base_presence,
             test,
-        })
+        )
     }
 
     /// [`JointCross::new`] against a [`PreparedBase`] (its rows, parameters and panels; `base_presence` one
@@ -494,13 +487,6 @@ impl<'a> JointCross<'a> {
         base_presence: &'a [u8],
         test: &'a JointTest,
     ) -> Result<JointCross<'a>, IndexError> {
-        test.check()?;
-        check_side(
-            "joint cross join, probe side",
-            &probes,
-            probe_presence,
-            test,
-        )?;
         if base.dims.len() != test.lines.len() || base_presence.len() != base.rows {
             return Err(IndexError::Shape(format!(
                 "joint cross join: a prepared base of {} members and {} rows, a test for {}, {} presence bytes",
@@ -510,11 +496,38 @@ impl<'a> JointCross<'a> {
                 base_presence.len()
             )));
         }
-        check_dims(&probes, &base.dims)?;
+        Self::checked(
+            probes,
+            probe_presence,
+            Base::Prepared(base),
+            &base.dims,
+            base_presence,
+            test,
+        )
+    }
+
+    /// The join once the base side is checked: the test's shape, the probe side, its dimensions against
+    /// the base's `dims`.
+    fn checked(
+        probes: Vec<QuantRows<'a>>,
+        probe_presence: &'a [u8],
+        base: Base<'a>,
+        dims: &[usize],
+        base_presence: &'a [u8],
+        test: &'a JointTest,
+    ) -> Result<JointCross<'a>, IndexError> {
+        test.check()?;
+        check_side(
+            "joint cross join, probe side",
+            &probes,
+            probe_presence,
+            test,
+        )?;
+        check_dims(&probes, dims)?;
         Ok(JointCross {
             probes,
             probe_presence,
-            base: Base::Prepared(base),
+            base,
             base_presence,
             test,
         })
