@@ -628,7 +628,8 @@ impl ScanCache {
         scan: &ProbeScan,
         f: impl FnOnce(&mut CacheEntry) -> T,
     ) -> T {
-        // A panic while an entry was out of the list leaves the list without it: nothing half-built stays.
+        // A poisoned lock is taken as is: every closure here leaves the entries whole (preparation runs in
+        // `get` with the base taken out, outside the lock), so a panic elsewhere leaves nothing half-built.
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries.retain(|e| e.generation == snap.generation());
         let i = match entries.iter().position(|e| e.modalities == scan.modalities) {

@@ -719,15 +719,14 @@ impl Ctx<'_, '_, '_> {
             }
             // A panel of absent rows is counted (its pairs are in the join's range) but not scanned.
             let base_empty = lanes.pb.iter().all(|&x| x == 0);
-            for (m, rp) in sides.base_params.iter().enumerate() {
-                if base_empty {
-                    break;
-                }
-                lanes.sb[m] = [0.0; 32];
-                lanes.ubh[m] = [0.0; 32];
-                for l in 0..jn {
-                    lanes.sb[m][l] = rp.s[j0 + l];
-                    lanes.ubh[m][l] = rp.uh[j0 + l];
+            if !base_empty {
+                for (m, rp) in sides.base_params.iter().enumerate() {
+                    lanes.sb[m] = [0.0; 32];
+                    lanes.ubh[m] = [0.0; 32];
+                    for l in 0..jn {
+                        lanes.sb[m][l] = rp.s[j0 + l];
+                        lanes.ubh[m][l] = rp.uh[j0 + l];
+                    }
                 }
             }
             for g in 0..nb / mr {

@@ -174,29 +174,16 @@ pub(super) fn top_select(scores: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
 }
 
 impl Ivf {
-    /// Builds the per-list member and visitor CSR tables from the per-row table.
+    /// Builds the per-list member and visitor CSR tables from the per-row table: one pass counts each
+    /// list's entries, a second places them (rows ascending within every list).
     pub(super) fn derive_lists(&mut self) {
         let c = self.lists;
         let mut mcount = vec![0usize; c + 1];
         let mut vcount = vec![0usize; c + 1];
-        for i in 0..self.rows {
-            let h = self.home[i] as usize;
-            if h == 0 {
-                continue;
-            }
-            let lists = self.row_lists(i as u32).0;
-            let Some(&best) = lists.first() else {
-                continue;
-            };
-            for (r, &j) in lists.iter().enumerate() {
-                if !self.one_way || j >= best {
-                    vcount[j as usize + 1] += 1;
-                }
-                if r < h {
-                    mcount[j as usize + 1] += 1;
-                }
-            }
-        }
+        self.each_list_entry(|_, j, _, visits, member| {
+            vcount[j + 1] += usize::from(visits);
+            mcount[j + 1] += usize::from(member);
+        });
         for j in 0..c {
             mcount[j + 1] += mcount[j];
             vcount[j + 1] += vcount[j];
@@ -205,6 +192,29 @@ impl Ivf {
         let mut visitors = vec![0u32; vcount[c]];
         let mut vis_home = vec![0u32; vcount[c]];
         let (mut mpos, mut vpos) = (mcount.clone(), vcount.clone());
+        self.each_list_entry(|i, j, best, visits, member| {
+            if visits {
+                visitors[vpos[j]] = i;
+                vis_home[vpos[j]] = best;
+                vpos[j] += 1;
+            }
+            if member {
+                members[mpos[j]] = i;
+                mpos[j] += 1;
+            }
+        });
+        self.mem_off = mcount;
+        self.members = members;
+        self.vis_off = vcount;
+        self.visitors = visitors;
+        self.vis_home = vis_home;
+        self.single_home = self.home.iter().all(|&h| h <= 1);
+    }
+
+    /// Calls `f(row, list, row's best list, visits, member)` for every list of every present row, rows
+    /// ascending: `visits` where the row visits the list (with one-way visits, lists from its best on),
+    /// `member` where the list is one of its homes.
+    fn each_list_entry(&self, mut f: impl FnMut(u32, usize, u32, bool, bool)) {
         for i in 0..self.rows {
             let h = self.home[i] as usize;
             if h == 0 {
@@ -215,24 +225,15 @@ impl Ivf {
                 continue;
             };
             for (r, &j) in lists.iter().enumerate() {
-                let j = j as usize;
-                if !self.one_way || j >= best as usize {
-                    visitors[vpos[j]] = i as u32;
-                    vis_home[vpos[j]] = best;
-                    vpos[j] += 1;
-                }
-                if r < h {
-                    members[mpos[j]] = i as u32;
-                    mpos[j] += 1;
-                }
+                f(
+                    i as u32,
+                    j as usize,
+                    best,
+                    !self.one_way || j >= best,
+                    r < h,
+                );
             }
         }
-        self.mem_off = mcount;
-        self.members = members;
-        self.vis_off = vcount;
-        self.visitors = visitors;
-        self.vis_home = vis_home;
-        self.single_home = self.home.iter().all(|&h| h <= 1);
     }
 }
 
