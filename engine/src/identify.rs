@@ -207,6 +207,20 @@ fn joint_ms(rows: usize, bytes: usize, probes: usize, prepared: Option<usize>) -
     (products + rest) * 1e3
 }
 
+/// Predicted milliseconds of one joint scan of `probes` probes over `rows` stored rows of `bytes` code bytes,
+/// by what the scan cache holds for the member set: unseen (the scan packs its own rows), seen once (this
+/// scan prepares every row, then streams them prepared), or prepared up to some row.
+fn joint_state_ms(state: Preparation, rows: usize, bytes: usize, probes: usize) -> f64 {
+    match state {
+        Preparation::Unseen => joint_ms(rows, bytes, probes, None),
+        Preparation::Seen => {
+            joint_ms(rows, bytes, probes, Some(rows))
+                + rows as f64 * bytes as f64 * JOINT_PREPARE_BYTE_S * 1e3
+        }
+        Preparation::Prepared(p) => joint_ms(rows, bytes, probes, Some(p)),
+    }
+}
+
 /// Predicted milliseconds per probe of searching `probes` probes one by one at `one` ms each when the
 /// index must first run `pilots` ms of pilots to plan the search, of which earlier joint scans of the same
 /// modalities have already "paid" `rent` ms by costing that much more than one-by-one search (ski rental:
@@ -331,15 +345,7 @@ impl Engine {
                 .sum();
             let n = idx.len() as f64;
             let state = self.scan_cache.state(&snap, &scan);
-            let per_joint = match state {
-                Preparation::Unseen => joint_ms(snap.rows(), bytes, idx.len(), None),
-                // The set's second scan prepares every row first, then streams them.
-                Preparation::Seen => {
-                    joint_ms(snap.rows(), bytes, idx.len(), Some(0))
-                        + snap.rows() as f64 * bytes as f64 * JOINT_PREPARE_BYTE_S * 1e3
-                }
-                Preparation::Prepared(rows) => joint_ms(snap.rows(), bytes, idx.len(), Some(rows)),
-            } / n;
+            let per_joint = joint_state_ms(state, snap.rows(), bytes, idx.len()) / n;
             // One by one: every probe's search, plus the pilots that would plan it where the index has not
             // yet, less what earlier joint scans of the set cost over searching one by one (rent until the
             // rent paid equals the price of buying: a long-lived engine plans once it has paid that much,
@@ -707,7 +713,9 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::{Latency, joint_ms, one_by_one_ms};
+    use super::{
+        JOINT_PREPARE_BYTE_S, Latency, Preparation, joint_ms, joint_state_ms, one_by_one_ms,
+    };
 
     /// The one-by-one price carries the pilots' unpaid share until joint scans have cost that much extra;
     /// a lone probe at 1 M face + 2 fingers then takes the joint scan, first unprepared, and once the rows
@@ -729,6 +737,16 @@ mod tests {
         assert!((550.0..700.0).contains(&cold), "{cold}");
         assert!((60.0..75.0).contains(&warm), "{warm}");
         assert!(stale > warm + 200.0 && stale < cold + 100.0, "{stale}");
+        // Seen once: the scan prepares every row (1.25 ns per byte) and then streams them prepared; the
+        // rows are counted once, not also as newly enrolled.
+        let seen = joint_state_ms(Preparation::Seen, rows, bytes, 1);
+        let prepare = rows as f64 * bytes as f64 * JOINT_PREPARE_BYTE_S * 1e3;
+        assert!((seen - (warm + prepare)).abs() < 1e-6, "{seen}");
+        assert_eq!(joint_state_ms(Preparation::Unseen, rows, bytes, 1), cold);
+        assert_eq!(
+            joint_state_ms(Preparation::Prepared(rows), rows, bytes, 1),
+            warm
+        );
         assert!(warm < one_by_one_ms(97.0, 7000.0, 0.0, 1));
         assert!(cold < one_by_one_ms(97.0, 7000.0, 0.0, 1));
     }

@@ -606,6 +606,9 @@ struct CacheEntry {
     /// Predicted milliseconds the set's joint scans cost over searching their probes one by one
     /// ([`ScanCache::add_rent`]).
     rent_ms: f64,
+    /// Held while the set's rows are prepared or extended (outside the entries' lock): a batch of the same
+    /// set arriving meanwhile waits for that preparation and reuses it instead of making its own copy.
+    preparing: Arc<Mutex<()>>,
 }
 
 /// How far a member set's stored rows are prepared ([`ScanCache::state`]).
@@ -629,7 +632,7 @@ impl ScanCache {
         f: impl FnOnce(&mut CacheEntry) -> T,
     ) -> T {
         // A poisoned lock is taken as is: every closure here leaves the entries whole (preparation runs in
-        // `get` with the base taken out, outside the lock), so a panic elsewhere leaves nothing half-built.
+        // `get` with the base taken out, outside this lock), so a panic elsewhere leaves nothing half-built.
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries.retain(|e| e.generation == snap.generation());
         let i = match entries.iter().position(|e| e.modalities == scan.modalities) {
@@ -641,6 +644,7 @@ impl ScanCache {
                     scans: 0,
                     base: None,
                     rent_ms: 0.0,
+                    preparing: Arc::default(),
                 });
                 entries.len() - 1
             }
@@ -683,13 +687,15 @@ impl ScanCache {
         snap: &Snapshot,
         scan: &ProbeScan,
     ) -> Result<Option<(Arc<PreparedBase>, usize)>, EngineError> {
-        let first = self.with_entry(snap, scan, |e| {
+        let (first, preparing) = self.with_entry(snap, scan, |e| {
             e.scans += 1;
-            e.scans == 1
+            (e.scans == 1, Arc::clone(&e.preparing))
         });
         if first || scan.prepared_bytes(snap) > SCAN_CACHE_BYTES {
             return Ok(None);
         }
+        // One preparation of the set at a time (a panic in one leaves the base out: the next prepares anew).
+        let _turn = preparing.lock().unwrap_or_else(PoisonError::into_inner);
         let n = snap.rows();
         let taken = self.with_entry(snap, scan, |e| match &e.base {
             Some(b) if b.rows() > n => Err(()),
@@ -698,22 +704,18 @@ impl ScanCache {
         let Ok(taken) = taken else {
             return Ok(None);
         };
-        // Prepared outside the lock: other sets' scans go on meanwhile (this set's next scan may prepare
-        // its own copy; the last one made is kept).
+        // Prepared outside the entries' lock: other sets' scans go on meanwhile; this set's next batch
+        // waits on `_turn`.
         let (base, reused) = match taken {
             Some(b) if b.rows() == n => (b, n),
             Some(mut b) => {
                 let from = b.rows();
                 let (views, l1) = scan.stored(snap, from..n)?;
                 let more = quant_rows(&views, &l1)?;
-                match Arc::get_mut(&mut b) {
-                    Some(prepared) => {
-                        prepared.extend(&more)?;
-                        (b, from)
-                    }
-                    // Another batch still scans the cached rows: prepare them all anew.
-                    None => (Arc::new(prepare(scan, snap)?), 0),
-                }
+                // Where another batch still scans the cached rows, they are copied first (a copy costs a
+                // tenth of preparing them again).
+                Arc::make_mut(&mut b).extend(&more)?;
+                (b, from)
             }
             None => (Arc::new(prepare(scan, snap)?), 0),
         };

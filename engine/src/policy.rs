@@ -53,6 +53,15 @@ const MARGIN_SLACK: f32 = 0.15;
 const MARGIN_PAD: f32 = 0.01;
 /// One pilot pair in this many decides first whether the partition can win at all (see [`plan_modality`]).
 const SAMPLE_STRIDE: usize = 8;
+/// Rows of the pilot's screen: the first rows of its sample, on which a partition that loses by
+/// [`PILOT_SCREEN_MARGIN`] stops the pilot (see [`plan_modality`]).
+pub const PILOT_SCREEN_ROWS: usize = 300;
+/// How many times slower than the best path without the partition the screen must predict the partition
+/// (the rule fewer pairs need is never wider, so the screen errs towards the partition; what can err the
+/// other way is the sampling of rows, their list sizes and synthetic partners).
+pub const PILOT_SCREEN_MARGIN: f64 = 2.0;
+/// Most pairs of the screen whose list ranks are computed (evenly spaced over its pairs).
+const PILOT_SCREEN_PAIRS: usize = 4000;
 
 /// Seconds per sketch product of the packed first stage in the join, both cores, with the AVX-512 filter
 /// (measured in the join; the kernel alone runs ≈ 2 G products/s per core).
@@ -314,9 +323,11 @@ pub fn plan_modality(
     let spec = &snap.schema().modalities[mi];
     let m = spec.modality;
     let d = spec.dim;
-    let view = snap
-        .f32_rows(m)
-        .ok_or_else(|| EngineError::InvalidArgument(format!("no {m} rows in the store")))?;
+    if snap.f32_rows(m).is_none() {
+        return Err(EngineError::InvalidArgument(format!(
+            "no {m} rows in the store"
+        )));
+    }
     let live = |r: usize| snap.is_present(m, r) && !snap.is_deleted(r);
     let present: Vec<u32> = (0..snap.rows())
         .filter(|&r| live(r))
@@ -346,77 +357,14 @@ pub fn plan_modality(
         plan.seconds = t0.elapsed().as_secs_f64();
         return Ok(plan);
     }
-    // 1. The pilot sample and its exact pairs.
     let mut pool = present.clone();
     let k = PILOT_ROWS.min(n);
     SplitMix(PILOT_SEED ^ mi as u64).shuffle_prefix(&mut pool, k);
-    let mut pilot: Vec<u32> = pool[..k].to_vec();
-    pilot.sort_unstable();
-    let mut dense = Vec::with_capacity(k * d);
-    for &r in &pilot {
-        dense.extend_from_slice(view.row(r as usize));
-    }
-    let skip = |q: u32| !live(q as usize);
-    let mut pairs: Vec<(usize, u32)> =
-        pilot_pairs(view, snap.i8_rows(m), l1, &pilot, &dense, c, &skip)?
-            .into_iter()
-            .filter(|p| pilot[p.a as usize] != p.b)
-            .map(|p| (p.a as usize, p.b))
-            .collect();
-    if pairs.len() > MAX_PILOT_PAIRS {
-        SplitMix(PILOT_SEED ^ 0x5a5a).shuffle_prefix(&mut pairs, MAX_PILOT_PAIRS);
-        pairs.truncate(MAX_PILOT_PAIRS);
-    }
-    plan.pilot_rows = k;
-    plan.natural_pairs = pairs.len();
-    let t_search = t0.elapsed().as_secs_f64();
-
-    // 2. Scores of the pilot rows against every list.
-    let mut pilot_scores = Vec::new();
-    let pilot_homes = ivf.homes_and_scores(&dense, k, &mut pilot_scores);
-
-    // Partner vectors: natural partners, then synthetic boundary points.
-    let mut partner = Vec::with_capacity(pairs.len() * d);
-    for &(_, q) in &pairs {
-        partner.extend_from_slice(view.row(q as usize));
-    }
-    let mut owners: Vec<usize> = pairs.iter().map(|p| p.0).collect();
-    // Several synthetic partners per pilot row (each leaning towards another store row).
-    let reps: Vec<u32> = pilot
-        .iter()
-        .flat_map(|&r| std::iter::repeat_n(r, SYNTHETIC_PER_PILOT_ROW))
-        .collect();
-    let (syn, syn_owners) = synthetic_partners(
-        view,
-        &reps,
-        &present,
-        c,
-        PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64,
-    );
-    plan.synthetic_pairs = syn_owners.len();
-    partner.extend_from_slice(&syn);
-    owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
-    let t_synthetic = t0.elapsed().as_secs_f64();
-    // The partition's predicted time for the pairs' needs (its cheapest rule over the grid, below).
     let members = ivf.member_counts();
-    let indexed: usize = members.iter().sum();
-    let scale = n as f64 / indexed.max(1) as f64;
-    let sorted_rows: Vec<(Vec<f32>, Vec<f64>)> = (0..k)
-        .into_par_iter()
-        .map(|i| {
-            let s = &pilot_scores[i * lists..(i + 1) * lists];
-            let mut order: Vec<usize> = (0..lists).collect();
-            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-            let mut cum = Vec::with_capacity(lists + 1);
-            cum.push(0.0);
-            let mut acc = 0.0;
-            for &j in &order {
-                acc += members[j] as f64 * scale;
-                cum.push(acc);
-            }
-            (order.iter().map(|&j| s[j]).collect(), cum)
-        })
-        .collect();
+    let scale = n as f64 / members.iter().sum::<usize>().max(1) as f64;
+    let sample = |rows: &[u32], part: u64| -> Result<PilotSample, EngineError> {
+        PilotSample::measure(snap, ivf, mi, c, l1, rows, &present, &members, scale, part)
+    };
     // The partition's products are nearer pairs than random ones: its survivors are at least as many per
     // product as a brute-force join's.
     let nearer = filter.map(|f| FilterModel {
@@ -428,11 +376,73 @@ pub fn plan_modality(
         .iter()
         .map(|p| p.1)
         .fold(f64::INFINITY, f64::min);
-    let cheapest = |needs: &[Need]| {
-        cheapest_rule(needs, &sorted_rows, lists, k, n).map(|(products, probes, rule)| {
-            (join_seconds(products, d, nearer), products, probes, rule)
-        })
+    let cheapest = |needs: &[Need], s: &PilotSample| {
+        cheapest_rule(needs, &s.sorted_rows, lists, s.rows.len(), n).map(
+            |(products, probes, rule)| (join_seconds(products, d, nearer), products, probes, rule),
+        )
     };
+    // 0. A screen on the first rows of the sample: where the partition already loses by a wide margin on
+    // them (every pair of theirs), the rest of the pilot is not run. The pilot's exact search costs
+    // `k` × n products, a sizable share of a `--from-row` batch's own join at low cosines; the screen costs
+    // a fifth of it. Only the choice of path rests on it (the exact paths it keeps are complete).
+    let k1 = PILOT_SCREEN_ROWS.min(k);
+    let mut screen = None;
+    if !exhaustive && k1 < k {
+        let s1 = sample(&pool[..k1], 0)?;
+        // At most PILOT_SCREEN_PAIRS of its pairs, evenly spaced (natural and synthetic alike): the rule
+        // fewer pairs need is never wider, so this errs towards the partition.
+        let stride = s1.owners.len().div_ceil(PILOT_SCREEN_PAIRS).max(1);
+        let picked: Vec<usize> = (0..s1.owners.len()).step_by(stride).collect();
+        let partner: Vec<f32> = picked
+            .iter()
+            .flat_map(|&p| s1.partner[p * d..(p + 1) * d].iter().copied())
+            .collect();
+        let owners: Vec<usize> = picked.iter().map(|&p| s1.owners[p]).collect();
+        let needs = pair_needs(ivf, &s1.scores, &s1.homes, &partner, &owners, visits);
+        let screened = cheapest(&needs, &s1).map(|c| c.0);
+        tracing::debug!(
+            "{} pilot screen: the partition at {screened:.1?} s on {} of the first {k1} rows' {} pairs, against {best_other:.1} s",
+            plan.modality,
+            owners.len(),
+            s1.owners.len()
+        );
+        if let Some(secs) = screened
+            && secs >= PILOT_SCREEN_MARGIN * best_other
+        {
+            plan.pilot_rows = k1;
+            plan.natural_pairs = s1.natural;
+            plan.synthetic_pairs = s1.synthetic;
+            plan.predicted_seconds.push(("ivf".into(), secs));
+            plan.seconds = t0.elapsed().as_secs_f64();
+            tracing::debug!(
+                "{} pilot screen: the partition loses; exact search {:.2} s, sample {:.2} s, {:.2} s in all",
+                plan.modality,
+                s1.search_seconds,
+                s1.seconds,
+                plan.seconds
+            );
+            return Ok(plan);
+        }
+        screen = Some(s1);
+    }
+    // 1. The pilot sample, its exact pairs, their list scores and synthetic boundary partners (the
+    // screen's rows measured once: the rest of the sample extends them).
+    let s = match screen {
+        Some(s1) => s1.extend(sample(&pool[k1..k], 1)?, d),
+        None => sample(&pool[..k], 0)?,
+    };
+    plan.pilot_rows = k;
+    plan.natural_pairs = s.natural;
+    plan.synthetic_pairs = s.synthetic;
+    let t_search = s.search_seconds;
+    let t_sampled = Instant::now();
+    let PilotSample {
+        scores: pilot_scores,
+        homes: pilot_homes,
+        partner,
+        owners,
+        ..
+    } = &s;
     // 3. What each pair needs: one pair in SAMPLE_STRIDE first. The rule a subset of the pairs needs is
     // never wider than the rule all of them need (its margin is a maximum over fewer pairs), so its time is
     // a lower bound of the partition's: where that already loses to a path without the partition (an
@@ -446,13 +456,13 @@ pub fn plan_modality(
         let sub_owners: Vec<usize> = sampled.iter().map(|&p| owners[p]).collect();
         let sub = pair_needs(
             ivf,
-            &pilot_scores,
-            &pilot_homes,
+            pilot_scores,
+            pilot_homes,
             &sub_partner,
             &sub_owners,
             visits,
         );
-        if let Some((secs, ..)) = cheapest(&sub)
+        if let Some((secs, ..)) = cheapest(&sub, &s)
             && secs >= best_other
         {
             plan.predicted_seconds.push(("ivf".into(), secs));
@@ -467,12 +477,11 @@ pub fn plan_modality(
             return Ok(plan);
         }
     }
-    let needs = pair_needs(ivf, &pilot_scores, &pilot_homes, &partner, &owners, visits);
-    drop(partner);
-    let t_needs = t0.elapsed().as_secs_f64();
+    let needs = pair_needs(ivf, pilot_scores, pilot_homes, partner, owners, visits);
+    let t_needs = t_sampled.elapsed().as_secs_f64();
 
     // 4. The cheapest rule that reaches every pair, against the paths without the partition.
-    if let Some((secs, products, probes, rule)) = cheapest(&needs) {
+    if let Some((secs, products, probes, rule)) = cheapest(&needs, &s) {
         plan.predicted_seconds.push(("ivf".into(), secs));
         plan.ivf_rule = Some(rule);
         if secs < best_other {
@@ -484,13 +493,198 @@ pub fn plan_modality(
     }
     plan.seconds = t0.elapsed().as_secs_f64();
     tracing::debug!(
-        "{} pilot: exact search {t_search:.2} s, list scores + synthetic pairs {:.2} s, reach {:.2} s, rules {:.2} s",
+        "{} pilot: exact search {t_search:.2} s, list scores + synthetic pairs {:.2} s, reach {t_needs:.2} s, rules {:.2} s",
         plan.modality,
-        t_synthetic - t_search,
-        t_needs - t_synthetic,
-        plan.seconds - t_needs
+        s.seconds - t_search,
+        t_sampled.elapsed().as_secs_f64() - t_needs
     );
     Ok(plan)
+}
+
+/// What a pilot measured on its sample rows: their exact pairs at the candidate cosine, synthetic boundary
+/// partners, and every row's list scores.
+struct PilotSample {
+    /// The sampled rows, ascending within each measured part (a pair's owner is an index into them).
+    rows: Vec<u32>,
+    /// Per row, its score against every list (row-major).
+    scores: Vec<f32>,
+    /// Per row, its home list.
+    homes: Vec<u32>,
+    /// The partners' vectors: natural partners first, then synthetic ones.
+    partner: Vec<f32>,
+    /// Per partner, the index of its sampled row.
+    owners: Vec<usize>,
+    /// Natural pairs kept (at most [`MAX_PILOT_PAIRS`]): the first `natural` partners.
+    natural: usize,
+    /// Natural pairs found before that cap.
+    found: usize,
+    /// Synthetic pairs.
+    synthetic: usize,
+    /// Per row, its list scores best first and the cumulative (scaled) members of those lists.
+    sorted_rows: Vec<(Vec<f32>, Vec<f64>)>,
+    /// Seconds of the exact search.
+    search_seconds: f64,
+    /// Seconds in all.
+    seconds: f64,
+}
+
+impl PilotSample {
+    /// Measures `rows` (live rows of modality `mi`) against the `present` rows at cosine `c`; `members`
+    /// are the lists' member counts and `scale` the live rows per indexed row; `part` seeds the synthetic
+    /// partners apart from another part's of the same pilot.
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        snap: &Snapshot,
+        ivf: &Ivf,
+        mi: usize,
+        c: f32,
+        l1: &OnceCell<Vec<f32>>,
+        rows: &[u32],
+        present: &[u32],
+        members: &[usize],
+        scale: f64,
+        part: u64,
+    ) -> Result<PilotSample, EngineError> {
+        let t0 = Instant::now();
+        let m = snap.schema().modalities[mi].modality;
+        let view = snap
+            .f32_rows(m)
+            .ok_or_else(|| EngineError::InvalidArgument(format!("no {m} rows in the store")))?;
+        let d = view.dim();
+        let k = rows.len();
+        let lists = ivf.lists();
+        let mut pilot = rows.to_vec();
+        pilot.sort_unstable();
+        let mut dense = Vec::with_capacity(k * d);
+        for &r in &pilot {
+            dense.extend_from_slice(view.row(r as usize));
+        }
+        let skip = |q: u32| !snap.is_present(m, q as usize) || snap.is_deleted(q as usize);
+        let mut pairs: Vec<(usize, u32)> =
+            pilot_pairs(view, snap.i8_rows(m), l1, &pilot, &dense, c, &skip)?
+                .into_iter()
+                .filter(|p| pilot[p.a as usize] != p.b)
+                .map(|p| (p.a as usize, p.b))
+                .collect();
+        let found = pairs.len();
+        if pairs.len() > MAX_PILOT_PAIRS {
+            SplitMix(PILOT_SEED ^ 0x5a5a).shuffle_prefix(&mut pairs, MAX_PILOT_PAIRS);
+            pairs.truncate(MAX_PILOT_PAIRS);
+        }
+        let search_seconds = t0.elapsed().as_secs_f64();
+        let mut scores = Vec::new();
+        let homes = ivf.homes_and_scores(&dense, k, &mut scores);
+        // Partner vectors: natural partners, then synthetic boundary points.
+        let mut partner = Vec::with_capacity(pairs.len() * d);
+        for &(_, q) in &pairs {
+            partner.extend_from_slice(view.row(q as usize));
+        }
+        let mut owners: Vec<usize> = pairs.iter().map(|p| p.0).collect();
+        // Several synthetic partners per pilot row (each leaning towards another store row).
+        let reps: Vec<u32> = pilot
+            .iter()
+            .flat_map(|&r| std::iter::repeat_n(r, SYNTHETIC_PER_PILOT_ROW))
+            .collect();
+        let (syn, syn_owners) = synthetic_partners(
+            view,
+            &reps,
+            present,
+            c,
+            PILOT_SEED ^ 0x0b0d_a7e5 ^ mi as u64 ^ part.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let synthetic = syn_owners.len();
+        partner.extend_from_slice(&syn);
+        owners.extend(syn_owners.into_iter().map(|i| i / SYNTHETIC_PER_PILOT_ROW));
+        let sorted_rows: Vec<(Vec<f32>, Vec<f64>)> = (0..k)
+            .into_par_iter()
+            .map(|i| {
+                let s = &scores[i * lists..(i + 1) * lists];
+                let mut order: Vec<usize> = (0..lists).collect();
+                order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+                let mut cum = Vec::with_capacity(lists + 1);
+                cum.push(0.0);
+                let mut acc = 0.0;
+                for &j in &order {
+                    acc += members[j] as f64 * scale;
+                    cum.push(acc);
+                }
+                (order.iter().map(|&j| s[j]).collect(), cum)
+            })
+            .collect();
+        Ok(PilotSample {
+            rows: pilot,
+            scores,
+            homes,
+            partner,
+            owners,
+            natural: pairs.len(),
+            found,
+            synthetic,
+            sorted_rows,
+            search_seconds,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// This sample followed by `more`, measured on other rows: as if both had been measured at once,
+    /// the natural pairs kept at most [`MAX_PILOT_PAIRS`] over both, each sample's share in proportion to
+    /// the pairs it found (so the rows of neither weigh more).
+    fn extend(self, more: PilotSample, d: usize) -> PilotSample {
+        let k1 = self.rows.len();
+        let found = self.found + more.found;
+        let keep = found.min(MAX_PILOT_PAIRS);
+        // Share of the kept pairs from the first sample, by the pairs each found.
+        let first = if found == 0 {
+            0
+        } else {
+            ((keep as f64 * self.found as f64 / found as f64).round() as usize).min(self.natural)
+        };
+        let second = (keep - first).min(more.natural);
+        let pick = |n: usize, want: usize, seed: u64| -> Vec<usize> {
+            let mut idx: Vec<usize> = (0..n).collect();
+            if want < n {
+                SplitMix(seed).shuffle_prefix(&mut idx, want);
+                idx.truncate(want);
+                idx.sort_unstable();
+            }
+            idx
+        };
+        let (p1, p2) = (
+            pick(self.natural, first, PILOT_SEED ^ 0x5a5b),
+            pick(more.natural, second, PILOT_SEED ^ 0x5a5c),
+        );
+        let mut partner = Vec::with_capacity((p1.len() + p2.len()) * d + self.partner.len());
+        let mut owners = Vec::with_capacity(p1.len() + p2.len() + self.synthetic + more.synthetic);
+        for &i in &p1 {
+            partner.extend_from_slice(&self.partner[i * d..(i + 1) * d]);
+            owners.push(self.owners[i]);
+        }
+        for &i in &p2 {
+            partner.extend_from_slice(&more.partner[i * d..(i + 1) * d]);
+            owners.push(more.owners[i] + k1);
+        }
+        partner.extend_from_slice(&self.partner[self.natural * d..]);
+        owners.extend_from_slice(&self.owners[self.natural..]);
+        partner.extend_from_slice(&more.partner[more.natural * d..]);
+        owners.extend(more.owners[more.natural..].iter().map(|&o| o + k1));
+        fn cat<T>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+            a.extend(b);
+            a
+        }
+        PilotSample {
+            rows: cat(self.rows, more.rows),
+            scores: cat(self.scores, more.scores),
+            homes: cat(self.homes, more.homes),
+            partner,
+            owners,
+            natural: p1.len() + p2.len(),
+            found,
+            synthetic: self.synthetic + more.synthetic,
+            sorted_rows: cat(self.sorted_rows, more.sorted_rows),
+            search_seconds: self.search_seconds + more.search_seconds,
+            seconds: self.seconds + more.seconds,
+        }
+    }
 }
 
 /// The rule over the grid of fixed depths that reaches every pair of `needs` (each fixed depth widened by
@@ -1146,9 +1340,9 @@ mod tests {
 
     /// The pilot's two exact searches (i8 join, f32 GEMM join) return the same pairs, on a store of
     /// random rows with near pairs planted at cosines spread around the pilot's cosine.
-    #[test]
-    fn pilot_pairs_by_i8_codes_equal_those_by_f32_gemm() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A 64-d face store of 3 000 rows in `dir`: random unit rows, every third a near pair (cosine ≈ 0.3–0.9)
+    /// of the row before it; with the rows.
+    fn near_pairs_store(dir: &std::path::Path) -> (Engine, Vec<Vec<f32>>) {
         let d = 64;
         let schema = Schema {
             modalities: vec![ModalitySpec {
@@ -1156,7 +1350,7 @@ mod tests {
                 dim: d,
             }],
         };
-        let engine = Engine::create(dir.path(), schema).unwrap();
+        let engine = Engine::create(dir, schema).unwrap();
         let mut rng = SplitMix(7);
         let unit = |v: Vec<f32>| {
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -1193,6 +1387,13 @@ mod tests {
             })
             .collect();
         engine.insert_batch(&batch).unwrap();
+        (engine, rows)
+    }
+
+    #[test]
+    fn pilot_pairs_by_i8_codes_equal_those_by_f32_gemm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, rows) = near_pairs_store(dir.path());
         let snap = engine.snapshot();
         let view = snap.f32_rows(Modality::Face).unwrap();
         let codes = snap
@@ -1232,6 +1433,74 @@ mod tests {
                     .map(key)
                     .collect();
             assert_eq!(given, a, "cosine {c}");
+        }
+    }
+
+    /// A pilot measured as its screen plus the rest (each part's rows searched once) is the pilot measured
+    /// at once: the same rows, list scores and pairs found; every kept natural pair a real one (its partner
+    /// a store row at the cosine), and where the pairs exceed the cap, each part keeps its share in
+    /// proportion to the pairs it found.
+    #[test]
+    fn a_pilot_extended_from_its_screen_keeps_real_pairs_in_proportion() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _) = near_pairs_store(dir.path());
+        engine.build_index(&Default::default(), None).unwrap();
+        let ann = engine.index().unwrap();
+        let ivf = ann.ivf(0).expect("a face partition");
+        let snap = engine.snapshot();
+        let present: Vec<u32> = (0..3000).collect();
+        let members = ivf.member_counts();
+        let lists = ivf.lists();
+        let l1 = OnceCell::new();
+        let mut pool = present.clone();
+        SplitMix(3).shuffle_prefix(&mut pool, PILOT_ROWS);
+        let (k, k1) = (PILOT_ROWS, PILOT_SCREEN_ROWS);
+        // 0.5: a few pairs per row, under the cap; 0.05: about 45 % of all pairs, over it.
+        for c in [0.5f32, 0.05] {
+            let measure = |r: &[u32], part| {
+                PilotSample::measure(&snap, ivf, 0, c, &l1, r, &present, &members, 1.0, part)
+                    .unwrap()
+            };
+            let whole = measure(&pool[..k], 0);
+            let (s1, s2) = (measure(&pool[..k1], 0), measure(&pool[k1..k], 1));
+            let (found1, syn) = (s1.found, s1.synthetic + s2.synthetic);
+            let e = s1.extend(s2, 64);
+            let mut a = e.rows.clone();
+            a.sort_unstable();
+            assert_eq!(a, whole.rows, "cosine {c}");
+            assert_eq!(e.found, whole.found, "cosine {c}");
+            assert_eq!(e.natural, whole.found.min(MAX_PILOT_PAIRS), "cosine {c}");
+            assert_eq!(e.synthetic, syn);
+            assert_eq!(e.owners.len(), e.natural + e.synthetic);
+            assert_eq!(e.partner.len(), e.owners.len() * 64);
+            for (i, &r) in e.rows.iter().enumerate() {
+                let j = whole.rows.binary_search(&r).unwrap();
+                assert_eq!(
+                    e.scores[i * lists..(i + 1) * lists],
+                    whole.scores[j * lists..(j + 1) * lists]
+                );
+                assert_eq!(e.homes[i], whole.homes[j]);
+            }
+            let view = snap.f32_rows(Modality::Face).unwrap();
+            for (p, &o) in e.owners[..e.natural].iter().enumerate() {
+                let v = &e.partner[p * 64..(p + 1) * 64];
+                let own = view.row(e.rows[o] as usize);
+                let cos: f32 = v.iter().zip(own).map(|(x, y)| x * y).sum();
+                assert!(cos >= c - 1e-3, "cosine {c}: pair {p} at {cos}");
+                if p % 97 == 0 {
+                    assert!(
+                        (0..view.rows()).any(|q| view.row(q) == v),
+                        "cosine {c}: partner {p} is no store row"
+                    );
+                }
+            }
+            if whole.found > MAX_PILOT_PAIRS {
+                let first = e.owners[..e.natural].iter().filter(|&&o| o < k1).count();
+                let want = (MAX_PILOT_PAIRS as f64 * found1 as f64 / whole.found as f64).round();
+                assert_eq!(first as f64, want, "cosine {c}");
+            } else {
+                assert!(c > 0.3, "the low cosine should exceed the cap");
+            }
         }
     }
 }

@@ -217,6 +217,7 @@ impl I8Kernel {
 }
 
 /// Per-row quantities of one side of a join.
+#[derive(Clone)]
 pub(crate) struct RowParams {
     /// Scales.
     pub(crate) s: Vec<f32>,

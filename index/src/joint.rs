@@ -338,6 +338,7 @@ enum Base<'a> {
 /// parameters (scale, half L1 bound, VNNI correction) and its codes packed into the kernel's panels, the
 /// work a scan otherwise does on every call (at 1 M rows × 1 024 code bytes, ≈ 0.5 s against ≈ 0.05 s of
 /// products for a batch of 10 probes). Holds as many bytes as the codes, plus 12 per row and member.
+#[derive(Clone)]
 pub struct PreparedBase {
     kernel: I8Kernel,
     rows: usize,

@@ -826,10 +826,12 @@ fn the_fused_bound_keeps_every_pair_that_reaches_the_floor() {
     }
 }
 
-/// Where a sample of the pilot's pairs already shows the partition losing (isotropic mates: an exact join
-/// wins by far), the plan keeps no partition rule and names a lower bound of its time; forcing the
-/// partition works the rule out from every pilot pair, at a predicted time no lower than that bound, and
-/// the forced run reports the same pairs.
+/// Where the pilot's screen (its first rows, a sample of their pairs) already shows the partition losing by
+/// a wide margin (isotropic mates: an exact join wins by far), the pilot stops there: the plan names the
+/// screen's rows, keeps no partition rule and prices the partition at least that margin above the path it
+/// chose. Forcing the partition runs the whole pilot, which works the rule out from every pilot pair and
+/// agrees that the partition loses (the screen's verdict confirmed, not assumed), and the forced run
+/// reports the same pairs.
 #[test]
 fn a_partition_that_loses_on_a_sample_of_the_pilot_is_not_worked_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -856,18 +858,33 @@ fn a_partition_that_loses_on_a_sample_of_the_pilot_is_not_worked_out() {
             .map(|p| p.1)
             .expect("the partition is priced")
     };
+    // The best prediction without the partition.
+    let best_other = |r: &DedupResult| {
+        r.summary.plans[0]
+            .predicted_seconds
+            .iter()
+            .filter(|p| p.0 != "ivf")
+            .map(|p| p.1)
+            .fold(f64::INFINITY, f64::min)
+    };
     let (auto, forced) = (run(None), run(Some("ivf")));
     let plan = &auto.summary.plans[0];
     assert_ne!(plan.path, "ivf", "{plan:?}");
     assert!(plan.ivf_rule.is_none(), "{plan:?}");
+    assert_eq!(plan.pilot_rows, pacha_engine::policy::PILOT_SCREEN_ROWS);
+    assert!(
+        ivf_secs(&auto) >= pacha_engine::policy::PILOT_SCREEN_MARGIN * best_other(&auto),
+        "{plan:?}"
+    );
     let fp = &forced.summary.plans[0];
     assert_eq!(fp.path, "ivf");
     assert!(fp.ivf_rule.is_some(), "{fp:?}");
+    assert_eq!(fp.pilot_rows, pacha_engine::policy::PILOT_ROWS);
     assert!(
-        ivf_secs(&forced) >= ivf_secs(&auto),
-        "the sampled bound {} exceeds the full prediction {}",
-        ivf_secs(&auto),
-        ivf_secs(&forced)
+        ivf_secs(&forced) >= best_other(&forced),
+        "the whole pilot prices the partition at {} s, below the {} s of the path the screen kept",
+        ivf_secs(&forced),
+        best_other(&forced)
     );
     assert_eq!(reported(&auto), reported(&forced));
 }

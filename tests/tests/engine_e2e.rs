@@ -601,6 +601,22 @@ fn joint_identify_batches_match_per_probe_and_skip_deleted_subjects() {
         "{:?}",
         reused(&joint)
     );
+    // Two batches of the same sets at once, after their first scans on this generation: per set, one
+    // prepares the rows and the other waits for that preparation and reuses it (no two copies made side by
+    // side), with the same answers.
+    let rows = e.snapshot().rows();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| batch(BatchScan::Joint));
+        let b = s.spawn(|| batch(BatchScan::Joint));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(ids(&a), ids(&joint));
+    assert_eq!(ids(&b), ids(&joint));
+    let (ra, rb) = (reused(&a), reused(&b));
+    assert_eq!(ra.len(), rb.len());
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!((*x.min(y), *x.max(y)), (0, rows), "{ra:?} {rb:?}");
+    }
     // A floor every pair reaches (min_score far below 0) would keep the whole store per probe: no joint
     // scan then, even when asked for, and the answers are the per-probe search's.
     let low = |scan| {
