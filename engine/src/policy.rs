@@ -20,6 +20,11 @@
 //!    member counts, scaled to the store), and compares it with a brute-force sketch join
 //!    (`N²/2` comparisons, [`Ivf::brute`]), which needs no partition at all. The cheaper wins.
 //!
+//! A dedup's pilot runs these steps first on a **screen**, the first [`PILOT_SCREEN_ROWS`] rows of its
+//! sample: where that already prices the partition at [`PILOT_SCREEN_MARGIN`]× the best path without it
+//! (the low cosines of fused runs), the pilot stops; otherwise the rest of the sample extends the screen's
+//! rows (each row searched once).
+//!
 //! The pilot is a tuner, not the proof: every run's completeness audit ([`crate::audit`]) measures the
 //! result on an independent sample.
 
@@ -443,7 +448,7 @@ pub fn plan_modality(
         owners,
         ..
     } = &s;
-    // 3. What each pair needs: one pair in SAMPLE_STRIDE first. The rule a subset of the pairs needs is
+    // 2. What each pair needs: one pair in SAMPLE_STRIDE first. The rule a subset of the pairs needs is
     // never wider than the rule all of them need (its margin is a maximum over fewer pairs), so its time is
     // a lower bound of the partition's: where that already loses to a path without the partition (an
     // exact join at a low cosine), the other pairs' list scores are not computed and no rule is kept.
@@ -480,7 +485,7 @@ pub fn plan_modality(
     let needs = pair_needs(ivf, pilot_scores, pilot_homes, partner, owners, visits);
     let t_needs = t_sampled.elapsed().as_secs_f64();
 
-    // 4. The cheapest rule that reaches every pair, against the paths without the partition.
+    // 3. The cheapest rule that reaches every pair, against the paths without the partition.
     if let Some((secs, products, probes, rule)) = cheapest(&needs, &s) {
         plan.predicted_seconds.push(("ivf".into(), secs));
         plan.ivf_rule = Some(rule);
