@@ -397,18 +397,12 @@ pub fn plan_modality(
         // At most PILOT_SCREEN_PAIRS of its pairs, evenly spaced (natural and synthetic alike): the rule
         // fewer pairs need is never wider, so this errs towards the partition.
         let stride = s1.owners.len().div_ceil(PILOT_SCREEN_PAIRS).max(1);
-        let picked: Vec<usize> = (0..s1.owners.len()).step_by(stride).collect();
-        let partner: Vec<f32> = picked
-            .iter()
-            .flat_map(|&p| s1.partner[p * d..(p + 1) * d].iter().copied())
-            .collect();
-        let owners: Vec<usize> = picked.iter().map(|&p| s1.owners[p]).collect();
-        let needs = pair_needs(ivf, &s1.scores, &s1.homes, &partner, &owners, visits);
+        let needs = s1.needs_every(stride, ivf, visits, d);
         let screened = cheapest(&needs, &s1).map(|c| c.0);
         tracing::debug!(
             "{} pilot screen: the partition at {screened:.1?} s on {} of the first {k1} rows' {} pairs, against {best_other:.1} s",
             plan.modality,
-            owners.len(),
+            needs.len(),
             s1.owners.len()
         );
         if let Some(secs) = screened
@@ -441,32 +435,12 @@ pub fn plan_modality(
     plan.synthetic_pairs = s.synthetic;
     let t_search = s.search_seconds;
     let t_sampled = Instant::now();
-    let PilotSample {
-        scores: pilot_scores,
-        homes: pilot_homes,
-        partner,
-        owners,
-        ..
-    } = &s;
     // 2. What each pair needs: one pair in SAMPLE_STRIDE first. The rule a subset of the pairs needs is
     // never wider than the rule all of them need (its margin is a maximum over fewer pairs), so its time is
     // a lower bound of the partition's: where that already loses to a path without the partition (an
     // exact join at a low cosine), the other pairs' list scores are not computed and no rule is kept.
-    let sampled: Vec<usize> = (0..owners.len()).step_by(SAMPLE_STRIDE).collect();
-    if !exhaustive && sampled.len() < owners.len() {
-        let sub_partner: Vec<f32> = sampled
-            .iter()
-            .flat_map(|&p| partner[p * d..(p + 1) * d].iter().copied())
-            .collect();
-        let sub_owners: Vec<usize> = sampled.iter().map(|&p| owners[p]).collect();
-        let sub = pair_needs(
-            ivf,
-            pilot_scores,
-            pilot_homes,
-            &sub_partner,
-            &sub_owners,
-            visits,
-        );
+    if !exhaustive && s.owners.len().div_ceil(SAMPLE_STRIDE) < s.owners.len() {
+        let sub = s.needs_every(SAMPLE_STRIDE, ivf, visits, d);
         if let Some((secs, ..)) = cheapest(&sub, &s)
             && secs >= best_other
         {
@@ -475,14 +449,14 @@ pub fn plan_modality(
             tracing::debug!(
                 "{} pilot: exact search {t_search:.2} s; the partition loses on {} of {} pairs already ({secs:.1} s at least against {best_other:.1} s), {:.2} s in all",
                 plan.modality,
-                sampled.len(),
-                owners.len(),
+                sub.len(),
+                s.owners.len(),
                 plan.seconds
             );
             return Ok(plan);
         }
     }
-    let needs = pair_needs(ivf, pilot_scores, pilot_homes, partner, owners, visits);
+    let needs = s.needs_every(1, ivf, visits, d);
     let t_needs = t_sampled.elapsed().as_secs_f64();
 
     // 3. The cheapest rule that reaches every pair, against the paths without the partition.
@@ -629,6 +603,28 @@ impl PilotSample {
             search_seconds,
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// What every `stride`-th pair needs ([`pair_needs`]; natural and synthetic alike, `d` their dimension):
+    /// the rule fewer pairs need is never wider than the rule all of them need.
+    fn needs_every(&self, stride: usize, ivf: &Ivf, visits: Visits, d: usize) -> Vec<Need> {
+        if stride <= 1 {
+            return pair_needs(
+                ivf,
+                &self.scores,
+                &self.homes,
+                &self.partner,
+                &self.owners,
+                visits,
+            );
+        }
+        let picked: Vec<usize> = (0..self.owners.len()).step_by(stride).collect();
+        let partner: Vec<f32> = picked
+            .iter()
+            .flat_map(|&p| self.partner[p * d..(p + 1) * d].iter().copied())
+            .collect();
+        let owners: Vec<usize> = picked.iter().map(|&p| self.owners[p]).collect();
+        pair_needs(ivf, &self.scores, &self.homes, &partner, &owners, visits)
     }
 
     /// This sample followed by `more`, measured on other rows: as if both had been measured at once,
@@ -1343,8 +1339,6 @@ mod tests {
         assert!((tile.brute_products - 0.25 * 5e9).abs() < 1.0);
     }
 
-    /// The pilot's two exact searches (i8 join, f32 GEMM join) return the same pairs, on a store of
-    /// random rows with near pairs planted at cosines spread around the pilot's cosine.
     /// A 64-d face store of 3 000 rows in `dir`: random unit rows, every third a near pair (cosine ≈ 0.3–0.9)
     /// of the row before it; with the rows.
     fn near_pairs_store(dir: &std::path::Path) -> (Engine, Vec<Vec<f32>>) {
@@ -1395,6 +1389,8 @@ mod tests {
         (engine, rows)
     }
 
+    /// The pilot's two exact searches (i8 join, f32 GEMM join) return the same pairs, on a store of
+    /// random rows with near pairs planted at cosines spread around the pilot's cosine.
     #[test]
     fn pilot_pairs_by_i8_codes_equal_those_by_f32_gemm() {
         let dir = tempfile::tempdir().unwrap();
