@@ -100,7 +100,12 @@ fn bench_i8(c: &mut Criterion) {
     g.bench_function("f32_gemm_join", |x| {
         x.iter(|| threshold_join(pa, pb, t, None, None).unwrap().len())
     });
-    for k in [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar] {
+    for k in [
+        I8Kernel::Amx,
+        I8Kernel::Vnni,
+        I8Kernel::Avx2,
+        I8Kernel::Scalar,
+    ] {
         if !k.available() {
             eprintln!("i8 kernel {} not available on this CPU: skipped", k.name());
             continue;
@@ -169,7 +174,12 @@ fn bench_joint(c: &mut Criterion) {
     let probes = 512;
     let mut g = c.benchmark_group("joint_3_members_4096");
     g.sample_size(10);
-    for k in [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar] {
+    for k in [
+        I8Kernel::Amx,
+        I8Kernel::Vnni,
+        I8Kernel::Avx2,
+        I8Kernel::Scalar,
+    ] {
         if !k.available() {
             eprintln!("i8 kernel {} not available on this CPU: skipped", k.name());
             continue;

@@ -101,6 +101,10 @@ const GEMM_FLOPS: f64 = 130e9;
 /// bench run (`bench/benches/exact.rs`, BENCHMARKS.md "i8 threshold join"): VNNI 3.5×, AVX2 1.3× and the
 /// portable kernel 1/14 of the f32 join's product rate, scaled to [`GEMM_FLOPS`] (7.9 ns per product).
 const I8_PRODUCT_S_VNNI: f64 = 2.3e-9;
+/// As [`I8_PRODUCT_S_VNNI`], AMX-INT8 kernel (tile products, the same AVX-512 filter): the VNNI figure
+/// scaled by the two kernels' ratio in one bench run on a Sapphire-Rapids-class machine (8.7 against
+/// 17.1 ms, `join_products_4096x512x4096`; BENCHMARKS.md "AMX tiles").
+const I8_PRODUCT_S_AMX: f64 = 1.2e-9;
 /// As [`I8_PRODUCT_S_VNNI`], AVX2 kernel.
 const I8_PRODUCT_S_AVX2: f64 = 6.1e-9;
 /// As [`I8_PRODUCT_S_VNNI`], portable kernel.
@@ -171,6 +175,7 @@ impl I8Model {
 fn i8_join_seconds(products: f64, d: usize, m: I8Model) -> f64 {
     use pacha_index::exact_i8::I8Kernel;
     let per = match m.kernel {
+        I8Kernel::Amx => I8_PRODUCT_S_AMX,
         I8Kernel::Vnni => I8_PRODUCT_S_VNNI,
         I8Kernel::Avx2 => I8_PRODUCT_S_AVX2,
         I8Kernel::Scalar => I8_PRODUCT_S_SCALAR,

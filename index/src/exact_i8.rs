@@ -58,8 +58,10 @@ use crate::view::{RowsF32, RowsI8};
 pub const QUERY_TILE: usize = 512;
 /// Base rows per tile.
 pub const BASE_TILE: usize = 1024;
-/// Largest register block (`MR × NR`) of any kernel.
-pub(crate) const MAX_BLOCK: usize = 8 * 32;
+/// Most probe rows of any kernel's block (AMX: 32).
+pub(crate) const MAX_MR: usize = 32;
+/// Largest block (`MR × NR`) of any kernel (AMX: 32 × 32).
+pub(crate) const MAX_BLOCK: usize = MAX_MR * 32;
 
 /// One side of an i8 join: the f32 rows (for the exact rescoring), their i8 codes and scales, and the
 /// codes' L1 bounds ([`crate::quant::l1_bounds`]), all with the same row numbers.
@@ -146,6 +148,8 @@ impl I8JoinStats {
 /// An i8 product kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum I8Kernel {
+    /// AMX-INT8 tiles (`tdpbssd`), with the AVX-512 filters ([`crate::amx`]).
+    Amx,
     /// AVX-512 VNNI `vpdpbusd` (needs AVX-512F, BW and VNNI).
     Vnni,
     /// AVX2 `vpsignb` + `vpabsb` + `vpmaddubsw` + `vpmaddwd`.
@@ -161,7 +165,9 @@ impl I8Kernel {
         if !crate::kernels::simd_enabled() {
             return I8Kernel::Scalar;
         }
-        if I8Kernel::Vnni.available() {
+        if I8Kernel::Amx.available() {
+            I8Kernel::Amx
+        } else if I8Kernel::Vnni.available() {
             I8Kernel::Vnni
         } else if I8Kernel::Avx2.available() {
             I8Kernel::Avx2
@@ -172,6 +178,8 @@ impl I8Kernel {
     /// True iff this CPU has the kernel's instructions.
     pub fn available(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            I8Kernel::Amx => crate::amx::supported(),
             #[cfg(target_arch = "x86_64")]
             I8Kernel::Vnni => {
                 std::arch::is_x86_feature_detected!("avx512f")
@@ -185,9 +193,10 @@ impl I8Kernel {
             _ => false,
         }
     }
-    /// Short name (`"vnni"`, `"avx2"`, `"scalar"`).
+    /// Short name (`"amx"`, `"vnni"`, `"avx2"`, `"scalar"`).
     pub fn name(self) -> &'static str {
         match self {
+            I8Kernel::Amx => "amx",
             I8Kernel::Vnni => "vnni",
             I8Kernel::Avx2 => "avx2",
             I8Kernel::Scalar => "scalar",
@@ -196,6 +205,7 @@ impl I8Kernel {
     /// Probe rows per register block.
     pub(crate) fn mr(self) -> usize {
         match self {
+            I8Kernel::Amx => crate::amx::MR,
             I8Kernel::Vnni => 8,
             I8Kernel::Avx2 | I8Kernel::Scalar => 4,
         }
@@ -203,6 +213,7 @@ impl I8Kernel {
     /// Base rows per register block (one packed panel).
     pub(crate) fn nr(self) -> usize {
         match self {
+            I8Kernel::Amx => crate::amx::NR,
             I8Kernel::Vnni => 32,
             I8Kernel::Avx2 | I8Kernel::Scalar => 16,
         }
@@ -212,6 +223,14 @@ impl I8Kernel {
         match self {
             I8Kernel::Vnni => 0x80,
             _ => 0,
+        }
+    }
+    /// Groups of 4 bytes of `k` per packed row at dimension `d`: `d/4` rounded up, and for AMX up to a whole
+    /// tile step of 64 bytes (the padding is zero codes, which add nothing to any product).
+    pub(crate) fn k4(self, d: usize) -> usize {
+        match self {
+            I8Kernel::Amx => d.div_ceil(crate::amx::K_STEP) * (crate::amx::K_STEP / 4),
+            _ => d.div_ceil(4),
         }
     }
 }
@@ -311,21 +330,45 @@ pub(crate) fn rounding_bound(a: &RowParams, b: &RowParams, d: usize) -> (f64, f6
     (8.0 * f64::from(f32::EPSILON) * 0.5 * (n + bound), n + bound)
 }
 
-/// Copies rows `rows` of `codes` into `out`, row-major with `kp` bytes per row (zero padded) and the row
-/// count padded with zero rows to a multiple of `mr`.
+/// Copies rows `rows` of `codes` into `out` in `kernel`'s probe layout, `kp` bytes per row (zero padded), the
+/// row count padded with zero rows to a multiple of the kernel's `mr`. Row-major for every kernel but AMX,
+/// whose blocks of 32 rows are stored tile by tile ([`probe_offset`]) so each tile load reads 1 KB in a row.
 pub(crate) fn pack_probe(
+    kernel: I8Kernel,
     codes: &RowsI8<'_>,
     rows: Range<usize>,
-    mr: usize,
     kp: usize,
     out: &mut Vec<i8>,
 ) {
+    let mr = kernel.mr();
     let n = rows.len().div_ceil(mr) * mr;
     out.clear();
     out.resize(n * kp, 0);
     let d = codes.dim();
     for (k, r) in rows.enumerate() {
-        out[k * kp..k * kp + d].copy_from_slice(codes.row(r));
+        let row = codes.row(r);
+        if kernel == I8Kernel::Amx {
+            let (b, rr) = (k / mr, k % mr);
+            let base = b * mr * kp;
+            for (c, chunk) in row.chunks(crate::amx::K_STEP).enumerate() {
+                let o = base + probe_offset(kernel, kp, rr, c * crate::amx::K_STEP);
+                out[o..o + chunk.len()].copy_from_slice(chunk);
+            }
+        } else {
+            out[k * kp..k * kp + d].copy_from_slice(row);
+        }
+    }
+}
+
+/// Offset of byte `k` of row `r` within one packed probe block of `kernel` (`kp` bytes per row): `r·kp + k`,
+/// or for AMX tile `(k/64, r/16)` (1 KB each, `k/64` major) row `r % 16` (64 bytes each).
+pub(crate) fn probe_offset(kernel: I8Kernel, kp: usize, r: usize, k: usize) -> usize {
+    match kernel {
+        I8Kernel::Amx => {
+            let ks = crate::amx::K_STEP;
+            ((k / ks) * 2 + r / 16) * 16 * ks + (r % 16) * ks + k % ks
+        }
+        _ => r * kp + k,
     }
 }
 
@@ -400,24 +443,42 @@ pub(crate) fn block_dots(
             // SAFETY: the CPU has AVX2 (`available` just checked); the operand sizes were asserted above.
             unsafe { block_avx2(a, kp, b, out) }
         }
-        _ => block_scalar(mr, nr, a, kp, b, kernel.base_xor(), corr, out),
+        #[cfg(target_arch = "x86_64")]
+        I8Kernel::Amx if kernel.available() => {
+            assert!(
+                kp.is_multiple_of(crate::amx::K_STEP),
+                "block_dots: AMX rows must be padded to 64 bytes"
+            );
+            // SAFETY: `available` checked the CPU's AMX-INT8 and the OS's grant; the operand sizes (`32·kp`
+            // probe bytes, `kp·32` panel bytes) were asserted above, `kp` is a multiple of 64 and `out` holds
+            // MAX_BLOCK = 1 024 values.
+            unsafe { crate::amx::block(a, kp, b, out) }
+        }
+        _ => block_scalar(kernel, a, kp, b, corr, out),
     }
 }
 
 /// Portable [`block_dots`] over the packed layouts (the reference the SIMD kernels are tested against).
-#[allow(clippy::too_many_arguments)]
+/// Reads `kernel`'s layouts ([`probe_offset`], [`pack_base`]) whichever kernel packed them; a panel byte
+/// XORed back is the signed code, so no offset correction applies (`corr` is not read).
 fn block_scalar(
-    mr: usize,
-    nr: usize,
+    kernel: I8Kernel,
     a: &[i8],
     kp: usize,
     b: &[u8],
-    xor: u8,
-    corr: &[i32],
+    _corr: &[i32],
     out: &mut [i32; MAX_BLOCK],
 ) {
+    let (mr, nr, xor) = (kernel.mr(), kernel.nr(), kernel.base_xor());
+    let mut gathered = Vec::new();
     for r in 0..mr {
-        let row = &a[r * kp..(r + 1) * kp];
+        let row = if kernel == I8Kernel::Amx {
+            gathered.clear();
+            gathered.extend((0..kp).map(|k| a[probe_offset(kernel, kp, r, k)]));
+            &gathered[..]
+        } else {
+            &a[r * kp..(r + 1) * kp]
+        };
         for l in 0..nr {
             let mut acc = 0i32;
             for (k, ch) in row.chunks_exact(4).enumerate() {
@@ -427,8 +488,6 @@ fn block_scalar(
                     acc = acc.wrapping_add(i32::from(x) * y);
                 }
             }
-            // The scalar path never packs with an offset: no correction applies.
-            let _ = corr;
             out[r * nr + l] = acc;
         }
     }
@@ -462,7 +521,7 @@ unsafe fn block_vnni(a: &[i8], kp: usize, b: &[u8], corr: &[i32], out: &mut [i32
     }
     for (r, acc) in acc.iter().enumerate() {
         let c = _mm512_set1_epi32(corr[r]);
-        // SAFETY: `out` has MAX_BLOCK = 256 values; r·32 + 32 ≤ 256.
+        // SAFETY: `out` has MAX_BLOCK = 1 024 values; r·32 + 32 ≤ 256.
         unsafe {
             _mm512_storeu_si512(
                 out.as_mut_ptr().add(r * 32).cast(),
@@ -508,7 +567,7 @@ unsafe fn block_avx2(a: &[i8], kp: usize, b: &[u8], out: &mut [i32; MAX_BLOCK]) 
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: `out` has MAX_BLOCK = 256 values; r·16 + 16 ≤ 256.
+        // SAFETY: `out` has MAX_BLOCK = 1 024 values; r·16 + 16 ≤ 64.
         unsafe {
             _mm256_storeu_si256(out.as_mut_ptr().add(r * 16).cast(), acc[0]);
             _mm256_storeu_si256(out.as_mut_ptr().add(r * 16 + 8).cast(), acc[1]);
@@ -536,14 +595,14 @@ fn block_filter(
     panel: &Panel,
     qd: f32,
     tlo: f32,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     let (mr, nr) = (kernel.mr(), kernel.nr());
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        I8Kernel::Vnni if kernel.available() => {
-            // SAFETY: the CPU has AVX-512F (`available` checked it with BW and VNNI).
-            unsafe { filter_avx512(dots, blk, panel, qd, tlo, masks) }
+        I8Kernel::Vnni | I8Kernel::Amx if kernel.available() => {
+            // SAFETY: the CPU has AVX-512F (`available` checked it with BW and VNNI, or with AMX).
+            unsafe { filter_avx512(mr, dots, blk, panel, qd, tlo, masks) }
         }
         #[cfg(target_arch = "x86_64")]
         I8Kernel::Avx2 if kernel.available() => {
@@ -563,7 +622,7 @@ fn filter_scalar(
     panel: &Panel,
     qd: f32,
     tlo: f32,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     for r in 0..mr {
         let (sa, uah) = (blk.sa[r], blk.uah[r]);
@@ -579,19 +638,21 @@ fn filter_scalar(
     }
 }
 
-/// AVX-512 [`block_filter`] for the VNNI block (8 × 32), same operations and order as the scalar one.
+/// AVX-512 [`block_filter`] for the VNNI and AMX blocks (`mr` × 32), same operations and order as the
+/// scalar one.
 ///
 /// # Safety
-/// The CPU supports AVX-512F.
+/// The CPU supports AVX-512F; `mr ≤ MAX_MR`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn filter_avx512(
+    mr: usize,
     dots: &[i32; MAX_BLOCK],
     blk: &Block<'_>,
     panel: &Panel,
     qd: f32,
     tlo: f32,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     use std::arch::x86_64::*;
     let (qdv, tv) = (_mm512_set1_ps(qd), _mm512_set1_ps(tlo));
@@ -608,11 +669,11 @@ unsafe fn filter_avx512(
             ],
         )
     };
-    for (r, m) in masks.iter_mut().enumerate() {
+    for (r, m) in masks.iter_mut().enumerate().take(mr) {
         let (sa, uah) = (_mm512_set1_ps(blk.sa[r]), _mm512_set1_ps(blk.uah[r]));
         let mut bits = 0u32;
         for h in 0..2 {
-            // SAFETY: dots[r·32 + 16h .. +16] lies within the 256-value block.
+            // SAFETY: dots[r·32 + 16h .. +16] lies within the block (r < mr ≤ MAX_MR rows of 32).
             let d = unsafe { _mm512_loadu_si512(dots.as_ptr().add(r * 32 + 16 * h).cast()) };
             let df = _mm512_add_ps(_mm512_cvtepi32_ps(d), qdv);
             let w = _mm512_mul_ps(_mm512_mul_ps(sa, sb[h]), df);
@@ -637,7 +698,7 @@ unsafe fn filter_avx2(
     panel: &Panel,
     qd: f32,
     tlo: f32,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     use std::arch::x86_64::*;
     let (qdv, tv) = (_mm256_set1_ps(qd), _mm256_set1_ps(tlo));
@@ -683,10 +744,10 @@ pub fn dot_matrix(kernel: I8Kernel, a: RowsI8<'_>, b: RowsI8<'_>) -> Result<Vec<
         });
     }
     let (mr, nr) = (kernel.mr(), kernel.nr());
-    let k4 = a.dim().div_ceil(4);
+    let k4 = kernel.k4(a.dim());
     let kp = k4 * 4;
     let (mut ap, mut bp) = (Vec::new(), Vec::new());
-    pack_probe(&a, 0..a.rows(), mr, kp, &mut ap);
+    pack_probe(kernel, &a, 0..a.rows(), kp, &mut ap);
     pack_base(&b, 0..b.rows(), nr, k4, kernel.base_xor(), &mut bp);
     let corr: Vec<i32> = (0..ap.len() / kp)
         .map(|r| {
@@ -926,13 +987,13 @@ impl Ctx<'_, '_> {
         let k = self.kernel;
         let (mr, nr) = (k.mr(), k.nr());
         let d = self.probe.dim();
-        let k4 = d.div_ceil(4);
+        let k4 = k.k4(d);
         let kp = k4 * 4;
         let mut st = I8JoinStats {
             tiles: 1,
             ..I8JoinStats::default()
         };
-        pack_probe(&self.probe.codes, band.clone(), mr, kp, &mut sc.a);
+        pack_probe(k, &self.probe.codes, band.clone(), kp, &mut sc.a);
         pack_base(
             &self.base.codes,
             tile.clone(),
@@ -959,7 +1020,7 @@ impl Ctx<'_, '_> {
         }
         sc.survivors.clear();
         let mut dots = [0i32; MAX_BLOCK];
-        let mut masks = [0u32; 8];
+        let mut masks = [0u32; MAX_MR];
         let mut panel = Panel {
             sb: [0.0; 32],
             ubh: [0.0; 32],
@@ -1061,10 +1122,15 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     pub(crate) fn kernels() -> Vec<I8Kernel> {
-        [I8Kernel::Vnni, I8Kernel::Avx2, I8Kernel::Scalar]
-            .into_iter()
-            .filter(|k| k.available())
-            .collect()
+        [
+            I8Kernel::Amx,
+            I8Kernel::Vnni,
+            I8Kernel::Avx2,
+            I8Kernel::Scalar,
+        ]
+        .into_iter()
+        .filter(|k| k.available())
+        .collect()
     }
 
     fn codes(n: usize, d: usize, seed: u64, extreme: bool) -> Vec<i8> {
@@ -1100,6 +1166,11 @@ pub(crate) mod tests {
                 .collect();
             for k in kernels() {
                 prop_assert_eq!(&dot_matrix(k, av, bv).unwrap(), &want, "kernel {}", k.name());
+            }
+            // The AMX layouts (tile-by-tile probe blocks, rows padded to 64 bytes) read back by the portable
+            // block kernel on any CPU: `dot_matrix` runs it wherever the AMX kernel is not available.
+            if !I8Kernel::Amx.available() {
+                prop_assert_eq!(&dot_matrix(I8Kernel::Amx, av, bv).unwrap(), &want, "AMX layout");
             }
         }
     }

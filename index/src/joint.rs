@@ -33,8 +33,8 @@ use rayon::prelude::*;
 
 use crate::IndexError;
 use crate::exact_i8::{
-    I8Kernel, MAX_BLOCK, QuantRows, RowParams, block_dots, lane_mask, pack_base, pack_probe,
-    pack_row, rounding_bound, row_params,
+    I8Kernel, MAX_BLOCK, MAX_MR, QuantRows, RowParams, block_dots, lane_mask, pack_base,
+    pack_probe, pack_row, rounding_bound, row_params,
 };
 use crate::quant::CODE_BOUND_SLACK;
 
@@ -46,6 +46,9 @@ pub const JOINT_LINES: usize = 4;
 const QUERY_TILE: usize = 512;
 /// Base rows per work item.
 const BASE_TILE: usize = 1024;
+/// Largest packed copy of the rows a self-join makes once for all its bands (bytes: one per code); past it,
+/// each band packs its base tiles itself.
+const PREPACK_MAX_BYTES: usize = 2 << 30;
 
 /// One piece of a member's evidence bound: `slope·c + intercept` for cosines from `from` on (up to the
 /// next piece's `from`).
@@ -249,11 +252,6 @@ impl<'a> JointJoin<'a> {
         let rows = self.presence.len();
         let end = probes.end.min(rows);
         let start = probes.start.min(end);
-        let params: Vec<RowParams> = self
-            .members
-            .iter()
-            .map(|m| row_params(&m.slice_rows(0, end)))
-            .collect::<Result<_, IndexError>>()?;
         let mut items = Vec::new();
         for q0 in (start..end).step_by(QUERY_TILE) {
             let q1 = (q0 + QUERY_TILE).min(end);
@@ -262,14 +260,36 @@ impl<'a> JointJoin<'a> {
                 items.push((q0..q1, b0..(b0 + BASE_TILE).min(q1 - 1)));
             }
         }
+        let sliced: Vec<QuantRows<'a>> =
+            self.members.iter().map(|m| m.slice_rows(0, end)).collect();
+        let bands = (end - start).div_ceil(QUERY_TILE);
+        let packed_bytes: usize = sliced.iter().map(|m| m.rows() * m.dim()).sum();
+        // Where several bands meet the same base tiles, every tile would be packed once per band: pack all
+        // the rows once instead (as many bytes as their codes), within a memory budget.
+        let prepared = if bands >= 2 && packed_bytes <= PREPACK_MAX_BYTES {
+            Some(PreparedBase::with_kernel(kernel, &sliced)?)
+        } else {
+            None
+        };
+        let own: Vec<RowParams>;
+        let (kernel, params, base_panels) = match &prepared {
+            Some(p) => (p.kernel, p.params.as_slice(), Some(&p.panels[..])),
+            None => {
+                own = sliced
+                    .iter()
+                    .map(row_params)
+                    .collect::<Result<_, IndexError>>()?;
+                (kernel, own.as_slice(), None)
+            }
+        };
         let sides = Sides {
             probe: &self.members,
             base: &self.members,
-            base_panels: None,
+            base_panels,
             probe_presence: self.presence,
             base_presence: self.presence,
-            probe_params: &params,
-            base_params: &params,
+            probe_params: params,
+            base_params: params,
             triangle: true,
         };
         Ok(sides.run(kernel, self.test, &items))
@@ -416,7 +436,7 @@ impl PreparedBase {
         let rows = self.rows + added;
         let from = self.rows;
         for ((m, panels), &d) in more.iter().zip(&mut self.panels).zip(&self.dims) {
-            let panel_bytes = d.div_ceil(4) * 4 * nr;
+            let panel_bytes = self.kernel.k4(d) * 4 * nr;
             let total = rows.div_ceil(nr) * panel_bytes;
             // Zeroed memory from the allocator (untouched pages until written), written below in parallel.
             if panels.is_empty() {
@@ -649,9 +669,9 @@ struct Ctx<'a, 'p, 's> {
 /// One register block's lane quantities, per member.
 struct Lanes {
     /// Probe rows: scale, half L1 bound, presence.
-    sa: [[f32; 8]; MAX_JOINT],
-    uah: [[f32; 8]; MAX_JOINT],
-    pa: [i32; 8],
+    sa: [[f32; MAX_MR]; MAX_JOINT],
+    uah: [[f32; MAX_MR]; MAX_JOINT],
+    pa: [i32; MAX_MR],
     /// Base lanes: scale, half L1 bound, presence.
     sb: [[f32; 32]; MAX_JOINT],
     ubh: [[f32; 32]; MAX_JOINT],
@@ -675,9 +695,9 @@ impl Ctx<'_, '_, '_> {
         sc.b.resize_with(nm, Vec::new);
         let mut kps = [0usize; MAX_JOINT];
         for (m, prows) in sides.probe.iter().enumerate() {
-            let k4 = prows.dim().div_ceil(4);
+            let k4 = k.k4(prows.dim());
             kps[m] = k4 * 4;
-            pack_probe(&prows.codes, band.clone(), mr, kps[m], &mut sc.a[m]);
+            pack_probe(k, &prows.codes, band.clone(), kps[m], &mut sc.a[m]);
             if sides.base_panels.is_none() {
                 pack_base(
                     &sides.base[m].codes,
@@ -701,12 +721,12 @@ impl Ctx<'_, '_, '_> {
         let mut st = JointStats::default();
         let mut out = Vec::new();
         let mut dots = [[0i32; MAX_BLOCK]; MAX_JOINT];
-        let mut masks = [0u32; 8];
-        let mut corr = [[0i32; 8]; MAX_JOINT];
+        let mut masks = [0u32; MAX_MR];
+        let mut corr = [[0i32; MAX_MR]; MAX_JOINT];
         let mut lanes = Lanes {
-            sa: [[0.0; 8]; MAX_JOINT],
-            uah: [[0.0; 8]; MAX_JOINT],
-            pa: [0; 8],
+            sa: [[0.0; MAX_MR]; MAX_JOINT],
+            uah: [[0.0; MAX_MR]; MAX_JOINT],
+            pa: [0; MAX_MR],
             sb: [[0.0; 32]; MAX_JOINT],
             ubh: [[0.0; 32]; MAX_JOINT],
             pb: [0; 32],
@@ -738,7 +758,7 @@ impl Ctx<'_, '_, '_> {
                 if sides.triangle && j0 + 1 >= i0 + rn {
                     continue;
                 }
-                lanes.pa = [0; 8];
+                lanes.pa = [0; MAX_MR];
                 for r in 0..rn {
                     lanes.pa[r] = i32::from(ppres[i0 + r]);
                 }
@@ -746,7 +766,7 @@ impl Ctx<'_, '_, '_> {
                     continue;
                 }
                 // Each present probe row's lanes in the pair set (the triangle's j < i).
-                let mut live = [0usize; 8];
+                let mut live = [0usize; MAX_MR];
                 for r in 0..rn {
                     if lanes.pa[r] != 0 {
                         live[r] = if sides.triangle {
@@ -761,9 +781,9 @@ impl Ctx<'_, '_, '_> {
                     continue;
                 }
                 for (m, rp) in sides.probe_params.iter().enumerate() {
-                    lanes.sa[m] = [0.0; 8];
-                    lanes.uah[m] = [0.0; 8];
-                    corr[m] = [0; 8];
+                    lanes.sa[m] = [0.0; MAX_MR];
+                    lanes.uah[m] = [0.0; MAX_MR];
+                    corr[m] = [0; MAX_MR];
                     for r in 0..rn {
                         lanes.sa[m][r] = rp.s[i0 + r];
                         lanes.uah[m][r] = rp.uh[i0 + r];
@@ -814,13 +834,13 @@ fn joint_filter(
     dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
     lanes: &Lanes,
     scan: &Scan,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        I8Kernel::Vnni if kernel.available() => {
-            // SAFETY: the CPU has AVX-512F (`available` checked it with BW and VNNI).
-            unsafe { joint_filter_avx512(dots, lanes, scan, masks) }
+        I8Kernel::Vnni | I8Kernel::Amx if kernel.available() => {
+            // SAFETY: the CPU has AVX-512F (`available` checked it with BW and VNNI, or with AMX).
+            unsafe { joint_filter_avx512(kernel.mr(), dots, lanes, scan, masks) }
         }
         #[cfg(target_arch = "x86_64")]
         I8Kernel::Avx2 if kernel.available() => {
@@ -839,7 +859,7 @@ fn joint_filter_scalar(
     dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
     lanes: &Lanes,
     scan: &Scan,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     for (r, mask) in masks.iter_mut().enumerate().take(mr) {
         let mut bits = 0u32;
@@ -870,24 +890,26 @@ fn joint_filter_scalar(
     }
 }
 
-/// AVX-512 [`joint_filter`] for the VNNI block (8 × 32), the scalar one's operations in its order.
+/// AVX-512 [`joint_filter`] for the VNNI and AMX blocks (`mr` × 32), the scalar one's operations in its
+/// order.
 ///
 /// # Safety
-/// The CPU supports AVX-512F.
+/// The CPU supports AVX-512F; `mr ≤ MAX_MR`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // members index several parallel arrays
 #[target_feature(enable = "avx512f")]
 unsafe fn joint_filter_avx512(
+    mr: usize,
     dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
     lanes: &Lanes,
     scan: &Scan,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     use std::arch::x86_64::*;
     // SAFETY: `needed` holds 16 f32.
     let need = unsafe { _mm512_loadu_ps(scan.needed.as_ptr()) };
     let lowbits = _mm512_set1_epi32((1 << MAX_JOINT) - 1);
-    for (r, mask) in masks.iter_mut().enumerate() {
+    for (r, mask) in masks.iter_mut().enumerate().take(mr) {
         let pa = _mm512_set1_epi32(lanes.pa[r]);
         let mut bits = 0u32;
         for h in 0..2 {
@@ -902,7 +924,7 @@ unsafe fn joint_filter_avx512(
                 let sb = unsafe { _mm512_loadu_ps(lanes.sb[m].as_ptr().add(16 * h)) };
                 // SAFETY: `sb` and `ubh` hold 32 f32 per member; 16 are read from 16h ≤ 16.
                 let ubh = unsafe { _mm512_loadu_ps(lanes.ubh[m].as_ptr().add(16 * h)) };
-                // SAFETY: `dots[m]` holds 256 i32; 16 are read from r·32 + 16h ≤ 240.
+                // SAFETY: `dots[m]` holds MAX_BLOCK = 1 024 i32; 16 are read from r·32 + 16h ≤ 32·(MAX_MR − 1) + 16.
                 let d = unsafe { _mm512_loadu_si512(dots[m].as_ptr().add(r * 32 + 16 * h).cast()) };
                 let df = _mm512_add_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scan.qd[m]));
                 let w = _mm512_mul_ps(_mm512_mul_ps(sa, sb), df);
@@ -937,7 +959,7 @@ unsafe fn joint_filter_avx2(
     dots: &[[i32; MAX_BLOCK]; MAX_JOINT],
     lanes: &Lanes,
     scan: &Scan,
-    masks: &mut [u32; 8],
+    masks: &mut [u32; MAX_MR],
 ) {
     use std::arch::x86_64::*;
     // SAFETY: `needed` holds 16 f32: halves 0..8 and 8..16.
@@ -964,7 +986,7 @@ unsafe fn joint_filter_avx2(
                 let sb = unsafe { _mm256_loadu_ps(lanes.sb[m].as_ptr().add(8 * h)) };
                 // SAFETY: `sb` and `ubh` hold 32 f32 per member; 8 are read from 8h ≤ 8.
                 let ubh = unsafe { _mm256_loadu_ps(lanes.ubh[m].as_ptr().add(8 * h)) };
-                // SAFETY: `dots[m]` holds 256 i32; 8 are read from r·16 + 8h ≤ 56.
+                // SAFETY: `dots[m]` holds MAX_BLOCK = 1 024 i32; 8 are read from r·16 + 8h ≤ 56.
                 let d = unsafe { _mm256_loadu_si256(dots[m].as_ptr().add(r * 16 + 8 * h).cast()) };
                 let df = _mm256_add_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scan.qd[m]));
                 let w = _mm256_mul_ps(_mm256_mul_ps(sa, sb), df);
@@ -1365,6 +1387,33 @@ mod tests {
             })
             .sum::<usize>();
         assert_eq!(every.len(), sharing);
+    }
+
+    /// A self-join of several bands packs the rows once ([`PreparedBase`]); one band at a time packs each
+    /// base tile itself. Both give the same pairs and counters on every kernel, and contain the exact pairs.
+    #[test]
+    fn rows_packed_once_for_all_bands_give_the_pairs_of_bands_packed_alone() {
+        let dims = [70, 33];
+        let n = 1300;
+        let fx = Fixture::new(n, &dims, 11);
+        let test = test_of(2, 4.0, 20.0);
+        let join = JointJoin::new(fx.members(), &fx.presence, &test).unwrap();
+        let want = fx.exact(&test, 0..n);
+        assert!(!want.is_empty(), "the fixture has pairs that pass");
+        for k in kernels() {
+            let (whole, st) = join.probe_join_with_kernel(k, 0..n).unwrap();
+            let (mut parts, mut pairs) = (Vec::new(), 0);
+            for r in [0..QUERY_TILE, QUERY_TILE..2 * QUERY_TILE, 2 * QUERY_TILE..n] {
+                let (got, s) = join.probe_join_with_kernel(k, r).unwrap();
+                parts.extend(got);
+                pairs += s.pairs;
+            }
+            parts.sort_unstable();
+            assert_eq!(whole, parts, "kernel {}", k.name());
+            assert_eq!(st.pairs, pairs, "kernel {}", k.name());
+            let set: std::collections::HashSet<_> = whole.iter().copied().collect();
+            assert!(want.iter().all(|p| set.contains(p)), "kernel {}", k.name());
+        }
     }
 
     #[test]

@@ -162,12 +162,60 @@ pub mod simd {
         <f32 as SpatialSimilarity>::dot(&a[..n], &b[..n]).map_or(0.0, |d| d as f32)
     }
 
-    /// simsimd f16 dot product over the common prefix.
+    /// f16 dot product over the common prefix, accumulated in f32: F16C conversion + FMA where the CPU has
+    /// them, else simsimd. simsimd's own f16 kernel is not used where F16C exists because on AVX512-FP16
+    /// CPUs (Sapphire Rapids) it picks a "sapphire" kernel that accumulates in f16, off by ≈ 10⁻⁴ relative
+    /// (seen here: −2.1934 for −2.1932 at length ≈ 1 000).
     #[inline]
     pub fn dot_f16(a: &[half::f16], b: &[half::f16]) -> f32 {
         let n = a.len().min(b.len());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: the CPU has F16C, FMA and AVX (just checked); both slices hold at least `n` values.
+            return unsafe { dot_f16_f16c(&a[..n], &b[..n]) };
+        }
         let (a, b) = (as_simsimd_f16(&a[..n]), as_simsimd_f16(&b[..n]));
         <simsimd::f16 as SpatialSimilarity>::dot(a, b).map_or(0.0, |d| d as f32)
+    }
+
+    /// [`dot_f16`] with F16C: 8 halves at a time widened to f32, two FMA chains, the tail in scalar f32.
+    ///
+    /// # Safety
+    /// The CPU supports F16C, FMA and AVX; `a.len() == b.len()`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx,f16c,fma")]
+    unsafe fn dot_f16_f16c(a: &[half::f16], b: &[half::f16]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr().cast::<u16>(), b.as_ptr().cast::<u16>());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: values i..i + 16 lie within both slices (checked by the loop condition); unaligned
+            // 16-byte loads of 8 halves each.
+            unsafe {
+                let x0 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i).cast()));
+                let y0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast()));
+                let x1 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8).cast()));
+                let y1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8).cast()));
+                s0 = _mm256_fmadd_ps(x0, y0, s0);
+                s1 = _mm256_fmadd_ps(x1, y1, s1);
+            }
+            i += 16;
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1)) };
+        let mut tail = 0.0f32;
+        for k in i..n {
+            tail += a[k].to_f32() * b[k].to_f32();
+        }
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+            + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+            + tail
     }
 
     /// simsimd i8 dot product over the common prefix (exact; see [`super::MAX_I8_LEN`]).

@@ -7,6 +7,7 @@
 /// Re-export of the `half` crate whose `f16` the f16 kernels take.
 pub use half;
 
+mod amx;
 pub mod ann;
 pub mod bitset;
 pub mod exact;
