@@ -939,6 +939,7 @@ fn info(store: &Path, ui: Ui) -> Result<(), Failure> {
     ui.out(format!("calibration {}", info.calibration_state));
     ui.out(format!("            models: {}", info.calibration));
     ui.out(format!("simd        {}", info.simd));
+    ui.out(format!("i8 kernel   {}", info.i8_kernel));
     ui.json_out(&json!({"command": "info", "info": info, "bytes": size}));
     Ok(())
 }

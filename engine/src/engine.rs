@@ -234,6 +234,8 @@ pub struct EngineInfo {
     pub calibration_state: ArtefactStatus,
     /// SIMD level the kernels use.
     pub simd: String,
+    /// Kernel of the i8 joins and joint scans (`"amx"`, `"vnni"`, `"avx2"`, `"scalar"`).
+    pub i8_kernel: String,
 }
 
 /// The registry: a store, its score calibration and its ANN index. `Send + Sync`: identifies may run on many
@@ -893,6 +895,7 @@ impl Engine {
             indexed_rows: self.ann().filter(|a| a.covers(&snap)).map(|a| a.rows()),
             calibration: self.calibration().source.clone(),
             simd: pacha_index::kernels::simd_level().to_string(),
+            i8_kernel: pacha_index::exact_i8::I8Kernel::detect().name().to_string(),
         }
     }
 }

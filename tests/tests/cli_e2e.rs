@@ -73,6 +73,12 @@ fn full_pipeline_through_the_cli() {
 
     let info = ok_json(&["--json", "info", "--store", s(&store)]);
     assert_eq!(info["info"]["live"], 3000);
+    // The i8 kernel this process runs, as the library detects it (the CLI is this test's child: same CPU,
+    // same environment).
+    assert_eq!(
+        info["info"]["i8_kernel"],
+        pacha_index::exact_i8::I8Kernel::detect().name()
+    );
     assert_eq!(
         info["info"]["schema"]["modalities"]
             .as_array()
