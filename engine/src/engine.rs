@@ -1660,7 +1660,21 @@ fn fit_tail(
         };
         TailModel::fit_count(count, u, truncate)
     };
-    let model = match fit(&count, u) {
+    // The pooled tail and each band's are fitted side by side (independent fits; the bands' only used when
+    // the pooled one succeeds, and kept in band order).
+    let (pooled, band_fits) = rayon::join(
+        || fit(&count, u),
+        || {
+            plan.map(|p| {
+                p.bands
+                    .par_iter()
+                    .zip(&band_counts)
+                    .map(|((ub, _, _), bc)| fit(bc, *ub))
+                    .collect::<Vec<_>>()
+            })
+        },
+    );
+    let model = match pooled {
         Ok(t) => t,
         Err(e) => {
             return Ok(Err(TailMiss {
@@ -1686,10 +1700,10 @@ fn fit_tail(
     let bands = plan
         .bands
         .iter()
-        .zip(&band_counts)
+        .zip(band_fits.unwrap_or_default())
         .enumerate()
-        .map(|(k, ((ub, body, _), bc))| {
-            fit(bc, *ub)
+        .map(|(k, ((_, body, _), fitted))| {
+            fitted
                 .map(|t| ModalityModel {
                     impostor_tail: Some(t),
                     impostor_body: *body,

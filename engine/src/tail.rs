@@ -299,17 +299,23 @@ impl TailModel {
             )));
         }
         let ymax_trunc = truncate_at.map(|v| v - u);
-        let (xi, sigma) = gpd_fit(&ys, &ws, ymax_trunc);
+        // The whole tail's GPD and the top piece are fitted side by side (each alone is one thread's
+        // likelihood search; neither reads the other).
+        let ((xi, sigma), top) = rayon::join(
+            || gpd_fit(&ys, &ws, ymax_trunc),
+            || {
+                if weights.is_empty() {
+                    Self::fit_top(scores, u, all, pairs, truncate_at)
+                } else {
+                    Self::fit_top_weighted(scores, weights, u, total, truncate_at)
+                }
+            },
+        );
         if !(xi.is_finite() && sigma.is_finite() && sigma > 0.0) {
             return Err(EngineError::Calibration(format!(
                 "the tail fit above {u:.4} did not converge (xi {xi}, sigma {sigma})"
             )));
         }
-        let top = if weights.is_empty() {
-            Self::fit_top(scores, u, all, pairs, truncate_at)
-        } else {
-            Self::fit_top_weighted(scores, weights, u, total, truncate_at)
-        };
         Ok(TailModel {
             u,
             p_u: all_weight / total,
